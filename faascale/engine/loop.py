@@ -1,0 +1,179 @@
+"""A background thread that drives an Engine, so many callers (threads or asyncio tasks) can stream.
+
+Callers ``submit`` a prompt and iterate the returned stream (``for`` or ``async for``); the engine
+thread batches everything that is in flight. Only the engine thread touches the Engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from faascale.engine.engine import Engine, StepOutput
+from faascale.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class EngineFailure(RuntimeError):
+    """The engine thread failed while this request was in flight."""
+
+
+class RequestStream:
+    """The outputs of one request. Iterate it once, either synchronously or asynchronously."""
+
+    def __init__(self, request_id: str, loop: "EngineLoop",
+                 aio_loop: asyncio.AbstractEventLoop | None) -> None:
+        self.request_id = request_id
+        self._engine_loop = loop
+        self._aio = aio_loop
+        self._sync_q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._async_q: asyncio.Queue[Any] | None = asyncio.Queue() if aio_loop else None
+
+    def _put(self, item: Any) -> None:  # engine thread
+        if self._aio is not None:
+            assert self._async_q is not None
+            try:
+                self._aio.call_soon_threadsafe(self._async_q.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening
+                pass
+        else:
+            self._sync_q.put(item)
+
+    def __iter__(self) -> Iterator[StepOutput]:
+        while True:
+            item = self._sync_q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[StepOutput]:
+        assert self._async_q is not None, "use asubmit() for async iteration"
+        try:
+            while True:
+                item = await self._async_q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.abort()  # the client went away: free the slot now
+            raise
+
+    def abort(self) -> None:
+        self._engine_loop.abort(self.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, name: str = "faascale-engine") -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- callers' side
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request for synchronous iteration. Validates first (raises on a bad prompt)."""
+        return self._submit(prompt_ids, params, request_id, None)
+
+    def asubmit(self, prompt_ids: Sequence[int], params: SamplingParams,
+                request_id: str | None = None) -> RequestStream:
+        """Like submit, for ``async for`` in the running event loop."""
+        return self._submit(prompt_ids, params, request_id, asyncio.get_running_loop())
+
+    def _submit(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None,
+                aio: asyncio.AbstractEventLoop | None) -> RequestStream:
+        if self._stop.is_set():
+            raise EngineFailure("the engine loop is stopped")
+        self.engine.check_prompt(prompt_ids)
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(rid, self, aio)
+        self._commands.put(("add", (rid, list(prompt_ids), params, stream)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout_s)
+
+    # ---------------------------------------------------------------- engine thread
+
+    def _apply(self, cmd: str, arg: Any) -> None:
+        if cmd == "add":
+            rid, ids, params, stream = arg
+            try:
+                self.engine.add_request(rid, ids, params)
+                self._streams[rid] = stream
+            except Exception as exc:  # a duplicate id or a prompt that became invalid
+                stream._put(exc)
+        elif cmd == "abort":
+            if self.engine.abort(arg):
+                self._streams.pop(arg, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            block = not self.engine.has_unfinished()
+            try:
+                cmd, arg = self._commands.get(block=block)
+                self._apply(cmd, arg)
+                while True:
+                    cmd, arg = self._commands.get_nowait()
+                    self._apply(cmd, arg)
+            except queue.Empty:
+                pass
+            if self._stop.is_set() or not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # our bug: fail every in-flight request rather than hang them
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            self._dispatch(outputs)
+        self._fail_all(EngineFailure("the engine loop stopped"))
+
+    def _dispatch(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream._put(EngineFailure(f"request {rid} failed: {exc}"))
+        self._streams.clear()  # the engine's abort records are emitted next step, to no one
+
+
+def collect(stream: RequestStream, on_text: Callable[[str], None] | None = None) -> list[StepOutput]:
+    """Iterate a sync stream to the end, optionally printing text as it arrives."""
+    outs = []
+    for out in stream:
+        outs.append(out)
+        if on_text and out.text:
+            on_text(out.text)
+    return outs

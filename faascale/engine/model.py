@@ -1,0 +1,263 @@
+"""A Llama-family decoder that runs any contiguous range of its layers.
+
+``ModelShard(layer_start, layer_end)`` holds the weights of those layers (plus the embeddings if
+``layer_start == 0`` and the final norm and LM head if ``layer_end == num_layers``). Its forward
+maps token ids -> hidden states (first shard), hidden -> hidden (middle), hidden -> logits (last);
+the whole model is the one shard ``[0, num_layers)``. This is what lets PipeCast chain partially
+loaded replicas: each stage is a shard with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from faascale.engine.config import ModelConfig
+from faascale.engine.kv_cache import KVCache
+
+
+class ShardWeightsError(ValueError):
+    """The tensors given to a shard do not cover its layer range."""
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """What one forward pass computes: ``num_tokens`` new tokens for each sequence in ``slots``.
+
+    Sequence i's new tokens take positions ``start_positions[i] .. + num_tokens - 1`` and its KV
+    lives in cache slot ``slots[i]``. Prefill runs one sequence with many tokens; decode runs many
+    sequences with one token each.
+    """
+
+    slots: tuple[int, ...]
+    start_positions: tuple[int, ...]
+    num_tokens: int
+
+    def __post_init__(self) -> None:
+        assert len(self.slots) == len(self.start_positions) and self.slots, self
+        assert self.num_tokens >= 1 and (self.num_tokens == 1 or len(self.slots) == 1), self
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, with Llama 3 or linear scaling applied (fp32, [head_dim/2])."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling or {}
+    kind = cfg.rope_type
+    if kind == "linear":
+        inv = inv / float(rs["factor"])
+    elif kind == "llama3":
+        factor = float(rs["factor"])
+        low, high = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class Rotary:
+    """Cos/sin tables, grown on demand, indexed by absolute position."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        self.inv_freq = rope_inv_freq(cfg)
+        self.dtype = dtype
+        self.cos = torch.empty(0)
+        self.sin = torch.empty(0)
+
+    def _grow(self, n: int) -> None:
+        n = max(n, 2 * self.cos.shape[0], 256)
+        freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [b, T] -> cos, sin [b, 1, T, head_dim] (broadcast over heads)."""
+        need = int(positions.max()) + 1
+        if need > self.cos.shape[0]:
+            self._grow(need)
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    # Like the reference: normalize in fp32, scale in the model dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor | None
+    o_w: torch.Tensor
+    o_b: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up_w: torch.Tensor
+    gate_up_b: torch.Tensor | None
+    down_w: torch.Tensor
+    down_b: torch.Tensor | None
+
+
+class ModelShard:
+    """Layers ``[layer_start, layer_end)`` of one model, with embeddings/head at the ends.
+
+    Weights are used as given (zero-copy views over block buffers) when their dtype is the compute
+    dtype; otherwise they are cast once here. Raises ShardWeightsError if a tensor is missing.
+    """
+
+    def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], layer_start: int,
+                 layer_end: int, dtype: torch.dtype = torch.float32) -> None:
+        if not 0 <= layer_start < layer_end <= cfg.num_layers:
+            raise ShardWeightsError(f"layer range [{layer_start}, {layer_end}) is not inside "
+                                    f"[0, {cfg.num_layers})")
+        self.cfg = cfg
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.dtype = dtype
+        self.is_first = layer_start == 0
+        self.is_last = layer_end == cfg.num_layers
+
+        def get(name: str, optional: bool = False) -> torch.Tensor | None:
+            t = tensors.get(name)
+            if t is None:
+                if optional:
+                    return None
+                raise ShardWeightsError(f"shard [{layer_start}, {layer_end}) needs tensor {name!r}")
+            return t if t.dtype == dtype else t.to(dtype)
+
+        self.embed = get("embed.weight") if self.is_first else None
+        self.layers = [
+            _Layer(get(f"layers.{i}.input_norm.weight"), get(f"layers.{i}.qkv.weight"),
+                   get(f"layers.{i}.qkv.bias", True), get(f"layers.{i}.o.weight"),
+                   get(f"layers.{i}.o.bias", True), get(f"layers.{i}.post_norm.weight"),
+                   get(f"layers.{i}.gate_up.weight"), get(f"layers.{i}.gate_up.bias", True),
+                   get(f"layers.{i}.down.weight"), get(f"layers.{i}.down.bias", True))
+            for i in range(layer_start, layer_end)
+        ]
+        self.norm = get("norm.weight") if self.is_last else None
+        self.lm_head = None
+        if self.is_last:
+            head = get("lm_head.weight", optional=True)
+            if head is None and cfg.tie_word_embeddings and self.embed is not None:
+                head = self.embed
+            if head is None:
+                raise ShardWeightsError("the last shard needs 'lm_head.weight'")
+            self.lm_head = head
+        self.rotary = Rotary(cfg, dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def weight_bytes(self) -> int:
+        """Bytes read per decode step (embedding rows are negligible; the head is read whole)."""
+        total = 0
+        for layer in self.layers:
+            for t in vars(layer).values():
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        for t in (self.norm, self.lm_head):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def new_kv_cache(self, max_batch_size: int, chunk_tokens: int = 256) -> KVCache:
+        return KVCache(self.num_layers, max_batch_size, self.cfg.num_kv_heads, self.cfg.head_dim,
+                       self.dtype, chunk_tokens)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache,
+                all_logits: bool = False) -> torch.Tensor:
+        """Run this shard's layers over ``batch``, writing K/V into ``cache``.
+
+        ``x``: token ids [b, T] (first shard) or hidden states [b, T, hidden] (others).
+        Returns hidden states [b, T, hidden], or fp32 logits [b, vocab] for each sequence's last
+        token from the last shard ([b, T, vocab] with ``all_logits``).
+        """
+        b, t = batch.batch_size, batch.num_tokens
+        starts = torch.tensor(batch.start_positions, dtype=torch.long)
+        positions = starts[:, None] + torch.arange(t)[None, :]
+        h = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
+        cos, sin = self.rotary.tables(positions)
+        end_max = max(batch.start_positions) + t
+        cache.ensure_capacity(end_max)
+        mask, causal = self._attention_mask(batch, end_max)
+        for li, layer in enumerate(self.layers):
+            h = self._layer(layer, h, li, batch, cache, cos, sin, mask, causal, end_max)
+        if not self.is_last:
+            return h
+        h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps)
+        logits = F.linear(h, self.lm_head).float()
+        return logits if all_logits else logits[:, -1, :]
+
+    def _attention_mask(self, batch: ForwardBatch, end_max: int
+                        ) -> tuple[torch.Tensor | None, bool]:
+        """Boolean mask [b, 1, T, L] (True = attend), or (None, is_causal) when none is needed."""
+        t = batch.num_tokens
+        window = self.cfg.sliding_window
+        uniform = len(set(batch.start_positions)) == 1
+        fresh = batch.start_positions[0] == 0 and uniform
+        if (window is None or window >= end_max) and (fresh or (uniform and t == 1)):
+            return None, fresh and t > 1
+        starts = torch.tensor(batch.start_positions, dtype=torch.long)
+        q_pos = starts[:, None] + torch.arange(t)[None, :]  # [b, T]
+        k_pos = torch.arange(end_max)  # [L]
+        mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [b, T, L]
+        if window is not None:
+            mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
+        return mask[:, None, :, :], False
+
+    def _layer(self, w: _Layer, h: torch.Tensor, li: int, batch: ForwardBatch, cache: KVCache,
+               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+               end_max: int) -> torch.Tensor:
+        cfg = self.cfg
+        b, t, _ = h.shape
+        x = _rms_norm(h, w.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(x, w.qkv_w, w.qkv_b)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.write(li, batch.slots, batch.start_positions, k, v)
+        if causal:  # fresh prefill: attend over the new keys directly, no cache read
+            keys, values = k, v
+        else:
+            keys, values = cache.read(li, batch.slots, end_max)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+        attn = attn.transpose(1, 2).reshape(b, t, cfg.q_size)
+        h = h + F.linear(attn, w.o_w, w.o_b)
+        x = _rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(x, w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w.down_w, w.down_b)
+
+
+def merge_block_tensors(blocks: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One name -> tensor dict from several blocks' tensors (later blocks never shadow names)."""
+    out: dict[str, torch.Tensor] = {}
+    for block in blocks:
+        for name, tensor in block.items():
+            out.setdefault(name, tensor)
+    return out

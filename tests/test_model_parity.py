@@ -1,0 +1,107 @@
+"""Our engine vs transformers on the same weights: logits, decode steps, chained layer ranges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from faascale.engine.config import EngineConfig
+from faascale.engine.llm import LLM
+from faascale.engine.model import ForwardBatch
+from faascale.engine.random_model import pack_random, tiny_config
+from faascale.engine.sampling import SamplingParams
+from support import hf_model_from_packed
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+
+
+def _ids(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _prefill_then_decode(llm: LLM, ids: torch.Tensor, extra: torch.Tensor) -> list[torch.Tensor]:
+    """All-position logits of a prefill, then one logits row per decode step of ``extra``."""
+    shard = llm.shards[0]
+    cache = shard.new_kv_cache(2)
+    n = ids.shape[1]
+    outs = [shard.forward(ids, ForwardBatch((1,), (0,), n), cache, all_logits=True)[0]]
+    for i in range(extra.shape[1]):
+        outs.append(shard.forward(extra[:, i:i + 1], ForwardBatch((1,), (n + i,), 1), cache))
+    return outs
+
+
+CONFIGS = {
+    # Llama 3 RoPE scaling, GQA, untied head (the bundled tiny-llama).
+    "llama3": dict(),
+    # Qwen2: q/k/v bias (no o bias), tied embeddings, plain RoPE.
+    "qwen2": dict(architecture="Qwen2ForCausalLM", attention_bias=True, tie_word_embeddings=True,
+                  rope_scaling=None, rope_theta=1e6),
+    # Mistral with a sliding window shorter than the test sequence, linear RoPE scaling.
+    "mistral": dict(architecture="MistralForCausalLM", sliding_window=12, num_kv_heads=1,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    # Llama 2 style: MHA (no GQA), attention and MLP biases.
+    "llama2-bias": dict(num_kv_heads=4, attention_bias=True, mlp_bias=True, rope_scaling=None,
+                        rope_theta=10000.0),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_logits_match_transformers(tmp_path: Path, variant: str) -> None:
+    cfg = tiny_config(**CONFIGS[variant])
+    pack_random(tmp_path / variant, seed=7, num_blocks=3, config=cfg)
+    llm = LLM.load(tmp_path / variant, EngineConfig())
+    hf = hf_model_from_packed(tmp_path / variant)
+    ids, extra = _ids(24, cfg.vocab_size), _ids(6, cfg.vocab_size, seed=2)
+    ours = _prefill_then_decode(llm, ids, extra)
+    with torch.no_grad():
+        ref = hf(torch.cat([ids, extra], dim=1)).logits[0]
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero tensors
+    assert (ours[0] - ref[:24]).abs().max() <= 1e-4
+    for i, row in enumerate(ours[1:]):
+        assert (row[0] - ref[24 + i]).abs().max() <= 1e-4, f"decode step {i}"
+
+
+def test_chained_layer_ranges_give_the_same_tokens(tiny_packed: Path) -> None:
+    whole = LLM.load(tiny_packed, EngineConfig(max_batch_size=4))
+    chained = LLM.load(tiny_packed, EngineConfig(max_batch_size=4), layer_splits=[2, 3, 6])
+    assert [(s.layer_start, s.layer_end) for s in chained.shards] == [(0, 2), (2, 3), (3, 6), (6, 8)]
+    prompts = ["hello world", "faascale", "0123456789"]
+    a = [c.token_ids for c in whole.generate(prompts, GREEDY)]
+    b = [c.token_ids for c in chained.generate(prompts, GREEDY)]
+    assert a == b and all(len(t) == 32 for t in a)
+
+
+def test_middle_shard_maps_hidden_to_hidden(tiny_packed: Path) -> None:
+    llm = LLM.load(tiny_packed, EngineConfig(), layer_splits=[3, 5])
+    first, middle, last = llm.shards
+    ids = _ids(10, llm.manifest.config.vocab_size)
+    batch = ForwardBatch((0,), (0,), 10)
+    h1 = first.forward(ids, batch, first.new_kv_cache(1))
+    h2 = middle.forward(h1, batch, middle.new_kv_cache(1))
+    logits = last.forward(h2, batch, last.new_kv_cache(1))
+    hidden = llm.manifest.config.hidden_size
+    assert h1.shape == h2.shape == (1, 10, hidden) and not torch.equal(h1, h2)
+    assert logits.shape == (1, llm.manifest.config.vocab_size)
+    whole = LLM.load(tiny_packed, EngineConfig()).shards[0]
+    ref = whole.forward(ids, batch, whole.new_kv_cache(1))
+    assert torch.allclose(logits, ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_match_transformers(smollm2_packed: Path, smollm2_llm: LLM) -> None:
+    hf = hf_model_from_packed(smollm2_packed)
+    prompt = smollm2_llm.tokenizer.encode("The capital of France is")
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                          min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
+    ours = smollm2_llm.generate([prompt], GREEDY)[0].token_ids
+    assert list(ours) == ref
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(smollm2_llm: LLM) -> None:
+    out = smollm2_llm.generate("The capital of France is",
+                               SamplingParams(max_tokens=16, temperature=0))[0]
+    assert "Paris" in out.text
