@@ -93,15 +93,12 @@ def test_middle_shard_maps_hidden_to_hidden(tiny_packed: Path) -> None:
 def test_smollm2_greedy_tokens_match_transformers(smollm2_packed: Path, smollm2_llm: LLM) -> None:
     hf = hf_model_from_packed(smollm2_packed)
     prompt = smollm2_llm.tokenizer.encode("The capital of France is")
+    # Both sides decode through EOS (ours: ignore_eos). Not min_new_tokens: that would make
+    # transformers mask the EOS logit, a different distribution, not a different engine.
+    hf.generation_config.eos_token_id = None
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                          min_new_tokens=32, pad_token_id=0)[0, len(prompt):].tolist()
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    assert len(ref) == 32
     ours = smollm2_llm.generate([prompt], GREEDY)[0].token_ids
     assert list(ours) == ref
-
-
-@pytest.mark.slow
-def test_smollm2_knows_the_capital_of_france(smollm2_llm: LLM) -> None:
-    out = smollm2_llm.generate("The capital of France is",
-                               SamplingParams(max_tokens=16, temperature=0))[0]
-    assert "Paris" in out.text

@@ -1,0 +1,220 @@
+"""Engine throughput on SmolLM2-135M: ours vs transformers' generate vs the memory-bandwidth roofline.
+
+Measured side by side in one process, same weights, dtype and threads:
+- batch-1 decode tokens/s (the latency a single user sees),
+- decode tokens/s with 16 concurrent requests (continuous batching),
+- prefill tokens/s on a 512-token prompt,
+- the roofline for batch-1 decode: every decode step reads every weight once, so it cannot beat
+  memory read bandwidth / weight bytes (bandwidth measured here by summing a 1 GiB buffer, 32x the
+  L3 cache).
+
+    python benchmarks/engine.py [--quick] [--threads N] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import FIGURES, command_line, emit, git_rev, machine, write_section  # noqa: E402
+from faascale.engine.config import EngineConfig  # noqa: E402
+from faascale.engine.llm import LLM  # noqa: E402
+from faascale.engine.model import ForwardBatch  # noqa: E402
+from faascale.engine.sampling import SamplingParams  # noqa: E402
+from faascale.engine.sources import resolve_packed  # noqa: E402
+
+
+def best_of(runs: int, fn: Callable[[], float]) -> float:
+    """The best (highest) of ``runs`` throughput measurements: the least disturbed one."""
+    return max(fn() for _ in range(runs))
+
+
+def memory_bandwidth_gbps(runs: int) -> float:
+    buf = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
+    buf.sum()
+
+    def once() -> float:
+        t = time.perf_counter()
+        buf.sum()
+        return buf.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+    return best_of(runs, once)
+
+
+def prompt_ids(llm: LLM, n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(100, llm.manifest.config.vocab_size - 100, (n,), generator=gen).tolist()
+
+
+def ours_decode(llm: LLM, batch: int, new_tokens: int) -> float:
+    """Aggregate decode tokens/s with ``batch`` requests in flight (prefill excluded)."""
+    engine = llm.new_engine()
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", prompt_ids(llm, 16, i), params)
+    while engine.num_waiting:  # all prefills (and their first tokens)
+        engine.step()
+    produced = 0
+    t = time.perf_counter()
+    while engine.has_unfinished():
+        produced += sum(o.token_id is not None for o in engine.step())
+    return produced / (time.perf_counter() - t)
+
+
+def ours_prefill(llm: LLM, n: int) -> float:
+    shard = llm.shards[0]
+    cache = shard.new_kv_cache(1)
+    ids = torch.tensor([prompt_ids(llm, n, 0)])
+    t = time.perf_counter()
+    shard.forward(ids, ForwardBatch((0,), (0,), n), cache)
+    return n / (time.perf_counter() - t)
+
+
+def hf_model(packed: Path, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM holding exactly our packed weights."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support import hf_model_from_packed
+
+    return hf_model_from_packed(packed).to(dtype)
+
+
+def hf_decode(model, llm: LLM, batch: int, new_tokens: int) -> float:
+    """transformers generate: decode tokens/s = extra tokens / extra time over a 1-token run."""
+    ids = torch.tensor([prompt_ids(llm, 16, i) for i in range(batch)])
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+
+    def run(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t
+
+    t1, tn = run(1), run(new_tokens)
+    return batch * (new_tokens - 1) / (tn - t1)
+
+
+def hf_prefill(model, llm: LLM, n: int) -> float:
+    ids = torch.tensor([prompt_ids(llm, n, 0)])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(ids, use_cache=True)
+    return n / (time.perf_counter() - t)
+
+
+def figure(res: dict[str, float], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    panels = [
+        ("batch-1 decode (tok/s)", ["faascale", "transformers", "roofline"],
+         [res["decode_b1_tok_s"], res["hf_decode_b1_tok_s"], res["roofline_b1_tok_s"]]),
+        ("16 concurrent, decode (tok/s)", ["faascale", "transformers\n(static batch)"],
+         [res["decode_c16_tok_s"], res["hf_decode_c16_tok_s"]]),
+        ("prefill, 512 tokens (tok/s)", ["faascale", "transformers"],
+         [res["prefill_tok_s"], res["hf_prefill_tok_s"]]),
+    ]
+    colors = ["#2b6cb0", "#a0aec0", "#e2e8f0"]
+    for ax, (title, labels, values) in zip(axes, panels):
+        bars = ax.bar(labels, values, color=colors[:len(values)], edgecolor="#2d3748")
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(0, max(values) * 1.2)
+    fig.suptitle("SmolLM2-135M on CPU: faascale engine vs transformers", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and repeats (< 2 min)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-report", action="store_true", help="do not touch docs/benchmarks.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = 2 if args.quick else 3
+    n_b1 = 48 if args.quick else 128
+    n_c16 = 24 if args.quick else 64
+    n_prefill = 512
+
+    packed = resolve_packed("bundled://smollm2-135m-instruct", dtype=args.dtype, num_blocks=6)
+    llm = LLM.load(packed, EngineConfig(dtype=args.dtype, max_batch_size=16))
+    hf = hf_model(packed, llm.cfg.torch_dtype)
+    weight_bytes = llm.shards[0].weight_bytes()
+
+    # Warm up both (first-touch page faults, oneDNN kernel selection).
+    ours_decode(llm, 1, 4), hf_decode(hf, llm, 1, 3), ours_prefill(llm, 64), hf_prefill(hf, llm, 64)
+
+    bw = memory_bandwidth_gbps(5)
+    res = {
+        "mem_bw_gbps": bw,
+        "weight_bytes": weight_bytes,
+        "roofline_b1_tok_s": bw * 1e9 / weight_bytes,
+        "decode_b1_tok_s": best_of(runs, lambda: ours_decode(llm, 1, n_b1)),
+        "hf_decode_b1_tok_s": best_of(runs, lambda: hf_decode(hf, llm, 1, n_b1)),
+        "decode_c16_tok_s": best_of(runs, lambda: ours_decode(llm, 16, n_c16)),
+        "hf_decode_c16_tok_s": best_of(runs, lambda: hf_decode(hf, llm, 16, n_c16)),
+        "prefill_tok_s": best_of(runs, lambda: ours_prefill(llm, n_prefill)),
+        "hf_prefill_tok_s": best_of(runs, lambda: hf_prefill(hf, llm, n_prefill)),
+    }
+    res["decode_b1_vs_transformers"] = res["decode_b1_tok_s"] / res["hf_decode_b1_tok_s"]
+    res["decode_b1_vs_roofline"] = res["decode_b1_tok_s"] / res["roofline_b1_tok_s"]
+    res["concurrent16_vs_b1"] = res["decode_c16_tok_s"] / res["decode_b1_tok_s"]
+    res["concurrent16_vs_transformers"] = res["decode_c16_tok_s"] / res["hf_decode_c16_tok_s"]
+    res["prefill_vs_transformers"] = res["prefill_tok_s"] / res["hf_prefill_tok_s"]
+
+    rows = [
+        ("batch-1 decode", "decode_b1_tok_s", "hf_decode_b1_tok_s", "decode_b1_vs_transformers"),
+        ("16 concurrent, decode", "decode_c16_tok_s", "hf_decode_c16_tok_s",
+         "concurrent16_vs_transformers"),
+        (f"prefill ({n_prefill} tokens)", "prefill_tok_s", "hf_prefill_tok_s",
+         "prefill_vs_transformers"),
+    ]
+    print(f"{'':24}{'faascale':>12}{'transformers':>14}{'ratio':>8}   (tokens/s, {args.dtype}, "
+          f"{args.threads} threads)")
+    for label, a, b, r in rows:
+        print(f"{label:24}{res[a]:12.1f}{res[b]:14.1f}{res[r]:7.2f}x")
+    print(f"memory read bandwidth {bw:.1f} GB/s, weights {weight_bytes / 1e6:.0f} MB -> batch-1 "
+          f"roofline {res['roofline_b1_tok_s']:.1f} tok/s; ours is {res['decode_b1_vs_roofline']:.0%} "
+          f"of it; 16 concurrent = {res['concurrent16_vs_b1']:.1f}x batch-1")
+
+    if not args.quick and not args.no_report:
+        fig = FIGURES / "engine.png"
+        has_fig = figure(res, fig)
+        table = "\n".join(f"| {label} | {res[a]:.1f} | {res[b]:.1f} | {res[r]:.2f}x |"
+                          for label, a, b, r in rows)
+        write_section("engine", f"""## Engine: SmolLM2-135M decode and prefill (`benchmarks/engine.py`)
+
+Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
+Machine: {machine()}. Weights {args.dtype}, {weight_bytes / 1e6:.0f} MB.
+
+| tokens/s | faascale | transformers `generate` | ratio |
+|---|---:|---:|---:|
+{table}
+
+Batch-1 decode roofline: {bw:.1f} GB/s measured read bandwidth / {weight_bytes / 1e6:.0f} MB of
+weights = {res['roofline_b1_tok_s']:.1f} tok/s; faascale reaches **{res['decode_b1_vs_roofline']:.0%}**
+of it and **{res['decode_b1_vs_transformers']:.2f}x** transformers. With 16 concurrent requests,
+continuous batching gives **{res['concurrent16_vs_b1']:.1f}x** the batch-1 throughput (transformers
+row: one static batch of 16 equal-length prompts, its best case).
+{"" if not has_fig else chr(10) + "![engine benchmark](figures/engine.png)" + chr(10)}""")
+    emit({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
+
+
+if __name__ == "__main__":
+    main()

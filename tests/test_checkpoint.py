@@ -1,0 +1,169 @@
+"""Blocked checkpoints: layout, zero-copy mapping, integrity, Hugging Face directory packing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from faascale.engine.checkpoint import (ALIGN_BYTES, CheckpointError, CorruptBlockError,
+                                        load_block, map_block_file, pack_hf_dir, read_manifest,
+                                        split_layers)
+from faascale.engine.config import ConfigError, EngineConfig
+from faascale.engine.llm import LLM
+from faascale.engine.random_model import (byte_tokenizer_json, pack_random, random_hf_state_dict,
+                                          tiny_config)
+from faascale.engine.sampling import SamplingParams
+
+
+def test_split_layers_is_contiguous_and_balanced() -> None:
+    assert split_layers(30, 6) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30)]
+    assert split_layers(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert split_layers(5, 1) == [(0, 5)]
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match="blocks: must be between 1 and the number of layers"):
+            split_layers(8, bad)
+
+
+def test_block_layout(tiny_packed: Path) -> None:
+    m = read_manifest(tiny_packed)
+    assert m.num_blocks == 4 and m.model_id.startswith("tiny-llama-")
+    first, last = m.blocks[0], m.blocks[-1]
+    assert first.has_embed and "embed.weight" in first.tensors and "norm.weight" not in first.tensors
+    assert last.has_head and {"norm.weight", "lm_head.weight"} <= set(last.tensors)
+    assert [(b.layer_start, b.layer_end) for b in m.blocks] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    for b in m.blocks:
+        assert (tiny_packed / b.file).stat().st_size == b.size_bytes
+        offsets = sorted((t.offset, t.nbytes) for t in b.tensors.values())
+        assert all(o % ALIGN_BYTES == 0 for o, _ in offsets)
+        assert all(a + n <= b2 for (a, n), (b2, _) in zip(offsets, offsets[1:]))  # no overlap
+        layers = {int(n.split(".")[1]) for n in b.tensors if n.startswith("layers.")}
+        assert layers == set(range(b.layer_start, b.layer_end))
+
+
+def test_same_seed_same_model_id(tmp_path: Path) -> None:
+    a = pack_random(tmp_path / "a", seed=3, num_blocks=2)
+    b = pack_random(tmp_path / "b", seed=3, num_blocks=2)
+    c = pack_random(tmp_path / "c", seed=4, num_blocks=2)
+    assert a.model_id == b.model_id != c.model_id
+    assert (tmp_path / "a" / "block-0001.bin").read_bytes() == (tmp_path / "b" / "block-0001.bin").read_bytes()
+
+
+def test_blocks_map_zero_copy(tiny_packed: Path) -> None:
+    m = read_manifest(tiny_packed)
+    mm = map_block_file(tiny_packed, m, 1)
+    from faascale.engine.checkpoint import block_tensors
+
+    tensors = block_tensors(m.blocks[1], mm)
+    t = tensors["layers.2.qkv.weight"]
+    info = m.blocks[1].tensors["layers.2.qkv.weight"]
+    before = t[0, 0].item()
+    mm[info.offset:info.offset + 4] = torch.tensor([42.0]).view(torch.uint8).numpy().tobytes()
+    assert t[0, 0].item() == 42.0 != before  # the tensor is a view of the mapping, not a copy
+    assert load_block(tiny_packed, m, 1)["layers.2.qkv.weight"][0, 0].item() == before  # COW
+
+
+def test_tied_embeddings_copy_the_head_into_the_last_block(tmp_path: Path) -> None:
+    cfg = tiny_config(tie_word_embeddings=True)
+    m = pack_random(tmp_path / "tied", num_blocks=2, config=cfg)
+    assert "lm_head.weight" in m.blocks[-1].tensors  # the last stage is self-contained
+    one = pack_random(tmp_path / "one", num_blocks=1, config=cfg)
+    assert "lm_head.weight" not in one.blocks[0].tensors  # one block: stored once, shared
+    a = LLM.load(tmp_path / "tied").generate("hi", SamplingParams(max_tokens=8, temperature=0))
+    b = LLM.load(tmp_path / "one").generate("hi", SamplingParams(max_tokens=8, temperature=0))
+    assert a[0].token_ids == b[0].token_ids
+
+
+def test_one_corrupt_byte_is_caught_naming_the_block(tiny_packed: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_packed, bad)
+    m = read_manifest(bad)
+    path = bad / m.blocks[2].file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlockError, match=r"block 2 of model 'tiny-llama-\w+' is corrupt: sha256") as err:
+        LLM.load(bad)
+    assert err.value.block_id.index == 2
+    load_block(bad, m, 1)  # the other blocks are fine
+
+
+def test_truncated_and_missing_blocks(tiny_packed: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_packed, bad)
+    m = read_manifest(bad)
+    path = bad / m.blocks[3].file
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CorruptBlockError, match=r"block 3 .*expected \d+ \(truncated\?\)"):
+        load_block(bad, m, 3, verify=False)  # size is checked even without the checksum
+    path.unlink()
+    with pytest.raises(CheckpointError, match="block 3 .* is missing"):
+        LLM.load(bad)
+
+
+def test_bad_manifests_are_clear_errors(tmp_path: Path, tiny_packed: Path) -> None:
+    with pytest.raises(CheckpointError, match="not a packed model"):
+        read_manifest(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_packed, bad)
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="malformed"):
+        read_manifest(bad)
+    d = json.loads((tiny_packed / "manifest.json").read_text())
+    d["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        read_manifest(bad)
+
+
+def _write_hf_dir(path: Path, cfg_overrides: dict, seed: int = 5) -> None:
+    from safetensors.torch import save_file
+
+    cfg = tiny_config(**cfg_overrides)
+    path.mkdir()
+    sd = random_hf_state_dict(cfg, seed)
+    half = len(sd) // 2  # a sharded checkpoint: two files
+    keys = list(sd)
+    save_file({k: sd[k].to(torch.bfloat16) for k in keys[:half]}, str(path / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k].to(torch.bfloat16) for k in keys[half:]}, str(path / "model-00002-of-00002.safetensors"))
+    index = {k: f"model-0000{1 if i < half else 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    (path / "config.json").write_text(json.dumps({**cfg.to_hf(), "torch_dtype": "bfloat16"}))
+    (path / "tokenizer.json").write_text(byte_tokenizer_json())
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+        "eos_token": "<|im_end|>", "bos_token": {"content": "<|endoftext|>"}}))
+
+
+def test_pack_hugging_face_dir_matches_transformers(tmp_path: Path) -> None:
+    import transformers
+
+    src = tmp_path / "Qwen2-Tiny"
+    _write_hf_dir(src, dict(architecture="Qwen2ForCausalLM", attention_bias=True,
+                            tie_word_embeddings=True, rope_scaling=None))
+    m = pack_hf_dir(src, tmp_path / "packed", num_blocks=3)
+    assert m.name == "qwen2-tiny" and m.dtype == "bfloat16"  # dtype follows the checkpoint
+    assert m.tokenizer.chat_template and m.tokenizer.eos_token == "<|im_end|>"
+    ours = LLM.load(tmp_path / "packed", EngineConfig(dtype="float32"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(0, 259, (1, 16), generator=torch.Generator().manual_seed(0))
+    from faascale.engine.model import ForwardBatch
+
+    shard = ours.shards[0]
+    got = shard.forward(ids, ForwardBatch((0,), (0,), 16), shard.new_kv_cache(1), all_logits=True)
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_pack_hf_dir_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        pack_hf_dir(tmp_path, tmp_path / "out", num_blocks=2)
+    src = tmp_path / "m"
+    _write_hf_dir(src, {})
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        pack_hf_dir(src, tmp_path / "out", num_blocks=2)
