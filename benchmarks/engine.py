@@ -36,14 +36,21 @@ def best_of(runs: int, fn: Callable[[], float]) -> float:
     return max(fn() for _ in range(runs))
 
 
-def memory_bandwidth_gbps(runs: int) -> float:
+def memory_bandwidth_gbps(runs: int, window_s: float = 1.0) -> float:
+    """Read bandwidth: sum a 1 GiB buffer repeatedly for ``window_s``; best of ``runs`` windows.
+
+    Windows of about a second, like the decode measurements, so both see the same machine (one
+    20 ms sum on this VM ranges from 30 to 60 GB/s; a one-second window is steady).
+    """
     buf = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
     buf.sum()
 
     def once() -> float:
-        t = time.perf_counter()
-        buf.sum()
-        return buf.numel() * 4 / (time.perf_counter() - t) / 1e9
+        n, t = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t) < window_s:
+            buf.sum()
+            n += 1
+        return n * buf.numel() * 4 / elapsed / 1e9
 
     return best_of(runs, once)
 
@@ -160,7 +167,7 @@ def main() -> None:
     # Warm up both (first-touch page faults, oneDNN kernel selection).
     ours_decode(llm, 1, 4), hf_decode(hf, llm, 1, 3), ours_prefill(llm, 64), hf_prefill(hf, llm, 64)
 
-    bw = memory_bandwidth_gbps(5)
+    bw = memory_bandwidth_gbps(runs)
     res = {
         "mem_bw_gbps": bw,
         "weight_bytes": weight_bytes,
