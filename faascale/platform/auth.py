@@ -1,0 +1,58 @@
+"""Bearer tokens: an admin token (deploy, delete, scale) and an invoke token (requests).
+
+Created at ``faascale up`` and stored in the state directory with mode 0600. The admin token may
+also invoke. Comparisons are constant-time.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class Role(enum.Enum):
+    ADMIN = "admin"
+    INVOKE = "invoke"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    admin: str
+    invoke: str
+
+    def role_of(self, token: str | None) -> Role | None:
+        """The role a presented token grants, or None for a missing or unknown token."""
+        if not token:
+            return None
+        if hmac.compare_digest(token, self.admin):
+            return Role.ADMIN
+        if hmac.compare_digest(token, self.invoke):
+            return Role.INVOKE
+        return None
+
+
+def load_or_create_tokens(path: Path) -> Tokens:
+    """Read the token file, creating it (mode 0600, never world-readable) if absent."""
+    if path.exists():
+        data = json.loads(path.read_text())
+        return Tokens(admin=data["admin"], invoke=data["invoke"])
+    tokens = Tokens(admin="fs-admin-" + secrets.token_urlsafe(24),
+                    invoke="fs-invoke-" + secrets.token_urlsafe(24))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"admin": tokens.admin, "invoke": tokens.invoke}, f)
+    return tokens
+
+
+def bearer(header: str | None) -> str | None:
+    """The token from an ``Authorization: Bearer ...`` header value."""
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None

@@ -1,0 +1,564 @@
+"""The gateway: FastAPI app for management, invoke and the OpenAI-compatible API.
+
+Served by uvicorn in the platform process (not through Serve's HTTP proxy): a request reaches the
+function's replica in one hop through a cached Serve handle, auth/limits/queueing are decided
+before anything enters Ray, and the gateway adds ~1 ms (benchmarks/gateway.py) instead of a
+second proxy hop.
+
+Every error is JSON ``{"error": {"message", "type", "code"}}`` with a 4xx status; an unexpected
+exception is a 500 with a generic message (the traceback goes to the platform log, not the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from faascale.platform import openai_api as oa
+from faascale.platform.auth import Role, Tokens, bearer
+from faascale.platform.metrics import Metrics
+from faascale.platform.registry import FunctionRecord, Registry
+from faascale.platform.spec import SpecError, parse_function_spec
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+class Backend(Protocol):
+    """What the gateway needs from Ray Serve (serve_app.ServeBackend; a fake in unit tests)."""
+
+    def deploy(self, record: FunctionRecord) -> None: ...
+
+    def delete(self, name: str) -> None: ...
+
+    def handle(self, name: str) -> Any: ...
+
+    def counts(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class GatewayContext:
+    registry: Registry
+    backend: Backend
+    tokens: Tokens
+    resolve_model: Callable[[Any], tuple[str, str]]  # FunctionSpec -> (packed dir, model id)
+    report: Callable[[dict[str, Any]], None]  # scale intents to the events sink
+    logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
+    metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], float] = time.time
+    max_body_bytes: int = MAX_BODY_BYTES
+    counts_refresh_s: float = 0.5
+
+
+class _State:
+    """Per-process gateway state: cached handles, replica counts, in-flight requests."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+        self.handles: dict[str, Any] = {}
+        self.counts: dict[str, Any] = {}
+        self.counts_at = 0.0
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.waiting: dict[str, int] = defaultdict(int)
+        self.zero_intent_at: dict[str, float] = {}
+        self.records: dict[str, FunctionRecord] = {}
+        self.last_event_id = 0
+
+    def record(self, name: str) -> FunctionRecord:
+        rec = self.records.get(name)
+        if rec is None:
+            rec = self.ctx.registry.get(name)
+            if rec is None:
+                raise ApiError(404, f"function {name!r} is not deployed", "not_found")
+            self.records[name] = rec
+        return rec
+
+    def forget(self, name: str) -> None:
+        self.records.pop(name, None)
+        self.handles.pop(name, None)
+
+    def handle(self, name: str) -> Any:
+        h = self.handles.get(name)
+        if h is None:
+            h = self.handles[name] = self.ctx.backend.handle(name).options(stream=True)
+        return h
+
+    async def refresh_counts(self, force: bool = False) -> dict[str, Any]:
+        now = time.monotonic()
+        if force or now - self.counts_at > self.ctx.counts_refresh_s:
+            self.counts_at = now
+            try:
+                self.counts = await run_in_threadpool(self.ctx.backend.counts)
+            except Exception as exc:  # the controller is busy or restarting: keep the last view
+                log.warning("replica counts unavailable: %s", exc)
+        return self.counts
+
+
+def _err(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
+                        status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, by Content-Length or while streaming."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = _err(413, f"request body exceeds {self.max_bytes} bytes", "request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_big(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    """The JSON body validated as ``model`` whatever the Content-Type (curl -d sends form type).
+    Raises ApiError 400 for non-JSON and 422 naming the bad fields."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw or b"null")
+    except ValueError:
+        raise ApiError(400, "body: not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                           for e in exc.errors())
+        raise ApiError(422, f"invalid request: {fields}", "invalid_request") from None
+
+
+def create_app(ctx: GatewayContext) -> FastAPI:
+    app = FastAPI(title="faascale", version="0.1", docs_url="/docs", redoc_url=None)
+    st = _State(ctx)
+    app.state.gateway = st
+    m = ctx.metrics
+
+    # ------------------------------------------------------------------ errors
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _err(exc.status, exc.message, exc.kind, exc.headers)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return _err(413, f"request body exceeds {ctx.max_body_bytes} bytes", "request_too_large")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                           for e in exc.errors())
+        return _err(422, f"invalid request: {fields}", "invalid_request")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected gateway error")
+        return _err(500, "internal error; see the platform log", "internal_error")
+
+    # ------------------------------------------------------------------ auth
+
+    def auth(required: Role) -> Callable[[Request], Role]:
+        def check(request: Request) -> Role:
+            role = ctx.tokens.role_of(bearer(request.headers.get("authorization")))
+            if role is None:
+                raise ApiError(401, "missing or invalid bearer token", "unauthorized",
+                               {"WWW-Authenticate": "Bearer"})
+            if required is Role.ADMIN and role is not Role.ADMIN:
+                raise ApiError(403, "this operation needs the admin token", "forbidden")
+            return role
+
+        return check
+
+    admin = Depends(auth(Role.ADMIN))
+    invoker = Depends(auth(Role.INVOKE))
+
+    # ------------------------------------------------------------------ health, metrics
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "functions": len(await run_in_threadpool(ctx.registry.list))}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        counts = await st.refresh_counts(force=True)
+        m.replicas.clear()
+        for name, c in counts.items():
+            for state in ("running", "starting", "stopping"):
+                m.replicas.labels(name, state).set(getattr(c, state))
+        for i, function, kind, data in await run_in_threadpool(
+                ctx.registry.events_since, st.last_event_id, ("cold_start", "scale_intent")):
+            st.last_event_id = i
+            if kind == "cold_start" and "total_s" in data:
+                m.cold_start.labels(function).observe(float(data["total_s"]))
+            elif kind == "scale_intent":
+                up = int(data.get("to_replicas", 0)) > int(data.get("from_replicas", 0))
+                m.scale_events.labels(function, "up" if up else "down",
+                                      str(data.get("reason", ""))).inc()
+        return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------ management
+
+    @app.post("/v1/functions", status_code=201, dependencies=[admin])
+    async def deploy(request: Request) -> JSONResponse:
+        try:
+            doc = json.loads(await request.body() or b"null")
+        except ValueError:
+            raise ApiError(400, "body: not valid JSON") from None
+        if not isinstance(doc, dict):
+            raise ApiError(422, "invalid function spec: body must be a JSON object", "invalid_spec")
+        base_dir = str(doc.pop("base_dir", "."))
+        try:
+            spec = parse_function_spec(doc, base_dir)
+        except SpecError as exc:
+            raise ApiError(422, str(exc), "invalid_spec") from None
+        try:
+            model_dir, model_id = await run_in_threadpool(ctx.resolve_model, spec)
+        except (ValueError, OSError) as exc:  # SourceError, CheckpointError, ConfigError...
+            raise ApiError(422, f"model: {exc}", "invalid_model") from None
+        existed = await run_in_threadpool(ctx.registry.get, spec.name) is not None
+        record = await run_in_threadpool(ctx.registry.put, spec, model_dir, model_id)
+        st.forget(spec.name)
+        await run_in_threadpool(ctx.backend.deploy, record)
+        await run_in_threadpool(ctx.registry.add_event, spec.name, "deploy",
+                                {"model_id": model_id, "update": existed})
+        return JSONResponse(await _status(record), status_code=200 if existed else 201)
+
+    @app.get("/v1/functions", dependencies=[invoker])
+    async def list_functions() -> dict[str, Any]:
+        counts = await st.refresh_counts()
+        records = await run_in_threadpool(ctx.registry.list)
+        return {"functions": [_summary(r, counts.get(r.name)) for r in records]}
+
+    @app.get("/v1/functions/{name}", dependencies=[invoker])
+    async def get_function(name: str) -> dict[str, Any]:
+        record = await run_in_threadpool(ctx.registry.get, name)
+        if record is None:
+            raise ApiError(404, f"function {name!r} is not deployed", "not_found")
+        return await _status(record)
+
+    @app.delete("/v1/functions/{name}", dependencies=[admin])
+    async def delete_function(name: str) -> dict[str, Any]:
+        if await run_in_threadpool(ctx.registry.get, name) is None:
+            raise ApiError(404, f"function {name!r} is not deployed", "not_found")
+        await run_in_threadpool(ctx.backend.delete, name)
+        await run_in_threadpool(ctx.registry.delete, name)
+        await run_in_threadpool(ctx.registry.add_event, name, "delete", {})
+        st.forget(name)
+        return {"deleted": name}
+
+    @app.post("/v1/functions/{name}/scale", dependencies=[admin])
+    async def scale(name: str, request: Request) -> dict[str, Any]:
+        body = await parse_body(request, oa.DeployScale)
+        record = await run_in_threadpool(ctx.registry.get, name)
+        if record is None:
+            raise ApiError(404, f"function {name!r} is not deployed", "not_found")
+        doc = record.spec.to_document()
+        doc["scaling"].update({k: v for k, v in body.model_dump().items() if v is not None})
+        try:
+            spec = parse_function_spec(doc, record.spec.base_dir)
+        except SpecError as exc:
+            raise ApiError(422, str(exc), "invalid_spec") from None
+        record = await run_in_threadpool(ctx.registry.put, spec, record.model_dir, record.model_id)
+        st.forget(name)
+        await run_in_threadpool(ctx.backend.deploy, record)
+        await run_in_threadpool(ctx.registry.add_event, name, "scale_config",
+                                {"min_replicas": spec.scaling.min_replicas,
+                                 "max_replicas": spec.scaling.max_replicas})
+        return await _status(record)
+
+    @app.get("/v1/functions/{name}/logs", dependencies=[admin])
+    async def logs(name: str, tail: int = 200) -> dict[str, Any]:
+        st.record(name)
+        return {"function": name, "lines": await run_in_threadpool(ctx.logs, name, max(1, min(tail, 5000)))}
+
+    async def _status(record: FunctionRecord) -> dict[str, Any]:
+        counts = await st.refresh_counts(force=True)
+        events = await run_in_threadpool(ctx.registry.events, record.name, None, 50)
+        out = _summary(record, counts.get(record.name))
+        out.update({
+            "spec": record.spec.to_document(),
+            "model_dir": record.model_dir,
+            "scale_events": [e for e in events if e["kind"] == "scale_intent"][:10],
+            "cold_starts": [e for e in events if e["kind"] == "cold_start"][:10],
+            "gateway": {"in_flight": st.in_flight[record.name],
+                        "waiting_first_token": st.waiting[record.name]},
+        })
+        return out
+
+    # ------------------------------------------------------------------ invoke
+
+    async def open_stream(name: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """Send a request to the function and wait (bounded) for its first item."""
+        spec = st.record(name).spec
+        counts = (await st.refresh_counts()).get(name)
+        if counts is None or counts.running + counts.starting == 0:
+            await _scale_from_zero(name)
+        st.waiting[name] += 1
+        m.queue.labels(name).set(st.waiting[name])
+        gen = st.handle(name).generate.remote(payload)
+        try:
+            first = await asyncio.wait_for(gen.__anext__(), timeout=spec.scaling.cold_start_timeout_s)
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise ApiError(503, f"function {name!r} did not produce a token within "
+                           f"{spec.scaling.cold_start_timeout_s:.0f} s (cold start timeout)",
+                           "unavailable", {"Retry-After": "5"}) from None
+        except StopAsyncIteration:
+            raise ApiError(502, f"function {name!r} ended the stream without output",
+                           "bad_gateway") from None
+        finally:
+            st.waiting[name] -= 1
+            m.queue.labels(name).set(st.waiting[name])
+        if "error" in first:
+            e = first["error"]
+            raise ApiError(int(e.get("status", 400)), str(e.get("message")), str(e.get("type")))
+        return first, gen
+
+    async def _scale_from_zero(name: str) -> None:
+        """Serve does not call custom policies from zero: raise the intent here, once per burst."""
+        now = ctx.clock()
+        if now - st.zero_intent_at.get(name, 0.0) < 5.0:
+            return
+        st.zero_intent_at[name] = now
+        intent = {"function": name, "kind": "scale_intent", "from_replicas": 0, "to_replicas": 1,
+                  "reason": "request at zero", "at_s": now, "ongoing_requests": st.in_flight[name] + 1}
+        ctx.report(intent)
+
+    async def chunks(name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Token chunks with metrics; the first chunk is fetched before any response is sent, so
+        a rejected request still gets its 4xx status."""
+        t0 = time.perf_counter()
+        spec = st.record(name).spec
+        # Replicas take 2x their target concurrency (Serve's max_ongoing_requests); beyond what
+        # every replica can hold plus the function's queue allowance, shed load now.
+        capacity = spec.scaling.max_replicas * 2 * spec.target_concurrency + \
+            spec.scaling.max_queued_requests
+        if st.in_flight[name] >= capacity:
+            raise ApiError(429, f"function {name!r} has {st.in_flight[name]} requests in flight "
+                           f"(limit {capacity}); retry later", "rate_limited", {"Retry-After": "1"})
+        st.in_flight[name] += 1
+        m.in_flight.labels(name).set(st.in_flight[name])
+        opened = False
+        try:
+            first, gen = await open_stream(name, payload)
+            opened = True
+        finally:
+            if not opened:
+                st.in_flight[name] -= 1
+                m.in_flight.labels(name).set(st.in_flight[name])
+
+        async def rest() -> AsyncIterator[dict[str, Any]]:
+            last = time.perf_counter()
+            m.ttft.labels(name).observe(last - t0)
+            item = first
+            try:
+                while True:
+                    yield item
+                    if item.get("finished"):
+                        m.tokens.labels(name, "prompt").inc(item["num_prompt_tokens"])
+                        m.tokens.labels(name, "completion").inc(item["num_output_tokens"])
+                        return
+                    item = await gen.__anext__()
+                    now = time.perf_counter()
+                    m.itl.labels(name).observe(now - last)
+                    last = now
+            except StopAsyncIteration:
+                return
+            finally:
+                gen.cancel()  # no-op when finished; frees the replica's slot if the client left
+                st.in_flight[name] -= 1
+                m.in_flight.labels(name).set(st.in_flight[name])
+                m.e2e.labels(name).observe(time.perf_counter() - t0)
+
+        return rest()
+
+    async def collect(stream: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+        text, last = [], {}
+        async for c in stream:
+            text.append(c["text"])
+            last = c
+        return "".join(text), last
+
+    def sse(events: AsyncIterator[dict[str, Any]], done: bool = True) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            async for e in events:
+                yield b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
+            if done:
+                yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def counted(endpoint: str, name: str, code: int) -> None:
+        m.requests.labels(name, endpoint, str(code)).inc()
+
+    async def guarded(endpoint: str, name: str, make: Callable[[], Any]) -> Any:
+        try:
+            response = await make()
+        except ApiError as exc:
+            counted(endpoint, name, exc.status)
+            raise
+        counted(endpoint, name, 200)
+        return response
+
+    def max_tokens_default(name: str) -> int:
+        return min(256, st.record(name).spec.engine.max_seq_len)
+
+    @app.post("/v1/functions/{name}/invoke", dependencies=[invoker])
+    async def invoke(name: str, request: Request) -> Any:
+        async def run() -> Any:
+            body = await parse_body(request, oa.InvokeRequest)
+            st.record(name)
+            try:
+                body.check_supported()
+                payload = body.payload(max_tokens_default(name))
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            stream = await chunks(name, payload)
+            if body.stream:
+                async def events() -> AsyncIterator[dict[str, Any]]:
+                    async for c in stream:
+                        yield {"text": c["text"], "finished": c["finished"],
+                               "finish_reason": c["finish_reason"]}
+                return sse(events())
+            text, last = await collect(stream)
+            return {"function": name, "text": text, "finish_reason": last.get("finish_reason"),
+                    "usage": oa.usage(last.get("num_prompt_tokens", 0), last.get("num_output_tokens", 0))}
+
+        return await guarded("invoke", name, run)
+
+    @app.get("/v1/models", dependencies=[invoker])
+    async def models() -> dict[str, Any]:
+        records = await run_in_threadpool(ctx.registry.list)
+        return {"object": "list", "data": [{"id": r.name, "object": "model",
+                                            "created": int(r.created_s), "owned_by": "faascale"}
+                                           for r in records]}
+
+    @app.post("/v1/completions", dependencies=[invoker])
+    async def completions(request: Request) -> Any:
+        body = await parse_body(request, oa.CompletionRequest)
+        name = body.model
+
+        async def run() -> Any:
+            st.record(name)
+            try:
+                body.check_supported()
+                prompt = body.single_prompt()
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            payload = {"params": body.params(16)}  # OpenAI's default max_tokens for completions
+            payload["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
+            stream = await chunks(name, payload)
+            rid = oa.new_id("cmpl")
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+                async def events() -> AsyncIterator[dict[str, Any]]:
+                    async for c in stream:
+                        finish = oa.openai_finish(c["finish_reason"]) if c["finished"] else None
+                        yield oa.completion_chunk(rid, name, c["text"], finish)
+                        if c["finished"] and include_usage:
+                            yield oa.usage_chunk(rid, name, "text_completion",
+                                                 oa.usage(c["num_prompt_tokens"], c["num_output_tokens"]))
+                return sse(events())
+            text, last = await collect(stream)
+            return oa.completion_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
+                                          oa.usage(last.get("num_prompt_tokens", 0),
+                                                   last.get("num_output_tokens", 0)))
+
+        return await guarded("completions", name, run)
+
+    @app.post("/v1/chat/completions", dependencies=[invoker])
+    async def chat(request: Request) -> Any:
+        body = await parse_body(request, oa.ChatRequest)
+        name = body.model
+
+        async def run() -> Any:
+            st.record(name)
+            try:
+                body.check_supported()
+                messages = body.chat_messages()
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+            params = body.params(max_tokens_default(name))
+            if body.max_completion_tokens:
+                params["max_tokens"] = body.max_completion_tokens
+            stream = await chunks(name, {"messages": messages, "params": params})
+            rid = oa.new_id("chatcmpl")
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+                async def events() -> AsyncIterator[dict[str, Any]]:
+                    yield oa.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
+                    async for c in stream:
+                        if c["text"]:
+                            yield oa.chat_chunk(rid, name, {"content": c["text"]}, None)
+                        if c["finished"]:
+                            yield oa.chat_chunk(rid, name, {}, oa.openai_finish(c["finish_reason"]))
+                            if include_usage:
+                                yield oa.usage_chunk(rid, name, "chat.completion.chunk",
+                                                     oa.usage(c["num_prompt_tokens"], c["num_output_tokens"]))
+                return sse(events())
+            text, last = await collect(stream)
+            return oa.chat_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
+                                    oa.usage(last.get("num_prompt_tokens", 0),
+                                             last.get("num_output_tokens", 0)))
+
+        return await guarded("chat", name, run)
+
+    return BodyLimit(app, ctx.max_body_bytes)  # type: ignore[return-value]
+
+
+def _summary(record: FunctionRecord, counts: Any) -> dict[str, Any]:
+    s = record.spec
+    return {
+        "name": record.name,
+        "model_id": record.model_id,
+        "created_s": record.created_s,
+        "replicas": {"running": getattr(counts, "running", 0),
+                     "starting": getattr(counts, "starting", 0),
+                     "stopping": getattr(counts, "stopping", 0),
+                     "min": s.scaling.min_replicas, "max": s.scaling.max_replicas},
+        "status": getattr(counts, "status", "NOT_DEPLOYED") if counts else "NOT_DEPLOYED",
+        "message": getattr(counts, "message", "") if counts else "",
+    }

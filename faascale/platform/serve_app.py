@@ -1,0 +1,78 @@
+"""Ray Serve side effects: one Serve application per function, its handle, its replica counts.
+
+Everything Ray-Serve-specific the gateway needs goes through :class:`ServeBackend`, so the gateway
+can be tested against a fake, and this module is tested for real against a local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from faascale.platform.autoscale import ScalingConfig
+from faascale.platform.registry import FunctionRecord
+from faascale.platform.replica import FunctionReplica
+from faascale.platform.serve_policy import autoscaling_config
+from faascale.platform.spec import FunctionSpec
+
+log = logging.getLogger(__name__)
+DEPLOYMENT = "replica"
+
+
+def scaling_config(spec: FunctionSpec) -> ScalingConfig:
+    s = spec.scaling
+    return ScalingConfig(min_replicas=s.min_replicas, max_replicas=s.max_replicas,
+                         target_ongoing_per_replica=float(spec.target_concurrency),
+                         keep_alive_s=s.keep_alive_s, downscale_delay_s=s.downscale_delay_s)
+
+
+@dataclass(frozen=True)
+class ReplicaCounts:
+    running: int
+    starting: int
+    stopping: int
+    status: str  # the Serve application status: RUNNING, DEPLOYING, DEPLOY_FAILED, ...
+    message: str = ""
+
+
+class ServeBackend:
+    """Deploys, updates and deletes functions as Serve applications named after the function."""
+
+    def deploy(self, record: FunctionRecord) -> None:
+        """Create or update the function's application; returns once Serve accepted it (with
+        ``min_replicas: 0`` no replica starts). Blocking: call it from a worker thread."""
+        spec = record.spec
+        deployment = serve.deployment(FunctionReplica).options(
+            name=DEPLOYMENT,
+            autoscaling_config=autoscaling_config(scaling_config(spec), spec.name),
+            max_ongoing_requests=2 * spec.target_concurrency,
+            ray_actor_options={"num_cpus": spec.resources.num_cpus,
+                               "num_gpus": spec.resources.num_gpus},
+            graceful_shutdown_timeout_s=5,
+            health_check_period_s=5,
+        )
+        app = deployment.bind(spec.to_document(), spec.base_dir, record.model_dir)
+        serve.run(app, name=spec.name, route_prefix=None)
+
+    def delete(self, name: str) -> None:
+        serve.delete(name, _blocking=False)
+
+    def handle(self, name: str) -> Any:
+        return serve.get_deployment_handle(DEPLOYMENT, app_name=name)
+
+    def counts(self) -> dict[str, ReplicaCounts]:
+        """Replica counts of every application, from one controller call."""
+        out = {}
+        for name, app in serve.status().applications.items():
+            dep = app.deployments.get(DEPLOYMENT)
+            states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
+            out[name] = ReplicaCounts(running=states.get("RUNNING", 0),
+                                      starting=states.get("STARTING", 0) + states.get("UPDATING", 0)
+                                      + states.get("RECOVERING", 0),
+                                      stopping=states.get("STOPPING", 0),
+                                      status=str(getattr(app.status, "value", app.status)),
+                                      message=app.message or (dep.message if dep else ""))
+        return out

@@ -1,0 +1,115 @@
+"""The platform process: Ray (embedded or joined), Serve, the events sink, the gateway.
+
+``faascale up`` starts this as a daemon (``python -m faascale.platform.server``); ``faascale down``
+sends it SIGTERM, and it shuts down Serve and the Ray instance it started. On start it redeploys
+every function in the registry, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("faascale.platform")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def replica_logs(function: str, tail: int) -> list[str]:
+    """The last ``tail`` lines of this function's Serve replica logs on this node."""
+    import ray
+
+    try:
+        logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    except AttributeError:  # not connected, or Ray moved the accessor
+        logs_dir = Path("/tmp/ray/session_latest/logs/serve")
+    lines: list[str] = []
+    for f in sorted(logs_dir.glob(f"replica_{function}_*.log"), key=lambda p: p.stat().st_mtime):
+        lines.extend(f"[{f.stem.split('_')[-1]}] {line}" for line in
+                     f.read_text(errors="replace").splitlines()[-tail:])
+    return lines[-tail:]
+
+
+def run(home: str | None, host: str, port: int, address: str | None) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:  # embedded, loopback-only Ray: no token needed (read by Ray at import)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    import uvicorn
+    from ray import serve
+
+    from faascale.engine.checkpoint import read_manifest
+    from faascale.engine.sources import resolve_packed
+    from faascale.platform.auth import load_or_create_tokens
+    from faascale.platform.events import report, start_event_sink
+    from faascale.platform.gateway import GatewayContext, create_app
+    from faascale.platform.registry import Registry
+    from faascale.platform.serve_app import ServeBackend
+    from faascale.platform.state import PlatformInfo, StateDir
+
+    state = StateDir(home).ensure()
+    tokens = load_or_create_tokens(state.tokens_file)
+    registry = Registry(state.registry_db)
+    if address:
+        ray.init(address=address, namespace="faascale", log_to_driver=False)
+    else:  # embedded: a local Ray instance owned by this process, reachable from this host only
+        ray.init(address="local", namespace="faascale", include_dashboard=False,
+                 log_to_driver=False, _node_ip_address="127.0.0.1")
+    serve.start(proxy_location="HeadOnly",
+                http_options={"host": "127.0.0.1", "port": free_port()})
+    start_event_sink(state.registry_db)
+    backend = ServeBackend()
+    for record in registry.list():
+        try:
+            backend.deploy(record)
+            log.info("restored function %s", record.name)
+        except Exception:
+            log.exception("could not restore function %s", record.name)
+
+    def resolve_model(spec: Any) -> tuple[str, str]:
+        packed = resolve_packed(spec.resolved_source(), dtype=spec.model.dtype,
+                                num_blocks=spec.model.blocks, seed=spec.model.seed,
+                                cache_dir=state.models)
+        return str(packed), read_manifest(packed).model_id
+
+    app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
+                                    resolve_model=resolve_model, report=report,
+                                    logs=replica_logs))
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
+                                      object_store=str(state.objects),
+                                      ray_address=ray.get_runtime_context().gcs_address,
+                                      started_s=time.time()))
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        state.clear_platform(os.getpid())
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="faascale platform process (use `faascale up`)")
+    ap.add_argument("--home", default=None)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(args.home, args.host, args.port, args.address)
+
+
+if __name__ == "__main__":
+    main()

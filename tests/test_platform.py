@@ -1,0 +1,290 @@
+"""The platform for real: `faascale up` (local Ray + Serve + gateway), the CLI, HTTP, the openai client.
+
+One platform per module (Ray start-up is ~10 s); every test uses its own function names.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Platform:
+    def __init__(self, home: Path, port: int) -> None:
+        self.home, self.port = home, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "FAASCALE_HOME": str(home), "RAY_AUTH_MODE": "disabled",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "faascale.cli", *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    @property
+    def tokens(self) -> dict[str, str]:
+        return json.loads((self.home / "tokens.json").read_text())
+
+    def http(self, token: str | None = "invoke") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[token]}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
+
+    def deploy(self, doc: dict[str, Any]) -> dict[str, Any]:
+        r = self.http("admin").post("/v1/functions", json={**doc, "base_dir": str(ROOT)})
+        assert r.status_code in (200, 201), r.text
+        return r.json()
+
+    def status(self, name: str) -> dict[str, Any]:
+        r = self.http().get(f"/v1/functions/{name}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait_replicas(self, name: str, predicate: Any, timeout_s: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.status(name)
+            if predicate(s["replicas"]):
+                return s
+            assert time.monotonic() < deadline, f"timed out; last replicas {s['replicas']}"
+            time.sleep(0.25)
+
+
+def tiny_doc(name: str, **scaling: Any) -> dict[str, Any]:
+    return {"name": name, "model": {"source": "random://tiny-llama", "blocks": 4},
+            "engine": {"max_seq_len": 4096, "max_batch_size": 8},
+            "scaling": {"keep_alive_s": 60, **scaling}, "resources": {"num_cpus": 0}}
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    p = Platform(tmp_path_factory.mktemp("faascale-home"), free_port())
+    r = p.cli("up", "--port", str(p.port), timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert p.url in r.stdout and p.tokens["admin"] in r.stdout
+    assert oct((p.home / "tokens.json").stat().st_mode & 0o777) == "0o600"
+    yield p
+    p.cli("down", timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tiny_deployed(platform: Platform) -> str:
+    # The bundled tiny-llama, deployed the way a user does it; num_cpus 0 so bursts fit 2 cores.
+    r = platform.cli("deploy", "functions/tiny-llama")
+    assert r.returncode == 0, r.stderr
+    assert "deployed tiny-llama" in r.stdout
+    return "tiny-llama"
+
+
+def expected_chat_text(platform: Platform, prompt: str, max_tokens: int) -> str:
+    """What the engine itself answers, greedy, for the same chat message."""
+    from faascale.engine.llm import LLM
+    from faascale.engine.sampling import SamplingParams
+    from faascale.engine.sources import resolve_packed
+    from faascale.platform.spec import load_function_spec
+
+    spec = load_function_spec(ROOT / "functions" / "tiny-llama")
+    packed = resolve_packed(spec.resolved_source(), num_blocks=spec.model.blocks,
+                            cache_dir=platform.home / "objects" / "models")
+    llm = LLM.load(packed, spec.engine_config())
+    return llm.generate([[{"role": "user", "content": prompt}]],
+                        SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
+
+
+def test_invoke_over_http_streaming_and_not(platform: Platform, tiny_deployed: str) -> None:
+    expected = expected_chat_text(platform, "hello there", 12)
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
+            "temperature": 0}
+    with platform.http() as h:
+        r = h.post(f"/v1/functions/{tiny_deployed}/invoke", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["text"] == expected
+        assert out["usage"]["completion_tokens"] <= 12 and out["usage"]["prompt_tokens"] > 3
+        with h.stream("POST", f"/v1/functions/{tiny_deployed}/invoke", json={**body, "stream": True}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert len(chunks) > 1 and chunks[-1]["finished"]
+    assert "".join(c["text"] for c in chunks) == expected
+    cli = platform.cli("invoke", tiny_deployed, "hello there", "-n", "12", "-t", "0", "--stream")
+    assert cli.returncode == 0 and cli.stdout.rstrip("\n") == expected
+
+
+def test_openai_client(platform: Platform, tiny_deployed: str) -> None:
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=platform.url + "/v1", api_key=platform.tokens["invoke"])
+    assert tiny_deployed in [m.id for m in client.models.list()]
+    messages = [{"role": "user", "content": "hello there"}]
+    full = client.chat.completions.create(model=tiny_deployed, messages=messages, max_tokens=12,
+                                          temperature=0)
+    assert full.choices[0].message.content == expected_chat_text(platform, "hello there", 12)
+    assert full.usage.completion_tokens == 12 or full.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model=tiny_deployed, messages=messages, max_tokens=12,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    parts, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(parts) == full.choices[0].message.content
+    assert usage is not None and usage.total_tokens == full.usage.total_tokens
+    comp = client.completions.create(model=tiny_deployed, prompt="abc", max_tokens=5, temperature=0)
+    assert comp.usage.prompt_tokens == 3  # byte tokenizer: one token per byte
+    with pytest.raises(NotFoundError, match="not deployed"):
+        client.completions.create(model="no-such-function", prompt="x")
+    with pytest.raises(BadRequestError, match="does not fit the context of 512 tokens"):
+        client.completions.create(model=tiny_deployed, prompt="x" * 5000)
+    with pytest.raises(BadRequestError, match="n: only n=1"):
+        client.completions.create(model=tiny_deployed, prompt="x", n=2)
+
+
+def test_scale_from_zero_and_back_to_zero(platform: Platform) -> None:
+    name = "tiny-zero"
+    platform.deploy(tiny_doc(name, keep_alive_s=3, downscale_delay_s=1))
+    assert platform.status(name)["replicas"]["running"] == 0
+    t0 = time.monotonic()
+    r = platform.http().post(f"/v1/functions/{name}/invoke", json={"prompt": "hi", "max_tokens": 4})
+    first_token_s = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    s = platform.status(name)
+    assert s["replicas"]["running"] == 1
+    assert any(e["reason"] == "request at zero" and e["to_replicas"] == 1 for e in s["scale_events"])
+    s = platform.wait_replicas(name, lambda r: r["running"] == 0 and r["starting"] == 0, 40)
+    assert s["cold_starts"], "the replica reported its start-up"
+    print(f"scale-from-zero first token in {first_token_s:.1f} s")
+
+
+def test_burst_scales_out(platform: Platform) -> None:
+    name = "tiny-burst"
+    platform.deploy(tiny_doc(name, target_concurrency=1, max_replicas=3, keep_alive_s=5,
+                             downscale_delay_s=1))
+
+    def call(i: int) -> int:
+        with platform.http() as h:
+            return h.post(f"/v1/functions/{name}/invoke",
+                          json={"prompt": f"burst {i}", "max_tokens": 1200, "ignore_eos": True,
+                                "temperature": 0}).status_code
+
+    peak = 0
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            peak = max(peak, platform.status(name)["replicas"]["running"])
+            if peak > 1:
+                cli = platform.cli("status", name)
+                metrics = httpx.get(platform.url + "/metrics").text
+                break
+            time.sleep(0.3)
+        codes = [f.result() for f in futures]
+    assert codes == [200] * 8
+    assert peak > 1, "the burst never ran on more than one replica"
+    running = int(re.search(r"(\d+) running", cli.stdout).group(1))
+    assert running > 1, cli.stdout
+    metric = re.search(rf'faascale_replicas{{function="{name}",state="running"}} (\S+)', metrics)
+    assert metric and float(metric.group(1)) > 1
+    assert re.search(rf'faascale_scale_events_total{{direction="up",function="{name}"', metrics)
+
+
+def test_bad_input_gets_clear_4xx(platform: Platform, tiny_deployed: str) -> None:
+    url = f"/v1/functions/{tiny_deployed}/invoke"
+    with platform.http(None) as anon:
+        r = anon.post(url, json={"prompt": "x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        r = anon.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and "invalid bearer token" in r.json()["error"]["message"]
+        assert anon.get("/healthz").status_code == 200
+    with platform.http("invoke") as h:
+        r = h.post("/v1/functions", json=tiny_doc("x"))
+        assert r.status_code == 403 and "admin token" in r.json()["error"]["message"]
+        r = h.post("/v1/functions/nope/invoke", json={"prompt": "x"})
+        assert r.status_code == 404 and "'nope' is not deployed" in r.json()["error"]["message"]
+        r = h.post(url, json={"prompt": "x" * 5000})
+        assert r.status_code == 400 and "does not fit the context" in r.json()["error"]["message"]
+        r = h.post(url, json={"prompt": "x", "temperature": 7})
+        assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
+        r = h.post(url, content=b"{not json")
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        r = h.post(url, json={"prompt": "x" * (2 << 20)})
+        assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+        r = h.post(url, json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
+        assert r.status_code == 400 and "exactly one of" in r.json()["error"]["message"]
+    with platform.http("admin") as admin:
+        bad = tiny_doc("Bad_Name")
+        bad["model"]["blocks"] = 0
+        r = admin.post("/v1/functions", json=bad)
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 422 and "name" in msg and "model.blocks" in msg
+        r = admin.post("/v1/functions", json={**tiny_doc("nomodel"), "model": {"source": "/nowhere"}})
+        assert r.status_code == 422 and "does not exist" in r.json()["error"]["message"]
+        assert admin.delete("/v1/functions/nope").status_code == 404
+
+
+def test_too_many_queued_requests_get_429(platform: Platform) -> None:
+    name = "tiny-narrow"  # capacity: 1 replica x 2 x target 1 + 0 queued = 2 in flight
+    platform.deploy(tiny_doc(name, target_concurrency=1, max_replicas=1, max_queued_requests=0))
+    long = {"prompt": "x", "max_tokens": 2500, "ignore_eos": True, "temperature": 0}
+    with cf.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(platform.http().post, f"/v1/functions/{name}/invoke", json=long)
+                for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while platform.status(name)["gateway"]["in_flight"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = platform.http().post(f"/v1/functions/{name}/invoke", json={"prompt": "x"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "in flight" in r.json()["error"]["message"]
+        assert [f.result().status_code for f in busy] == [200, 200]
+
+
+def test_cli_management_and_errors(platform: Platform, tiny_deployed: str) -> None:
+    ls = platform.cli("ls")
+    assert ls.returncode == 0 and tiny_deployed in ls.stdout
+    r = platform.cli("scale", tiny_deployed, "--max", "2")
+    assert r.returncode == 0 and "replicas 0..2" in r.stdout
+    logs = platform.cli("logs", tiny_deployed, "--tail", "50")
+    assert logs.returncode == 0
+    r = platform.cli("status", "no-such-function")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "not deployed" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = platform.cli("scale", tiny_deployed, "--min", "5", "--max", "2")
+    assert r.returncode == 2 and "min_replicas (5) must not exceed max_replicas (2)" in r.stderr
+
+
+def test_restart_keeps_functions(platform: Platform, tiny_deployed: str) -> None:
+    assert platform.cli("down").returncode == 0
+    assert platform.cli("ls").returncode == 2  # not running: one clear error line
+    r = platform.cli("up", "--port", str(platform.port), timeout=240)
+    assert r.returncode == 0, r.stderr
+    names = {f["name"] for f in platform.http().get("/v1/functions").json()["functions"]}
+    assert tiny_deployed in names
+    r = platform.http().post(f"/v1/functions/{tiny_deployed}/invoke",
+                             json={"prompt": "again", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert platform.cli("delete", tiny_deployed).returncode == 0
+    names = {f["name"] for f in platform.http().get("/v1/functions").json()["functions"]}
+    assert tiny_deployed not in names and "tiny-zero" in names
