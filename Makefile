@@ -23,12 +23,30 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+FAASCALE := $(VENV)/bin/faascale
+PORT ?= 8080
+
 run: $(VENV)/.installed
-	@$(VENV)/bin/faascale generate functions/smollm2-135m "The capital of France is" --temperature 0 --max-tokens 24
+	@$(FAASCALE) up --port $(PORT)
+	@$(FAASCALE) deploy functions/smollm2-135m
 	@echo
-	@echo "SmolLM2-135M-Instruct runs locally. Try:"
-	@echo "  $(VENV)/bin/faascale generate functions/smollm2-135m \"Write a haiku about autumn\" --chat --stream"
-	@echo "  $(VENV)/bin/faascale pack bundled://smollm2-135m-instruct /tmp/smollm2-packed --blocks 6"
+	@echo '$$ faascale invoke smollm2-135m "What is the capital of France?" --temperature 0'
+	@$(FAASCALE) invoke smollm2-135m "What is the capital of France?" --temperature 0 --max-tokens 40
+	@echo
+	@echo "faascale is running at http://127.0.0.1:$(PORT) with smollm2-135m deployed. Invoke it:"
+	@echo
+	@echo "  curl -s http://127.0.0.1:$(PORT)/v1/chat/completions \\"
+	@echo "    -H \"Authorization: Bearer $$($(FAASCALE) token)\" -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"
+	@echo
+	@echo "  from openai import OpenAI"
+	@echo "  client = OpenAI(base_url=\"http://127.0.0.1:$(PORT)/v1\", api_key=\"$$($(FAASCALE) token)\")"
+	@echo "  for chunk in client.chat.completions.create(model=\"smollm2-135m\", stream=True,"
+	@echo "          messages=[{\"role\": \"user\", \"content\": \"Write a haiku about autumn\"}]):"
+	@echo "      print(chunk.choices[0].delta.content or \"\", end=\"\")"
+	@echo
+	@echo "  $(FAASCALE) status smollm2-135m     # replicas, scale events, cold starts"
+	@echo "  $(FAASCALE) down                    # stop the platform"
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q

@@ -385,6 +385,20 @@ def logs(name: str, tail: int = typer.Option(100, "--tail")) -> None:
         typer.echo(line)
 
 
+@app.command()
+@friendly_errors
+def token(admin: bool = typer.Option(False, "--admin", help="the admin token instead")) -> None:
+    """Print the invoke (or admin) bearer token of this machine's platform."""
+    from faascale.platform.auth import load_or_create_tokens
+
+    state = _state()
+    if not state.tokens_file.exists():
+        typer.echo("error: no tokens yet; start the platform with `faascale up`", err=True)
+        raise typer.Exit(2)
+    tokens = load_or_create_tokens(state.tokens_file)
+    typer.echo(tokens.admin if admin else tokens.invoke)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -288,3 +288,13 @@ def test_restart_keeps_functions(platform: Platform, tiny_deployed: str) -> None
     assert platform.cli("delete", tiny_deployed).returncode == 0
     names = {f["name"] for f in platform.http().get("/v1/functions").json()["functions"]}
     assert tiny_deployed not in names and "tiny-zero" in names
+
+
+def test_handler_preprocesses_requests(platform: Platform) -> None:
+    r = platform.cli("deploy", "tests/data/handler-fn")
+    assert r.returncode == 0, r.stderr
+    with platform.http() as h:
+        out = h.post("/v1/functions/tiny-handler/invoke", json={"prompt": "hi", "max_tokens": 50})
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
+        bad = h.post("/v1/functions/tiny-handler/invoke", json={"prompt": "forbidden words"})
+        assert bad.status_code == 422 and "this prompt is not allowed" in bad.json()["error"]["message"]

@@ -38,7 +38,8 @@ def test_readme_commands_exist() -> None:
     from typer.main import get_command
 
     commands = set(get_command(app).commands)
-    code = "\n".join(re.findall(r"```(?:bash)?\n(.*?)```", readme, re.S))
+    code = "\n".join(body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", readme, re.S | re.M)
+                     if lang in ("", "bash"))
     used = re.findall(r"faascale (\w+) ", code)
     assert "generate" in used and "pack" in used
     for cmd in used:

@@ -52,8 +52,16 @@ def start_event_sink(registry_path: Path) -> Any:
 
 
 def report(event: dict[str, Any]) -> None:
-    """Fire-and-forget an event to the sink from any Ray worker; never raises."""
+    """Fire-and-forget an event to the sink from any Ray process; never raises.
+
+    The actor is looked up per event (~1 ms; events come only with start-ups and scale changes),
+    so a restarted sink is picked up. Without a Ray connection or without the actor the event is
+    dropped: autoscaling and serving must not depend on anyone listening.
+    """
     try:
+        if not ray.is_initialized():  # never start a Ray instance just to report
+            log.debug("no Ray connection; dropped event %s", event)
+            return
         ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).record.remote(event)
     except Exception as exc:  # no sink (tests, a replica outside the platform): drop it
         log.debug("event not reported (%s): %s", exc, event)

@@ -46,9 +46,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import ray
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
+from faascale.platform import events
 from faascale.platform.autoscale import (
     PolicyState,
     ScaleIntent,
@@ -59,8 +59,6 @@ from faascale.platform.autoscale import (
 
 logger = logging.getLogger(__name__)
 
-EVENTS_ACTOR_NAME = "faascale-events"
-EVENTS_NAMESPACE = "faascale"
 INTENT_EVENT = "scale_intent"
 
 Sink = Callable[[dict[str, Any]], None]
@@ -69,31 +67,6 @@ Sink = Callable[[dict[str, Any]], None]
 def intent_event(intent: ScaleIntent) -> dict[str, Any]:
     """The message the events actor receives: ``{"kind": "scale_intent", **intent fields}``."""
     return {"kind": INTENT_EVENT, **intent.to_dict()}
-
-
-class RayEventSink:
-    """Sends events to the named actor ``record(event)``, fire-and-forget. Never raises.
-
-    The actor is looked up at each event (one GCS round trip, ~1 ms; events happen only when the
-    replica count changes), so a restarted events actor is picked up. Without a Ray connection in
-    this process, or without the actor, the event is dropped with a debug log: autoscaling must
-    not depend on anyone listening.
-    """
-
-    def __init__(self, name: str = EVENTS_ACTOR_NAME, namespace: str = EVENTS_NAMESPACE) -> None:
-        self.name = name
-        self.namespace = namespace
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        try:
-            if not ray.is_initialized():  # never start a Ray instance just to log an event
-                logger.debug("no Ray connection; dropped event %s", event)
-                return
-            actor = ray.get_actor(self.name, namespace=self.namespace)
-            actor.record.remote(event)
-        except Exception as exc:  # noqa: BLE001 - a missing listener must not stop scaling
-            logger.debug("events actor %s/%s unavailable (%s); dropped event %s",
-                         self.namespace, self.name, exc, event)
 
 
 class FaascalePolicy:
@@ -106,7 +79,7 @@ class FaascalePolicy:
     def __init__(self, function: str, sink: Sink | None = None, **scaling: Any) -> None:
         self.function = function
         self.config = ScalingConfig(**scaling)
-        self.sink: Sink = sink if sink is not None else RayEventSink()
+        self.sink: Sink = sink if sink is not None else events.report
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
         snap = snapshot_from_context(ctx)

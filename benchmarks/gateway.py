@@ -1,0 +1,195 @@
+"""What the gateway costs, and how long a function takes from zero replicas to its first token.
+
+Side by side in one run, on an embedded platform started for the run (`faascale up`):
+- the same one-token request (tiny-llama, a warm replica) sent through the gateway over HTTP
+  (keep-alive connection, auth, validation, metrics, SSE) and sent straight to the function's Serve
+  deployment handle from a driver attached to the same Ray cluster (the floor the gateway adds to);
+- scale-from-zero time to first token, streaming through the gateway, for tiny-llama and SmolLM2
+  (each sample a freshly deployed function, so a replica really starts).
+
+    python benchmarks/gateway.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, command_line, emit, git_rev, machine, write_section  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+class Bench:
+    def __init__(self, home: Path, port: int) -> None:
+        self.home, self.port = home, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {**os.environ, "FAASCALE_HOME": str(home), "RAY_AUTH_MODE": "disabled",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def cli(self, *args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "faascale.cli", *args], cwd=ROOT, env=self.env,
+                           capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        if r.returncode:
+            raise SystemExit(f"faascale {' '.join(args)} failed: {r.stderr}")
+        return r.stdout
+
+    def token(self, kind: str) -> str:
+        return json.loads((self.home / "tokens.json").read_text())[kind]
+
+    def deploy(self, doc: dict[str, Any]) -> None:
+        import httpx
+
+        r = httpx.post(self.url + "/v1/functions", json={**doc, "base_dir": str(ROOT)}, timeout=600,
+                       headers={"Authorization": f"Bearer {self.token('admin')}"})
+        r.raise_for_status()
+
+
+def tiny(name: str, min_replicas: int) -> dict[str, Any]:
+    return {"name": name, "model": {"source": "random://tiny-llama", "blocks": 4},
+            "engine": {"max_seq_len": 512, "max_batch_size": 8},
+            "scaling": {"min_replicas": min_replicas, "max_replicas": 1, "keep_alive_s": 600},
+            "resources": {"num_cpus": 0}}
+
+
+def smollm2(name: str) -> dict[str, Any]:
+    return {"name": name, "model": {"source": "bundled://smollm2-135m-instruct", "blocks": 6},
+            "engine": {"max_seq_len": 2048, "max_batch_size": 8},
+            "scaling": {"min_replicas": 0, "max_replicas": 1, "keep_alive_s": 600},
+            "resources": {"num_cpus": 1}}
+
+
+def gateway_latency(b: Bench, name: str, n: int) -> list[float]:
+    import httpx
+
+    body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
+    out = []
+    with httpx.Client(base_url=b.url, headers={"Authorization": f"Bearer {b.token('invoke')}"},
+                      timeout=60) as h:
+        for i in range(n + 10):
+            t = time.perf_counter()
+            r = h.post(f"/v1/functions/{name}/invoke", json=body)
+            dt = time.perf_counter() - t
+            assert r.status_code == 200, r.text
+            if i >= 10:  # warm-up
+                out.append(dt * 1e3)
+    return out
+
+
+def handle_latency(gcs: str, name: str, n: int) -> list[float]:
+    import ray
+    from ray import serve
+
+    ray.init(address=gcs, namespace="faascale", log_to_driver=False)
+    handle = serve.get_deployment_handle("replica", app_name=name).options(stream=True)
+    payload = {"prompt": "hi", "params": {"max_tokens": 1, "temperature": 0}}
+
+    async def run() -> list[float]:
+        out = []
+        for i in range(n + 10):
+            t = time.perf_counter()
+            chunks = [c async for c in handle.generate.remote(payload)]
+            dt = time.perf_counter() - t
+            assert chunks and chunks[-1]["finished"], chunks
+            if i >= 10:
+                out.append(dt * 1e3)
+        return out
+
+    try:
+        return asyncio.run(run())
+    finally:
+        ray.shutdown()
+
+
+def first_token_s(b: Bench, doc: dict[str, Any]) -> float:
+    import httpx
+
+    b.deploy(doc)
+    t = time.perf_counter()
+    with httpx.stream("POST", f"{b.url}/v1/functions/{doc['name']}/invoke", timeout=600,
+                      headers={"Authorization": f"Bearer {b.token('invoke')}"},
+                      json={"prompt": "Hello", "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - t
+    raise AssertionError("no token")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args()
+    n = 60 if args.quick else 300
+    samples = 1 if args.quick else 3
+
+    from faascale.platform.server import free_port
+
+    with tempfile.TemporaryDirectory(prefix="faascale-bench-") as home:
+        b = Bench(Path(home), free_port())
+        b.cli("up", "--port", str(b.port))
+        try:
+            b.deploy(tiny("warm", 1))
+            gw = gateway_latency(b, "warm", n)
+            gcs = json.loads((Path(home) / "platform.json").read_text())["ray_address"]
+            direct = handle_latency(gcs, "warm", n)
+            tiny_cold = [first_token_s(b, tiny(f"cold-tiny-{i}", 0)) for i in range(samples)]
+            smol_cold = [first_token_s(b, smollm2(f"cold-smol-{i}")) for i in range(samples)]
+        finally:
+            b.cli("down")
+
+    res = {
+        "gateway_p50_ms": statistics.median(gw), "gateway_p99_ms": pct(gw, 99),
+        "handle_p50_ms": statistics.median(direct), "handle_p99_ms": pct(direct, 99),
+        "scale_from_zero_first_token_s": statistics.median(tiny_cold),
+        "smollm2_scale_from_zero_first_token_s": statistics.median(smol_cold),
+    }
+    res["gateway_added_p50_ms"] = res["gateway_p50_ms"] - res["handle_p50_ms"]
+    res["gateway_added_p99_ms"] = res["gateway_p99_ms"] - res["handle_p99_ms"]
+    res["gateway_vs_handle_p50"] = res["gateway_p50_ms"] / res["handle_p50_ms"]
+    print(f"{'one-token request, ms':28}{'p50':>8}{'p99':>8}")
+    print(f"{'through the gateway (HTTP)':28}{res['gateway_p50_ms']:8.2f}{res['gateway_p99_ms']:8.2f}")
+    print(f"{'Serve handle directly':28}{res['handle_p50_ms']:8.2f}{res['handle_p99_ms']:8.2f}")
+    print(f"{'added by the gateway':28}{res['gateway_added_p50_ms']:8.2f}{res['gateway_added_p99_ms']:8.2f}"
+          f"   ({res['gateway_vs_handle_p50']:.2f}x the handle at p50)")
+    print(f"scale from zero to first token: tiny-llama {res['scale_from_zero_first_token_s']:.2f} s, "
+          f"SmolLM2-135M {res['smollm2_scale_from_zero_first_token_s']:.2f} s "
+          f"(median of {samples})")
+    if not args.quick and not args.no_report:
+        write_section("gateway", f"""## Gateway overhead and scale from zero (`benchmarks/gateway.py`)
+
+Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
+Machine: {machine()}. Embedded platform (local Ray, one warm tiny-llama replica), {n} sequential
+one-token requests each way.
+
+| one-token request | p50 ms | p99 ms |
+|---|---:|---:|
+| through the gateway (HTTP keep-alive, auth, metrics) | {res['gateway_p50_ms']:.2f} | {res['gateway_p99_ms']:.2f} |
+| Serve deployment handle, directly | {res['handle_p50_ms']:.2f} | {res['handle_p99_ms']:.2f} |
+| **added by the gateway** | **{res['gateway_added_p50_ms']:.2f}** | {res['gateway_added_p99_ms']:.2f} |
+
+Scale from zero to the first streamed token (a new function each sample, median of {samples}):
+tiny-llama **{res['scale_from_zero_first_token_s']:.2f} s**, SmolLM2-135M (540 MB of fp32 weights
+from the local object store) **{res['smollm2_scale_from_zero_first_token_s']:.2f} s**. Samples:
+tiny {', '.join(f'{x:.2f}' for x in tiny_cold)}; SmolLM2 {', '.join(f'{x:.2f}' for x in smol_cold)}.
+""")
+    emit({k: round(v, 3) for k, v in res.items()})
+
+
+if __name__ == "__main__":
+    main()
