@@ -73,46 +73,52 @@ def smollm2(name: str) -> dict[str, Any]:
             "resources": {"num_cpus": 1}}
 
 
-def gateway_latency(b: Bench, name: str, n: int) -> list[float]:
+def latency_pairs(gcs: str, url: str, token: str, name: str, n: int) -> tuple[list[float], list[float]]:
+    """The same one-token request, alternately through the gateway (HTTP) and straight to the
+    Serve handle, from one process, so both see the same machine load (2 cores drift a lot)."""
     import httpx
-
-    body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
-    out = []
-    with httpx.Client(base_url=b.url, headers={"Authorization": f"Bearer {b.token('invoke')}"},
-                      timeout=60) as h:
-        for i in range(n + 10):
-            t = time.perf_counter()
-            r = h.post(f"/v1/functions/{name}/invoke", json=body)
-            dt = time.perf_counter() - t
-            assert r.status_code == 200, r.text
-            if i >= 10:  # warm-up
-                out.append(dt * 1e3)
-    return out
-
-
-def handle_latency(gcs: str, name: str, n: int) -> list[float]:
     import ray
     from ray import serve
 
     ray.init(address=gcs, namespace="faascale", log_to_driver=False)
     handle = serve.get_deployment_handle("replica", app_name=name).options(stream=True)
     payload = {"prompt": "hi", "params": {"max_tokens": 1, "temperature": 0}}
+    body = {"prompt": "hi", "max_tokens": 1, "temperature": 0}
 
-    async def run() -> list[float]:
-        out = []
-        for i in range(n + 10):
-            t = time.perf_counter()
-            chunks = [c async for c in handle.generate.remote(payload)]
-            dt = time.perf_counter() - t
-            assert chunks and chunks[-1]["finished"], chunks
-            if i >= 10:
-                out.append(dt * 1e3)
-        return out
+    async def run() -> tuple[list[float], list[float]]:
+        gw, direct = [], []
+        async with httpx.AsyncClient(base_url=url, timeout=60,
+                                     headers={"Authorization": f"Bearer {token}"}) as h:
+            for i in range(n + 10):
+                t = time.perf_counter()
+                r = await h.post(f"/v1/functions/{name}/invoke", json=body)
+                t_gw = time.perf_counter() - t
+                assert r.status_code == 200, r.text
+                t = time.perf_counter()
+                chunks = [c async for c in handle.generate.remote(payload)]
+                t_direct = time.perf_counter() - t
+                assert chunks and chunks[-1]["finished"], chunks
+                if i >= 10:  # warm-up
+                    gw.append(t_gw * 1e3)
+                    direct.append(t_direct * 1e3)
+        return gw, direct
 
     try:
         return asyncio.run(run())
     finally:
         ray.shutdown()
+
+
+def latency_pairs_in_subprocess(b: Bench, gcs: str, name: str, n: int) -> tuple[list[float], list[float]]:
+    """Run the probe as its own driver process: Serve's handle keeps background tasks that would
+    outlive ``ray.shutdown()`` in this one and auto-start a stray local Ray."""
+    r = subprocess.run([sys.executable, __file__, "--probe", gcs, b.url, b.token("invoke"), name,
+                        str(n)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if r.returncode:
+        raise SystemExit(f"latency probe failed: {r.stderr[-2000:]}")
+    gw, direct = json.loads(r.stdout.strip().splitlines()[-1])
+    return gw, direct
 
 
 def first_token_s(b: Bench, doc: dict[str, Any]) -> float:
@@ -134,7 +140,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--probe", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe:
+        gcs, url, token, app, count = args.probe
+        print(json.dumps(latency_pairs(gcs, url, token, app, int(count))))
+        return
     n = 60 if args.quick else 300
     samples = 1 if args.quick else 3
 
@@ -145,9 +156,8 @@ def main() -> None:
         b.cli("up", "--port", str(b.port))
         try:
             b.deploy(tiny("warm", 1))
-            gw = gateway_latency(b, "warm", n)
             gcs = json.loads((Path(home) / "platform.json").read_text())["ray_address"]
-            direct = handle_latency(gcs, "warm", n)
+            gw, direct = latency_pairs_in_subprocess(b, gcs, "warm", n)
             tiny_cold = [first_token_s(b, tiny(f"cold-tiny-{i}", 0)) for i in range(samples)]
             smol_cold = [first_token_s(b, smollm2(f"cold-smol-{i}")) for i in range(samples)]
         finally:
@@ -175,7 +185,7 @@ def main() -> None:
 
 Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
 Machine: {machine()}. Embedded platform (local Ray, one warm tiny-llama replica), {n} sequential
-one-token requests each way.
+one-token requests each way, alternating, from one client process.
 
 | one-token request | p50 ms | p99 ms |
 |---|---:|---:|

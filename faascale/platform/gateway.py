@@ -66,7 +66,7 @@ class GatewayContext:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.time
     max_body_bytes: int = MAX_BODY_BYTES
-    counts_refresh_s: float = 0.5
+    counts_refresh_s: float = 1.0  # replica counts for scale-from-zero; Serve itself reacts at once
 
 
 class _State:
@@ -82,6 +82,7 @@ class _State:
         self.zero_intent_at: dict[str, float] = {}
         self.records: dict[str, FunctionRecord] = {}
         self.last_event_id = 0
+        self._refresher: asyncio.Task[None] | None = None
 
     def record(self, name: str) -> FunctionRecord:
         rec = self.records.get(name)
@@ -101,6 +102,16 @@ class _State:
         if h is None:
             h = self.handles[name] = self.ctx.backend.handle(name).options(stream=True)
         return h
+
+    def ensure_refresher(self) -> None:
+        """Keep replica counts fresh in the background, so no request waits on the controller."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self.refresh_counts()
+            await asyncio.sleep(self.ctx.counts_refresh_s)
 
     async def refresh_counts(self, force: bool = False) -> dict[str, Any]:
         now = time.monotonic()
@@ -256,9 +267,15 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         except (ValueError, OSError) as exc:  # SourceError, CheckpointError, ConfigError...
             raise ApiError(422, f"model: {exc}", "invalid_model") from None
         existed = await run_in_threadpool(ctx.registry.get, spec.name) is not None
+        now = ctx.clock()
+        try:  # deploy first: a function Serve refused is not registered
+            await run_in_threadpool(ctx.backend.deploy, FunctionRecord(spec, model_dir, model_id, now, now))
+        except Exception as exc:
+            log.exception("deploying %s failed", spec.name)
+            raise ApiError(500, f"deploying {spec.name!r} failed: {str(exc).splitlines()[0][:300]}",
+                           "deploy_failed") from None
         record = await run_in_threadpool(ctx.registry.put, spec, model_dir, model_id)
         st.forget(spec.name)
-        await run_in_threadpool(ctx.backend.deploy, record)
         await run_in_threadpool(ctx.registry.add_event, spec.name, "deploy",
                                 {"model_id": model_id, "update": existed})
         return JSONResponse(await _status(record), status_code=200 if existed else 201)
@@ -330,7 +347,8 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     async def open_stream(name: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Send a request to the function and wait (bounded) for its first item."""
         spec = st.record(name).spec
-        counts = (await st.refresh_counts()).get(name)
+        st.ensure_refresher()
+        counts = st.counts.get(name)  # at most counts_refresh_s old
         if counts is None or counts.running + counts.starting == 0:
             await _scale_from_zero(name)
         st.waiting[name] += 1

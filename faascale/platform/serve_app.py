@@ -29,14 +29,6 @@ def scaling_config(spec: FunctionSpec) -> ScalingConfig:
                          keep_alive_s=s.keep_alive_s, downscale_delay_s=s.downscale_delay_s)
 
 
-def _actor_options(spec: FunctionSpec) -> dict[str, Any]:
-    options: dict[str, Any] = {"num_cpus": spec.resources.num_cpus,
-                               "num_gpus": spec.resources.num_gpus}
-    if spec.handler:  # ship the function's directory (its handler module) to whichever node runs it
-        options["runtime_env"] = {"working_dir": spec.base_dir}
-    return options
-
-
 @dataclass(frozen=True)
 class ReplicaCounts:
     running: int
@@ -57,7 +49,11 @@ class ServeBackend:
             name=DEPLOYMENT,
             autoscaling_config=autoscaling_config(scaling_config(spec), spec.name),
             max_ongoing_requests=2 * spec.target_concurrency,
-            ray_actor_options=_actor_options(spec),
+            # The handler module is imported from the function's directory on the replica's node
+            # (embedded: this machine; a cluster: a shared volume or the image). Serve's config
+            # path accepts only remote URIs for working_dir, so it is not shipped.
+            ray_actor_options={"num_cpus": spec.resources.num_cpus,
+                               "num_gpus": spec.resources.num_gpus},
             graceful_shutdown_timeout_s=5,
             health_check_period_s=5,
         )
