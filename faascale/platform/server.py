@@ -41,8 +41,6 @@ def replica_logs(function: str, tail: int) -> list[str]:
 
 def run(home: str | None, host: str, port: int, address: str | None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not address:  # embedded, loopback-only Ray: no token needed (read by Ray at import)
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import uvicorn
     from ray import serve
@@ -61,9 +59,9 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     registry = Registry(state.registry_db)
     if address:
         ray.init(address=address, namespace="faascale", log_to_driver=False)
-    else:  # embedded: a local Ray instance owned by this process, reachable from this host only
+    else:  # embedded: a local Ray instance owned by this process (Ray's token auth stays on)
         ray.init(address="local", namespace="faascale", include_dashboard=False,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
+                 log_to_driver=False)
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
     start_event_sink(state.registry_db)
