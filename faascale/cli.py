@@ -67,28 +67,10 @@ def pack(src: str = typer.Argument(..., help="bundled://NAME, random://NAME, a .
          seed: int = typer.Option(0, help="weights seed for random:// sources")) -> None:
     """Pack a model into blocks: manifest.json + tokenizer.json + one file per block."""
     from faascale.engine.checkpoint import read_manifest
-    from faascale.engine.config import parse_dtype
-    from faascale.engine.sources import resolve_packed
+    from faascale.engine.sources import pack_source
 
-    parse_dtype(dtype)
-    import shutil
-    import tempfile
-    from pathlib import Path
-
-    out_path = Path(out)
-    if out_path.exists() and any(out_path.iterdir()):
-        typer.echo(f"error: {out}: output directory is not empty", err=True)
-        raise typer.Exit(2)
-    with tempfile.TemporaryDirectory() as cache:
-        packed = resolve_packed(src, dtype=dtype, num_blocks=blocks, seed=seed, cache_dir=cache,
-                                progress=_progress("packing"))
-        if packed == Path(src):
-            typer.echo(f"error: {src} is already packed", err=True)
-            raise typer.Exit(2)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        if out_path.exists():
-            out_path.rmdir()
-        shutil.move(str(packed), out_path)
+    out_path = pack_source(src, out, dtype=dtype, num_blocks=blocks, seed=seed,
+                           progress=_progress("packing"))
     m = read_manifest(out_path)
     typer.echo(f"packed {m.name} ({m.config.num_layers} layers, {m.config.num_params() / 1e6:.1f}M "
                f"params, {m.dtype}) into {m.num_blocks} blocks, {m.total_bytes / 2**20:.1f} MiB: "

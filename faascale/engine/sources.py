@@ -79,6 +79,18 @@ def _packer(source: str, dtype: str, num_blocks: int, seed: int
                       "safetensors directory nor a .gguf file")
 
 
+def pack_source(source: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
+                num_blocks: int = 4, seed: int = 0,
+                progress: Callable[[int, int], None] | None = None) -> Path:
+    """Pack ``source`` into ``out_dir`` (absent or empty); raises SourceError if it is already a
+    packed model or cannot be packed."""
+    if is_packed(source):
+        raise SourceError(f"{source} is already a packed model")
+    _, pack = _packer(source, dtype, num_blocks, seed)
+    pack(Path(out_dir), progress)
+    return Path(out_dir)
+
+
 def resolve_packed(source: str, *, dtype: str = "float32", num_blocks: int = 4, seed: int = 0,
                    cache_dir: str | os.PathLike | None = None,
                    progress: Callable[[int, int], None] | None = None) -> Path:
