@@ -48,7 +48,10 @@ run: $(VENV)/.installed
 	@echo "  $(FAASCALE) status smollm2-135m     # replicas, scale events, cold starts"
 	@echo "  $(FAASCALE) down                    # stop the platform"
 
+# ensure-ceph.sh installs Ceph RGW (Debian's radosgw) for the real-S3 tests, once (as root, via apt);
+# without apt or root it says so and the tests that need it skip.
 test: $(VENV)/.installed-dev
+	bash scripts/ensure-ceph.sh
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev

@@ -311,6 +311,12 @@ def status(name: str) -> None:
     for e in s["cold_starts"][:5]:
         con.print(f"  cold start {e.get('total_s', 0):.2f} s (load {e.get('load_s', 0):.2f} s) "
                   f"replica {e.get('replica')}")
+    for node, stats in (s.get("nodes") or {}).items():
+        tiers = ", ".join(f"{t} {v['used_bytes'] / 2**20:.1f} MiB of "
+                          f"{v['capacity_bytes'] / 2**30:.0f} GiB ({v['blocks']} blocks)"
+                          for t, v in stats["tiers"].items())
+        hits = ", ".join(f"{t} {n}" for t, n in stats["hits"].items()) or "none"
+        con.print(f"node {node}: {tiers}; fetches by source: {hits}")
     if s.get("message"):
         con.print(f"message: {s['message']}")
 

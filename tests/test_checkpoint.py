@@ -167,3 +167,13 @@ def test_pack_hf_dir_errors(tmp_path: Path) -> None:
     (src / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         pack_hf_dir(src, tmp_path / "out", num_blocks=2)
+
+
+def test_corrupt_block_error_survives_pickling() -> None:
+    import pickle
+
+    from faascale.engine.checkpoint import BlockId
+
+    err = pickle.loads(pickle.dumps(CorruptBlockError(BlockId("m-1", 3), "sha256 mismatch")))
+    assert isinstance(err, CorruptBlockError) and err.block_id == BlockId("m-1", 3)
+    assert str(err) == "block 3 of model 'm-1' is corrupt: sha256 mismatch"

@@ -298,3 +298,24 @@ def test_handler_preprocesses_requests(platform: Platform) -> None:
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
         bad = h.post("/v1/functions/tiny-handler/invoke", json={"prompt": "forbidden words"})
         assert bad.status_code == 422 and "this prompt is not allowed" in bad.json()["error"]["message"]
+
+
+def test_retired_replica_leaves_its_model_warm_in_host(platform: Platform) -> None:
+    name = "tiny-warm"
+    doc = tiny_doc(name, keep_alive_s=2, downscale_delay_s=1)
+    doc["model"]["seed"] = 7  # weights no other test deploys: this node has never seen them
+    platform.deploy(doc)
+    invoke = {"prompt": "hi", "max_tokens": 2}
+    assert platform.http().post(f"/v1/functions/{name}/invoke", json=invoke).status_code == 200
+    first = platform.status(name)["cold_starts"][0]
+    assert first["sources"] == {"REMOTE": 4}  # a new node: every block from the object store
+    platform.wait_replicas(name, lambda r: r["running"] == 0 and r["starting"] == 0, 40)
+    assert platform.http().post(f"/v1/functions/{name}/invoke", json=invoke).status_code == 200
+    colds = platform.status(name)["cold_starts"]
+    assert len(colds) == 2 and colds[0]["sources"] == {"HOST": 4}  # demoted, then a HOST hit
+    cli = platform.cli("status", name)
+    assert re.search(r"node \w+: HOST [\d.]+ MiB of \d+ GiB \(\d+ blocks\), DISK", cli.stdout), cli.stdout
+    metrics = httpx.get(platform.url + "/metrics").text
+    host_hits = re.search(r'faascale_tier_hits{node="\w+",tier="HOST"} (\S+)', metrics)
+    assert host_hits and float(host_hits.group(1)) >= 4
+    assert re.search(r'faascale_tier_used_bytes{node="\w+",tier="HOST"} [1-9]', metrics)

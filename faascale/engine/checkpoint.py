@@ -43,8 +43,11 @@ class CorruptBlockError(CheckpointError):
     """A block's bytes do not match the manifest (checksum or size)."""
 
     def __init__(self, block_id: "BlockId", reason: str) -> None:
-        self.block_id = block_id
+        self.block_id, self.reason = block_id, reason
         super().__init__(f"block {block_id.index} of model {block_id.model_id!r} is corrupt: {reason}")
+
+    def __reduce__(self) -> tuple:  # Ray ships exceptions between processes
+        return (CorruptBlockError, (self.block_id, self.reason))
 
 
 @dataclass(frozen=True, order=True)

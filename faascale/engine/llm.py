@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +52,21 @@ class LLM:
         ``layer_splits`` (e.g. ``[8, 15, 23]``) cuts the model into a chain of layer ranges run one
         after another; by default it is one shard. Raises CheckpointError/CorruptBlockError.
         """
+        manifest = read_manifest(packed_dir)
+        return cls.from_blocks(manifest, read_tokenizer_json(packed_dir, manifest),
+                               [load_block(packed_dir, manifest, i, verify)
+                                for i in range(manifest.num_blocks)], cfg, layer_splits)
+
+    @classmethod
+    def from_blocks(cls, manifest: ModelManifest, tokenizer_json: str,
+                    blocks: Sequence[Mapping[str, torch.Tensor]], cfg: EngineConfig | None = None,
+                    layer_splits: Sequence[int] | None = None) -> "LLM":
+        """Build from block tensors already mapped (e.g. from a node's HOST tier)."""
         cfg = cfg or EngineConfig()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        manifest = read_manifest(packed_dir)
-        tokenizer = Tokenizer(read_tokenizer_json(packed_dir, manifest), manifest.tokenizer)
-        weights = merge_block_tensors(
-            [load_block(packed_dir, manifest, i, verify) for i in range(manifest.num_blocks)])
+        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)
+        weights = merge_block_tensors(blocks)
         bounds = [0, *(layer_splits or ()), manifest.config.num_layers]
         shards = [ModelShard(manifest.config, weights, a, b, cfg.torch_dtype)
                   for a, b in zip(bounds, bounds[1:])]

@@ -63,6 +63,7 @@ class GatewayContext:
     resolve_model: Callable[[Any], tuple[str, str]]  # FunctionSpec -> (packed dir, model id)
     report: Callable[[dict[str, Any]], None]  # scale intents to the events sink
     logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
+    tier_stats: Callable[[], dict[str, Any]] = dict  # node -> its block store's occupancy and hits
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.time
     max_body_bytes: int = MAX_BODY_BYTES
@@ -245,6 +246,12 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 up = int(data.get("to_replicas", 0)) > int(data.get("from_replicas", 0))
                 m.scale_events.labels(function, "up" if up else "down",
                                       str(data.get("reason", ""))).inc()
+        for node, stats in (await run_in_threadpool(ctx.tier_stats)).items():
+            for tier, t in stats["tiers"].items():
+                m.tier_bytes.labels(node, tier).set(t["used_bytes"])
+                m.tier_capacity.labels(node, tier).set(t["capacity_bytes"])
+            for tier, hits in stats["hits"].items():
+                m.tier_hits.labels(node, tier).set(hits)
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------ management
@@ -339,6 +346,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             "cold_starts": [e for e in events if e["kind"] == "cold_start"][:10],
             "gateway": {"in_flight": st.in_flight[record.name],
                         "waiting_first_token": st.waiting[record.name]},
+            "nodes": await run_in_threadpool(ctx.tier_stats),
         })
         return out
 

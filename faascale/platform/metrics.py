@@ -36,5 +36,12 @@ class Metrics:
         self.in_flight = Gauge("faascale_in_flight_requests", "Requests in flight at the gateway",
                                ["function"], registry=r)
 
+        self.tier_bytes = Gauge("faascale_tier_used_bytes", "Block bytes held per node and tier",
+                                ["node", "tier"], registry=r)
+        self.tier_capacity = Gauge("faascale_tier_capacity_bytes", "Tier capacity per node",
+                                   ["node", "tier"], registry=r)
+        self.tier_hits = Gauge("faascale_tier_hits", "Block fetches served per node and source "
+                               "tier, since the node's store started", ["node", "tier"], registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

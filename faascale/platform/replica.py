@@ -12,14 +12,19 @@ import importlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+from faascale.engine.checkpoint import block_tensors, read_manifest, read_tokenizer_json
 from faascale.engine.engine import PromptTooLongError
 from faascale.engine.llm import LLM
 from faascale.engine.loop import EngineLoop
 from faascale.engine.sampling import SamplingParams, SamplingParamsError
 from faascale.engine.tokenizer import ChatTemplateError
+from faascale.memory_tier.block_store import map_block
+from faascale.memory_tier.node import TierConfig, node_blocks_actor
 from faascale.platform import events
 from faascale.platform.spec import parse_function_spec
 
@@ -51,18 +56,40 @@ def _error(status: int, kind: str, message: str) -> dict[str, Any]:
 class FunctionReplica:
     """Loads the packed model at construction, then streams completions for the gateway."""
 
-    def __init__(self, spec_doc: dict[str, Any], base_dir: str, model_dir: str) -> None:
+    def __init__(self, spec_doc: dict[str, Any], base_dir: str, model_dir: str,
+                 tiers: dict[str, Any] | None = None) -> None:
         t0 = time.time()
         self.spec = parse_function_spec(spec_doc, base_dir)
         self.handler = load_handler(self.spec.handler, base_dir)
-        self.llm = LLM.load(model_dir, self.spec.engine_config())
+        self._node_blocks = None
+        if tiers:  # through the node's block store: HOST hits when the model is warm here
+            self.llm, sources = self._load_through_tiers(model_dir, TierConfig(**tiers))
+        else:
+            self.llm = LLM.load(model_dir, self.spec.engine_config())
+            sources = {"DISK": self.llm.manifest.num_blocks}
         t_loaded = time.time()
         self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
         self.replica_id = _replica_id()
         events.report({"function": self.spec.name, "kind": "cold_start", "at_s": time.time(),
                        "replica": self.replica_id, "load_s": t_loaded - t0,
                        "total_s": time.time() - t0, "model_id": self.llm.manifest.model_id,
-                       "bytes": self.llm.manifest.total_bytes, "pid": os.getpid()})
+                       "bytes": self.llm.manifest.total_bytes, "sources": sources,
+                       "pid": os.getpid()})
+
+    def _load_through_tiers(self, model_dir: str, tiers: TierConfig) -> tuple[LLM, dict[str, int]]:
+        import ray
+
+        manifest = read_manifest(model_dir)
+        prefix = os.path.relpath(model_dir, tiers.remote_uri)
+        self._node_blocks = node_blocks_actor(tiers)
+        placed = ray.get(self._node_blocks.fetch_model.remote(
+            manifest.to_json(), prefix, self.spec.scaling.keep_alive_s))
+        self._manifest_json = manifest.to_json()
+        blocks = [block_tensors(info, map_block(Path(path)))
+                  for info, (path, _) in zip(manifest.blocks, placed)]
+        llm = LLM.from_blocks(manifest, read_tokenizer_json(model_dir, manifest), blocks,
+                              self.spec.engine_config())
+        return llm, dict(Counter(source for _, source in placed))
 
     def info(self) -> dict[str, Any]:
         m = self.llm.manifest
@@ -108,9 +135,17 @@ class FunctionReplica:
                    "num_output_tokens": out.num_output_tokens}
 
     def __del__(self) -> None:
+        """Serve calls this on graceful shutdown: stop the engine, hand the blocks back to the
+        node's store, where they stay warm in HOST for the function's keep-alive."""
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout_s=1.0)
+        if getattr(self, "_node_blocks", None) is not None:
+            try:
+                self._node_blocks.release_model.remote(self._manifest_json,
+                                                       self.spec.scaling.keep_alive_s)
+            except Exception:  # Ray is shutting down: the store's sweep still expires them
+                pass
 
 
 def _replica_id() -> str:

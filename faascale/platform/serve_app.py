@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import serve
 
+from faascale.memory_tier.node import TierConfig
 from faascale.platform.autoscale import ScalingConfig
 from faascale.platform.registry import FunctionRecord
 from faascale.platform.replica import FunctionReplica
@@ -39,7 +40,12 @@ class ReplicaCounts:
 
 
 class ServeBackend:
-    """Deploys, updates and deletes functions as Serve applications named after the function."""
+    """Deploys, updates and deletes functions as Serve applications named after the function.
+
+    With ``tiers``, replicas load through their node's block store (HOST/DISK/REMOTE)."""
+
+    def __init__(self, tiers: TierConfig | None = None) -> None:
+        self.tiers = tiers
 
     def deploy(self, record: FunctionRecord) -> None:
         """Create or update the function's application; returns once Serve accepted it (with
@@ -57,7 +63,8 @@ class ServeBackend:
             graceful_shutdown_timeout_s=5,
             health_check_period_s=5,
         )
-        app = deployment.bind(spec.to_document(), spec.base_dir, record.model_dir)
+        app = deployment.bind(spec.to_document(), spec.base_dir, record.model_dir,
+                              self.tiers.to_dict() if self.tiers else None)
         serve.run(app, name=spec.name, route_prefix=None)
 
     def delete(self, name: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -47,6 +48,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
 
     from faascale.engine.checkpoint import read_manifest
     from faascale.engine.sources import resolve_packed
+    from faascale.memory_tier.node import TierConfig, all_node_stats
     from faascale.platform.auth import load_or_create_tokens
     from faascale.platform.events import report, start_event_sink
     from faascale.platform.gateway import GatewayContext, create_app
@@ -65,7 +67,8 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
     start_event_sink(state.registry_db)
-    backend = ServeBackend()
+    tiers = TierConfig.for_state_dir(state.root, state.objects)
+    backend = ServeBackend(tiers)
     for record in registry.list():
         try:
             backend.deploy(record)
@@ -81,7 +84,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
 
     app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
                                     resolve_model=resolve_model, report=report,
-                                    logs=replica_logs))
+                                    logs=replica_logs, tier_stats=all_node_stats))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
                                       object_store=str(state.objects),
@@ -96,6 +99,8 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+            # The HOST tier lives in shared memory (RAM): do not leave it behind the platform.
+            shutil.rmtree(tiers.host_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -1,0 +1,120 @@
+"""The node's block store as a Ray actor: every replica on a node fetches its blocks through it.
+
+One named actor per node (``faascale-blocks-<node id>``), pinned to that node, holding the node's
+:class:`BlockStore`. A replica asks for its model, gets back the HOST (or DISK) file of every
+block and maps them itself (zero-copy, shared by all replicas of the node); when it retires it
+releases them, and they stay warm in HOST for the function's keep-alive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from faascale.engine.checkpoint import ModelManifest
+from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
+
+log = logging.getLogger(__name__)
+NAMESPACE = "faascale"
+SWEEP_INTERVAL_S = 30.0
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Where a node keeps blocks, and how much. Paths are per node (every node has its own)."""
+
+    host_dir: str
+    disk_dir: str
+    remote_uri: str  # the object store holding packed models (a directory or s3://bucket/prefix)
+    host_capacity_bytes: int = 4 << 30
+    disk_capacity_bytes: int = 32 << 30
+
+    @classmethod
+    def for_state_dir(cls, state_root: Path, objects: Path) -> "TierConfig":
+        """HOST under /dev/shm (one directory per platform), DISK and REMOTE under the state dir."""
+        tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:10]
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else state_root / "shm"
+        return cls(str(shm / f"faascale-{tag}"), str(state_root / "cache" / "blocks"), str(objects))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class NodeBlocks:
+    """The actor body. Methods take and return plain data (JSON manifests, paths)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from faascale.memory_tier.object_store import open_store
+
+        self.config = TierConfig(**config)
+        self._prefix: dict[str, str] = {}
+        remote = RemoteBlocks(open_store(self.config.remote_uri), lambda m: self._prefix[m.model_id])
+        self.store = BlockStore(Path(self.config.host_dir), Path(self.config.disk_dir),
+                                self.config.host_capacity_bytes, self.config.disk_capacity_bytes,
+                                remote)
+        threading.Thread(target=self._sweep_forever, name="tier-sweep", daemon=True).start()
+
+    def _sweep_forever(self) -> None:
+        while True:  # free HOST blocks whose keep-alive ran out; the actor's life bounds this
+            time.sleep(SWEEP_INTERVAL_S)
+            try:
+                self.store.sweep()
+            except Exception:
+                log.exception("tier sweep failed")
+
+    def fetch_model(self, manifest_json: str, prefix: str, keep_alive_s: float
+                    ) -> list[tuple[str, str]]:
+        """Make every block local; ``[(path, source tier name)]`` in block order. Pins them."""
+        manifest = ModelManifest.from_json(manifest_json)
+        self._prefix[manifest.model_id] = prefix
+        out = []
+        for i in range(manifest.num_blocks):
+            r = self.store.fetch(manifest, i, keep_alive_s)
+            out.append((str(r.path), r.source.name))
+        return out
+
+    def release_model(self, manifest_json: str, keep_alive_s: float) -> None:
+        """A replica retired: unpin its blocks, keep them warm for ``keep_alive_s``."""
+        self.store.demote(ModelManifest.from_json(manifest_json), keep_alive_s)
+
+    def sweep(self) -> int:
+        return len(self.store.sweep())
+
+    def stats(self) -> dict[str, Any]:
+        s = self.store.stats()
+        return {"tiers": {k: asdict(v) for k, v in s.tiers.items()}, "hits": s.hits,
+                "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions}
+
+
+def node_blocks_actor(config: TierConfig) -> Any:
+    """This node's NodeBlocks actor, created on first use."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return ray.remote(NodeBlocks).options(
+        name=f"faascale-blocks-{node[:16]}", namespace=NAMESPACE, get_if_exists=True,
+        lifetime="detached", num_cpus=0, max_concurrency=16,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+    ).remote(config.to_dict())
+
+
+def all_node_stats(timeout_s: float = 2.0) -> dict[str, dict[str, Any]]:
+    """Stats of every node's block store, by actor name (nodes that do not answer are skipped)."""
+    import ray
+
+    handles = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"] if isinstance(entry, dict) else entry
+        namespace = entry.get("namespace") if isinstance(entry, dict) else NAMESPACE
+        if name.startswith("faascale-blocks-") and namespace == NAMESPACE:
+            handles[name.removeprefix("faascale-blocks-")] = ray.get_actor(name, namespace=NAMESPACE)
+    refs = {node: h.stats.remote() for node, h in handles.items()}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    ready_set = set(ready)
+    return {node: ray.get(ref) for node, ref in refs.items() if ref in ready_set}

@@ -1,0 +1,178 @@
+"""The tiered block store: keep-alive and eviction on a fake clock, integrity, races, tier full."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from faascale.engine.checkpoint import BlockId, CorruptBlockError, read_manifest
+from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
+from faascale.memory_tier.object_store import LocalDirStore, upload_packed
+from faascale.memory_tier.policy import (Resident, Tier, TierFullError, choose_evictions,
+                                         eviction_order)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def r(name: str, size: int = 100, used: float = 0.0, until: float = 1e9, pinned: bool = False,
+      refetch: float = 1.0) -> Resident:
+    return Resident(BlockId(name, 0), size, used, until, pinned, refetch)
+
+
+# ----------------------------------------------------------------------------- pure policy
+
+def test_eviction_prefers_expired_then_cheap_then_least_recent() -> None:
+    now = 50.0
+    residents = [r("fresh-expensive", refetch=9.0, used=1), r("fresh-cheap", refetch=1.0, used=2),
+                 r("fresh-cheap-older", refetch=1.0, used=1), r("expired", until=10, refetch=9.0),
+                 r("pinned", pinned=True, until=0)]
+    order = [x.block.model_id for x in eviction_order(residents, now)]
+    assert order == ["expired", "fresh-cheap-older", "fresh-cheap", "fresh-expensive"]
+
+
+def test_choose_evictions_frees_just_enough() -> None:
+    residents = [r("a", used=1), r("b", used=2), r("c", used=3)]
+    assert choose_evictions(Tier.HOST, residents, 400, 100, 0) == []  # 100 free already
+    assert [b.model_id for b in choose_evictions(Tier.HOST, residents, 300, 150, 0)] == ["a", "b"]
+
+
+def test_pinned_blocks_are_never_evicted() -> None:
+    residents = [r("a", pinned=True), r("b", pinned=True), r("c")]
+    with pytest.raises(TierFullError, match="HOST tier is full: need 250 bytes, 100 free after "
+                                            r"evicting everything unpinned \(200 bytes pinned\)"):
+        choose_evictions(Tier.HOST, residents, 300, 250, 0)
+
+
+# ----------------------------------------------------------------------------- the store
+
+class CountingStore(LocalDirStore):
+    """A real local object store that counts whole-object reads (to see single-flight)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.reads = 0
+        self._count_lock = threading.Lock()
+
+    def get_into(self, key: str, buffer: memoryview) -> int:
+        with self._count_lock:
+            self.reads += 1
+        return super().get_into(key, buffer)
+
+
+@pytest.fixture()
+def remote(tiny_packed: Path, tmp_path: Path) -> tuple[CountingStore, RemoteBlocks]:
+    store = CountingStore(tmp_path / "remote")
+    manifest = read_manifest(tiny_packed)
+    upload_packed(store, tiny_packed, f"models/{manifest.model_id}")
+    return store, RemoteBlocks(store, lambda m: f"models/{m.model_id}")
+
+
+def make_store(tmp_path: Path, remote: RemoteBlocks, clock: Clock, host_bytes: int = 1 << 30,
+               disk_bytes: int = 1 << 30) -> BlockStore:
+    return BlockStore(tmp_path / "shm", tmp_path / "disk", host_bytes, disk_bytes, remote, clock)
+
+
+def test_fetch_from_remote_then_host_hits(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    counting, blocks = remote
+    m = read_manifest(tiny_packed)
+    store = make_store(tmp_path, blocks, Clock())
+    first = store.fetch(m, 1)
+    assert first.source is Tier.REMOTE and store.lookup(m.block_id(1)) is Tier.HOST
+    assert first.path.read_bytes() == (tiny_packed / m.blocks[1].file).read_bytes()
+    again = store.fetch(m, 1)
+    assert again.source is Tier.HOST and counting.reads == 1
+    stats = store.stats()
+    assert stats.hits == {"REMOTE": 1, "HOST": 1}
+    assert stats.tiers["HOST"].used_bytes == stats.tiers["DISK"].used_bytes == m.blocks[1].size_bytes
+
+
+def test_corrupt_disk_copy_is_dropped_and_refetched(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    counting, blocks = remote
+    m = read_manifest(tiny_packed)
+    clock = Clock()
+    store = make_store(tmp_path, blocks, clock)
+    store.fetch(m, 2, pin=False)
+    assert store.evict(m.block_id(2), Tier.HOST)  # now only DISK (and REMOTE) hold it
+    disk_file = tmp_path / "disk" / m.model_id / "block-0002.bin"
+    data = bytearray(disk_file.read_bytes())
+    data[100] ^= 0xFF
+    disk_file.write_bytes(bytes(data))
+    got = store.fetch(m, 2)
+    assert got.source is Tier.REMOTE and store.stats().corrupt_dropped == 1
+    assert got.path.read_bytes() == (tiny_packed / m.blocks[2].file).read_bytes()
+    assert disk_file.read_bytes() == got.path.read_bytes()  # DISK holds a good copy again
+    assert counting.reads == 2
+
+
+def test_corrupt_remote_copy_is_an_error_not_a_model(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    counting, blocks = remote
+    m = read_manifest(tiny_packed)
+    key = f"models/{m.model_id}/{m.blocks[0].file}"
+    counting.put(key, b"\0" * m.blocks[0].size_bytes)
+    store = make_store(tmp_path, blocks, Clock())
+    with pytest.raises(CorruptBlockError, match="block 0"):
+        store.fetch(m, 0)
+    assert store.lookup(m.block_id(0)) is None  # nothing corrupt was cached
+
+
+def test_racing_replicas_cause_one_fetch(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    counting, blocks = remote
+    m = read_manifest(tiny_packed)
+    store = make_store(tmp_path, blocks, Clock())
+    barrier = threading.Barrier(8)
+    results = []
+
+    def replica() -> None:
+        barrier.wait()
+        results.append(store.fetch(m, 3))
+
+    threads = [threading.Thread(target=replica) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counting.reads == 1 and len({x.path for x in results}) == 1 and len(results) == 8
+
+
+def test_keep_alive_and_sweep_on_a_fake_clock(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    _, blocks = remote
+    m = read_manifest(tiny_packed)
+    clock = Clock()
+    store = make_store(tmp_path, blocks, clock)
+    for i in range(m.num_blocks):
+        store.fetch(m, i)
+    store.demote(m, keep_alive_s=10)  # the replica retired: unpinned, warm for 10 s
+    clock.now_s += 5
+    assert store.sweep() == []
+    clock.now_s += 295  # past the fetch's default keep-alive (300 s) too
+    gone = store.sweep()
+    assert sorted(gone) == [m.block_id(i) for i in range(m.num_blocks)]
+    assert all(store.lookup(m.block_id(i)) is Tier.DISK for i in range(m.num_blocks))
+    assert store.fetch(m, 0).source is Tier.DISK
+
+
+def test_full_host_tier_evicts_or_falls_back_to_disk(tmp_path: Path, tiny_packed: Path, remote) -> None:
+    _, blocks = remote
+    m = read_manifest(tiny_packed)
+    sizes = [b.size_bytes for b in m.blocks]
+    clock = Clock()
+    store = make_store(tmp_path, blocks, clock, host_bytes=sizes[0] + sizes[1])
+    store.fetch(m, 0)  # pinned
+    store.fetch(m, 1, pin=False)
+    clock.now_s += 1
+    third = store.fetch(m, 2)  # evicts the unpinned block 1, not the pinned block 0
+    assert store.lookup(m.block_id(1)) is Tier.DISK and store.lookup(m.block_id(0)) is Tier.HOST
+    assert sizes[2] == sizes[1] and third.path.is_relative_to(tmp_path / "shm")
+    # HOST holds only pinned blocks and block 3 (with the LM head) is bigger than any of them:
+    # it is served from DISK, never a crash.
+    fourth = store.fetch(m, 3)
+    assert fourth.path.is_relative_to(tmp_path / "disk")
+    assert fourth.path.read_bytes() == (tiny_packed / m.blocks[3].file).read_bytes()
