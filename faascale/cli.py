@@ -261,13 +261,17 @@ def deploy(path: str = typer.Argument(..., help="a function directory (function.
 
     spec = load_function_spec(path)
     client = _client()
-    info = _state().read_platform()
+    # Pack locally first (a progress bar for what can take a while); the platform reuses this
+    # packing and uploads it to its object store. s3:// sources are already packed.
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total} blocks"), TimeElapsedColumn(), transient=True) as progress:
-        task = progress.add_task(f"packing {spec.name} into the object store", total=spec.model.blocks)
-        resolve_packed(spec.resolved_source(), dtype=spec.model.dtype, num_blocks=spec.model.blocks,
-                       seed=spec.model.seed, cache_dir=Path(info.object_store) / "models",
-                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+        if not spec.model.source.startswith("s3://"):
+            task = progress.add_task(f"packing {spec.name}", total=spec.model.blocks)
+            resolve_packed(spec.resolved_source(), dtype=spec.model.dtype,
+                           num_blocks=spec.model.blocks, seed=spec.model.seed,
+                           cache_dir=_state().models,
+                           progress=lambda done, total: progress.update(task, completed=done,
+                                                                        total=total))
     status = client.deploy(spec.to_document(), spec.base_dir)
     typer.echo(f"deployed {status['name']} (model {status['model_id']}, replicas "
                f"{status['replicas']['min']}..{status['replicas']['max']})")

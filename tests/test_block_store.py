@@ -72,7 +72,7 @@ def remote(tiny_packed: Path, tmp_path: Path) -> tuple[CountingStore, RemoteBloc
     store = CountingStore(tmp_path / "remote")
     manifest = read_manifest(tiny_packed)
     upload_packed(store, tiny_packed, f"models/{manifest.model_id}")
-    return store, RemoteBlocks(store, lambda m: f"models/{m.model_id}")
+    return store, RemoteBlocks(lambda m: (store, f"models/{m.model_id}"))
 
 
 def make_store(tmp_path: Path, remote: RemoteBlocks, clock: Clock, host_bytes: int = 1 << 30,

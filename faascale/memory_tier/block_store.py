@@ -27,14 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class RemoteBlocks:
-    """Where REMOTE blocks come from: an object store holding packed models under a prefix."""
+    """Where REMOTE blocks come from: ``locate(manifest) -> (object store, key prefix)``."""
 
-    def __init__(self, store: object, prefix_of: Callable[[ModelManifest], str]) -> None:
-        self.store, self.prefix_of = store, prefix_of
+    def __init__(self, locate: Callable[[ModelManifest], tuple[object, str]]) -> None:
+        self.locate = locate
 
     def read_into(self, manifest: ModelManifest, index: int, buffer: memoryview) -> None:
-        key = f"{self.prefix_of(manifest).rstrip('/')}/{manifest.blocks[index].file}"
-        self.store.get_into(key, buffer)  # type: ignore[attr-defined]
+        store, prefix = self.locate(manifest)
+        store.get_into(f"{prefix.rstrip('/')}/{manifest.blocks[index].file}", buffer)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -24,22 +24,34 @@ NAMESPACE = "faascale"
 SWEEP_INTERVAL_S = 30.0
 
 
+def split_location(location: str) -> tuple[str, str]:
+    """A packed model's location -> (object store URI, key prefix).
+
+    ``s3://bucket/models/m`` -> ``("s3://bucket", "models/m")``; a local directory
+    ``/x/objects/models/m`` -> ``("/x/objects/models", "m")``.
+    """
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        return f"s3://{bucket}", prefix.strip("/")
+    path = Path(location.removeprefix("file://"))
+    return str(path.parent), path.name
+
+
 @dataclass(frozen=True)
 class TierConfig:
     """Where a node keeps blocks, and how much. Paths are per node (every node has its own)."""
 
     host_dir: str
     disk_dir: str
-    remote_uri: str  # the object store holding packed models (a directory or s3://bucket/prefix)
     host_capacity_bytes: int = 4 << 30
     disk_capacity_bytes: int = 32 << 30
 
     @classmethod
-    def for_state_dir(cls, state_root: Path, objects: Path) -> "TierConfig":
-        """HOST under /dev/shm (one directory per platform), DISK and REMOTE under the state dir."""
+    def for_state_dir(cls, state_root: Path) -> "TierConfig":
+        """HOST under /dev/shm (one directory per platform), DISK under the state dir."""
         tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:10]
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else state_root / "shm"
-        return cls(str(shm / f"faascale-{tag}"), str(state_root / "cache" / "blocks"), str(objects))
+        return cls(str(shm / f"faascale-{tag}"), str(state_root / "cache" / "blocks"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -49,11 +61,10 @@ class NodeBlocks:
     """The actor body. Methods take and return plain data (JSON manifests, paths)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from faascale.memory_tier.object_store import open_store
-
         self.config = TierConfig(**config)
-        self._prefix: dict[str, str] = {}
-        remote = RemoteBlocks(open_store(self.config.remote_uri), lambda m: self._prefix[m.model_id])
+        self._location: dict[str, str] = {}  # model id -> where its packed blocks live
+        self._stores: dict[str, Any] = {}  # store URI -> open object store (connections reused)
+        remote = RemoteBlocks(self._locate)
         self.store = BlockStore(Path(self.config.host_dir), Path(self.config.disk_dir),
                                 self.config.host_capacity_bytes, self.config.disk_capacity_bytes,
                                 remote)
@@ -67,11 +78,20 @@ class NodeBlocks:
             except Exception:
                 log.exception("tier sweep failed")
 
-    def fetch_model(self, manifest_json: str, prefix: str, keep_alive_s: float
+    def _locate(self, manifest: ModelManifest) -> tuple[Any, str]:
+        from faascale.memory_tier.object_store import open_store
+
+        store_uri, prefix = split_location(self._location[manifest.model_id])
+        if store_uri not in self._stores:
+            self._stores[store_uri] = open_store(store_uri)
+        return self._stores[store_uri], prefix
+
+    def fetch_model(self, manifest_json: str, location: str, keep_alive_s: float
                     ) -> list[tuple[str, str]]:
-        """Make every block local; ``[(path, source tier name)]`` in block order. Pins them."""
+        """Make every block of the model at ``location`` local; ``[(path, source tier name)]`` in
+        block order. Pins them. Raises the store's errors and CorruptBlockError."""
         manifest = ModelManifest.from_json(manifest_json)
-        self._prefix[manifest.model_id] = prefix
+        self._location[manifest.model_id] = location
         out = []
         for i in range(manifest.num_blocks):
             r = self.store.fetch(manifest, i, keep_alive_s)

@@ -812,6 +812,18 @@ def _remote_size(store: ObjectStore, key: str) -> int | None:
         return None
 
 
+def read_packed_metadata(store: ObjectStore, key_prefix: str) -> tuple[ModelManifest, str]:
+    """The manifest and the verified ``tokenizer.json`` text of the packed model under
+    ``key_prefix`` (two small GETs; the blocks are fetched by the node's block store). Raises
+    ObjectNotFound if there is no model there and CheckpointError for a corrupt tokenizer."""
+    manifest = ModelManifest.from_json(store.get(_key(key_prefix, MANIFEST_FILE)).decode())
+    data = store.get(_key(key_prefix, manifest.tokenizer.file))
+    if hashlib.sha256(data).hexdigest() != manifest.tokenizer.sha256:
+        raise CheckpointError(f"{store.uri}/{_key(key_prefix, manifest.tokenizer.file)}: "
+                              "tokenizer checksum does not match the manifest (corrupt)")
+    return manifest, data.decode()
+
+
 def upload_packed(store: ObjectStore, packed_dir: Path, key_prefix: str,
                   progress: Callable[[int, int], None] | None = None) -> ModelManifest:
     """Upload a packed model under ``key_prefix``: tokenizer, blocks, then ``manifest.json`` last.

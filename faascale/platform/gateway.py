@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from faascale.engine.checkpoint import CheckpointError
+from faascale.memory_tier.object_store import StoreError, StoreUnavailable
 from faascale.platform import openai_api as oa
 from faascale.platform.auth import Role, Tokens, bearer
 from faascale.platform.metrics import Metrics
@@ -271,7 +273,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             raise ApiError(422, str(exc), "invalid_spec") from None
         try:
             model_dir, model_id = await run_in_threadpool(ctx.resolve_model, spec)
-        except (ValueError, OSError) as exc:  # SourceError, CheckpointError, ConfigError...
+        except StoreUnavailable as exc:  # the object store is down: retry later, not a bad spec
+            raise ApiError(503, f"model: {exc}", "store_unavailable", {"Retry-After": "5"}) from None
+        except (ValueError, OSError, StoreError, CheckpointError) as exc:  # bad or missing model
             raise ApiError(422, f"model: {exc}", "invalid_model") from None
         existed = await run_in_threadpool(ctx.registry.get, spec.name) is not None
         now = ctx.clock()

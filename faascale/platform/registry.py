@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,          -- the FunctionSpec document (JSON)
     base_dir TEXT NOT NULL,      -- where relative paths (handler module) resolve
-    model_dir TEXT NOT NULL,     -- the packed model the replicas load
+    model_dir TEXT NOT NULL,     -- where the packed model lives: a directory or s3://bucket/prefix
     model_id TEXT NOT NULL,
     created_s REAL NOT NULL,
     updated_s REAL NOT NULL

@@ -17,14 +17,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from faascale.engine.checkpoint import block_tensors, read_manifest, read_tokenizer_json
+from faascale.engine.checkpoint import block_tensors
 from faascale.engine.engine import PromptTooLongError
 from faascale.engine.llm import LLM
 from faascale.engine.loop import EngineLoop
 from faascale.engine.sampling import SamplingParams, SamplingParamsError
 from faascale.engine.tokenizer import ChatTemplateError
 from faascale.memory_tier.block_store import map_block
-from faascale.memory_tier.node import TierConfig, node_blocks_actor
+from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
+from faascale.memory_tier.object_store import open_store, read_packed_metadata
 from faascale.platform import events
 from faascale.platform.spec import parse_function_spec
 
@@ -76,19 +77,18 @@ class FunctionReplica:
                        "bytes": self.llm.manifest.total_bytes, "sources": sources,
                        "pid": os.getpid()})
 
-    def _load_through_tiers(self, model_dir: str, tiers: TierConfig) -> tuple[LLM, dict[str, int]]:
+    def _load_through_tiers(self, location: str, tiers: TierConfig) -> tuple[LLM, dict[str, int]]:
         import ray
 
-        manifest = read_manifest(model_dir)
-        prefix = os.path.relpath(model_dir, tiers.remote_uri)
+        store_uri, prefix = split_location(location)
+        manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
         self._node_blocks = node_blocks_actor(tiers)
         placed = ray.get(self._node_blocks.fetch_model.remote(
-            manifest.to_json(), prefix, self.spec.scaling.keep_alive_s))
+            manifest.to_json(), location, self.spec.scaling.keep_alive_s))
         self._manifest_json = manifest.to_json()
         blocks = [block_tensors(info, map_block(Path(path)))
                   for info, (path, _) in zip(manifest.blocks, placed)]
-        llm = LLM.from_blocks(manifest, read_tokenizer_json(model_dir, manifest), blocks,
-                              self.spec.engine_config())
+        llm = LLM.from_blocks(manifest, tokenizer_json, blocks, self.spec.engine_config())
         return llm, dict(Counter(source for _, source in placed))
 
     def info(self) -> dict[str, Any]:

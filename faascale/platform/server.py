@@ -48,7 +48,8 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
 
     from faascale.engine.checkpoint import read_manifest
     from faascale.engine.sources import resolve_packed
-    from faascale.memory_tier.node import TierConfig, all_node_stats
+    from faascale.memory_tier.node import TierConfig, all_node_stats, split_location
+    from faascale.memory_tier.object_store import open_store, read_packed_metadata, upload_packed
     from faascale.platform.auth import load_or_create_tokens
     from faascale.platform.events import report, start_event_sink
     from faascale.platform.gateway import GatewayContext, create_app
@@ -67,7 +68,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
     start_event_sink(state.registry_db)
-    tiers = TierConfig.for_state_dir(state.root, state.objects)
+    tiers = TierConfig.for_state_dir(state.root)
     backend = ServeBackend(tiers)
     for record in registry.list():
         try:
@@ -76,18 +77,32 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
         except Exception:
             log.exception("could not restore function %s", record.name)
 
+    bucket = os.environ.get("FAASCALE_S3_BUCKET")
+
     def resolve_model(spec: Any) -> tuple[str, str]:
-        packed = resolve_packed(spec.resolved_source(), dtype=spec.model.dtype,
-                                num_blocks=spec.model.blocks, seed=spec.model.seed,
-                                cache_dir=state.models)
-        return str(packed), read_manifest(packed).model_id
+        """Where the function's packed model lives for replicas: an ``s3://`` source as is; else
+        packed once locally, then uploaded to S3 when the platform stores models there."""
+        source = spec.resolved_source()
+        if source.startswith("s3://"):
+            store_uri, prefix = split_location(source)
+            manifest, _ = read_packed_metadata(open_store(store_uri), prefix)
+            return source, manifest.model_id
+        packed = resolve_packed(source, dtype=spec.model.dtype, num_blocks=spec.model.blocks,
+                                seed=spec.model.seed, cache_dir=state.models)
+        manifest = read_manifest(packed)
+        if not bucket:
+            return str(packed), manifest.model_id
+        key_prefix = f"models/{packed.name}"
+        upload_packed(open_store(f"s3://{bucket}"), packed, key_prefix)  # resumable, manifest last
+        return f"s3://{bucket}/{key_prefix}", manifest.model_id
 
     app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
                                     resolve_model=resolve_model, report=report,
                                     logs=replica_logs, tier_stats=all_node_stats))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
-                                      object_store=str(state.objects),
+                                      object_store=(f"s3://{bucket}" if bucket
+                                                    else str(state.objects)),
                                       ray_address=ray.get_runtime_context().gcs_address,
                                       started_s=time.time()))
     try:

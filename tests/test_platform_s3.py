@@ -1,0 +1,67 @@
+"""The platform with S3 (a real Ceph RGW) as its object store: deploy uploads the packed model,
+replicas fetch their blocks from S3 through their node's block store, s3:// sources deploy as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_platform import Platform, free_port, tiny_doc
+
+pytestmark = pytest.mark.slow
+BUCKET = "faascale-models"
+
+
+@pytest.fixture(scope="module")
+def s3_platform(ceph_rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=ceph_rgw.endpoint, region_name=ceph_rgw.region,
+                      aws_access_key_id=ceph_rgw.access_key,
+                      aws_secret_access_key=ceph_rgw.secret_key)
+    s3.create_bucket(Bucket=BUCKET)
+    p = Platform(tmp_path_factory.mktemp("faascale-s3-home"), free_port())
+    p.env.update({"FAASCALE_S3_ENDPOINT": ceph_rgw.endpoint, "FAASCALE_S3_BUCKET": BUCKET,
+                  "AWS_ACCESS_KEY_ID": ceph_rgw.access_key,
+                  "AWS_SECRET_ACCESS_KEY": ceph_rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"})
+    r = p.cli("up", "--port", str(p.port), timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield p, s3
+    p.cli("down", timeout=120)
+
+
+def test_deploy_uploads_to_s3_and_replicas_load_from_it(s3_platform: Any) -> None:
+    p, s3 = s3_platform
+    r = p.cli("deploy", "functions/tiny-llama")
+    assert r.returncode == 0, r.stderr
+    status = p.status("tiny-llama")
+    location = status["model_dir"]
+    assert location.startswith(f"s3://{BUCKET}/models/tiny-llama-")
+    prefix = location.removeprefix(f"s3://{BUCKET}/")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert {f"{prefix}/manifest.json", f"{prefix}/tokenizer.json",
+            f"{prefix}/block-0003.bin"} <= keys
+    out = p.http().post("/v1/functions/tiny-llama/invoke", json={"prompt": "hi", "max_tokens": 3})
+    assert out.status_code == 200, out.text
+    cold = p.status("tiny-llama")["cold_starts"][0]
+    assert cold["sources"] == {"REMOTE": 4}  # every block came from S3
+
+    # A function whose source is the packed model already in S3 deploys without packing, and on
+    # this node (which now holds the model warm) starts from HOST.
+    doc = tiny_doc("from-s3")
+    doc["model"] = {"source": location, "blocks": 4}
+    p.deploy(doc)
+    assert p.status("from-s3")["model_dir"] == location
+    out = p.http().post("/v1/functions/from-s3/invoke", json={"prompt": "hi", "max_tokens": 3})
+    assert out.status_code == 200, out.text
+    assert p.status("from-s3")["cold_starts"][0]["sources"] == {"HOST": 4}
+
+
+def test_missing_s3_model_is_a_clear_422(s3_platform: Any) -> None:
+    p, _ = s3_platform
+    doc = tiny_doc("nowhere")
+    doc["model"] = {"source": f"s3://{BUCKET}/models/does-not-exist", "blocks": 4}
+    r = p.http("admin").post("/v1/functions", json={**doc, "base_dir": str(Path.cwd())})
+    assert r.status_code == 422 and "does-not-exist" in r.json()["error"]["message"]
