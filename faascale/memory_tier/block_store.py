@@ -177,7 +177,7 @@ class BlockStore:
         data: bytearray | None = None
         source = Tier.DISK
         if self.lookup(block) is Tier.DISK:
-            data = bytearray(self._path(Tier.DISK, block).read_bytes())
+            data = _read_file(self._path(Tier.DISK, block), size)
             try:
                 verify_block(manifest, index, data)
             except CorruptBlockError as exc:
@@ -282,6 +282,17 @@ class BlockStore:
                 self._drop(Tier.HOST, block)
             self.evictions += len(gone)
         return gone
+
+
+def _read_file(path: Path, size_bytes: int) -> bytearray:
+    """The file's bytes in one preallocated buffer (readinto: no second copy, no resize).
+    A file of another size is returned as read, and the checksum check reports it."""
+    data = bytearray(size_bytes)
+    with open(path, "rb", buffering=0) as f:
+        n = f.readinto(data)
+        if n != size_bytes or f.read(1):
+            return bytearray(path.read_bytes())
+    return data
 
 
 def map_block(path: Path) -> mmap.mmap:
