@@ -493,7 +493,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 return sse(events())
             text, last = await collect(stream)
             return {"function": name, "text": text, "finish_reason": last.get("finish_reason"),
-                    "usage": oa.usage(last.get("num_prompt_tokens", 0), last.get("num_output_tokens", 0))}
+                    "usage": oa.usage_of(last)}
 
         return await guarded("invoke", name, run)
 
@@ -521,20 +521,17 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             stream = await chunks(name, payload)
             rid = oa.new_id("cmpl")
             if body.stream:
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
                 async def events() -> AsyncIterator[dict[str, Any]]:
                     async for c in stream:
                         finish = oa.openai_finish(c["finish_reason"]) if c["finished"] else None
                         yield oa.completion_chunk(rid, name, c["text"], finish)
-                        if c["finished"] and include_usage:
+                        if c["finished"] and body.include_usage:
                             yield oa.usage_chunk(rid, name, "text_completion",
-                                                 oa.usage(c["num_prompt_tokens"], c["num_output_tokens"]))
+                                                 oa.usage_of(c))
                 return sse(events())
             text, last = await collect(stream)
             return oa.completion_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
-                                          oa.usage(last.get("num_prompt_tokens", 0),
-                                                   last.get("num_output_tokens", 0)))
+                                          oa.usage_of(last))
 
         return await guarded("completions", name, run)
 
@@ -556,8 +553,6 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             stream = await chunks(name, {"messages": messages, "params": params})
             rid = oa.new_id("chatcmpl")
             if body.stream:
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
                 async def events() -> AsyncIterator[dict[str, Any]]:
                     yield oa.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
                     async for c in stream:
@@ -565,14 +560,13 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                             yield oa.chat_chunk(rid, name, {"content": c["text"]}, None)
                         if c["finished"]:
                             yield oa.chat_chunk(rid, name, {}, oa.openai_finish(c["finish_reason"]))
-                            if include_usage:
+                            if body.include_usage:
                                 yield oa.usage_chunk(rid, name, "chat.completion.chunk",
-                                                     oa.usage(c["num_prompt_tokens"], c["num_output_tokens"]))
+                                                     oa.usage_of(c))
                 return sse(events())
             text, last = await collect(stream)
             return oa.chat_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
-                                    oa.usage(last.get("num_prompt_tokens", 0),
-                                             last.get("num_output_tokens", 0)))
+                                    oa.usage_of(last))
 
         return await guarded("chat", name, run)
 

@@ -71,6 +71,10 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     stream_options: StreamOptions | None = None
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
@@ -104,6 +108,10 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -140,6 +148,11 @@ def new_id(prefix: str) -> str:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_of(chunk: dict[str, Any]) -> dict[str, int]:
+    """The usage block for a replica's final chunk (zeros for an empty stream)."""
+    return usage(chunk.get("num_prompt_tokens", 0), chunk.get("num_output_tokens", 0))
 
 
 def completion_response(rid: str, model: str, text: str, finish: str | None,
