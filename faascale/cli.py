@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Optional
 

@@ -11,7 +11,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from faascale.engine.engine import Engine, StepOutput
@@ -168,12 +168,3 @@ class EngineLoop:
             stream._put(EngineFailure(f"request {rid} failed: {exc}"))
         self._streams.clear()  # the engine's abort records are emitted next step, to no one
 
-
-def collect(stream: RequestStream, on_text: Callable[[str], None] | None = None) -> list[StepOutput]:
-    """Iterate a sync stream to the end, optionally printing text as it arrives."""
-    outs = []
-    for out in stream:
-        outs.append(out)
-        if on_text and out.text:
-            on_text(out.text)
-    return outs

@@ -221,7 +221,7 @@ class ModelShard:
         Returns hidden states [b, T, hidden], or fp32 logits [b, vocab] for each sequence's last
         token from the last shard ([b, T, vocab] with ``all_logits``).
         """
-        b, t = batch.batch_size, batch.num_tokens
+        t = batch.num_tokens
         starts = torch.tensor(batch.start_positions, dtype=torch.long)
         positions = starts[:, None] + torch.arange(t)[None, :]
         h = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
