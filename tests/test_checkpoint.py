@@ -85,10 +85,35 @@ def test_one_corrupt_byte_is_caught_naming_the_block(tiny_packed: Path, tmp_path
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptBlockError, match=r"block 2 of model 'tiny-llama-\w+' is corrupt: sha256") as err:
+    with pytest.raises(CorruptBlockError, match=r"block 2 of model 'tiny-llama-\w+' is corrupt: checksum blake3:") as err:
         LLM.load(bad)
     assert err.value.block_id.index == 2
     load_block(bad, m, 1)  # the other blocks are fine
+
+
+def test_format_1_manifests_with_sha256_still_load_and_verify(tiny_packed: Path, tmp_path: Path) -> None:
+    """Models packed before blake3 (format 1: bare sha256 fields) keep working, checks included."""
+    import hashlib
+    import json
+
+    old = tmp_path / "v1"
+    shutil.copytree(tiny_packed, old)
+    d = json.loads((old / "manifest.json").read_text())
+    d["format_version"] = 1
+    for entry in [d["tokenizer"], *d["blocks"]]:
+        del entry["checksum"]
+        entry["sha256"] = hashlib.sha256((old / entry["file"]).read_bytes()).hexdigest()
+    (old / "manifest.json").write_text(json.dumps(d))
+    m = read_manifest(old)
+    assert m.blocks[0].checksum.startswith("sha256:")
+    p = SamplingParams(max_tokens=6, temperature=0)
+    assert LLM.load(old).generate("hi", p)[0].token_ids == LLM.load(tiny_packed).generate("hi", p)[0].token_ids
+    path = old / m.blocks[1].file
+    data = bytearray(path.read_bytes())
+    data[7] ^= 0x80
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBlockError, match="block 1 .*checksum sha256:"):
+        LLM.load(old)
 
 
 def test_truncated_and_missing_blocks(tiny_packed: Path, tmp_path: Path) -> None:

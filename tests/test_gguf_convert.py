@@ -73,7 +73,7 @@ def test_packed_manifest_matches_smollm2_and_every_block_verifies(packed, source
     assert manifest.tokenizer.eos_token_ids == (2,)
 
     for i, info in enumerate(manifest.blocks):
-        tensors = load_block(out, manifest, i, verify=True)  # sha256 of every block
+        tensors = load_block(out, manifest, i, verify=True)  # checksum of every block
         assert set(tensors) == set(info.tensors)
         assert all(t.dtype == torch.float32 for t in tensors.values())
     first, last = load_block(out, manifest, 0), load_block(out, manifest, NUM_BLOCKS - 1)

@@ -18,7 +18,6 @@ both directions, so its presence means "complete model".
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import mmap
 import os
@@ -36,7 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from faascale.engine.checkpoint import (MANIFEST_FILE, CheckpointError, CorruptBlockError,
-                                        ModelManifest, is_packed, read_manifest, verify_block)
+                                        ModelManifest, is_packed, read_manifest, verify_block,
+                                        verify_tokenizer)
 
 MiB = 1 << 20
 S3_ENDPOINT_ENV = "FAASCALE_S3_ENDPOINT"
@@ -817,11 +817,8 @@ def read_packed_metadata(store: ObjectStore, key_prefix: str) -> tuple[ModelMani
     ``key_prefix`` (two small GETs; the blocks are fetched by the node's block store). Raises
     ObjectNotFound if there is no model there and CheckpointError for a corrupt tokenizer."""
     manifest = ModelManifest.from_json(store.get(_key(key_prefix, MANIFEST_FILE)).decode())
-    data = store.get(_key(key_prefix, manifest.tokenizer.file))
-    if hashlib.sha256(data).hexdigest() != manifest.tokenizer.sha256:
-        raise CheckpointError(f"{store.uri}/{_key(key_prefix, manifest.tokenizer.file)}: "
-                              "tokenizer checksum does not match the manifest (corrupt)")
-    return manifest, data.decode()
+    key = _key(key_prefix, manifest.tokenizer.file)
+    return manifest, verify_tokenizer(manifest, store.get(key), f"{store.uri}/{key}")
 
 
 def upload_packed(store: ObjectStore, packed_dir: Path, key_prefix: str,
@@ -839,8 +836,9 @@ def upload_packed(store: ObjectStore, packed_dir: Path, key_prefix: str,
     manifest = read_manifest(packed_dir)
     manifest_text = (packed_dir / MANIFEST_FILE).read_text()
     tok_path = packed_dir / manifest.tokenizer.file
-    if not tok_path.is_file() or hashlib.sha256(tok_path.read_bytes()).hexdigest() != manifest.tokenizer.sha256:
-        raise CheckpointError(f"{tok_path}: tokenizer missing or its checksum does not match the manifest")
+    if not tok_path.is_file():
+        raise CheckpointError(f"{tok_path}: tokenizer file is missing")
+    verify_tokenizer(manifest, tok_path.read_bytes(), str(tok_path))
     for b in manifest.blocks:
         path = packed_dir / b.file
         if not path.is_file():
@@ -929,7 +927,7 @@ def download_packed(store: ObjectStore, key_prefix: str, dest_dir: Path,
                     max_parallel_blocks: int = 4) -> Path:
     """Download the packed model under ``key_prefix`` into ``dest_dir``, verified; returns ``dest_dir``.
 
-    Files land in a temp directory beside ``dest_dir`` (same filesystem), every block's sha256 and
+    Files land in a temp directory beside ``dest_dir`` (same filesystem), every block's checksum and
     the tokenizer's checksum are checked, and only then is the directory renamed into place: on
     any error (CorruptBlockError for a corrupt or truncated block, CheckpointError for a bad
     tokenizer or manifest, StoreError from the store) nothing is left at ``dest_dir``. If
@@ -953,9 +951,7 @@ def download_packed(store: ObjectStore, key_prefix: str, dest_dir: Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         tok = store.get(_key(key_prefix, manifest.tokenizer.file))
-        if hashlib.sha256(tok).hexdigest() != manifest.tokenizer.sha256:
-            raise CheckpointError(f"{_key(key_prefix, manifest.tokenizer.file)} in {store.uri}: "
-                                  f"tokenizer checksum does not match the manifest (corrupt)")
+        verify_tokenizer(manifest, tok, f"{_key(key_prefix, manifest.tokenizer.file)} in {store.uri}")
         (tmp / manifest.tokenizer.file).write_bytes(tok)
         _download_blocks(store, manifest, key_prefix, tmp, progress, max_parallel_blocks)
         (tmp / MANIFEST_FILE).write_text(manifest_text)  # last: its presence = complete model
@@ -984,7 +980,7 @@ def _holds_model(dest: Path, manifest: ModelManifest) -> bool:
 def _download_blocks(store: ObjectStore, manifest: ModelManifest, key_prefix: str, tmp: Path,
                      progress: Callable[[int, int], None] | None, max_parallel_blocks: int) -> None:
     # A few blocks at once keep the store's part pool full across block boundaries (and overlap
-    # one block's sha256 with the next one's transfer); the S3 part pool bounds total requests.
+    # one block's checksum with the next one's transfer); the S3 part pool bounds total requests.
     workers = max(1, min(max_parallel_blocks, manifest.num_blocks))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="download-block")
     try:
