@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from faascale.engine.checkpoint import BlockId, CorruptBlockError, read_manifest
+from faascale.memory_tier import block_store
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 from faascale.memory_tier.object_store import LocalDirStore, upload_packed
 from faascale.memory_tier.policy import (Resident, Tier, TierFullError, choose_evictions,
@@ -89,6 +90,7 @@ def test_fetch_from_remote_then_host_hits(tmp_path: Path, tiny_packed: Path, rem
     assert first.path.read_bytes() == (tiny_packed / m.blocks[1].file).read_bytes()
     again = store.fetch(m, 1)
     assert again.source is Tier.HOST and counting.reads == 1
+    store.wait_idle()  # the DISK copy is written behind the load
     stats = store.stats()
     assert stats.hits == {"REMOTE": 1, "HOST": 1}
     assert stats.tiers["HOST"].used_bytes == stats.tiers["DISK"].used_bytes == m.blocks[1].size_bytes
@@ -100,6 +102,7 @@ def test_corrupt_disk_copy_is_dropped_and_refetched(tmp_path: Path, tiny_packed:
     clock = Clock()
     store = make_store(tmp_path, blocks, clock)
     store.fetch(m, 2, pin=False)
+    store.wait_idle()
     assert store.evict(m.block_id(2), Tier.HOST)  # now only DISK (and REMOTE) hold it
     disk_file = tmp_path / "disk" / m.model_id / "block-0002.bin"
     data = bytearray(disk_file.read_bytes())
@@ -108,6 +111,7 @@ def test_corrupt_disk_copy_is_dropped_and_refetched(tmp_path: Path, tiny_packed:
     got = store.fetch(m, 2)
     assert got.source is Tier.REMOTE and store.stats().corrupt_dropped == 1
     assert got.path.read_bytes() == (tiny_packed / m.blocks[2].file).read_bytes()
+    store.wait_idle()
     assert disk_file.read_bytes() == got.path.read_bytes()  # DISK holds a good copy again
     assert counting.reads == 2
 
@@ -149,6 +153,7 @@ def test_keep_alive_and_sweep_on_a_fake_clock(tmp_path: Path, tiny_packed: Path,
     store = make_store(tmp_path, blocks, clock)
     for i in range(m.num_blocks):
         store.fetch(m, i)
+    store.wait_idle()
     store.demote(m, keep_alive_s=10)  # the replica retired: unpinned, warm for 10 s
     clock.now_s += 5
     assert store.sweep() == []
@@ -156,7 +161,10 @@ def test_keep_alive_and_sweep_on_a_fake_clock(tmp_path: Path, tiny_packed: Path,
     gone = store.sweep()
     assert sorted(gone) == [m.block_id(i) for i in range(m.num_blocks)]
     assert all(store.lookup(m.block_id(i)) is Tier.DISK for i in range(m.num_blocks))
-    assert store.fetch(m, 0).source is Tier.DISK
+    disk_hit = store.fetch(m, 0)
+    assert disk_hit.source is Tier.DISK and disk_hit.path.is_relative_to(tmp_path / "disk")
+    store.wait_idle()  # a DISK hit is copied back up to HOST behind the load
+    assert store.lookup(m.block_id(0)) is Tier.HOST and store.fetch(m, 0).source is Tier.HOST
 
 
 def test_full_host_tier_evicts_or_falls_back_to_disk(tmp_path: Path, tiny_packed: Path, remote) -> None:
@@ -167,8 +175,10 @@ def test_full_host_tier_evicts_or_falls_back_to_disk(tmp_path: Path, tiny_packed
     store = make_store(tmp_path, blocks, clock, host_bytes=sizes[0] + sizes[1])
     store.fetch(m, 0)  # pinned
     store.fetch(m, 1, pin=False)
+    store.wait_idle()  # until its DISK copy exists, a HOST block is not evictable (else lost)
     clock.now_s += 1
     third = store.fetch(m, 2)  # evicts the unpinned block 1, not the pinned block 0
+    store.wait_idle()
     assert store.lookup(m.block_id(1)) is Tier.DISK and store.lookup(m.block_id(0)) is Tier.HOST
     assert sizes[2] == sizes[1] and third.path.is_relative_to(tmp_path / "shm")
     # HOST holds only pinned blocks and block 3 (with the LM head) is bigger than any of them:
@@ -176,3 +186,29 @@ def test_full_host_tier_evicts_or_falls_back_to_disk(tmp_path: Path, tiny_packed
     fourth = store.fetch(m, 3)
     assert fourth.path.is_relative_to(tmp_path / "disk")
     assert fourth.path.read_bytes() == (tiny_packed / m.blocks[3].file).read_bytes()
+
+
+def test_a_block_is_not_evicted_while_its_only_other_copy_is_being_written(
+        tmp_path: Path, tiny_packed: Path, remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, blocks = remote
+    m = read_manifest(tiny_packed)
+    gate = threading.Event()
+    real_copy = block_store.shutil.copyfile
+
+    def held_copy(src: Path, dst: Path) -> object:
+        assert gate.wait(10)
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(block_store.shutil, "copyfile", held_copy)
+    store = make_store(tmp_path, blocks, Clock(), host_bytes=m.blocks[1].size_bytes)
+    store.fetch(m, 1, pin=False)  # in HOST, unpinned; its DISK copy waits at the gate
+    assert not store.evict(m.block_id(1), Tier.HOST)
+    second = store.fetch(m, 2)  # HOST is full of a block being copied: lands in DISK instead
+    assert second.path.is_relative_to(tmp_path / "disk")
+    assert second.path.read_bytes() == (tiny_packed / m.blocks[2].file).read_bytes()
+    gate.set()
+    store.wait_idle()
+    assert (tmp_path / "disk" / m.model_id / m.blocks[1].file).read_bytes() == \
+        (tiny_packed / m.blocks[1].file).read_bytes()
+    assert store.evict(m.block_id(1), Tier.HOST)  # now it has a DISK copy: evictable
+    assert store.lookup(m.block_id(1)) is Tier.DISK

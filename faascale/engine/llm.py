@@ -58,14 +58,17 @@ class LLM:
                                 for i in range(manifest.num_blocks)], cfg, layer_splits)
 
     @classmethod
-    def from_blocks(cls, manifest: ModelManifest, tokenizer_json: str,
+    def from_blocks(cls, manifest: ModelManifest, tokenizer_json: str | Tokenizer,
                     blocks: Sequence[Mapping[str, torch.Tensor]], cfg: EngineConfig | None = None,
                     layer_splits: Sequence[int] | None = None) -> "LLM":
-        """Build from block tensors already mapped (e.g. from a node's HOST tier)."""
+        """Build from block tensors already mapped (e.g. from a node's HOST tier). The tokenizer
+        comes as ``tokenizer.json`` text or already parsed (parsing SmolLM2's takes ~0.12 s, so
+        a caller may parse it while the blocks are still being fetched)."""
         cfg = cfg or EngineConfig()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)
+        tokenizer = (tokenizer_json if isinstance(tokenizer_json, Tokenizer)
+                     else Tokenizer(tokenizer_json, manifest.tokenizer))
         weights = merge_block_tensors(blocks)
         bounds = [0, *(layer_splits or ()), manifest.config.num_layers]
         shards = [ModelShard(manifest.config, weights, a, b, cfg.torch_dtype)

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,6 @@ class NodeBlocks:
         self._location: dict[str, str] = {}  # model id -> where its packed blocks live
         self._stores: dict[str, Any] = {}  # store URI -> open object store (connections reused)
         remote = RemoteBlocks(self._locate)
-        self._pool = ThreadPoolExecutor(FETCH_PARALLEL_BLOCKS, thread_name_prefix="fetch")
         self.store = BlockStore(Path(self.config.host_dir), Path(self.config.disk_dir),
                                 self.config.host_capacity_bytes, self.config.disk_capacity_bytes,
                                 remote)
@@ -95,10 +93,7 @@ class NodeBlocks:
         block order. Pins them. Raises the store's errors and CorruptBlockError."""
         manifest = ModelManifest.from_json(manifest_json)
         self._location[manifest.model_id] = location
-        # Blocks in flight together: network waits overlap with checksums and tier writes
-        # (benchmarks/tiers.py: 4 in flight cut a 1 GB REMOTE load from 4.6 s to 3.1 s).
-        results = list(self._pool.map(lambda i: self.store.fetch(manifest, i, keep_alive_s),
-                                      range(manifest.num_blocks)))
+        results = self.store.fetch_model(manifest, keep_alive_s, FETCH_PARALLEL_BLOCKS)
         return [(str(r.path), r.source.name) for r in results]
 
     def release_model(self, manifest_json: str, keep_alive_s: float) -> None:
