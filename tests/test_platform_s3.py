@@ -1,13 +1,18 @@
 """The platform with S3 (a real Ceph RGW) as its object store: deploy uploads the packed model,
-replicas fetch their blocks from S3 through their node's block store, s3:// sources deploy as is."""
+replicas fetch their blocks from S3 through their node's block store, s3:// sources deploy as is;
+S3 going down while the platform runs is a clear 503, no partial model, and it recovers."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 
+from faascale.memory_tier.node import TierConfig
+from support import TcpProxy
 from test_platform import Platform, free_port, tiny_doc
 
 pytestmark = pytest.mark.slow
@@ -22,14 +27,21 @@ def s3_platform(ceph_rgw: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
                       aws_access_key_id=ceph_rgw.access_key,
                       aws_secret_access_key=ceph_rgw.secret_key)
     s3.create_bucket(Bucket=BUCKET)
+    # The platform reaches RGW through a proxy the tests can cut: S3 "goes down" for the
+    # platform only, not for the other tests sharing the session's RGW.
+    url = urlparse(ceph_rgw.endpoint)
+    proxy = TcpProxy((url.hostname, url.port))
+    proxy.up()
     p = Platform(tmp_path_factory.mktemp("faascale-s3-home"), free_port())
-    p.env.update({"FAASCALE_S3_ENDPOINT": ceph_rgw.endpoint, "FAASCALE_S3_BUCKET": BUCKET,
+    p.proxy = proxy
+    p.env.update({"FAASCALE_S3_ENDPOINT": proxy.endpoint, "FAASCALE_S3_BUCKET": BUCKET,
                   "AWS_ACCESS_KEY_ID": ceph_rgw.access_key,
                   "AWS_SECRET_ACCESS_KEY": ceph_rgw.secret_key, "AWS_DEFAULT_REGION": "us-east-1"})
     r = p.cli("up", "--port", str(p.port), timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     yield p, s3
     p.cli("down", timeout=120)
+    proxy.down()
 
 
 def test_deploy_uploads_to_s3_and_replicas_load_from_it(s3_platform: Any) -> None:
@@ -65,3 +77,38 @@ def test_missing_s3_model_is_a_clear_422(s3_platform: Any) -> None:
     doc["model"] = {"source": f"s3://{BUCKET}/models/does-not-exist", "blocks": 4}
     r = p.http("admin").post("/v1/functions", json={**doc, "base_dir": str(Path.cwd())})
     assert r.status_code == 422 and "does-not-exist" in r.json()["error"]["message"]
+
+
+def test_s3_down_is_a_clear_503_without_a_partial_model_and_recovers(s3_platform: Any) -> None:
+    p, _ = s3_platform
+    doc = tiny_doc("s3-down")
+    doc["model"] = {"source": "random://tiny-llama", "seed": 7, "blocks": 4}  # not on this node yet
+    p.deploy(doc)  # packed and uploaded while S3 is up
+    model_id = p.status("s3-down")["model_dir"].rstrip("/").rsplit("/", 1)[1]
+    tiers = TierConfig.for_state_dir(p.home)
+    p.proxy.down()
+    try:
+        t0 = time.monotonic()
+        r = p.http().post("/v1/functions/s3-down/invoke", json={"prompt": "hi", "max_tokens": 3})
+        waited_s = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["type"] == "start_failed" and "StoreUnavailable" in error["message"], error
+        assert r.headers["Retry-After"] == "5"
+        assert waited_s < 120, waited_s  # the replica's reason, not the 180 s cold-start timeout
+        # No partial model anywhere: no block (or half-written temp file) of it in any tier.
+        for tier_dir in (tiers.host_dir, tiers.disk_dir):
+            leftovers = list((Path(tier_dir) / model_id).glob("*")) if (Path(tier_dir) / model_id).exists() else []
+            assert leftovers == [], leftovers
+        assert p.status("s3-down")["start_failures"], "the failure is in the function's status"
+    finally:
+        p.proxy.up()
+    # S3 is back: Serve retries the replica, which loads every block from S3 and serves.
+    deadline = time.monotonic() + 180
+    while True:
+        r = p.http().post("/v1/functions/s3-down/invoke", json={"prompt": "hi", "max_tokens": 3})
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(2)
+    assert p.status("s3-down")["cold_starts"][0]["sources"] == {"REMOTE": 4}

@@ -85,6 +85,8 @@ class _State:
         self.zero_intent_at: dict[str, float] = {}
         self.records: dict[str, FunctionRecord] = {}
         self.last_event_id = 0
+        self.start_failures: dict[str, tuple[float, str]] = {}  # function -> (at_s, error), newest
+        self.last_failure_id = 0
         self._refresher: asyncio.Task[None] | None = None
 
     def record(self, name: str) -> FunctionRecord:
@@ -114,7 +116,18 @@ class _State:
     async def _refresh_forever(self) -> None:
         while True:
             await self.refresh_counts()
+            try:
+                await self.refresh_start_failures()
+            except Exception as exc:
+                log.warning("start failures unavailable: %s", exc)
             await asyncio.sleep(self.ctx.counts_refresh_s)
+
+    async def refresh_start_failures(self) -> None:
+        """The newest replica start failure of every function (replicas report them)."""
+        for i, function, _, data in await run_in_threadpool(
+                self.ctx.registry.events_since, self.last_failure_id, ("start_failed",)):
+            self.last_failure_id = i
+            self.start_failures[function] = (float(data.get("at_s", 0.0)), str(data.get("error", "")))
 
     async def refresh_counts(self, force: bool = False) -> dict[str, Any]:
         now = time.monotonic()
@@ -348,6 +361,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             "model_dir": record.model_dir,
             "scale_events": [e for e in events if e["kind"] == "scale_intent"][:10],
             "cold_starts": [e for e in events if e["kind"] == "cold_start"][:10],
+            "start_failures": [e for e in events if e["kind"] == "start_failed"][:5],
             "gateway": {"in_flight": st.in_flight[record.name],
                         "waiting_first_token": st.waiting[record.name]},
             "nodes": await run_in_threadpool(ctx.tier_stats),
@@ -367,12 +381,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         m.queue.labels(name).set(st.waiting[name])
         gen = st.handle(name).generate.remote(payload)
         try:
-            first = await asyncio.wait_for(gen.__anext__(), timeout=spec.scaling.cold_start_timeout_s)
-        except asyncio.TimeoutError:
-            gen.cancel()
-            raise ApiError(503, f"function {name!r} did not produce a token within "
-                           f"{spec.scaling.cold_start_timeout_s:.0f} s (cold start timeout)",
-                           "unavailable", {"Retry-After": "5"}) from None
+            first = await _first_item(name, gen, spec.scaling.cold_start_timeout_s)
         except StopAsyncIteration:
             raise ApiError(502, f"function {name!r} ended the stream without output",
                            "bad_gateway") from None
@@ -383,6 +392,31 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             e = first["error"]
             raise ApiError(int(e.get("status", 400)), str(e.get("message")), str(e.get("type")))
         return first, gen
+
+    async def _first_item(name: str, gen: Any, timeout_s: float) -> dict[str, Any]:
+        """The stream's first item, waiting at most ``timeout_s``. A replica start that failed
+        after this request arrived, with no replica running, ends the wait early with its
+        reason (Serve keeps retrying the start; the client retries after Retry-After)."""
+        since_s, deadline = time.time(), time.monotonic() + timeout_s
+        pending = asyncio.ensure_future(gen.__anext__())
+        while True:
+            left = deadline - time.monotonic()
+            done, _ = await asyncio.wait({pending}, timeout=max(0.0, min(1.0, left)))
+            if done:
+                return pending.result()
+            failure = st.start_failures.get(name)
+            counts = st.counts.get(name)
+            if failure and failure[0] >= since_s and not (counts and counts.running):
+                pending.cancel()
+                gen.cancel()
+                raise ApiError(503, f"function {name!r}: its replica failed to start: {failure[1]}",
+                               "start_failed", {"Retry-After": "5"})
+            if left <= 0:
+                pending.cancel()
+                gen.cancel()
+                raise ApiError(503, f"function {name!r} did not produce a token within "
+                               f"{timeout_s:.0f} s (cold start timeout)", "unavailable",
+                               {"Retry-After": "5"})
 
     async def _scale_from_zero(name: str) -> None:
         """Serve does not call custom policies from zero: raise the intent here, once per burst."""

@@ -119,12 +119,13 @@ class Registry:
         return [{"kind": k, "at_s": at, **json.loads(d)} for k, d, at in rows]
 
     def events_since(self, after_id: int, kinds: tuple[str, ...] = ()) -> list[tuple[int, str, str, dict[str, Any]]]:
-        """Events with id > ``after_id`` (oldest first): ``(id, function, kind, data)``."""
-        query = "SELECT id, function, kind, data FROM events WHERE id > ?"
+        """Events with id > ``after_id`` (oldest first): ``(id, function, kind, data)``; ``data``
+        carries the event's ``at_s``, as in ``events``."""
+        query = "SELECT id, function, kind, data, at_s FROM events WHERE id > ?"
         args: list[Any] = [after_id]
         if kinds:
             query += f" AND kind IN ({', '.join('?' * len(kinds))})"
             args.extend(kinds)
         with self._db() as db:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
-        return [(i, f, k, json.loads(d)) for i, f, k, d in rows]
+        return [(i, f, k, {"at_s": at, **json.loads(d)}) for i, f, k, d, at in rows]

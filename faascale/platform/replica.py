@@ -22,7 +22,7 @@ from faascale.engine.engine import PromptTooLongError
 from faascale.engine.llm import LLM
 from faascale.engine.loop import EngineLoop
 from faascale.engine.sampling import SamplingParams, SamplingParamsError
-from faascale.engine.tokenizer import ChatTemplateError
+from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
 from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
 from faascale.memory_tier.object_store import open_store, read_packed_metadata
@@ -63,11 +63,18 @@ class FunctionReplica:
         self.spec = parse_function_spec(spec_doc, base_dir)
         self.handler = load_handler(self.spec.handler, base_dir)
         self._node_blocks = None
-        if tiers:  # through the node's block store: HOST hits when the model is warm here
-            self.llm, sources = self._load_through_tiers(model_dir, TierConfig(**tiers))
-        else:
-            self.llm = LLM.load(model_dir, self.spec.engine_config())
-            sources = {"DISK": self.llm.manifest.num_blocks}
+        try:
+            if tiers:  # through the node's block store: HOST hits when the model is warm here
+                self.llm, sources = self._load_through_tiers(model_dir, TierConfig(**tiers))
+            else:
+                self.llm = LLM.load(model_dir, self.spec.engine_config())
+                sources = {"DISK": self.llm.manifest.num_blocks}
+        except Exception as exc:
+            # Serve retries the start; the gateway answers waiting requests with this reason
+            # instead of holding them until the cold-start timeout.
+            events.report({"function": self.spec.name, "kind": "start_failed", "at_s": time.time(),
+                           "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()})
+            raise
         t_loaded = time.time()
         self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
         self.replica_id = _replica_id()
@@ -83,12 +90,14 @@ class FunctionReplica:
         store_uri, prefix = split_location(location)
         manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
         self._node_blocks = node_blocks_actor(tiers)
-        placed = ray.get(self._node_blocks.fetch_model.remote(
-            manifest.to_json(), location, self.spec.scaling.keep_alive_s))
+        placing = self._node_blocks.fetch_model.remote(
+            manifest.to_json(), location, self.spec.scaling.keep_alive_s)
+        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while blocks arrive
+        placed = ray.get(placing)
         self._manifest_json = manifest.to_json()
         blocks = [block_tensors(info, map_block(Path(path)))
                   for info, (path, _) in zip(manifest.blocks, placed)]
-        llm = LLM.from_blocks(manifest, tokenizer_json, blocks, self.spec.engine_config())
+        llm = LLM.from_blocks(manifest, tokenizer, blocks, self.spec.engine_config())
         return llm, dict(Counter(source for _, source in placed))
 
     def info(self) -> dict[str, Any]:
