@@ -78,7 +78,7 @@ def test_smollm2_round_trip_through_rgw(ceph_rgw, smollm2_packed: Path, smollm2_
         dest = download_packed(store, "smollm2-135m", tmp_path / "smollm2")
 
     assert read_manifest(dest) == read_manifest(smollm2_packed)
-    copy = LLM.load(dest)  # verifies every block's sha256
+    copy = LLM.load(dest)  # verifies every block's checksum
     assert copy.cfg == smollm2_llm.cfg
     ours = copy.generate(PROMPT, GREEDY)[0]
     original = smollm2_llm.generate(PROMPT, GREEDY)[0]
@@ -116,3 +116,39 @@ def test_missing_bucket_raises_bucket_not_found(ceph_rgw, tmp_path: Path) -> Non
     with _store(ceph_rgw, _new_bucket(ceph_rgw, "empty")) as store:  # a bucket, but no such key
         with pytest.raises(ObjectNotFound):
             store.get("k")
+
+
+def test_generate_runs_a_function_whose_model_is_in_s3(ceph_rgw, tiny_packed: Path, tmp_path: Path) -> None:
+    """`faascale generate` with an s3:// source: downloaded once (verified) into the model cache,
+    same tokens as the local model; a missing model is one `error:` line and exit 2."""
+    import subprocess
+    import sys
+
+    bucket = _new_bucket(ceph_rgw, "gen")
+    with _store(ceph_rgw, bucket) as store:
+        upload_packed(store, tiny_packed, "models/tiny")
+    env = {**os.environ, "FAASCALE_HOME": str(tmp_path / "home"),
+           "FAASCALE_S3_ENDPOINT": ceph_rgw.endpoint, "AWS_ACCESS_KEY_ID": ceph_rgw.access_key,
+           "AWS_SECRET_ACCESS_KEY": ceph_rgw.secret_key, "AWS_DEFAULT_REGION": ceph_rgw.region}
+
+    def generate(source: str) -> subprocess.CompletedProcess[bytes]:
+        fn = tmp_path / f"fn-{uuid.uuid4().hex[:6]}"
+        fn.mkdir()
+        (fn / "function.yaml").write_text(f"name: from-s3\nmodel:\n  source: {source}\n  blocks: 4\n")
+        return subprocess.run([sys.executable, "-m", "faascale.cli", "generate", str(fn), "hello",
+                               "--temperature", "0", "--max-tokens", "12"], env=env,
+                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    r = generate(f"s3://{bucket}/models/tiny")
+    assert r.returncode == 0, r.stderr
+    expected = LLM.load(tiny_packed).generate("hello", SamplingParams(max_tokens=12, temperature=0))[0]
+    assert r.stdout.decode() == expected.text + "\n"  # bytes: the noise may hold a bare \r
+    cached = tmp_path / "home" / "models" / read_manifest(tiny_packed).model_id
+    assert read_manifest(cached) == read_manifest(tiny_packed)  # content-addressed cache
+    again = generate(f"s3://{bucket}/models/tiny")  # from the cache; same answer
+    assert again.returncode == 0 and again.stdout == r.stdout
+
+    missing = generate(f"s3://{bucket}/models/nothing-here")
+    err = missing.stderr.decode()
+    assert missing.returncode == 2 and err.startswith("error: model.source: s3://"), err
+    assert "Traceback" not in err

@@ -79,6 +79,25 @@ def _packer(source: str, dtype: str, num_blocks: int, seed: int
                       "safetensors directory nor a .gguf file")
 
 
+def _download_s3(uri: str, root: Path, progress: Callable[[int, int], None] | None) -> Path:
+    """A packed model in S3 (``s3://bucket/prefix``), downloaded once into ``root/<model id>``
+    (verified, atomic: see ``download_packed``). Content-addressed: a model replaced under the
+    same URI is a new download, never a stale cache. Store errors become SourceError."""
+    from faascale.engine.checkpoint import MANIFEST_FILE, ModelManifest
+    from faascale.memory_tier.object_store import StoreError, download_packed, open_store
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.strip("/")
+    if not bucket or not prefix:
+        raise SourceError(f"model.source: {uri} must be s3://bucket/prefix of a packed model")
+    try:
+        with open_store(f"s3://{bucket}") as store:
+            manifest = ModelManifest.from_json(store.get(f"{prefix}/{MANIFEST_FILE}").decode())
+            return download_packed(store, prefix, root / manifest.model_id, progress)
+    except StoreError as exc:
+        raise SourceError(f"model.source: {uri}: {exc}") from None
+
+
 def pack_source(source: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 num_blocks: int = 4, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> Path:
@@ -101,8 +120,10 @@ def resolve_packed(source: str, *, dtype: str = "float32", num_blocks: int = 4, 
     """
     if is_packed(source):
         return Path(source)
-    name, pack = _packer(source, dtype, num_blocks, seed)
     root = Path(cache_dir) if cache_dir else faascale_home() / "models"
+    if source.startswith("s3://"):
+        return _download_s3(source, root, progress)
+    name, pack = _packer(source, dtype, num_blocks, seed)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}-{dtype}-b{num_blocks}-{_fingerprint(source, dtype, num_blocks, seed)}"
     if is_packed(target):
