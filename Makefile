@@ -49,9 +49,12 @@ run: $(VENV)/.installed
 	@echo "  $(FAASCALE) down                    # stop the platform"
 
 # ensure-ceph.sh installs Ceph RGW (Debian's radosgw) for the real-S3 tests, once (as root, via apt);
-# without apt or root it says so and the tests that need it skip.
+# without apt or root it says so and the tests that need it skip. iproute2 (ip, tc) builds the
+# emulated multi-host cluster (scripts/netns-cluster.sh) for the PipeCast tests.
 test: $(VENV)/.installed-dev
 	bash scripts/ensure-ceph.sh
+	@command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed-dev
