@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from faascale.engine.config import EngineConfig
-from faascale.engine.engine import DuplicateRequestError, PromptTooLongError
+from faascale.engine.engine import DuplicateRequestError, PromptTooLongError, ShardChain
 from faascale.engine.llm import LLM
 from faascale.engine.loop import EngineLoop
 from faascale.engine.sampling import SamplingParams, SamplingParamsError
@@ -145,6 +146,35 @@ def test_resumed_request_continues_where_it_left_off(tiny: LLM) -> None:
     while engine.has_unfinished():
         rest += [o.token_id for o in engine.step() if o.token_id is not None]
     assert tuple(full[:7]) + tuple(rest[:len(full) - 7]) == full
+
+
+def test_switch_runner_mid_generation_changes_no_token(tiny_packed: Path) -> None:
+    """Three requests (seeded sampling and greedy) start on a 2-stage chain; after 5 steps the
+    engine switches to the whole model: every request ends with exactly its unbroken tokens."""
+    cfg = EngineConfig(max_batch_size=4, max_seq_len=96)
+    split = LLM.load(tiny_packed, cfg, layer_splits=[3])
+    whole = LLM.load(tiny_packed, cfg)
+    params = [SamplingParams(max_tokens=16, temperature=0.9, seed=7, ignore_eos=True), GREEDY,
+              SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=1, ignore_eos=True)]
+    prompts = ["hello", "The quick brown fox", "zz"]
+    expected = [whole.generate(p, sp)[0].token_ids for p, sp in zip(prompts, params)]
+    engine = split.new_engine()
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", split.tokenizer.encode(p), sp)
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
+    for step in range(40):
+        if step == 5:
+            assert sorted(engine.switch_runner(whole.new_engine().runner)) == ["r0", "r1", "r2"]
+        for o in engine.step():
+            if o.token_id is not None:
+                got[o.request_id].append(o.token_id)
+        if not engine.has_unfinished():
+            break
+    assert [tuple(got[f"r{i}"]) for i in range(3)] == [tuple(e) for e in expected]
+    other_model = ShardChain.__new__(ShardChain)  # only its config is read
+    other_model.shards = [type("S", (), {"cfg": replace(whole.manifest.config, vocab_size=300)})()]
+    with pytest.raises(ValueError, match="different model"):
+        engine.switch_runner(other_model)
 
 
 def test_engine_loop_serves_threads_concurrently(tiny: LLM) -> None:

@@ -149,6 +149,26 @@ class Engine:
                                         len(req.output_ids)))
         return True
 
+    def switch_runner(self, runner: "ShardChain") -> list[str]:
+        """Run on ``runner`` from the next step (PipeCast: a temporary pipeline dissolves, or a
+        replica finished loading). Running requests go back to the front of the queue with
+        their output so far: one prefill of prompt + output rebuilds their KV cache on the new
+        runner, and their streams continue where they were (no token lost or repeated; greedy
+        and seeded sampling give the same tokens). Returns the ids of the requests moved.
+        Raises ValueError if ``runner`` is another model (vocabulary or layer count)."""
+        old, new = self.runner.config, runner.config
+        if (old.vocab_size, old.num_layers, old.hidden_size) != (new.vocab_size, new.num_layers,
+                                                                 new.hidden_size):
+            raise ValueError("switch_runner: the new runner is a different model")
+        moved = sorted(self.running.values(), key=lambda r: r.arrival_s)
+        for req in moved:
+            self.slots.release(req.slot)
+            req.slot, req.num_cached, req.status = None, 0, Status.WAITING
+        resumed = OrderedDict((r.request_id, r) for r in moved)
+        resumed.update(self.waiting)
+        self.waiting, self.running, self.runner = resumed, {}, runner
+        return [r.request_id for r in moved]
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._aborted)
 
@@ -165,7 +185,7 @@ class Engine:
     def step(self) -> list[StepOutput]:
         """One engine iteration: prefill admitted requests, decode the running ones."""
         outputs, self._aborted = self._aborted, []
-        plan = self.policy.plan([WaitingView(r.request_id, len(r.prompt_ids))
+        plan = self.policy.plan([WaitingView(r.request_id, len(r.prompt_ids) + len(r.output_ids))
                                  for r in self.waiting.values()], len(self.running))
         decoding = sorted(self.running.values(), key=lambda r: r.slot) if plan.decode else []
         for rid in plan.prefill:

@@ -112,6 +112,11 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def switch_runner(self, runner: Any) -> None:
+        """Run on ``runner`` from the next step (``Engine.switch_runner`` on the engine thread,
+        between steps: in-flight streams continue without a gap or a repeat)."""
+        self._commands.put(("switch", runner))
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._commands.put(("wake", None))
@@ -130,6 +135,9 @@ class EngineLoop:
         elif cmd == "abort":
             if self.engine.abort(arg):
                 self._streams.pop(arg, None)
+        elif cmd == "switch":
+            moved = self.engine.switch_runner(arg)
+            log.info("switched runner; %d running requests resume on it", len(moved))
 
     def _run(self) -> None:
         while not self._stop.is_set():

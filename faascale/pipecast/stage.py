@@ -1,0 +1,204 @@
+"""Execute-while-load: one temporary pipeline's stages, each a layer range on its own replica.
+
+The replica that owns a request (the head) keeps its ``Engine`` (batching, sampling, streaming)
+and runs it over a ``StageChain``: its own layer ranges run in process, the others are
+``RemoteStage``s whose ``StageServer`` (on the replica holding those blocks) runs them on its own
+KV cache and replies. Hidden states (or, for a remote first stage, token ids) go stage to stage
+over the transport; the last stage returns logits, and the head samples. KV-cache slots are the
+head's: a stage serves exactly one head at a time, so slot numbers never clash.
+
+When a replica finishes loading, the head switches its engine to a local ``ShardChain``
+(``EngineLoop.switch_runner``): requests in flight resume from their token ids, their streams
+uninterrupted. A stage that does not answer within ``timeout_s`` raises ``StageError`` (the
+coordinator re-forms the pipeline; the engine loop fails those requests rather than hang them).
+
+Frames (kind ``"hidden"``): request meta ``{op, reply_to, slots, starts, num_tokens, dtype,
+shape, all_logits}``, reply meta ``{op, dtype, shape}`` or ``{op, error}``; the payload is the
+tensor's bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from faascale.engine.kv_cache import KVCache
+from faascale.engine.model import ForwardBatch, ModelShard
+from faascale.pipecast.transport import Header, Transport, TransportTimeout
+
+log = logging.getLogger(__name__)
+_DTYPES = {str(d).removeprefix("torch."): d for d in
+           (torch.float32, torch.bfloat16, torch.float16, torch.int64)}
+
+
+class StageError(RuntimeError):
+    """A remote stage failed, stalled past its timeout, or answered with an error."""
+
+
+def _tensor_meta(t: torch.Tensor) -> dict[str, Any]:
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+
+
+def _empty_like_meta(meta: dict[str, Any]) -> torch.Tensor:
+    dtype = _DTYPES.get(str(meta.get("dtype")))
+    if dtype is None:
+        raise StageError(f"unsupported tensor dtype {meta.get('dtype')!r}")
+    return torch.empty([int(n) for n in meta["shape"]], dtype=dtype)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+class _Local:
+    """An in-process layer range with its KV cache (a stage of a chain)."""
+
+    def __init__(self, shard: ModelShard, max_batch_size: int, kv_chunk_tokens: int) -> None:
+        self.shard = shard
+        self.cache: KVCache = shard.new_kv_cache(max_batch_size, kv_chunk_tokens)
+        self.layer_start, self.layer_end = shard.layer_start, shard.layer_end
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.shard.forward(x, batch, self.cache)
+
+
+class RemoteStage:
+    """A layer range served by a ``StageServer`` at ``address``; ``forward`` is one round trip.
+
+    Not thread-safe (the head's engine thread calls it). ``transport`` must be the head's own:
+    replies come back to its address and are matched by op number.
+    """
+
+    def __init__(self, transport: Transport, address: str, layer_start: int, layer_end: int,
+                 timeout_s: float = 30.0) -> None:
+        self.transport, self.address = transport, address
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.timeout_s = timeout_s
+        self._ops = itertools.count(1)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
+        op = next(self._ops)
+        meta = {"op": op, "reply_to": self.transport.address, "slots": list(batch.slots),
+                "starts": list(batch.start_positions), "num_tokens": batch.num_tokens,
+                "all_logits": all_logits, **_tensor_meta(x)}
+        try:
+            self.transport.send(self.address, "hidden", meta, _bytes_of(x), timeout_s=self.timeout_s)
+        except TransportTimeout:
+            raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
+                             f"did not take the request within {self.timeout_s:.0f} s") from None
+        out: dict[str, torch.Tensor] = {}
+
+        def into(h: Header) -> memoryview | None:
+            if h.kind != "hidden" or h.meta.get("op") != op or "shape" not in h.meta:
+                return None
+            out["t"] = _empty_like_meta(dict(h.meta))
+            return _bytes_of(out["t"])
+
+        while True:
+            try:
+                msg = self.transport.recv(self.timeout_s, into=into)
+            except TransportTimeout:
+                raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
+                                 f"did not answer within {self.timeout_s:.0f} s") from None
+            if msg.header.kind != "hidden" or msg.header.meta.get("op") != op:
+                log.warning("dropping a stale frame (op %s) from %s", msg.header.meta.get("op"),
+                            msg.header.sender)
+                continue
+            if "error" in msg.header.meta:
+                raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
+                                 f"failed: {msg.header.meta['error']}")
+            return out["t"]
+
+
+class StageChain:
+    """A pipeline as the engine sees it (``ShardChain``'s interface): stages in layer order, each
+    local (``ModelShard``) or remote (``RemoteStage``); the first takes token ids, the last
+    returns logits."""
+
+    def __init__(self, stages: Sequence[ModelShard | RemoteStage], config: Any,
+                 max_batch_size: int, kv_chunk_tokens: int = 256) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.stages = [_Local(s, max_batch_size, kv_chunk_tokens) if isinstance(s, ModelShard) else s
+                       for s in stages]
+        if self.stages[0].layer_start != 0 or self.stages[-1].layer_end != config.num_layers:
+            raise ValueError("a pipeline must start at layer 0 and end at the last layer")
+        for a, b in zip(self.stages, self.stages[1:]):
+            if a.layer_end != b.layer_start:
+                raise ValueError(f"stages [{a.layer_start},{a.layer_end}) and "
+                                 f"[{b.layer_start},{b.layer_end}) are not contiguous")
+        self._config = config
+        self.max_batch_size = max_batch_size
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = tokens
+        for stage in self.stages:
+            x = stage.forward(x, batch)
+        return x
+
+
+class StageServer:
+    """Serves one layer range to a pipeline's head: runs it on its own KV cache and replies.
+
+    ``serve`` runs until ``stop()`` (call it from another thread); one request at a time, in
+    arrival order. A request that fails (bad shape, a bug) is answered with an error, not dropped.
+    """
+
+    def __init__(self, shard: ModelShard, transport: Transport, max_batch_size: int,
+                 kv_chunk_tokens: int = 256) -> None:
+        self.shard, self.transport = shard, transport
+        self.cache = shard.new_kv_cache(max_batch_size, kv_chunk_tokens)
+        self.max_batch_size = max_batch_size
+        self.requests_served = 0
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def serve(self, poll_s: float = 0.2) -> None:
+        while not self._stop.is_set():
+            self.serve_one(poll_s)
+
+    def serve_one(self, timeout_s: float) -> bool:
+        """Answer one request if one arrives within ``timeout_s``; False if none did."""
+        inputs: dict[str, torch.Tensor] = {}
+
+        def into(h: Header) -> memoryview | None:
+            if h.kind != "hidden" or "shape" not in h.meta:
+                return None
+            inputs["x"] = _empty_like_meta(dict(h.meta))
+            return _bytes_of(inputs["x"])
+
+        try:
+            msg = self.transport.recv(timeout_s, into=into)
+        except TransportTimeout:
+            return False
+        meta = dict(msg.header.meta)
+        reply_to, op = str(meta.get("reply_to", "")), meta.get("op")
+        try:
+            batch = ForwardBatch(tuple(int(s) for s in meta["slots"]),
+                                 tuple(int(p) for p in meta["starts"]), int(meta["num_tokens"]))
+            if max(batch.slots) >= self.max_batch_size or min(batch.slots) < 0:
+                raise ValueError(f"slot out of range [0, {self.max_batch_size})")
+            out = self.shard.forward(inputs["x"], batch, self.cache,
+                                     all_logits=bool(meta.get("all_logits")))
+            self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, _bytes_of(out),
+                                timeout_s=30.0)
+        except Exception as exc:  # the head must hear about it, not wait for its timeout
+            log.exception("stage request %s failed", op)
+            try:
+                self.transport.send(reply_to, "hidden", {"op": op, "error": f"{type(exc).__name__}: {exc}"},
+                                    None, timeout_s=5.0)
+            except Exception:
+                log.warning("could not report the failure to %s", reply_to)
+        self.requests_served += 1
+        return True
