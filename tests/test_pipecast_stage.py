@@ -168,3 +168,45 @@ def test_chains_must_cover_the_model_contiguously(model: tuple) -> None:
         StageChain([shard(model, 0, 3), shard(model, 4, 8)], m.config, 2)
     with pytest.raises(ValueError, match="start at layer 0"):
         StageChain([shard(model, 1, 8)], m.config, 2)
+
+
+def test_every_member_of_a_pipeline_can_head_its_own_requests(tiny_packed: Path, model: tuple) -> None:
+    """A holds layers [0,3), B [3,6), C [6,8). A and C each head requests through the others at
+    the same time, on the same slot numbers: B serves both heads (one KV cache each) and every
+    request gets the model's tokens."""
+    m, _, tok = model
+    names = ("A", "B", "C")
+    bounds = {"A": (0, 3), "B": (3, 6), "C": (6, 8)}
+    heads = {n: ZmqTransport(secret=SECRET, name=f"{n}-head") for n in ("A", "C")}
+    stage_ts = {n: ZmqTransport(secret=SECRET, name=f"{n}-stage") for n in names}
+    servers = {n: StageServer(shard(model, *bounds[n]), stage_ts[n], CFG.max_batch_size) for n in names}
+    threads = [threading.Thread(target=s.serve, kwargs={"poll_s": 0.05}, daemon=True) for s in servers.values()]
+    for t in threads:
+        t.start()
+
+    def chain_of(head: str) -> StageChain:
+        return StageChain([shard(model, *bounds[n]) if n == head else
+                           RemoteStage(heads[head], stage_ts[n].address, *bounds[n], timeout_s=10)
+                           for n in names], m.config, CFG.max_batch_size)
+
+    results: dict[str, list[list[int]]] = {}
+    prompts = {"A": PROMPTS, "C": PROMPTS[::-1]}
+    runners = [threading.Thread(target=lambda h: results.__setitem__(h, run(chain_of(h), tok, prompts[h])),
+                                args=(h,)) for h in ("A", "C")]
+    try:
+        for r in runners:
+            r.start()
+        for r in runners:
+            r.join(60)
+    finally:
+        for s in servers.values():
+            s.stop()
+        for t in threads:
+            t.join(5)
+        for t in [*heads.values(), *stage_ts.values()]:
+            t.close()
+    assert results["A"] == reference(tiny_packed, PROMPTS)
+    assert results["C"] == reference(tiny_packed, PROMPTS[::-1])
+    assert sorted(servers["B"].caches) == sorted([heads["A"].address, heads["C"].address])
+    servers["B"].forget(heads["A"].address)
+    assert list(servers["B"].caches) == [heads["C"].address]

@@ -5,7 +5,8 @@ and runs it over a ``StageChain``: its own layer ranges run in process, the othe
 ``RemoteStage``s whose ``StageServer`` (on the replica holding those blocks) runs them on its own
 KV cache and replies. Hidden states (or, for a remote first stage, token ids) go stage to stage
 over the transport; the last stage returns logits, and the head samples. KV-cache slots are the
-head's: a stage serves exactly one head at a time, so slot numbers never clash.
+head's: a stage keeps one KV cache per head it serves (every member of a pipeline may be the head
+of its own requests), so slot numbers never clash.
 
 When a replica finishes loading, the head switches its engine to a local ``ShardChain``
 (``EngineLoop.switch_runner``): requests in flight resume from their token ids, their streams
@@ -147,22 +148,38 @@ class StageChain:
 
 
 class StageServer:
-    """Serves one layer range to a pipeline's head: runs it on its own KV cache and replies.
+    """Serves one layer range to the heads of a pipeline: runs it and replies.
 
-    ``serve`` runs until ``stop()`` (call it from another thread); one request at a time, in
-    arrival order. A request that fails (bad shape, a bug) is answered with an error, not dropped.
+    One KV cache per head (by its reply address), at most ``max_heads``; a request from one more
+    head is answered with an error. ``serve`` runs until ``stop()`` (call it from another thread);
+    one request at a time, in arrival order. A request that fails (bad shape, a bug) is answered
+    with an error, not dropped. ``forget(head)`` frees a head's cache when its pipeline dissolves.
     """
 
     def __init__(self, shard: ModelShard, transport: Transport, max_batch_size: int,
-                 kv_chunk_tokens: int = 256) -> None:
+                 kv_chunk_tokens: int = 256, max_heads: int = 8) -> None:
         self.shard, self.transport = shard, transport
-        self.cache = shard.new_kv_cache(max_batch_size, kv_chunk_tokens)
-        self.max_batch_size = max_batch_size
+        self.caches: dict[str, KVCache] = {}
+        self.max_batch_size, self.kv_chunk_tokens, self.max_heads = (max_batch_size, kv_chunk_tokens,
+                                                                     max_heads)
         self.requests_served = 0
         self._stop = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def forget(self, head: str) -> None:
+        """Drop the KV cache kept for ``head`` (its pipeline dissolved). Call between requests."""
+        self.caches.pop(head, None)
+
+    def _cache_of(self, head: str) -> KVCache:
+        cache = self.caches.get(head)
+        if cache is None:
+            if len(self.caches) >= self.max_heads:
+                raise ValueError(f"this stage already serves {self.max_heads} heads")
+            cache = self.caches[head] = self.shard.new_kv_cache(self.max_batch_size,
+                                                                 self.kv_chunk_tokens)
+        return cache
 
     def serve(self, poll_s: float = 0.2) -> None:
         while not self._stop.is_set():
@@ -189,7 +206,7 @@ class StageServer:
                                  tuple(int(p) for p in meta["starts"]), int(meta["num_tokens"]))
             if max(batch.slots) >= self.max_batch_size or min(batch.slots) < 0:
                 raise ValueError(f"slot out of range [0, {self.max_batch_size})")
-            out = self.shard.forward(inputs["x"], batch, self.cache,
+            out = self.shard.forward(inputs["x"], batch, self._cache_of(reply_to),
                                      all_logits=bool(meta.get("all_logits")))
             self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, _bytes_of(out),
                                 timeout_s=30.0)
