@@ -13,6 +13,7 @@ from faascale.pipecast.schedule import (
     MulticastPlan,
     PlanError,
     Transfer,
+    repair,
     binary_tree,
     binomial_pipeline,
     chain,
@@ -310,3 +311,45 @@ def test_simulate_rejects_bad_input() -> None:
         simulate(MulticastPlan("p", ("s",), ("a",), 2, (Transfer(0, "s", "a", 0),)), [1, 1], 1.0)
     empty = simulate(binomial_pipeline("s", [], 2), [1, 1], 1.0)
     assert (empty.all_done_s, empty.first_union_s, empty.step_end_s) == (0.0, None, ())
+
+
+# --- repair: finishing a multicast after a failure --------------------------------------------
+
+
+def test_repair_finishes_from_live_holders_and_validates() -> None:
+    """h1 (a source) died mid-plan: t1 holds {0, 1}, t2 holds {2}, t3 nothing; a replica r0
+    holds everything. The repair plan gets every block to every target from what is left."""
+    holdings = {"r0": range(4), "t1": {0, 1}, "t2": {2}, "t3": set()}
+    plan = repair(holdings, ["t1", "t2", "t3"], 4)
+    plan.validate()
+    assert plan.algorithm == "repair" and plan.sources == ("r0",)
+    final = plan.holdings_after(plan.num_steps - 1)
+    assert all(final[t] == frozenset(range(4)) for t in ("t1", "t2", "t3"))
+    # Nothing a target already had is sent again, and only the 2 + 3 + 4 missing blocks move.
+    assert len(plan.transfers) == 2 + 3 + 4
+    assert not any(t.block in holdings[t.dst] for t in plan.transfers)
+    # Targets forward to each other: not everything comes from r0.
+    assert {t.src for t in plan.transfers} > {"r0"}
+
+
+def test_repair_uses_the_store_only_for_blocks_no_live_node_has() -> None:
+    plan = repair({"t1": {0, 1}, "t2": {1}}, ["t1", "t2"], 3, store="s3")
+    plan.validate()
+    from_store = [t for t in plan.transfers if t.src == "s3"]
+    assert from_store and all(t.block == 2 for t in from_store)
+    assert plan.unlimited_senders == frozenset({"s3"})
+    with pytest.raises(PlanError, match=r"blocks \[2\] are held by no live node"):
+        repair({"t1": {0, 1}, "t2": {1}}, ["t1", "t2"], 3)
+
+
+def test_validate_honours_initial_holdings() -> None:
+    ok = MulticastPlan("x", ("a",), ("t",), 2, (Transfer(0, "a", "t", 1),),
+                       initial={"a": {1}, "t": {0}})
+    ok.validate()
+    assert ok.arrival_step("t", 0) == -1 and ok.arrival_step("t", 1) == 0
+    with pytest.raises(PlanError, match="does not hold"):
+        MulticastPlan("x", ("a",), ("t",), 2, (Transfer(0, "a", "t", 0),),
+                      initial={"a": {1}, "t": {1}}).validate()
+    with pytest.raises(PlanError, match="twice"):
+        MulticastPlan("x", ("a",), ("t",), 2, (Transfer(0, "a", "t", 0), Transfer(1, "a", "t", 1)),
+                      initial={"t": {0}}).validate()

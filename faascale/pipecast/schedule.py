@@ -27,6 +27,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 
 class PlanError(ValueError):
@@ -57,7 +58,9 @@ class MulticastPlan:
     """A schedule. Construction only normalises (tuples, sorted by step); ``validate`` checks it.
 
     ``unlimited_senders`` are exempt from the one-send-per-step limit (an object store that serves
-    any number of readers at once).
+    any number of readers at once). ``initial`` gives nodes that start with only some blocks (a
+    repair after a failure): a source listed there holds just those, a target starts with them;
+    a source not listed holds every block.
     """
 
     algorithm: str
@@ -67,6 +70,7 @@ class MulticastPlan:
     transfers: tuple[Transfer, ...] = ()
     local_loads: tuple[LocalLoad, ...] = ()
     unlimited_senders: frozenset[str] = field(default_factory=frozenset)
+    initial: Mapping[str, frozenset[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -76,6 +80,13 @@ class MulticastPlan:
         object.__setattr__(self, "local_loads", tuple(sorted(
             self.local_loads, key=lambda x: (x.step, x.node, x.block))))
         object.__setattr__(self, "unlimited_senders", frozenset(self.unlimited_senders))
+        object.__setattr__(self, "initial", MappingProxyType(
+            {n: frozenset(b) for n, b in dict(self.initial).items()}))
+
+    def _held_before(self, node: str) -> frozenset[int]:
+        if node in self.initial:
+            return self.initial[node]
+        return frozenset(range(self.num_blocks)) if node in self.sources else frozenset()
 
     @property
     def num_steps(self) -> int:
@@ -89,11 +100,11 @@ class MulticastPlan:
 
     @functools.cached_property
     def _arrivals(self) -> dict[tuple[str, int], int]:
-        arrivals = {(s, b): -1 for s in self.sources for b in range(self.num_blocks)}
+        arrivals = {(n, b): -1 for n in (*self.sources, *self.targets) for b in self._held_before(n)}
         moves = [(t.step, t.dst, t.block) for t in self.transfers]
         moves += [(x.step, x.node, x.block) for x in self.local_loads]
         for step, node, block in sorted(moves, reverse=True):  # the earliest arrival wins
-            arrivals[(node, block)] = step
+            arrivals[(node, block)] = min(step, arrivals.get((node, block), step))
         return arrivals
 
     def arrival_step(self, node: str, block: int) -> int | None:
@@ -130,8 +141,10 @@ class MulticastPlan:
         _check_nodes(self.sources, self.targets)
         _check_num_blocks(self.num_blocks)
         nodes = set(self.sources) | set(self.targets)
-        held: dict[str, dict[int, int]] = {n: {} for n in self.targets}
-        held.update({s: dict.fromkeys(range(self.num_blocks), -1) for s in self.sources})
+        strangers = sorted(set(self.initial) - nodes)
+        if strangers:
+            raise PlanError(f"initial holdings of nodes not in the plan: {strangers}")
+        held = {n: dict.fromkeys(self._held_before(n), -1) for n in nodes}
         by_step = itertools.groupby(sorted(
             [(t.step, 0, t) for t in self.transfers] + [(x.step, 1, x) for x in self.local_loads],
             key=lambda e: (e[0], e[1])), key=lambda e: e[0])
@@ -381,6 +394,67 @@ def naive_parallel(targets: Sequence[str], num_blocks: int, store: str = "store"
     return MulticastPlan("naive-parallel", (store,), targets, num_blocks, tuple(
         Transfer(i, store, t, i) for t in targets for i in range(num_blocks)),
         unlimited_senders=frozenset({store}))
+
+
+def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_blocks: int, *,
+           store: str | None = None) -> MulticastPlan:
+    """Finish a multicast that a failure cut short: every target ends with every block.
+
+    ``holdings``: what each live node holds now (targets included; nodes that are not targets
+    are helpers, e.g. replicas or tiers that hold the model). ``store`` (an object store that
+    holds every block and serves any number of readers per step) is used only for blocks no
+    live node can give. Greedy, step by step in the step model: targets missing the most go
+    first, each takes the rarest block it needs from the first idle holder (peers before the
+    store). Not optimal, but every step moves at least one block, so it ends within
+    (missing blocks) steps. Raises PlanError if a needed block is held by nobody and there is
+    no store, or for a target or block not in range.
+    """
+    targets = tuple(targets)
+    _check_num_blocks(num_blocks)
+    held = {n: set(bs) for n, bs in holdings.items()}
+    for t in targets:
+        held.setdefault(t, set())
+    if store is not None:
+        if store in held:
+            raise PlanError(f"the store {store!r} is also a node with holdings")
+        held[store] = set(range(num_blocks))
+    bad = sorted((n, b) for n, bs in held.items() for b in bs if not 0 <= b < num_blocks)
+    if bad:
+        raise PlanError(f"holdings name blocks outside 0..{num_blocks - 1}: {bad[:5]}")
+    unheld = set(range(num_blocks)) - set().union(*held.values())
+    if unheld and any(unheld - held[t] for t in targets):
+        raise PlanError(f"blocks {sorted(unheld)} are held by no live node and there is no store")
+    helpers = tuple(sorted(n for n in held if n not in targets))
+    initial = {n: frozenset(held[n]) for n in (*helpers, *targets) if n != store}
+    senders_in_order = [n for n in sorted(held) if n != store] + ([store] if store else [])
+    transfers: list[Transfer] = []
+    step = 0
+    while any(len(held[t]) < num_blocks for t in targets):
+        rarity = {b: sum(b in bs for n, bs in held.items() if n != store) for b in range(num_blocks)}
+        busy: set[str] = set()
+        arrived: list[tuple[str, int]] = []
+        for dst in sorted((t for t in targets if len(held[t]) < num_blocks),
+                          key=lambda t: (len(held[t]), t)):
+            for block in sorted(set(range(num_blocks)) - held[dst], key=lambda b: (rarity[b], b)):
+                src = next((n for n in senders_in_order if n != dst and block in held[n]
+                            and n != store and n not in busy), None)
+                if src is None and rarity[block] == 0:  # no live peer has it: the store does
+                    src = store
+                if src is not None:
+                    if src != store:
+                        busy.add(src)
+                    transfers.append(Transfer(step, src, dst, block))
+                    arrived.append((dst, block))
+                    break
+        if not arrived:  # unreachable given the check above; guards against a silent loop
+            raise PlanError(f"step {step}: no block can move")
+        for dst, block in arrived:
+            held[dst].add(block)
+        step += 1
+    sources = tuple(n for n in helpers) + ((store,) if store and store not in helpers else ())
+    return MulticastPlan("repair", sources, targets, num_blocks, tuple(transfers),
+                         unlimited_senders=frozenset({store}) if store else frozenset(),
+                         initial=initial)
 
 
 @dataclass(frozen=True)

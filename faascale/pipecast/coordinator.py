@@ -1,0 +1,227 @@
+"""The PipeCast coordinator's decisions, pure: sources, the plan, pipelines, routes, repairs.
+
+One ``ScaleOut`` per scale-up of one model. It starts from a ``ScaleOutRequest`` (the
+autoscaler's ``ScaleIntent`` joined with the memory tier's view of the cluster: who holds the
+model, in which tier) and plans the multicast. Then events come in — a block landed on a node, a
+node stopped answering — and each returns what to do: the pipelines to form or dissolve and how
+every new replica should route requests (``Route``), or a repair plan. The side effects (Ray,
+the transport, the agents) live elsewhere and call these; tests drive them with literals and a
+fake clock. ``record`` keeps what happened (for ``status`` and for tests: "a request was served
+through a pipeline before any new replica held the whole model").
+
+Sources, fastest first: replicas already serving the model (their blocks are in memory), nodes
+whose HOST tier holds it, nodes whose DISK tier holds it; at most ``max_sources`` of them, one
+binomial pipeline each (``k_way``). A new replica whose own node holds the model loads locally.
+No holder at all: the object store is the one source.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from faascale.pipecast.pipelines import PipelineChanges, PipelineLayout, Pipelines, reform
+from faascale.pipecast.schedule import MulticastPlan, k_way, repair
+
+STORE = "store"  # the object store, as a node name in plans
+
+
+class HolderKind(enum.IntEnum):
+    """Where a source holds the model, fastest first."""
+
+    REPLICA = 0
+    HOST = 1
+    DISK = 2
+
+
+@dataclass(frozen=True)
+class Holder:
+    node: str
+    kind: HolderKind
+
+
+@dataclass(frozen=True)
+class ScaleOutRequest:
+    """What the coordinator plans from. ``targets``: the nodes of the new replicas (one replica
+    per node in this model of the cluster); ``local``: targets whose own tier holds the model."""
+
+    model_id: str
+    num_blocks: int
+    block_bytes: tuple[int, ...]
+    targets: tuple[str, ...]
+    holders: tuple[Holder, ...] = ()
+    local: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.num_blocks < 1 or len(self.block_bytes) != self.num_blocks:
+            raise ValueError(f"{self.model_id}: need num_blocks >= 1 and one size per block")
+        if len(set(self.targets)) != len(self.targets) or not self.targets:
+            raise ValueError(f"{self.model_id}: targets must be distinct and not empty")
+        if not self.local <= set(self.targets):
+            raise ValueError(f"{self.model_id}: local targets {sorted(self.local - set(self.targets))} "
+                             "are not targets")
+
+
+def choose_sources(request: ScaleOutRequest, max_sources: int = 4) -> tuple[str, ...]:
+    """The holders to multicast from: fastest kind first, then by name; never a target; at most
+    one per network target. ``(STORE,)`` when nobody holds the model."""
+    network_targets = [t for t in request.targets if t not in request.local]
+    if not network_targets:
+        return ()
+    fastest: dict[str, Holder] = {}
+    for h in request.holders:
+        if h.node not in request.targets and (h.node not in fastest or h.kind < fastest[h.node].kind):
+            fastest[h.node] = h
+    ranked = sorted(fastest.values(), key=lambda h: (h.kind, h.node))
+    chosen = tuple(h.node for h in ranked[:max(1, min(max_sources, len(network_targets)))])
+    return chosen or (STORE,)
+
+
+def plan_scale_out(request: ScaleOutRequest, max_sources: int = 4) -> MulticastPlan:
+    """PipeCast's plan: k binomial pipelines with rotated block orders from the chosen sources,
+    local loads (rotated) for targets that hold the model themselves."""
+    sources = choose_sources(request, max_sources) or (STORE,)  # () when every target is local
+    return k_way(sources, request.targets, request.num_blocks, local=request.local)
+
+
+class RouteMode(enum.Enum):
+    FULL = "full"  # holds every block: serve alone
+    PIPELINE = "pipeline"  # serve through a temporary pipeline (this replica is a stage)
+    LOADING = "loading"  # cannot serve yet: hold requests (or let the gateway send them elsewhere)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one replica serves right now. ``pipeline``: its pipeline when mode is PIPELINE."""
+
+    replica: str
+    mode: RouteMode
+    pipeline: PipelineLayout | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of the coordinator's record."""
+
+    at_s: float
+    kind: str  # planned, block, pipelines, full, stalled, repaired, served
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+class ScaleOut:
+    """The state of one scale-out; every method is a pure transition plus its decision.
+
+    Not thread-safe: the coordinator's one thread calls it.
+    """
+
+    def __init__(self, request: ScaleOutRequest, now_s: float, max_sources: int = 4,
+                 block_cost: Sequence[float] | None = None) -> None:
+        self.request = request
+        self.plan = plan_scale_out(request, max_sources)
+        self.block_cost = block_cost
+        self.started_s = now_s
+        self.holdings: dict[str, set[int]] = {t: set() for t in request.targets}
+        self.last_progress_s: dict[str, float] = dict.fromkeys(request.targets, now_s)
+        self.dead: set[str] = set()
+        self.pipelines = Pipelines()
+        self.record: list[Event] = [Event(now_s, "planned", {
+            "algorithm": self.plan.algorithm, "sources": self.plan.sources,
+            "targets": request.targets, "steps": self.plan.num_steps})]
+
+    # ------------------------------------------------------------------ events
+
+    def block_arrived(self, node: str, block: int, now_s: float) -> PipelineChanges | None:
+        """``node`` holds ``block`` now. Returns the pipeline changes it causes (None: none).
+        Unknown nodes and repeated arrivals are ignored (an agent may report twice)."""
+        held = self.holdings.get(node)
+        if held is None or block in held or not 0 <= block < self.request.num_blocks:
+            return None
+        held.add(block)
+        self.last_progress_s[node] = now_s
+        self.record.append(Event(now_s, "block", {"node": node, "block": block}))
+        if len(held) == self.request.num_blocks:
+            self.record.append(Event(now_s, "full", {"node": node}))
+        return self._reform(now_s)
+
+    def _reform(self, now_s: float) -> PipelineChanges | None:
+        live = {n: frozenset(b) for n, b in self.holdings.items() if n not in self.dead}
+        self.pipelines, changes = reform(self.pipelines, live, self.request.num_blocks,
+                                         block_cost=self.block_cost)
+        if not changes.changed:
+            return None
+        self.record.append(Event(now_s, "pipelines", {
+            "formed": [_stages(p) for p in changes.formed],
+            "dissolved": [(_stages(d.layout), d.reason.name) for d in changes.dissolved],
+            "full": list(changes.became_full)}))
+        return changes
+
+    def served_through_pipeline(self, replica: str, now_s: float) -> None:
+        """A replica answered a request through its pipeline (for the record)."""
+        route = self.route(replica)
+        self.record.append(Event(now_s, "served", {
+            "replica": replica, "mode": route.mode.value,
+            "stages": _stages(route.pipeline) if route.pipeline else [],
+            "full_replicas": [n for n, b in self.holdings.items()
+                              if len(b) == self.request.num_blocks]}))
+
+    def stalled(self, now_s: float, timeout_s: float) -> list[str]:
+        """Targets still loading that got no block for ``timeout_s`` (their source or they died)."""
+        return sorted(n for n, held in self.holdings.items()
+                      if n not in self.dead and len(held) < self.request.num_blocks
+                      and now_s - self.last_progress_s[n] > timeout_s)
+
+    def node_failed(self, node: str, now_s: float) -> MulticastPlan:
+        """``node`` (a source or a target) is gone: re-plan what is missing from the live holders
+        (targets, other holders, and the object store for blocks nobody live holds). Pipelines
+        through the node dissolve. Returns the repair plan to run."""
+        self.dead.add(node)
+        self.record.append(Event(now_s, "stalled", {"node": node}))
+        self._reform(now_s)
+        holders = {h.node: set(range(self.request.num_blocks)) for h in self.request.holders
+                   if h.node not in self.dead}
+        for n, held in self.holdings.items():
+            if n not in self.dead:
+                holders[n] = set(held)
+        targets = [n for n in self.request.targets if n not in self.dead
+                   and len(self.holdings[n]) < self.request.num_blocks]
+        plan = repair(holders, targets, self.request.num_blocks, store=STORE)
+        self.plan = plan
+        for n in targets:
+            self.last_progress_s[n] = now_s
+        self.record.append(Event(now_s, "repaired", {"targets": targets, "steps": plan.num_steps}))
+        return plan
+
+    # ------------------------------------------------------------------ views
+
+    def route(self, replica: str) -> Route:
+        """How ``replica`` should serve now. Raises KeyError for a replica not in this scale-out."""
+        held = self.holdings[replica]
+        if len(held) == self.request.num_blocks:
+            return Route(replica, RouteMode.FULL)
+        layout = self.pipelines.pipeline_of(replica)
+        if layout is not None and replica not in self.dead:
+            return Route(replica, RouteMode.PIPELINE, layout)
+        return Route(replica, RouteMode.LOADING)
+
+    def routes(self) -> dict[str, Route]:
+        return {r: self.route(r) for r in self.request.targets}
+
+    @property
+    def done(self) -> bool:
+        return all(len(b) == self.request.num_blocks for n, b in self.holdings.items()
+                   if n not in self.dead)
+
+    def progress(self) -> dict[str, object]:
+        """For ``status`` and ``/metrics``: blocks per replica, pipelines, bytes moved."""
+        sizes = self.request.block_bytes
+        return {"model_id": self.request.model_id, "algorithm": self.plan.algorithm,
+                "blocks": {n: len(b) for n, b in self.holdings.items()},
+                "blocks_needed": self.request.num_blocks,
+                "pipelines": [_stages(p) for p in self.pipelines.pipelines],
+                "bytes_moved": sum(sizes[b] for held in self.holdings.values() for b in held),
+                "dead": sorted(self.dead), "done": self.done}
+
+
+def _stages(layout: PipelineLayout) -> list[tuple[str, int, int]]:
+    return [(s.replica, s.first_block, s.last_block) for s in layout.stages]

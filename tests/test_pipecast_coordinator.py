@@ -1,0 +1,128 @@
+"""The coordinator's decisions from literal cluster views and a fake clock (no I/O, no sleeps)."""
+
+from __future__ import annotations
+
+import pytest
+
+from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, RouteMode, ScaleOut,
+                                           ScaleOutRequest, choose_sources, plan_scale_out)
+from faascale.pipecast.schedule import simulate
+
+MB = 1 << 20
+
+
+def request(targets: tuple[str, ...], holders: tuple[Holder, ...] = (), local: frozenset[str] = frozenset(),
+            num_blocks: int = 6) -> ScaleOutRequest:
+    return ScaleOutRequest("m-1", num_blocks, (100 * MB,) * num_blocks, targets, holders, local)
+
+
+def test_sources_fastest_first_never_a_target_at_most_one_per_network_target() -> None:
+    holders = (Holder("d1", HolderKind.DISK), Holder("h1", HolderKind.HOST),
+               Holder("r1", HolderKind.REPLICA), Holder("r1", HolderKind.DISK),
+               Holder("t1", HolderKind.HOST))  # t1's tier holds it: a local target, not a source
+    req = request(("t1", "t2", "t3", "t4"), holders, local=frozenset({"t1"}))
+    assert choose_sources(req, max_sources=2) == ("r1", "h1")
+    assert choose_sources(req, max_sources=8) == ("r1", "h1", "d1")  # 3 network targets
+    assert choose_sources(request(("t1", "t2"))) == (STORE,)
+    assert choose_sources(request(("t1",), (Holder("t1", HolderKind.HOST),), frozenset({"t1"}))) == ()
+
+
+def test_the_plan_multicasts_from_the_sources_and_loads_local_targets_locally() -> None:
+    req = request(("t1", "t2", "t3", "t4", "t5"), (Holder("r1", HolderKind.REPLICA),
+                                                   Holder("r2", HolderKind.REPLICA)),
+                  local=frozenset({"t5"}))
+    plan = plan_scale_out(req)
+    plan.validate()
+    assert plan.sources == ("r1", "r2") and plan.algorithm == "pipecast-k2"
+    assert {x.node for x in plan.local_loads} == {"t5"}
+    assert not any(t.dst == "t5" for t in plan.transfers)
+    # Two sources with rotated orders: the network targets together hold every block after
+    # ceil(6 / 2) = 3 steps.
+    assert plan.first_complete_union_step() == 2
+
+
+def feed(scale: ScaleOut, until_s: float | None = None) -> float:
+    """Deliver the plan's block arrivals in time order (from its simulated timeline)."""
+    timeline = simulate(scale.plan, scale.request.block_bytes, link_gbps=1.0, local_gbps=8.0)
+    last = 0.0
+    for (node, block), at_s in sorted(timeline.arrival_s.items(), key=lambda kv: (kv[1], kv[0])):
+        if until_s is not None and at_s > until_s:
+            break
+        scale.block_arrived(node, block, at_s)
+        last = at_s
+    return last
+
+
+def test_pipelines_serve_before_any_replica_is_full_then_dissolve() -> None:
+    req = request(("t1", "t2", "t3", "t4"), (Holder("r1", HolderKind.REPLICA),
+                                             Holder("r2", HolderKind.REPLICA)))
+    scale = ScaleOut(req, now_s=0.0)
+    timeline = simulate(scale.plan, req.block_bytes, link_gbps=1.0)
+    first_full_s = min(timeline.node_done_s.values())
+    assert timeline.first_union_s is not None and timeline.first_union_s < first_full_s
+    feed(scale, until_s=timeline.first_union_s)
+    routes = scale.routes()
+    in_pipeline = [r for r in routes.values() if r.mode is RouteMode.PIPELINE]
+    assert in_pipeline and not any(r.mode is RouteMode.FULL for r in routes.values())
+    layout = in_pipeline[0].pipeline
+    assert layout is not None and layout.covers(6)
+    assert all(set(range(s.first_block, s.last_block + 1)) <= scale.holdings[s.replica]
+               for s in layout.stages)
+    scale.served_through_pipeline(in_pipeline[0].replica, timeline.first_union_s)
+    feed(scale)
+    assert scale.done and all(r.mode is RouteMode.FULL for r in scale.routes().values())
+    assert scale.pipelines.pipelines == ()
+    kinds = [e.kind for e in scale.record]
+    # The record shows a request served through a pipeline before any new replica was full.
+    assert kinds.index("served") < kinds.index("full")
+    served = next(e for e in scale.record if e.kind == "served")
+    assert served.detail["mode"] == "pipeline" and served.detail["full_replicas"] == []
+    assert scale.progress()["bytes_moved"] == 4 * 6 * 100 * MB
+
+
+def test_a_dead_source_is_noticed_and_repaired_from_targets_and_the_store() -> None:
+    req = request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),))
+    scale = ScaleOut(req, now_s=0.0)
+    timeline = simulate(scale.plan, req.block_bytes, link_gbps=1.0)
+    cut_s = timeline.step_end_s[2]  # r1 dies after step 2
+    feed(scale, until_s=cut_s)
+    assert scale.stalled(now_s=cut_s + 1.0, timeout_s=5.0) == []
+    stalled = scale.stalled(now_s=cut_s + 10.0, timeout_s=5.0)
+    assert stalled == ["t1", "t2", "t3"]
+    before = {n: set(b) for n, b in scale.holdings.items()}
+    plan = scale.node_failed("r1", now_s=cut_s + 10.0)
+    plan.validate()
+    assert "r1" not in plan.sources and not any(t.src == "r1" for t in plan.transfers)
+    # Blocks some target already has move between targets; only the rest come from the store.
+    held_somewhere = set().union(*before.values())
+    assert all(t.block not in held_somewhere for t in plan.transfers if t.src == STORE)
+    assert any(t.src != STORE for t in plan.transfers)
+    # Delivering the repair plan finishes the scale-out.
+    for t in sorted(plan.transfers, key=lambda t: t.step):
+        scale.block_arrived(t.dst, t.block, cut_s + 10.0 + t.step)
+    assert scale.done
+
+
+def test_a_dead_target_leaves_its_pipeline_and_is_not_waited_for() -> None:
+    req = request(("t1", "t2"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
+    scale = ScaleOut(req, now_s=0.0)
+    scale.block_arrived("t1", 0, 1.0)
+    scale.block_arrived("t1", 1, 2.0)
+    scale.block_arrived("t2", 2, 2.0)
+    scale.block_arrived("t2", 3, 3.0)
+    assert scale.route("t1").mode is RouteMode.PIPELINE  # {0,1} + {2,3}
+    scale.node_failed("t2", now_s=4.0)
+    assert scale.route("t1").mode is RouteMode.LOADING
+    assert scale.route("t2").mode is RouteMode.LOADING and not scale.done
+    for b in (2, 3):
+        scale.block_arrived("t1", b, 5.0)
+    assert scale.done  # the dead target is not waited for
+
+
+def test_bad_requests_are_typed_errors() -> None:
+    with pytest.raises(ValueError, match="one size per block"):
+        ScaleOutRequest("m", 3, (1, 2), ("t",))
+    with pytest.raises(ValueError, match="distinct and not empty"):
+        ScaleOutRequest("m", 1, (1,), ())
+    with pytest.raises(ValueError, match="are not targets"):
+        ScaleOutRequest("m", 1, (1,), ("t",), local=frozenset({"x"}))
