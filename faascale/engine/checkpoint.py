@@ -195,6 +195,17 @@ def _digest_of(algorithm: str, data: Any) -> str:
     raise CheckpointError(f"unknown checksum algorithm {algorithm!r}")
 
 
+def hasher_for(expected: str) -> Any:
+    """An incremental hasher (``update``, ``hexdigest``) of ``expected``'s algorithm; its result
+    is compared as ``f"{algorithm}:{hexdigest}"``. CheckpointError for an unknown algorithm."""
+    algorithm = expected.partition(":")[0]
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    raise CheckpointError(f"unknown checksum algorithm {algorithm!r}")
+
+
 def matches(expected: str, data: Any) -> tuple[bool, str]:
     """Whether ``data`` has checksum ``expected`` (any supported algorithm); also the actual one."""
     algorithm, _, _ = expected.partition(":")

@@ -13,16 +13,18 @@ import errno
 import logging
 import mmap
 import os
+import queue
 import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faascale.engine.checkpoint import BlockId, CorruptBlockError, ModelManifest, verify_block
+from faascale.engine.checkpoint import (BlockId, CorruptBlockError, ModelManifest, hasher_for,
+                                        verify_block)
 from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_evictions, expired_blocks
 
 log = logging.getLogger(__name__)
@@ -400,21 +402,73 @@ class BlockStore:
 
 
 def _check_file(manifest: ModelManifest, index: int, path: Path) -> str | None:
-    """Why ``path`` is not block ``index`` (size, checksum), or None if it is. Reads the file
-    through an mmap, so its pages stay in the page cache for the replica that maps it next."""
-    expected = manifest.blocks[index].size_bytes
+    """Why ``path`` is not block ``index`` (size, checksum), or None if it is.
+
+    One sequential pass: a reader thread ``readinto``s 8 MiB chunks (three reused buffers) while
+    this thread hashes the previous one, so the disk read and the hash overlap. The file's pages
+    stay in the page cache for the replica that maps it next. (Hashing through an mmap instead
+    let page faults drive the reads: 1.3-1.5x slower with 4 blocks in flight here.)
+    """
+    info = manifest.blocks[index]
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != expected:
-                return f"file is {size} bytes, expected {expected} (truncated?)"
-            if size == 0:
-                return _reason(manifest, index, b"")
-            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                mm.madvise(mmap.MADV_SEQUENTIAL)
-                return _reason(manifest, index, mm)
+        size = path.stat().st_size
+        if size != info.size_bytes:
+            return f"file is {size} bytes, expected {info.size_bytes} (truncated?)"
+        hasher = hasher_for(info.checksum)
+        for chunk in _read_chunks(path, size):
+            hasher.update(chunk)
     except OSError as exc:
         return f"unreadable: {exc}"
+    actual = f"{info.checksum.partition(':')[0]}:{hasher.hexdigest()}"
+    if actual != info.checksum:
+        return f"checksum {actual[:23]}… does not match manifest {info.checksum[:23]}…"
+    return None
+
+
+_CHUNK_BYTES = 8 << 20
+
+
+def _read_chunks(path: Path, size_bytes: int) -> Iterator[memoryview]:
+    """The file's bytes in order, as views of reused buffers (each valid until the next one is
+    taken), read ahead by one thread. Raises OSError if the file is shorter than ``size_bytes``."""
+    free: queue.Queue[bytearray] = queue.Queue()
+    for _ in range(3):
+        free.put(bytearray(_CHUNK_BYTES))
+    filled: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue()
+
+    def read() -> None:
+        try:
+            with open(path, "rb", buffering=0) as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                done = 0
+                while done < size_bytes:
+                    buf = free.get()
+                    if not isinstance(buf, bytearray):
+                        return  # the consumer gave up
+                    n = f.readinto(buf)
+                    if not n:
+                        raise OSError(f"{path}: ends at {done} of {size_bytes} bytes")
+                    filled.put((buf, n))
+                    done += n
+        except BaseException as exc:  # handed to the consumer
+            filled.put(exc)
+
+    reader = threading.Thread(target=read, name="tier-read", daemon=True)
+    reader.start()
+    done = 0
+    try:
+        while done < size_bytes:
+            item = filled.get()
+            if isinstance(item, BaseException):
+                raise item
+            buf, n = item
+            with memoryview(buf) as view, view[:n] as chunk:
+                yield chunk
+            free.put(buf)
+            done += n
+    finally:
+        free.put(None)  # type: ignore[arg-type]  # unblock a reader still waiting for a buffer
+        reader.join()
 
 
 def _reason(manifest: ModelManifest, index: int, buffer: mmap.mmap | bytes) -> str | None:
