@@ -394,3 +394,15 @@ def test_nccl_transport_moves_a_cuda_tensor_between_two_ranks() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_nccl_worker, args=(port,), nprocs=2, join=True)
+
+
+def test_a_known_digest_skips_the_senders_hash_and_a_wrong_one_is_caught() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    with ZmqTransport(secret=SECRET, name="dig-a") as a, ZmqTransport(secret=SECRET, name="dig-b") as b:
+        a.send(b.address, "block", {"i": 1}, data, timeout_s=5, digest=payload_digest(data))
+        assert bytes(b.recv(5).payload) == data
+        a.send(b.address, "block", {"i": 2}, data, timeout_s=5, digest=bytes(32))  # a lie
+        with pytest.raises(CorruptFrameError):
+            b.recv(5)
+        with pytest.raises(HeaderError, match="32 bytes"):
+            a.send(b.address, "block", {"i": 3}, data, timeout_s=5, digest=b"short")

@@ -155,10 +155,11 @@ class Transport(Protocol):
     def stats(self) -> TransportStats: ...
 
     def send(self, peer_address: str, kind: str, meta: Mapping[str, Any], payload: Any = None,
-             *, timeout_s: float) -> Header:
+             *, timeout_s: float, digest: bytes | None = None) -> Header:
         """Send one frame; return its header. The caller must not mutate ``payload`` until send
-        returns (or raises). Raises ``HeaderError`` before any I/O, ``TransportTimeout`` if the
-        peer does not take the frame in time, ``TransportError`` otherwise."""
+        returns (or raises). ``digest``: the payload's blake3 if the caller knows it (skips a
+        hash). Raises ``HeaderError`` before any I/O, ``TransportTimeout`` if the peer does not
+        take the frame in time, ``TransportError`` otherwise."""
         ...
 
     def recv(self, timeout_s: float,
@@ -311,13 +312,18 @@ class ZmqTransport:
             return self._stats
 
     def send(self, peer_address: str, kind: str, meta: Mapping[str, Any], payload: Any = None,
-             *, timeout_s: float) -> Header:
+             *, timeout_s: float, digest: bytes | None = None) -> Header:
         """See ``Transport.send``. A timeout while a large payload is going out resets the
         connection to that peer: the frame then arrives whole or not at all (never half), and
-        frames already queued to that peer may be dropped."""
+        frames already queued to that peer may be dropped. ``digest``: the payload's blake3, when
+        the caller already knows it (a block verified against its manifest checksum), so the
+        payload is not hashed again here; the receiver still checks it. A wrong one makes the
+        receiver reject the frame as corrupt, never accept bad data."""
         deadline = time.monotonic() + _check_timeout(timeout_s)
         data = _payload_view(payload)
-        digest = payload_digest(data)
+        if digest is not None and (not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES):
+            raise HeaderError(f"digest must be {DIGEST_BYTES} bytes of blake3")
+        digest = digest if digest is not None else payload_digest(data)
         _check_address(peer_address)
         peer = self._peer(peer_address)
         with peer.lock:  # seq is taken under the lock, so per-peer send order == seq order
