@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from faascale.engine.checkpoint import is_packed
+from faascale.engine.checkpoint import FORMAT_VERSION, is_packed
 
 BUNDLED = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -29,7 +29,8 @@ def faascale_home() -> Path:
 
 
 def _fingerprint(source: str, dtype: str, num_blocks: int, seed: int) -> str:
-    h = hashlib.sha256(f"{source}|{dtype}|{num_blocks}|{seed}".encode())
+    # The packing format is part of the key: a cache packed by an older faascale is repacked.
+    h = hashlib.sha256(f"{source}|{dtype}|{num_blocks}|{seed}|{FORMAT_VERSION}".encode())
     path = Path(source)
     if path.exists():  # a local file or dir: repack when it changes
         for f in sorted(path.rglob("*") if path.is_dir() else [path]):

@@ -1,0 +1,370 @@
+"""Node agents for real: several agents in one process, each with its own ZmqTransport on
+127.0.0.1, executing multicast plans for a small packed random model. Real sockets, real files,
+real threads; the stalled, dead and corrupt peers are real too (a transport nobody serves, a port
+nobody listens on, a block file with a flipped byte, a forged frame)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import zmq
+
+from faascale.engine.checkpoint import ModelManifest, read_manifest
+from faascale.engine.random_model import pack_random, tiny_config
+from faascale.pipecast.agent import (
+    AgentConfigError,
+    AgentReport,
+    BlockCatalog,
+    BlockFile,
+    MulticastError,
+    NodeAgent,
+    SendRecord,
+    plan_from_json,
+    plan_to_json,
+    role_of,
+)
+from faascale.pipecast.schedule import (
+    MulticastPlan,
+    binomial_pipeline,
+    chain,
+    k_way,
+    naive,
+)
+from faascale.pipecast.transport import (
+    Header,
+    ZmqTransport,
+    encode_header,
+    mac_key,
+    payload_digest,
+)
+
+SECRET = b"faascale-test-cluster-secret-32b!"
+NUM_BLOCKS = 6
+TIMEOUT_S = 20.0  # generous for a healthy run (each takes well under a second)
+STALL_TIMEOUT_S = 1.5  # the fault tests wait this long for what never comes
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelManifest]:
+    """6 blocks of 100-250 KB (above the transport's 64 KiB zero-copy threshold)."""
+    out = tmp_path_factory.mktemp("agent-model") / "tiny"
+    pack_random(out, seed=7, num_blocks=NUM_BLOCKS, config=tiny_config(num_layers=12))
+    return out, read_manifest(out)
+
+
+Outcome = AgentReport | MulticastError
+
+
+def run_plan(plan: MulticastPlan, model: tuple[Path, ModelManifest], work: Path, *,
+             holdings: Mapping[str, Path] | None = None, idle: Sequence[str] = (),
+             addresses: Mapping[str, str] | None = None, local_dir: Path | None = None,
+             catalog: BlockCatalog | None = None, prepare: bool = False,
+             admission: bool = True, timeout_s: float = TIMEOUT_S) -> dict[str, Outcome]:
+    """One agent per plan node except ``idle`` ones (their transport exists; nobody serves it),
+    all at once in threads. Sources hold the packed model dir unless ``holdings`` says
+    otherwise; targets start from an empty dir under ``work``."""
+    model_dir, manifest = model
+    manifest = catalog or manifest
+    nodes = [*plan.sources, *plan.targets]
+    with ExitStack() as stack:
+        transports = {n: stack.enter_context(ZmqTransport(secret=SECRET, name=n)) for n in nodes}
+        peers = {n: t.address for n, t in transports.items()} | dict(addresses or {})
+        dirs = {n: model_dir if n in plan.sources else work / n for n in nodes}
+        dirs |= dict(holdings or {})
+        agents = {n: NodeAgent(n, transports[n], manifest, dirs[n], local_dir=local_dir,
+                               admission=admission)
+                  for n in nodes if n not in idle}
+        for agent in agents.values() if prepare else ():
+            agent.prepare(plan)
+        with ThreadPoolExecutor(len(agents)) as pool:
+            futures = {n: pool.submit(a.execute, plan, peers, timeout_s)
+                       for n, a in agents.items()}
+            outcomes: dict[str, Outcome] = {}
+            for n, f in futures.items():
+                try:
+                    outcomes[n] = f.result()
+                except MulticastError as e:
+                    outcomes[n] = e
+    return outcomes
+
+
+def assert_identical_blocks(node_dir: Path, model: tuple[Path, ModelManifest],
+                            blocks: Sequence[int] | None = None) -> None:
+    model_dir, manifest = model
+    for i in range(manifest.num_blocks) if blocks is None else blocks:
+        name = manifest.blocks[i].file
+        assert (node_dir / name).read_bytes() == (model_dir / name).read_bytes(), (node_dir, i)
+    assert not list(node_dir.glob("*.part")), "a part file outlived execute"
+
+
+def assert_forwarded_only_held_blocks(plan: MulticastPlan, reports: Mapping[str, AgentReport]
+                                      ) -> None:
+    """On the shared monotonic clock: a node sends a block only after it is in place there, a
+    receiver has it only after its sender started sending it, sends follow plan order, and so
+    do receives (admission: one at a time, in step order)."""
+    arrival = {(n, b): r.started_at + s for n, r in reports.items() for b, s in r.arrival_s.items()}
+    for node, report in reports.items():
+        by_step = [t.block for t in sorted(role_of(plan, node).receives.values(),
+                                           key=lambda t: t.step)]
+        assert sorted(report.arrival_s, key=report.arrival_s.get) == by_step, node
+        steps = [s.step for s in report.sends]
+        assert steps == sorted(steps), (node, "sends out of plan order")
+        assert len(report.sends) == len(role_of(plan, node).sends)
+        for send in report.sends:
+            start = report.started_at + send.start_s
+            if node not in plan.sources:
+                assert arrival[(node, send.block)] <= start, (node, send)
+            assert start <= arrival[(send.dst, send.block)], (node, send)
+
+
+PLANS = {
+    "binomial-8": lambda: binomial_pipeline("s0", [f"t{i}" for i in range(1, 8)], NUM_BLOCKS),
+    "binomial-6": lambda: binomial_pipeline("s0", [f"t{i}" for i in range(1, 6)], NUM_BLOCKS),
+    "k2-8": lambda: k_way(["s0", "s1"], [f"t{i}" for i in range(1, 7)], NUM_BLOCKS),
+    "chain-4": lambda: chain("s0", ["t1", "t2", "t3"], NUM_BLOCKS),
+}
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+def test_every_target_ends_with_the_sources_bytes(plan_name: str, model, tmp_path) -> None:
+    plan = PLANS[plan_name]()
+    outcomes = run_plan(plan, model, tmp_path)
+
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    reports: dict[str, AgentReport] = outcomes  # type: ignore[assignment]
+    total = model[1].total_bytes
+    for t in plan.targets:
+        assert_identical_blocks(tmp_path / t, model)
+        assert sorted(reports[t].arrival_s) == list(range(NUM_BLOCKS))
+        assert reports[t].bytes_received == total
+        assert (reports[t].corrupt_frames, reports[t].errors) == (0, ())
+    assert sum(r.bytes_sent for r in reports.values()) == total * len(plan.targets)
+    assert sum(r.blocks_sent for r in reports.values()) == len(plan.transfers)
+    assert_forwarded_only_held_blocks(plan, reports)
+
+
+def test_prepared_part_files_are_filled_and_none_outlives_execute(model, tmp_path) -> None:
+    plan = chain("s0", ["t1", "t2"], NUM_BLOCKS)
+    with ZmqTransport(secret=SECRET, name="t1") as transport:
+        probe = NodeAgent("t1", transport, model[1], tmp_path / "probe")
+        probe.prepare(plan)
+        sizes = {p.name: p.stat().st_size for p in (tmp_path / "probe").iterdir()}
+        assert sizes == {b.file + ".part": b.size_bytes for b in model[1].blocks}
+
+    outcomes = run_plan(plan, model, tmp_path, prepare=True)
+
+    for t in plan.targets:
+        assert isinstance(outcomes[t], AgentReport), outcomes[t]
+        assert_identical_blocks(tmp_path / t, model)
+
+
+def test_without_admission_blocks_still_arrive_whole_and_forwarded_only_when_held(
+        model, tmp_path) -> None:
+    plan = PLANS["binomial-6"]()
+    outcomes = run_plan(plan, model, tmp_path, admission=False)
+
+    for t in plan.targets:
+        assert isinstance(outcomes[t], AgentReport), outcomes[t]
+        assert_identical_blocks(tmp_path / t, model)
+    for node, report in outcomes.items():
+        for send in report.sends:
+            assert node in plan.sources or report.arrival_s[send.block] <= send.start_s
+
+
+def test_local_loads_come_from_the_nodes_own_tier(model, tmp_path) -> None:
+    plan = k_way(["s0"], ["t1", "t2", "t3"], NUM_BLOCKS, local={"t3"})
+    outcomes = run_plan(plan, model, tmp_path, local_dir=model[0])
+
+    for t in plan.targets:
+        assert isinstance(outcomes[t], AgentReport), outcomes[t]
+        assert_identical_blocks(tmp_path / t, model)
+    assert outcomes["t3"].bytes_received == 0
+    assert sorted(outcomes["t3"].arrival_s) == list(range(NUM_BLOCKS))
+
+
+def test_a_stalled_peer_is_named_with_the_missing_blocks_within_the_timeout(model,
+                                                                            tmp_path) -> None:
+    plan = chain("s0", ["relay", "t2"], NUM_BLOCKS)  # relay takes frames but never forwards
+    began = time.monotonic()
+    outcomes = run_plan(plan, model, tmp_path, idle=["relay"], timeout_s=STALL_TIMEOUT_S)
+    took_s = time.monotonic() - began
+
+    err = outcomes["t2"]
+    assert isinstance(err, MulticastError)
+    assert err.missing_blocks == tuple(range(NUM_BLOCKS))
+    assert err.stalled_peers == ("relay",)
+    assert "relay" in str(err) and err.report.arrival_s == {}
+    assert not list((tmp_path / "t2").glob("block-*"))
+    assert took_s < STALL_TIMEOUT_S + 2.0
+    source = outcomes["s0"]  # relay's queues fill up, or they take everything: either is fine
+    assert isinstance(source, AgentReport) or source.stalled_peers == ("relay",)
+
+
+def test_a_dead_receiver_fails_the_send_naming_it(model, tmp_path) -> None:
+    with ZmqTransport(secret=SECRET, name="gone") as gone:
+        dead = gone.address  # bound, then closed: nothing listens there
+    plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+    outcomes = run_plan(plan, model, tmp_path, idle=["t1"], addresses={"t1": dead},
+                        timeout_s=STALL_TIMEOUT_S)
+
+    err = outcomes["s0"]
+    assert isinstance(err, MulticastError)
+    assert err.stalled_peers == ("t1",) and err.missing_blocks == ()
+    assert err.report.blocks_sent == 0
+    assert any("t1 did not admit it" in e for e in err.report.errors)
+
+
+def sha256_catalog(model: tuple[Path, ModelManifest]) -> BlockCatalog:
+    """The model as packing format 1 described it: sha256 checksums (the agent hashes)."""
+    model_dir, manifest = model
+    return BlockCatalog(manifest.model_id, tuple(
+        BlockFile(b.file, b.size_bytes,
+                  "sha256:" + hashlib.sha256((model_dir / b.file).read_bytes()).hexdigest())
+        for b in manifest.blocks))
+
+
+@pytest.mark.parametrize("checksums", ["blake3", "sha256"])
+def test_a_sender_with_a_corrupt_block_file_is_detected_and_nothing_is_written(
+        checksums: str, model, tmp_path) -> None:
+    catalog = sha256_catalog(model) if checksums == "sha256" else None
+    bad_dir = tmp_path / "bad-source"
+    shutil.copytree(model[0], bad_dir)
+    bad = bad_dir / model[1].blocks[2].file
+    data = bytearray(bad.read_bytes())
+    data[1000] ^= 0xFF
+    bad.write_bytes(data)
+    plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+    outcomes = run_plan(plan, model, tmp_path, holdings={"s0": bad_dir}, catalog=catalog)
+
+    assert isinstance(outcomes["s0"], AgentReport)  # it sent what it had
+    err = outcomes["t1"]
+    assert isinstance(err, MulticastError)
+    assert (err.missing_blocks, err.corrupt_peers, err.stalled_peers) == ((2,), ("s0",), ())
+    assert err.report.corrupt_frames == 1
+    assert err.report.elapsed_s < TIMEOUT_S / 2  # given up when it was dropped, not at the deadline
+    assert not (tmp_path / "t1" / model[1].blocks[2].file).exists()
+    assert_identical_blocks(tmp_path / "t1", model, [0, 1, 3, 4, 5])
+
+
+def test_a_format_1_manifest_is_verified_by_hashing_the_landed_blocks(model, tmp_path) -> None:
+    plan = chain("s0", ["t1", "t2"], NUM_BLOCKS)
+    outcomes = run_plan(plan, model, tmp_path, catalog=sha256_catalog(model))
+
+    for t in plan.targets:
+        assert isinstance(outcomes[t], AgentReport), outcomes[t]
+        assert_identical_blocks(tmp_path / t, model)
+
+
+def test_corrupt_frames_are_dropped_and_counted(model, tmp_path) -> None:
+    """A forged sender. Block 4: the manifest's digest in the (MAC'd) header, a flipped byte in
+    the payload (corrupted in flight): the transport's check fails. Block 1: a flipped byte and
+    the digest of those bytes (a sender with a bad copy): the frame is consistent, but its digest
+    is not the manifest's, so the agent refuses it before taking the payload."""
+    model_dir, manifest = model
+    with ZmqTransport(secret=SECRET, name="t1") as transport, ThreadPoolExecutor(1) as pool:
+        agent = NodeAgent("t1", transport, manifest, tmp_path / "t1")
+        plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+        running = pool.submit(agent.execute, plan, {}, TIMEOUT_S)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(transport.address)
+        for i, info in enumerate(manifest.blocks):
+            payload = bytearray((model_dir / info.file).read_bytes())
+            digest = bytes.fromhex(info.checksum.removeprefix("blake3:"))
+            if i in (1, 4):
+                payload[-1] ^= 0x01
+            if i == 1:
+                digest = payload_digest(payload)
+            header = Header("block", "s0", time.time_ns() + i, {"model_id": manifest.model_id,
+                                                                 "index": i},
+                            len(payload), digest)
+            sock.send_multipart([encode_header(header, mac_key(SECRET)), payload])
+        with pytest.raises(MulticastError) as caught:
+            running.result()
+        sock.close()
+        ctx.term()
+        assert transport.stats.corrupt_frames == 1
+
+    err = caught.value
+    assert err.missing_blocks == (1, 4) and err.corrupt_peers == ("s0",)
+    assert err.report.corrupt_frames == 2
+    for i in (1, 4):
+        assert not (tmp_path / "t1" / manifest.blocks[i].file).exists()
+    assert_identical_blocks(tmp_path / "t1", model, [0, 2, 3, 5])
+
+
+def test_bad_input_is_refused_before_any_io(model, tmp_path) -> None:
+    with ZmqTransport(secret=SECRET, name="t1") as transport:
+        agent = NodeAgent("t1", transport, model[1], tmp_path / "t1")
+        with pytest.raises(AgentConfigError, match="not in the"):
+            agent.execute(binomial_pipeline("s0", ["t2"], NUM_BLOCKS), {}, 1.0)
+        with pytest.raises(AgentConfigError, match="no transport address"):
+            agent.execute(chain("s0", ["t1", "t2"], NUM_BLOCKS), {}, 1.0)
+        source = NodeAgent("s0", transport, model[1], tmp_path / "empty")
+        with pytest.raises(AgentConfigError, match="neither holds"):
+            source.execute(naive("s0", ["t1"], NUM_BLOCKS), {"t1": transport.address}, 1.0)
+        with pytest.raises(AgentConfigError, match="moves 3 blocks"):
+            agent.execute(binomial_pipeline("s0", ["t1"], 3), {}, 1.0)
+    assert not (tmp_path / "t1").exists() or not list((tmp_path / "t1").iterdir())
+
+
+def test_plans_reports_and_catalogs_round_trip(model) -> None:
+    for make in (*PLANS.values(), lambda: k_way(["a", "b"], ["c", "d", "e"], 5, local={"e"})):
+        plan = make()
+        assert plan_from_json(plan_to_json(plan)) == plan
+    with pytest.raises(AgentConfigError):
+        plan_from_json(json.dumps({"algorithm": "x", "sources": ["a"], "targets": ["b"],
+                                   "num_blocks": 1, "transfers": [], "local_loads": []}))
+    report = AgentReport("t1", 12.5, 3.0, {0: 1.0, 5: 2.5},
+                         (SendRecord(3, 0, "t2", 1.1, 1.4),), 10, 20, 1, (4,), ("why",))
+    assert AgentReport.from_json(report.to_json()) == report
+    err = pickle.loads(pickle.dumps(MulticastError("m", missing_blocks=[4], stalled_peers=["a"],
+                                                   corrupt_peers=[], report=report)))
+    assert (err.missing_blocks, err.stalled_peers, err.report) == ((4,), ("a",), report)
+    assert BlockCatalog.read(model[0]) == BlockCatalog.of(model[1])
+
+
+def test_the_process_entry_point_runs_a_plan_with_its_peers(model, tmp_path) -> None:
+    """Three agent processes on loopback, started together at a shared wall-clock time."""
+    plan = binomial_pipeline("s0", ["t1", "t2"], NUM_BLOCKS)
+    (tmp_path / "plan.json").write_text(plan_to_json(plan))
+    (tmp_path / "secret").write_bytes(SECRET)
+    ports = {n: 47100 + i + os.getpid() % 1000 * 3 for i, n in enumerate(["s0", "t1", "t2"])}
+    peers = {n: f"tcp://127.0.0.1:{p}" for n, p in ports.items()}
+    (tmp_path / "peers.json").write_text(json.dumps(peers))
+    start_at = time.time() + 3.0  # s0 and t1 are told the time; t2 waits for a file with it
+    start = {"s0": ["--start-at", str(start_at)], "t1": ["--start-at", str(start_at)],
+             "t2": ["--start-file", str(tmp_path / "go")]}
+    procs = {n: subprocess.Popen(
+        [sys.executable, "-m", "faascale.pipecast.agent", "--plan", str(tmp_path / "plan.json"),
+         "--name", n, "--bind", f"127.0.0.1:{ports[n]}", "--peers", str(tmp_path / "peers.json"),
+         "--blocks-dir", str(model[0] if n == "s0" else tmp_path / n), "--model-dir",
+         str(model[0]), "--secret-file", str(tmp_path / "secret"), *start[n],
+         "--timeout-s", "20", "--report", str(tmp_path / f"{n}.json")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in ports}
+    ready = {n: p.stdout.readline() for n, p in procs.items()}
+    (tmp_path / "go").write_text(str(start_at))
+    outputs = {n: p.communicate(timeout=60) for n, p in procs.items()}
+
+    for n, p in procs.items():
+        assert p.returncode == 0, (n, outputs[n])
+        assert ready[n] == f"ready {peers[n]}\n"
+        out = json.loads((tmp_path / f"{n}.json").read_text())
+        assert out["error"] is None and out["start_epoch_s"] >= start_at - 0.01
+        assert out["cpu_s"] >= 0
+    for t in ("t1", "t2"):
+        assert_identical_blocks(tmp_path / t, model)
