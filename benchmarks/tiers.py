@@ -9,7 +9,7 @@ and a synthetic ~1 GB random Llama) and per tier, side by side in one run, best 
   touched. Limit: the model's bytes / memcpy bandwidth measured in this run. Baseline:
   ``safetensors.torch.load_file`` of the same weights as one file in /dev/shm.
 - DISK: blocks only in the DISK dir, page cache dropped before every run; ``fetch_model`` verifies
-  each block file in place (blake3 over an mmap: this is the read) and serves it; the HOST copy
+  each block file in place (one pipelined sequential read + blake3: this is the read) and serves it; the HOST copy
   is made behind the load. Limit: ``readinto`` of the same block files, cache dropped, the faster
   of one file at a time and 4 at once. Baseline: ``load_file`` of a safetensors file in that dir.
 - REMOTE: blocks only in S3 (Ceph RGW on loopback, started here), fresh BlockStore each run:
@@ -828,8 +828,9 @@ REMOTE = {s3.label}, {S3_CONCURRENCY} ranged GETs of {S3_PART_BYTES // MiB} MiB 
 "Loaded" = `LLM.from_blocks` over the block tensors and one `tensor.sum()` over every tensor (every
 weight byte read once), the same touch on every path. Best of {runs} for every figure. Ours =
 `BlockStore.fetch_model` ({PARALLEL_BLOCKS} blocks in flight, as `NodeBlocks.fetch_model` does) +
-`map_block` + `block_tensors` + `from_blocks` + touch. A DISK hit is verified in place (blake3
-over an mmap of the DISK file: that pass is the disk read) and mapped from the page cache; a
+`map_block` + `block_tensors` + `from_blocks` + touch. A DISK hit is verified in place (one
+sequential read, 8 MiB chunks, hashed by blake3 while the next chunk is read: that pass is the
+disk read) and mapped from the page cache it left; a
 REMOTE block is fetched straight into its HOST file and verified there. The copy into the other
 tier (DISK -> HOST, REMOTE -> DISK) is made behind the load, in the background; the last column
 is how long it ran on after the model was loaded. The tokenizer is parsed outside every timing

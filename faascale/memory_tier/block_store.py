@@ -148,9 +148,9 @@ class BlockStore:
         DISK -> HOST) is made in the background (``wait_idle`` waits for it). Evicts per the
         policy; pins the block when ``pin`` (the caller unpins or demotes later). Concurrent
         calls for one block share one fetch. A corrupt DISK copy is dropped and re-fetched from
-        REMOTE. Raises CorruptBlockError if the
-        REMOTE copy is corrupt, the object store's StoreError if REMOTE is unreachable, and
-        LookupError if no tier has the block.
+        REMOTE. Raises CorruptBlockError if the REMOTE copy is corrupt, the object store's
+        StoreError if REMOTE is unreachable, TierFullError if neither HOST nor DISK can make room,
+        and LookupError if no tier has the block.
         """
         block = manifest.block_id(index)
         with self._lock:
@@ -203,8 +203,8 @@ class BlockStore:
             self.hits[Tier.HOST.name] += 1
             return FetchResult(block, Tier.HOST, self._path(Tier.HOST, block))
         if self.lookup(block) is Tier.DISK:
-            # Verifying the DISK file reads it into the page cache (blake3 over an mmap, all
-            # cores): the replica then maps those pages. The HOST copy is made later from them.
+            # Verifying the DISK file reads it into the page cache (one pipelined sequential read
+            # and hash): the replica then maps those pages. The HOST copy is made later from them.
             path = self._path(Tier.DISK, block)
             problem = _check_file(manifest, index, path)
             if problem is None:
