@@ -579,7 +579,7 @@ def run_model(local: Local, work: Path, shm: Path, s3: S3Server, runs: int, memc
                              min(seq_s, par_s), best(base).seconds, seq_s, par_s)
     report_tier(out["DISK"])
     evict_host()
-    del store
+    store.close()
     collect()
 
     # REMOTE: blocks and the safetensors file in S3; a fresh, empty BlockStore per run.
@@ -595,7 +595,7 @@ def run_model(local: Local, work: Path, shm: Path, s3: S3Server, runs: int, memc
         store = instrument(BlockStore(dirs[0], dirs[1], 64 << 30, 256 << 30,
                                       remote=remote_blocks(s3store, local.prefix)))
         sample = ours(store, m, tok)
-        del store
+        store.close()
         collect()
         for d in dirs:
             shutil.rmtree(d)

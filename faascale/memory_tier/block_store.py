@@ -9,7 +9,6 @@ them to files. Thread-safe; several callers asking for one block cause one fetch
 
 from __future__ import annotations
 
-import errno
 import logging
 import mmap
 import os
@@ -23,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faascale.engine.checkpoint import (BlockId, CorruptBlockError, ModelManifest, hasher_for,
-                                        verify_block)
+from faascale.engine.blockio import hasher_for, preallocate, tagged
+from faascale.engine.checkpoint import BlockId, CorruptBlockError, ModelManifest, block_problem
 from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_evictions, expired_blocks
 
 log = logging.getLogger(__name__)
@@ -280,16 +279,16 @@ class BlockStore:
         try:
             with open(tmp, "w+b") as f:
                 if size:
-                    _preallocate(f.fileno(), size)
+                    preallocate(f.fileno(), size)
                     # Pages allocated by fallocate, page tables filled in one call: writing
                     # through a plain mapping took one fault per 4 KiB page (0.5 s per 650 MB
                     # here, against 0.1 s to populate).
                     with mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _MAP_POPULATE) as mm:
                         with memoryview(mm) as view:
                             fill(view)
-                        problem = _reason(manifest, index, mm)
+                        problem = block_problem(manifest, index, mm)
                 else:
-                    problem = _reason(manifest, index, b"")
+                    problem = block_problem(manifest, index, b"")
             if problem is not None:
                 raise CorruptBlockError(block, problem)
             os.replace(tmp, path)
@@ -419,7 +418,7 @@ def _check_file(manifest: ModelManifest, index: int, path: Path) -> str | None:
             hasher.update(chunk)
     except OSError as exc:
         return f"unreadable: {exc}"
-    actual = f"{info.checksum.partition(':')[0]}:{hasher.hexdigest()}"
+    actual = tagged(info.checksum, hasher.hexdigest())
     if actual != info.checksum:
         return f"checksum {actual[:23]}… does not match manifest {info.checksum[:23]}…"
     return None
@@ -469,25 +468,6 @@ def _read_chunks(path: Path, size_bytes: int) -> Iterator[memoryview]:
     finally:
         free.put(None)  # type: ignore[arg-type]  # unblock a reader still waiting for a buffer
         reader.join()
-
-
-def _reason(manifest: ModelManifest, index: int, buffer: mmap.mmap | bytes) -> str | None:
-    """verify_block's reason, returned (a live traceback would pin the mmap open)."""
-    try:
-        verify_block(manifest, index, buffer)
-    except CorruptBlockError as exc:
-        return exc.reason
-    return None
-
-
-def _preallocate(fd: int, size_bytes: int) -> None:
-    """Reserve the file's space: a full tmpfs or disk fails here with ENOSPC, not as SIGBUS later."""
-    try:
-        os.posix_fallocate(fd, 0, size_bytes)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        os.ftruncate(fd, size_bytes)
 
 
 def map_block(path: Path) -> mmap.mmap:

@@ -17,7 +17,6 @@ both directions, so its presence means "complete model".
 
 from __future__ import annotations
 
-import errno
 import io
 import mmap
 import os
@@ -34,8 +33,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
+from faascale.engine.blockio import preallocate
 from faascale.engine.checkpoint import (MANIFEST_FILE, CheckpointError, CorruptBlockError,
-                                        ModelManifest, is_packed, read_manifest, verify_block,
+                                        ModelManifest, block_problem, is_packed, read_manifest,
                                         verify_tokenizer)
 
 MiB = 1 << 20
@@ -517,8 +517,6 @@ class S3Store:
         return self._retrying(key, "GET", attempt)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        from botocore.exceptions import ClientError
-
         _check_range(start, length)
         if length == 0:
             self.size(key)  # still report a missing key
@@ -527,12 +525,9 @@ class S3Store:
 
         def attempt() -> bytes:
             try:
-                resp = self._client.get_object(Bucket=self.bucket, Key=full,
-                                               Range=f"bytes={start}-{start + length - 1}")
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return b""  # start is at or past the end (S3 answers 416 only for an existing key)
-                raise
+                resp = self._ranged_get(full, start, length)
+            except _RangeNotSatisfiable:
+                return b""  # start is at or past the end (S3 answers 416 only for an existing key)
             body = resp["Body"]
             with body, _reading_body():
                 data = body.read()
@@ -610,16 +605,8 @@ class S3Store:
         Raises ObjectSizeMismatch before writing if the object is not ``total`` bytes, and
         _RangeNotSatisfiable (416) if the object ends before ``offset``.
         """
-        from botocore.exceptions import ClientError
-
         def attempt() -> str:
-            try:
-                resp = self._client.get_object(Bucket=self.bucket, Key=full,
-                                               Range=f"bytes={offset}-{offset + length - 1}")
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                    raise _RangeNotSatisfiable() from None
-                raise
+            resp = self._ranged_get(full, offset, length)
             body = resp["Body"]
             with body:
                 actual_total = _total_size(resp)
@@ -640,6 +627,19 @@ class S3Store:
             return str(resp.get("ETag", ""))
 
         return self._retrying(key, "GET part", attempt)
+
+    def _ranged_get(self, full: str, start: int, length: int) -> dict[str, Any]:
+        """One GET of bytes ``[start, start + length)``; _RangeNotSatisfiable if the object ends
+        before ``start`` (416). Other client errors propagate to ``_retrying``."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=full,
+                                           Range=f"bytes={start}-{start + length - 1}")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                raise _RangeNotSatisfiable() from None
+            raise
 
     def _size_mismatch(self, key: str, actual: int, buffer_bytes: int) -> ObjectSizeMismatch:
         return ObjectSizeMismatch(f"{self.uri}: object {key!r} is {actual} bytes but the buffer is "
@@ -886,40 +886,17 @@ def _download_block(store: ObjectStore, manifest: ModelManifest, index: int, key
     try:
         with open(path, "w+b") as f:
             if info.size_bytes == 0:
-                problem = _check_block(manifest, index, store.get(key))
+                problem = block_problem(manifest, index, store.get(key))
             else:
-                _preallocate(f, info.size_bytes)
+                preallocate(f.fileno(), info.size_bytes)
                 with mmap.mmap(f.fileno(), info.size_bytes) as mm:
                     with memoryview(mm) as view:
                         store.get_into(key, view)
-                    problem = _check_block(manifest, index, mm)
+                    problem = block_problem(manifest, index, mm)
     except ObjectSizeMismatch as exc:
         problem = f"is {exc.actual_bytes} bytes, expected {info.size_bytes} (truncated?)"
     if problem is not None:
         raise CorruptBlockError(block_id, f"{where}: {problem}")
-
-
-def _preallocate(f: Any, size_bytes: int) -> None:
-    """Reserve the file's blocks: a full disk fails here with ENOSPC, not later as SIGBUS in the mmap."""
-    try:
-        os.posix_fallocate(f.fileno(), 0, size_bytes)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        f.truncate(size_bytes)  # a filesystem without fallocate: sparse file
-
-
-def _check_block(manifest: ModelManifest, index: int, buffer: Any) -> str | None:
-    """verify_block's reason, or None if the block is good.
-
-    Returned, not raised: a live traceback would keep verify_block's view of the mmap alive and
-    the mmap could not close.
-    """
-    try:
-        verify_block(manifest, index, buffer)
-    except CorruptBlockError as exc:
-        return str(exc).partition(" is corrupt: ")[2] or str(exc)
-    return None
 
 
 def download_packed(store: ObjectStore, key_prefix: str, dest_dir: Path,

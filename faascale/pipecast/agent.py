@@ -59,8 +59,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import errno
-import hashlib
 import json
 import mmap
 import os
@@ -75,8 +73,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-import blake3
-
+from faascale.engine.blockio import hasher_for, preallocate
 from faascale.pipecast.schedule import LocalLoad, MulticastPlan, PlanError, Transfer
 from faascale.pipecast.transport import (
     CorruptFrameError,
@@ -745,7 +742,7 @@ class _Landing:
         size = self.catalog.blocks[block].size_bytes
         try:
             with open(self._part_path(block), "w+b") as f:  # the mapping keeps its own fd
-                _preallocate(f.fileno(), size)
+                preallocate(f.fileno(), size)
                 mapping = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
         except BaseException:
             self._part_path(block).unlink(missing_ok=True)
@@ -772,7 +769,7 @@ class _Landing:
         algorithm, _, expected = info.checksum.partition(":")
         try:
             if part is None or algorithm != "blake3":
-                hasher = _hasher(algorithm)
+                hasher = hasher_for(info.checksum)
                 hasher.update(b"" if part is None else part)
                 if info.size_bytes != (0 if part is None else len(part)) \
                         or hasher.hexdigest() != expected:
@@ -810,18 +807,12 @@ def _digest_matches(checksum: str, digest: bytes) -> bool | None:
     return digest.hex() == hexdigest if algorithm == "blake3" else None
 
 
-def _hasher(algorithm: str) -> Any:
-    if algorithm == "blake3":
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
-    return hashlib.new(algorithm)  # ValueError for an unknown one
-
-
 def _copy_verified(src: Path, dst: Path, info: BlockFile) -> None:
     """Copy a local-tier block file to ``dst`` through a part file, hashing it on the way; rename
     only if it matches the manifest. Raises OSError or _Refused (corrupt or wrong size)."""
     part = dst.with_name(dst.name + PART_SUFFIX)
-    algorithm, _, expected = info.checksum.partition(":")
-    hasher = _hasher(algorithm)
+    expected = info.checksum.partition(":")[2]
+    hasher = hasher_for(info.checksum)
     try:
         with open(src, "rb") as f, open(part, "wb") as out:
             if os.fstat(f.fileno()).st_size != info.size_bytes:
@@ -836,16 +827,6 @@ def _copy_verified(src: Path, dst: Path, info: BlockFile) -> None:
         os.replace(part, dst)
     finally:
         part.unlink(missing_ok=True)
-
-
-def _preallocate(fd: int, size_bytes: int) -> None:
-    """Reserve the space: a full tmpfs or disk fails here with ENOSPC, not as SIGBUS later."""
-    try:
-        os.posix_fallocate(fd, 0, size_bytes)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-        os.ftruncate(fd, size_bytes)
 
 
 @contextlib.contextmanager
