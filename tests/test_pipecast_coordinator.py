@@ -76,7 +76,9 @@ def test_pipelines_serve_before_any_replica_is_full_then_dissolve() -> None:
     # The record shows a request served through a pipeline before any new replica was full.
     assert kinds.index("served") < kinds.index("full")
     served = next(e for e in scale.record if e.kind == "served")
-    assert served.detail["mode"] == "pipeline" and served.detail["full_replicas"] == []
+    assert served.detail["stages"] == [[s.replica, s.first_block, s.last_block]
+                                       for s in layout.stages]
+    assert served.detail["full_replicas"] == []
     assert scale.progress()["bytes_moved"] == 4 * 6 * 100 * MB
 
 

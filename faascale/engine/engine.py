@@ -30,6 +30,23 @@ class DuplicateRequestError(ValueError):
     """A request id is already in the engine."""
 
 
+class RunnerUnavailable(RuntimeError):
+    """The runner cannot run now: a pipeline stage failed or stalled, or the replica has no runner
+    yet (still loading). Raised by a runner's ``forward``; the engine puts its running requests
+    back in the queue (their output so far kept) and waits for ``switch_runner``."""
+
+
+class NoRunner:
+    """A runner for a replica that cannot serve yet (PipeCast: loading, no pipeline): requests
+    queue until ``switch_runner`` gives the engine one that can."""
+
+    def __init__(self, config, max_batch_size: int, why: str = "the replica is loading") -> None:  # noqa: ANN001 - a ModelConfig
+        self.config, self.max_batch_size, self.why = config, max_batch_size, why
+
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        raise RunnerUnavailable(self.why)
+
+
 class ShardChain:
     """Runs layer-range shards one after another, each with its own KV cache.
 
@@ -113,6 +130,7 @@ class Engine:
         self.waiting: OrderedDict[str, Request] = OrderedDict()
         self.running: dict[str, Request] = {}
         self._aborted: list[StepOutput] = []
+        self.unavailable: RunnerUnavailable | None = None  # set by step: wait for switch_runner
 
     # ------------------------------------------------------------------ requests
 
@@ -160,13 +178,19 @@ class Engine:
         if (old.vocab_size, old.num_layers, old.hidden_size) != (new.vocab_size, new.num_layers,
                                                                  new.hidden_size):
             raise ValueError("switch_runner: the new runner is a different model")
+        moved = self._requeue_running()
+        self.runner, self.unavailable = runner, None
+        return moved
+
+    def _requeue_running(self) -> list[str]:
+        """Running requests back to the front of the queue, output kept, slots freed."""
         moved = sorted(self.running.values(), key=lambda r: r.arrival_s)
         for req in moved:
             self.slots.release(req.slot)
             req.slot, req.num_cached, req.status = None, 0, Status.WAITING
         resumed = OrderedDict((r.request_id, r) for r in moved)
         resumed.update(self.waiting)
-        self.waiting, self.running, self.runner = resumed, {}, runner
+        self.waiting, self.running = resumed, {}
         return [r.request_id for r in moved]
 
     def has_unfinished(self) -> bool:
@@ -183,15 +207,23 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[StepOutput]:
-        """One engine iteration: prefill admitted requests, decode the running ones."""
+        """One engine iteration: prefill admitted requests, decode the running ones.
+
+        If the runner raises ``RunnerUnavailable``, the tokens made before it in this step are
+        still returned, the running requests go back to the queue, and ``unavailable`` says why:
+        a caller should not step again before ``switch_runner``."""
         outputs, self._aborted = self._aborted, []
         plan = self.policy.plan([WaitingView(r.request_id, len(r.prompt_ids) + len(r.output_ids))
                                  for r in self.waiting.values()], len(self.running))
         decoding = sorted(self.running.values(), key=lambda r: r.slot) if plan.decode else []
-        for rid in plan.prefill:
-            outputs.append(self._prefill(self.waiting.pop(rid)))
-        if decoding:
-            outputs.extend(self._decode(decoding))
+        try:
+            for rid in plan.prefill:
+                outputs.append(self._prefill(self.waiting.pop(rid)))
+            if decoding:
+                outputs.extend(self._decode(decoding))
+        except RunnerUnavailable as exc:
+            self._requeue_running()
+            self.unavailable = exc
         return outputs
 
     def _prefill(self, req: Request) -> StepOutput:

@@ -11,7 +11,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 from faascale.engine.engine import Engine, StepOutput
@@ -78,8 +78,12 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, name: str = "faascale-engine") -> None:
+    def __init__(self, engine: Engine, name: str = "faascale-engine",
+                 on_unavailable: Callable[[Exception], None] | None = None) -> None:
+        """``on_unavailable`` (engine thread) hears when the runner stops being able to run
+        (``RunnerUnavailable``): requests then wait, streams open, until ``switch_runner``."""
         self.engine = engine
+        self._on_unavailable = on_unavailable
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
@@ -141,7 +145,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            block = not self.engine.has_unfinished()
+            # Nothing to do, or nothing to run it on (waiting for switch_runner): sleep on commands.
+            block = not self.engine.has_unfinished() or self.engine.unavailable is not None
             try:
                 cmd, arg = self._commands.get(block=block)
                 self._apply(cmd, arg)
@@ -150,7 +155,8 @@ class EngineLoop:
                     self._apply(cmd, arg)
             except queue.Empty:
                 pass
-            if self._stop.is_set() or not self.engine.has_unfinished():
+            if (self._stop.is_set() or not self.engine.has_unfinished()
+                    or self.engine.unavailable is not None):
                 continue
             try:
                 outputs = self.engine.step()
@@ -159,6 +165,14 @@ class EngineLoop:
                 self._fail_all(exc)
                 continue
             self._dispatch(outputs)
+            if self.engine.unavailable is not None:
+                log.warning("runner unavailable, %d requests wait for the next: %s",
+                            len(self.engine.waiting), self.engine.unavailable)
+                if self._on_unavailable is not None:
+                    try:
+                        self._on_unavailable(self.engine.unavailable)
+                    except Exception:
+                        log.exception("on_unavailable failed")
         self._fail_all(EngineFailure("the engine loop stopped"))
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:

@@ -85,6 +85,8 @@ from faascale.pipecast.transport import (
 )
 
 START_POLL_S = 0.002  # --start-file: how often to look for it (agents start within this)
+MAX_EARLY_FRAMES = 4096  # control frames kept for the next plan (a peer started it first)
+CREDIT_SEND_S = 5.0  # a credit (a small frame) a live peer takes at once; a dead one never
 POLL_S = 0.05  # how often the receive thread looks at its stop flag; bounds execute's tail
 COPY_CHUNK_BYTES = 16 << 20  # local loads read in chunks: one syscall per 16 MiB, little memory
 PART_SUFFIX = ".part"
@@ -263,7 +265,8 @@ def plan_to_json(plan: MulticastPlan) -> str:
                        "targets": list(plan.targets), "num_blocks": plan.num_blocks,
                        "transfers": [[t.step, t.src, t.dst, t.block] for t in plan.transfers],
                        "local_loads": [[x.step, x.node, x.block] for x in plan.local_loads],
-                       "unlimited_senders": sorted(plan.unlimited_senders)})
+                       "unlimited_senders": sorted(plan.unlimited_senders),
+                       "initial": {n: sorted(b) for n, b in plan.initial.items()}})
 
 
 def plan_from_json(text: str) -> MulticastPlan:
@@ -273,7 +276,9 @@ def plan_from_json(text: str) -> MulticastPlan:
         plan = MulticastPlan(d["algorithm"], d["sources"], d["targets"], d["num_blocks"],
                              tuple(Transfer(*t) for t in d["transfers"]),
                              tuple(LocalLoad(*x) for x in d["local_loads"]),
-                             frozenset(d.get("unlimited_senders", ())))
+                             frozenset(d.get("unlimited_senders", ())),
+                             {str(n): frozenset(int(x) for x in b)
+                              for n, b in d.get("initial", {}).items()})
         plan.validate()
     except (ValueError, KeyError, TypeError, PlanError) as e:
         raise AgentConfigError(f"not a valid multicast plan: {e}") from e
@@ -290,12 +295,16 @@ class NodeAgent:
     ``local_dir``: the node's local tier, read by ``LocalLoad`` entries. ``admission=False``
     (for measurements only) sends without waiting for credits and grants none: every agent of
     a plan must agree. The agent owns the transport's receiving side while ``execute`` runs;
-    one ``execute`` at a time."""
+    one ``execute`` at a time. ``on_block(i)`` is called (from the agent's threads) the moment
+    block ``i`` is in place, received or loaded: PipeCast reports it to the coordinator, which
+    may form a pipeline with it before the plan is done."""
 
     def __init__(self, name: str, transport: Transport, manifest: Any,
                  holdings_dir: str | os.PathLike, clock: Callable[[], float] = time.monotonic,
-                 local_dir: str | os.PathLike | None = None, admission: bool = True) -> None:
+                 local_dir: str | os.PathLike | None = None, admission: bool = True,
+                 on_block: Callable[[int], None] | None = None) -> None:
         self.name = name
+        self._on_block = on_block
         self._transport = transport
         self._catalog = BlockCatalog.of(manifest)
         self._dir = Path(holdings_dir)
@@ -303,6 +312,16 @@ class NodeAgent:
         self._clock = clock
         self._landing: _Landing | None = None  # part files made by prepare()
         self._admission = admission
+        self._running: _Progress | None = None
+        self._early: dict[str, list[Header]] = {}  # control frames of a plan not yet started
+
+    def cancel(self) -> None:
+        """Give up the ``execute`` in progress (another thread calls this): it returns within
+        about POLL_S, raising ``MulticastError`` with what is missing; a no-op when idle. The
+        coordinator does this before it hands the node a repair plan."""
+        running = self._running
+        if running is not None:
+            running.cancelled.set()
 
     def path(self, block: int) -> Path:
         """Where block ``block`` is (or will be) in place."""
@@ -329,7 +348,7 @@ class NodeAgent:
                 landing.prepare(block)
 
     def execute(self, plan: MulticastPlan, peers: Mapping[str, str],
-                timeout_s: float) -> AgentReport:
+                timeout_s: float, plan_id: str = "") -> AgentReport:
         """Run this node's part of ``plan`` (see the module docstring); return when every planned
         send is done and every planned block is in place, within about ``timeout_s`` (+ POLL_S).
 
@@ -343,7 +362,8 @@ class NodeAgent:
         role = self._check(plan, peers)
         self._dir.mkdir(parents=True, exist_ok=True)
         expected = set(role.receives) | {x.block for x in role.loads}
-        progress = _Progress(self.held(), self._clock, expected)
+        progress = _Progress(self.held(), self._clock, expected, self._on_block, plan_id)
+        self._running = progress
         deadline = progress.t0 + timeout_s
         landing, self._landing = self._landing or _Landing(self._dir, self._catalog), None
         admission = _Admission(role.receives.values() if self._admission else (), peers)
@@ -357,6 +377,9 @@ class NodeAgent:
         if role.loads:
             workers.append(threading.Thread(target=self._load_loop, args=(role, progress),
                                             daemon=True, name=f"agent-{self.name}-load"))
+        early, self._early = self._early.get(plan_id, []), {}
+        for header in early:  # frames for this plan that came while the last one was ending
+            self._on_control(header, progress, admission)
         for w in workers:
             w.start()
         try:
@@ -374,6 +397,7 @@ class NodeAgent:
             progress.wait_all_settled(deadline)
         finally:
             progress.stop.set()
+            self._running = None
             for w in workers:
                 w.join()
             landing.close()
@@ -410,7 +434,8 @@ class NodeAgent:
                 # A held block is the manifest's bytes (verified when it was put in place), so
                 # its blake3 is known: the transport need not hash it again (a file changed
                 # since is caught by the receiver, whose transport still checks the bytes).
-                self._transport.send(address, "block", {"model_id": self._catalog.model_id,
+                self._transport.send(address, "block", {"plan": progress.plan_id,
+                                                        "model_id": self._catalog.model_id,
                                                         "index": send.block}, view,
                                      timeout_s=max(0.0, deadline - self._clock()),
                                      digest=bytes.fromhex(hexdigest)
@@ -426,7 +451,8 @@ class NodeAgent:
     def _cancel(self, send: Transfer, address: str, progress: _Progress) -> None:
         """Tell the receiver that ``send`` will not come, so that it admits its next sender."""
         try:
-            self._transport.send(address, "control", {"model_id": self._catalog.model_id,
+            self._transport.send(address, "control", {"plan": progress.plan_id,
+                                                      "model_id": self._catalog.model_id,
                                                       "cancel_step": send.step,
                                                       "index": send.block}, timeout_s=POLL_S)
         except TransportError as e:
@@ -437,6 +463,9 @@ class NodeAgent:
     def _receive_loop(self, progress: _Progress, landing: _Landing,
                       admission: _Admission) -> None:
         def into(header: Header) -> Any:  # the frame is here: admit the next sender at once
+            if header.kind == "block" and header.meta.get("plan", "") != progress.plan_id:
+                raise _Refused(f"dropped block {header.meta.get('index')} of another plan "
+                               f"from {header.sender}")
             try:
                 return landing.open(header)
             finally:
@@ -483,6 +512,10 @@ class NodeAgent:
         meta = header.meta
         if meta.get("model_id") != self._catalog.model_id:
             progress.note(f"dropped a control frame from {header.sender!r} for another model")
+        elif meta.get("plan", "") != progress.plan_id:  # a repair plan a peer already started
+            early = self._early.setdefault(str(meta.get("plan")), [])
+            if len(early) < MAX_EARLY_FRAMES:
+                early.append(header)
         elif type(meta.get("credit_step")) is int:
             progress.credit(header.sender, meta["credit_step"])
         elif type(meta.get("cancel_step")) is int and type(meta.get("index")) is int:
@@ -502,9 +535,11 @@ class NodeAgent:
             if address is None:  # a sender we cannot reach does not wait for credits
                 continue
             try:
-                self._transport.send(address, "control", {"model_id": self._catalog.model_id,
+                self._transport.send(address, "control", {"plan": progress.plan_id,
+                                                          "model_id": self._catalog.model_id,
                                                           "credit_step": receive.step},
-                                     timeout_s=max(0.0, deadline - self._clock()))
+                                     timeout_s=min(CREDIT_SEND_S,
+                                                   max(0.0, deadline - self._clock())))
             except TransportError as e:
                 progress.note(f"could not admit {receive.src} (block {receive.block}): {e}")
 
@@ -533,10 +568,14 @@ class _Progress:
     a condition wakes the sender when a block settles."""
 
     def __init__(self, held: frozenset[int], clock: Callable[[], float],
-                 expected: set[int]) -> None:
+                 expected: set[int], on_block: Callable[[int], None] | None = None,
+                 plan_id: str = "") -> None:
         self._clock = clock
+        self.plan_id = plan_id
+        self._on_block = on_block
         self.t0 = clock()
         self.stop = threading.Event()
+        self.cancelled = threading.Event()  # NodeAgent.cancel: every wait gives up now
         self._cond = threading.Condition()
         self._held = set(held)
         self._expected = expected - self._held  # blocks this run brings
@@ -557,7 +596,7 @@ class _Progress:
         with self._cond:
             while not done():
                 left = deadline - self._clock()
-                if left <= 0:
+                if left <= 0 or self.cancelled.is_set():
                     return False
                 self._cond.wait(min(left, POLL_S))  # the clock may be a fake: re-read it often
             return True
@@ -588,11 +627,17 @@ class _Progress:
 
     def arrive(self, block: int, size_bytes: int, network: bool) -> None:
         with self._cond:
-            if block not in self._held:
+            new = block not in self._held
+            if new:
                 self._held.add(block)
                 self._arrival_s[block] = self.now()
             self._bytes_received += size_bytes if network else 0
             self._cond.notify_all()
+        if new and self._on_block is not None:
+            try:
+                self._on_block(block)
+            except Exception:  # the caller's bug must not lose the block or stall the plan
+                log.exception("on_block(%d) failed", block)
 
     def lose(self, block: int | None, why: str) -> None:
         with self._cond:

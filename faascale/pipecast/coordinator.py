@@ -156,12 +156,15 @@ class ScaleOut:
             "full": list(changes.became_full)}))
         return changes
 
-    def served_through_pipeline(self, replica: str, now_s: float) -> None:
-        """A replica answered a request through its pipeline (for the record)."""
-        route = self.route(replica)
+    def served_through_pipeline(self, replica: str, now_s: float,
+                                stages: Sequence[Sequence[object]] | None = None) -> None:
+        """A replica made a token through a pipeline (for the record). ``stages``: the pipeline
+        it ran on, as it reports it (the route may have changed since); default: its route now."""
+        if stages is None:
+            route = self.route(replica)
+            stages = _stages(route.pipeline) if route.pipeline else []
         self.record.append(Event(now_s, "served", {
-            "replica": replica, "mode": route.mode.value,
-            "stages": _stages(route.pipeline) if route.pipeline else [],
+            "replica": replica, "stages": [list(s) for s in stages],
             "full_replicas": [n for n, b in self.holdings.items()
                               if len(b) == self.request.num_blocks]}))
 

@@ -23,22 +23,25 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from faascale.engine.engine import RunnerUnavailable
 from faascale.engine.kv_cache import KVCache
 from faascale.engine.model import ForwardBatch, ModelShard
 from faascale.pipecast.transport import Header, Transport, TransportTimeout
 
 log = logging.getLogger(__name__)
+_OPS = itertools.count(1)
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float32, torch.bfloat16, torch.float16, torch.int64)}
 
 
-class StageError(RuntimeError):
-    """A remote stage failed, stalled past its timeout, or answered with an error."""
+class StageError(RunnerUnavailable):
+    """A remote stage failed, stalled past its timeout, or answered with an error. The head's
+    engine keeps the requests (they wait for the next runner) rather than failing them."""
 
 
 def _tensor_meta(t: torch.Tensor) -> dict[str, Any]:
@@ -80,11 +83,11 @@ class RemoteStage:
         self.transport, self.address = transport, address
         self.layer_start, self.layer_end = layer_start, layer_end
         self.timeout_s = timeout_s
-        self._ops = itertools.count(1)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        op = next(self._ops)
+        op = next(_OPS)  # unique in the process: a late reply to an old chain is never taken
         meta = {"op": op, "reply_to": self.transport.address, "slots": list(batch.slots),
+                "layers": [self.layer_start, self.layer_end],
                 "starts": list(batch.start_positions), "num_tokens": batch.num_tokens,
                 "all_logits": all_logits, **_tensor_meta(x)}
         try:
@@ -148,18 +151,23 @@ class StageChain:
 
 
 class StageServer:
-    """Serves one layer range to the heads of a pipeline: runs it and replies.
+    """Serves layer ranges to the heads of pipelines: runs the one asked for and replies.
 
-    One KV cache per head (by its reply address), at most ``max_heads``; a request from one more
-    head is answered with an error. ``serve`` runs until ``stop()`` (call it from another thread);
-    one request at a time, in arrival order. A request that fails (bad shape, a bug) is answered
-    with an error, not dropped. ``forget(head)`` frees a head's cache when its pipeline dissolves.
+    ``shard`` is one ``ModelShard`` (the only range served) or a function ``(layer_start,
+    layer_end) -> ModelShard`` (a replica still loading serves whatever range of the blocks it
+    holds its pipelines ask for; it raises for a range it cannot serve). A request names its
+    range; one asking for a range other than a fixed shard's is answered with an error, never
+    run on the wrong layers. One KV cache per head (by its reply address) and range, at most
+    ``max_heads`` of them; one more is answered with an error. ``serve`` runs until ``stop()``
+    (call it from another thread); one request at a time, in arrival order. A request that fails
+    (bad shape, a bug) is answered with an error, not dropped. ``forget(head)`` frees a head's
+    caches when its pipeline dissolves.
     """
 
-    def __init__(self, shard: ModelShard, transport: Transport, max_batch_size: int,
-                 kv_chunk_tokens: int = 256, max_heads: int = 8) -> None:
+    def __init__(self, shard: ModelShard | Callable[[int, int], ModelShard], transport: Transport,
+                 max_batch_size: int, kv_chunk_tokens: int = 256, max_heads: int = 8) -> None:
         self.shard, self.transport = shard, transport
-        self.caches: dict[str, KVCache] = {}
+        self.caches: dict[tuple[str, int, int], KVCache] = {}
         self.max_batch_size, self.kv_chunk_tokens, self.max_heads = (max_batch_size, kv_chunk_tokens,
                                                                      max_heads)
         self.requests_served = 0
@@ -169,16 +177,29 @@ class StageServer:
         self._stop.set()
 
     def forget(self, head: str) -> None:
-        """Drop the KV cache kept for ``head`` (its pipeline dissolved). Call between requests."""
-        self.caches.pop(head, None)
+        """Drop the KV caches kept for ``head`` (its pipeline dissolved). Call between requests."""
+        for key in [k for k in self.caches if k[0] == head]:
+            del self.caches[key]
 
-    def _cache_of(self, head: str) -> KVCache:
-        cache = self.caches.get(head)
+    def _shard_of(self, layers: Any) -> ModelShard:
+        if isinstance(self.shard, ModelShard):
+            want = (self.shard.layer_start, self.shard.layer_end)
+            if layers is not None and tuple(int(x) for x in layers) != want:
+                raise ValueError(f"this stage serves layers [{want[0]}, {want[1]}), "
+                                 f"not {list(layers)}")
+            return self.shard
+        if layers is None:
+            raise ValueError("the request names no layer range")
+        start, end = (int(x) for x in layers)
+        return self.shard(start, end)
+
+    def _cache_of(self, head: str, shard: ModelShard) -> KVCache:
+        key = (head, shard.layer_start, shard.layer_end)
+        cache = self.caches.get(key)
         if cache is None:
             if len(self.caches) >= self.max_heads:
                 raise ValueError(f"this stage already serves {self.max_heads} heads")
-            cache = self.caches[head] = self.shard.new_kv_cache(self.max_batch_size,
-                                                                 self.kv_chunk_tokens)
+            cache = self.caches[key] = shard.new_kv_cache(self.max_batch_size, self.kv_chunk_tokens)
         return cache
 
     def serve(self, poll_s: float = 0.2) -> None:
@@ -206,8 +227,9 @@ class StageServer:
                                  tuple(int(p) for p in meta["starts"]), int(meta["num_tokens"]))
             if max(batch.slots) >= self.max_batch_size or min(batch.slots) < 0:
                 raise ValueError(f"slot out of range [0, {self.max_batch_size})")
-            out = self.shard.forward(inputs["x"], batch, self._cache_of(reply_to),
-                                     all_logits=bool(meta.get("all_logits")))
+            shard = self._shard_of(meta.get("layers"))
+            out = shard.forward(inputs["x"], batch, self._cache_of(reply_to, shard),
+                                all_logits=bool(meta.get("all_logits")))
             self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, _bytes_of(out),
                                 timeout_s=30.0)
         except Exception as exc:  # the head must hear about it, not wait for its timeout

@@ -1,0 +1,388 @@
+"""One replica's part in PipeCast: blocks as they land, the layer ranges it serves, how it runs.
+
+A ``Member`` lives inside a replica process (a Serve replica on the platform, a plain process on
+the emulated cluster). It binds four transports — ``blocks`` (its ``NodeAgent``: the multicast),
+``stage`` (its ``StageServer``: layer ranges for other replicas' pipelines), ``head`` (its own
+engine's ``RemoteStage`` calls) and ``ctl`` (the coordinator's control frames) — and joins the
+coordinator (``service.py``) with the blocks it already holds. From then on the coordinator
+drives it with control frames:
+
+- ``plan``: run this node's part of a multicast plan (the payload is the plan's JSON); every
+  block that lands is reported (``block``) the moment it is in place;
+- ``route``: how to serve now — ``full`` (every block here: one local chain), ``pipeline`` (a
+  ``StageChain`` of its own range and the other stages' ``RemoteStage``s), ``loading`` (requests
+  wait). A switch is ``EngineLoop.switch_runner``: requests in flight resume from their token ids
+  on the new runner, their streams unbroken;
+- ``error``: the coordinator cannot bring the model here (nobody holds it): the owner loads it
+  another way (``wait_servable`` raises ``MemberError``).
+
+A stage that fails or stalls makes the engine hold its requests (``RunnerUnavailable``) and the
+member reports ``stage_failed``; the coordinator re-forms pipelines or repairs the plan and sends
+new routes. A heartbeat every ``HEARTBEAT_S`` lets the coordinator notice a member that died.
+
+Control frames carry small JSON in their meta: ``{op, node, ...}``; a plan rides as the payload.
+
+For the emulated cluster and benchmarks, ``python -m faascale.pipecast.member`` runs one member
+(see ``main``), optionally with one request of its own whose tokens (with the route they were
+made on) go to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from faascale.engine.checkpoint import ModelManifest, block_tensors
+from faascale.engine.config import EngineConfig
+from faascale.engine.engine import Engine, NoRunner, ShardChain
+from faascale.engine.loop import EngineLoop
+from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
+from faascale.engine.tokenizer import Tokenizer
+from faascale.memory_tier.block_store import map_block
+from faascale.pipecast.agent import AgentConfigError, MulticastError, NodeAgent, plan_from_json
+from faascale.pipecast.stage import RemoteStage, StageChain, StageServer
+from faascale.pipecast.transport import Header, TransportError, ZmqTransport
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+POLL_S = 0.2
+PLAN_TIMEOUT_S = 600.0
+
+
+class MemberError(RuntimeError):
+    """The member cannot serve: the coordinator refused (no source) or the member was closed."""
+
+
+@dataclass(frozen=True)
+class RouteStage:
+    """A stage of the route a member was given: who, which blocks, where its stage server is."""
+
+    replica: str
+    first_block: int
+    last_block: int
+    address: str
+
+
+@dataclass(frozen=True)
+class MemberRoute:
+    mode: str  # "full", "pipeline", "loading"
+    stages: tuple[RouteStage, ...] = ()
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> MemberRoute:
+        return cls(str(meta["mode"]), tuple(RouteStage(str(r), int(a), int(b), str(addr))
+                                            for r, a, b, addr in meta.get("stages", ())))
+
+
+class _Reporting:
+    """A runner that tells the member once it has made a token (PipeCast's record: "served
+    through a pipeline")."""
+
+    def __init__(self, runner: Any, on_first: Callable[[], None]) -> None:
+        self.runner, self._on_first, self._told = runner, on_first, False
+        self.config, self.max_batch_size = runner.config, runner.max_batch_size
+
+    def forward(self, tokens: Any, batch: ForwardBatch) -> Any:
+        out = self.runner.forward(tokens, batch)
+        if not self._told:
+            self._told = True
+            self._on_first()
+        return out
+
+
+class Member:
+    """See the module docstring. ``holdings_dir``: where this replica's block files are (or land;
+    a source's may be a packed model directory). ``local_dir``: the node's own tier holding the
+    model, if any (the plan then loads from it). Threads: control, stage server, heartbeat, the
+    agent's, the engine loop's. ``close()`` stops them all."""
+
+    def __init__(self, name: str, manifest: ModelManifest, tokenizer: Tokenizer,
+                 holdings_dir: str | os.PathLike, cfg: EngineConfig, *, secret: bytes,
+                 coordinator: str, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
+                 local_dir: str | os.PathLike | None = None, stage_timeout_s: float = 30.0,
+                 function: str = "") -> None:
+        self.name, self.manifest, self.cfg = name, manifest, cfg
+        self.function = function or manifest.name
+        self.coordinator = coordinator
+        self.holdings_dir = Path(holdings_dir)
+        self.local_dir = None if local_dir is None else Path(local_dir)
+        self.stage_timeout_s = stage_timeout_s
+        tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
+        self.blocks_tx = ZmqTransport(name=name, **tx)
+        self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **tx)
+        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **tx)
+        self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **tx)
+        self.agent = NodeAgent(name, self.blocks_tx, manifest, self.holdings_dir,
+                               local_dir=self.local_dir, on_block=self._landed)
+        self._lock = threading.Lock()
+        self.held: set[int] = set(self.agent.held())
+        self._shards: dict[tuple[int, int], ModelShard] = {}
+        self._route_key: tuple[Any, ...] | None = None
+        self.route = MemberRoute("loading")
+        self.servable = threading.Event()
+        self.error: str | None = None
+        self.served: list[dict[str, Any]] = []  # the routes this member made tokens on
+        self._stop = threading.Event()
+        self._plans: queue.SimpleQueue[tuple[Any, dict[str, str], str]] = queue.SimpleQueue()
+        full = len(self.held) == manifest.num_blocks
+        runner = self._full_chain() if full else NoRunner(manifest.config, cfg.max_batch_size)
+        if full:
+            self.route = MemberRoute("full")
+            self.servable.set()
+        self.loop = EngineLoop(Engine(runner, tokenizer, cfg), name=f"engine-{name}",
+                               on_unavailable=self._runner_lost)
+        self.stage_server = StageServer(self._shard, self.stage_tx, cfg.max_batch_size,
+                                        cfg.kv_block_tokens)
+        self._threads = [threading.Thread(target=f, name=f"member-{name}-{f.__name__}", daemon=True)
+                         for f in (self._control_loop, self._plan_loop, self._heartbeat_loop)]
+        self._threads.append(threading.Thread(target=self.stage_server.serve, daemon=True,
+                                              name=f"member-{name}-stage"))
+        for t in self._threads:
+            t.start()
+        self._tell("join", model_id=manifest.model_id, function=self.function,
+                   num_blocks=manifest.num_blocks,
+                   block_bytes=[b.size_bytes for b in manifest.blocks],
+                   held=sorted(self.held), local=self.local_dir is not None,
+                   blocks=self.blocks_tx.address, stage=self.stage_tx.address,
+                   ctl=self.ctl_tx.address)
+
+    # ------------------------------------------------------------------ the owner's side
+
+    def wait_servable(self, timeout_s: float) -> bool:
+        """True once the member can serve (a pipeline or the whole model); raises MemberError if
+        the coordinator said it cannot bring the model here."""
+        ok = self.servable.wait(timeout_s)
+        if self.error is not None:
+            raise MemberError(self.error)
+        return ok
+
+    @property
+    def full(self) -> bool:
+        return self.route.mode == "full"
+
+    def progress(self) -> dict[str, Any]:
+        with self._lock:
+            return {"node": self.name, "mode": self.route.mode, "blocks_present": len(self.held),
+                    "blocks_needed": self.manifest.num_blocks,
+                    "stages": [(s.replica, s.first_block, s.last_block) for s in self.route.stages]}
+
+    def close(self) -> None:
+        self._stop.set()
+        self.agent.cancel()
+        self.stage_server.stop()
+        self.loop.stop(timeout_s=2.0)
+        stuck = []
+        for t in self._threads:
+            t.join(5.0)
+            stuck += [t.name] if t.is_alive() else []
+        if stuck:  # a send to a dead peer, bounded by its timeout: its transport closes with us
+            log.warning("%s: threads %s still busy; leaving their sockets to the process", self.name,
+                        stuck)
+        for tx in (self.stage_tx, self.head_tx, self.ctl_tx,
+                   *(() if stuck else (self.blocks_tx,))):
+            tx.close()
+
+    # ------------------------------------------------------------------ blocks and shards
+
+    def _landed(self, block: int) -> None:  # agent threads
+        with self._lock:
+            self.held.add(block)
+        self._tell("block", block=block)
+
+    def _layers(self, first_block: int, last_block: int) -> tuple[int, int]:
+        return (self.manifest.blocks[first_block].layer_start,
+                self.manifest.blocks[last_block].layer_end)
+
+    def _shard(self, layer_start: int, layer_end: int) -> ModelShard:
+        """Layers ``[layer_start, layer_end)`` over this replica's block files (zero-copy maps).
+        Raises ValueError when a block they need is not here (yet). Stage and control threads."""
+        with self._lock:
+            shard = self._shards.get((layer_start, layer_end))
+            if shard is not None:
+                return shard
+            infos = self.manifest.blocks_for_layers(layer_start, layer_end)
+            missing = [b.index for b in infos if b.index not in self.held]
+            if not infos or missing:
+                raise ValueError(f"{self.name} cannot serve layers [{layer_start}, {layer_end}): "
+                                 f"blocks {missing} are not here")
+            weights = merge_block_tensors([block_tensors(b, map_block(self.agent.path(b.index)))
+                                           for b in infos])
+            shard = ModelShard(self.manifest.config, weights, layer_start, layer_end,
+                               self.cfg.torch_dtype)
+            self._shards[(layer_start, layer_end)] = shard
+            return shard
+
+    def _full_chain(self) -> ShardChain:
+        return ShardChain([self._shard(0, self.manifest.config.num_layers)],
+                          self.cfg.max_batch_size, self.cfg.kv_block_tokens)
+
+    # ------------------------------------------------------------------ routes
+
+    def _apply_route(self, route: MemberRoute) -> None:  # control thread
+        key = (route.mode, route.stages)
+        if key == self._route_key:
+            return
+        if route.mode == "full":
+            runner: Any = self._full_chain()
+        elif route.mode == "pipeline":
+            parts: list[Any] = []
+            for s in route.stages:
+                start, end = self._layers(s.first_block, s.last_block)
+                parts.append(self._shard(start, end) if s.replica == self.name else
+                             RemoteStage(self.head_tx, s.address, start, end, self.stage_timeout_s))
+            stages = [(s.replica, s.first_block, s.last_block) for s in route.stages]
+            runner = _Reporting(StageChain(parts, self.manifest.config, self.cfg.max_batch_size,
+                                           self.cfg.kv_block_tokens),
+                                lambda: self._tell("served", stages=stages))
+        else:
+            runner = NoRunner(self.manifest.config, self.cfg.max_batch_size)
+        self.loop.switch_runner(runner)
+        with self._lock:
+            self._route_key, self.route = key, route
+        log.info("%s: route %s %s", self.name, route.mode,
+                 [(s.replica, s.first_block, s.last_block) for s in route.stages])
+        if route.mode != "loading":
+            self.servable.set()
+
+    def _runner_lost(self, exc: Exception) -> None:  # engine thread
+        with self._lock:
+            self._route_key = None  # the same route, sent again, is a retry: apply it
+        self._tell("stage_failed", why=str(exc)[:500])
+
+    # ------------------------------------------------------------------ threads
+
+    def _tell(self, op: str, **meta: Any) -> None:
+        try:
+            self.ctl_tx.send(self.coordinator, "control", {"op": op, "node": self.name, **meta},
+                             timeout_s=5.0)
+        except TransportError as e:
+            log.warning("%s: could not tell the coordinator %s: %s", self.name, op, e)
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.ctl_tx.recv(POLL_S)
+            except TransportError:
+                continue
+            try:
+                self._on_control(msg.header, msg.payload)
+            except Exception:
+                log.exception("%s: control frame %s failed", self.name, msg.header.meta.get("op"))
+
+    def _on_control(self, header: Header, payload: Any) -> None:
+        meta, op = dict(header.meta), header.meta.get("op")
+        if header.kind != "control":
+            return
+        if op == "route":
+            self._apply_route(MemberRoute.from_meta(meta))
+        elif op == "plan":
+            self.agent.cancel()  # a new plan (a repair) replaces the one running
+            self._plans.put((plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
+                             str(meta.get("plan_id", ""))))
+        elif op == "error":
+            self.error = str(meta.get("why", "the coordinator refused"))
+            self.servable.set()
+
+    def _plan_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                plan, peers, plan_id = self._plans.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            try:
+                report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
+                self._tell("agent_done", ok=True, received=len(report.arrival_s))
+            except MulticastError as e:
+                self._tell("agent_done", ok=False, why=str(e)[:1000],
+                           missing=list(e.missing_blocks), stalled=list(e.stalled_peers))
+            except AgentConfigError as e:
+                self._tell("agent_done", ok=False, why=str(e)[:1000], missing=[], stalled=[])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._tell("heartbeat", held=len(self.held))
+
+
+# ---------------------------------------------------------------------------------------------
+# Process entry point (emulated cluster, benchmarks)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m faascale.pipecast.member",
+                                description="Run one PipeCast member (a replica's data plane).")
+    p.add_argument("--name", required=True)
+    p.add_argument("--model-dir", type=Path, required=True, help="packed model: manifest, tokenizer")
+    p.add_argument("--holdings-dir", type=Path, required=True)
+    p.add_argument("--local-dir", type=Path)
+    p.add_argument("--bind", default="127.0.0.1", help="host to bind the transports on")
+    p.add_argument("--coordinator", required=True, help="the coordinator's tcp:// address")
+    p.add_argument("--secret-file", type=Path, required=True)
+    p.add_argument("--prompt", help="submit this prompt once servable; tokens to --out")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--out", type=Path, help="JSON: tokens of --prompt with their route, progress")
+    p.add_argument("--until-file", type=Path, help="run until this file exists")
+    p.add_argument("--timeout-s", type=float, default=300.0)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a member until ``--until-file`` appears (or the timeout). With ``--prompt``: submit it
+    at once (it waits for a route), stream it, write ``{"tokens": [{"t_s", "token_id", "text",
+    "mode"}], "submitted_s", "progress"}`` to ``--out``. Exit 0, 1 if the request failed, 2 on
+    bad input."""
+    from faascale.engine.checkpoint import read_manifest, read_tokenizer_json
+    from faascale.engine.sampling import SamplingParams
+
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(message)s")
+    try:
+        manifest = read_manifest(args.model_dir)
+        tokenizer = Tokenizer(read_tokenizer_json(args.model_dir, manifest), manifest.tokenizer)
+        member = Member(args.name, manifest, tokenizer, args.holdings_dir,
+                        EngineConfig(max_batch_size=4, max_seq_len=1024),
+                        secret=args.secret_file.read_bytes(), coordinator=args.coordinator,
+                        bind_host=args.bind, local_dir=args.local_dir)
+    except (OSError, ValueError, TransportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ready {member.ctl_tx.address}", flush=True)
+    rc = 0
+    deadline = time.monotonic() + args.timeout_s
+    try:
+        if args.prompt:
+            t0 = time.time()
+            stream = member.loop.submit(tokenizer.encode(args.prompt),
+                                        SamplingParams(max_tokens=args.max_tokens, temperature=0,
+                                                       ignore_eos=True))
+            tokens = []
+            try:
+                for out in stream:
+                    if out.token_id is not None:
+                        tokens.append({"t_s": time.time() - t0, "token_id": out.token_id,
+                                       "text": out.text, "mode": member.route.mode})
+            except Exception as e:  # the record says how far it got
+                log.error("request failed: %s", e)
+                rc = 1
+            result = {"tokens": tokens, "submitted_epoch_s": t0, "progress": member.progress()}
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps(result))
+            os.replace(tmp, args.out)
+        while time.monotonic() < deadline and not (args.until_file and args.until_file.exists()):
+            time.sleep(0.1)
+    finally:
+        member.close()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The PipeCast coordinator's side effects: members join over the transport, plans go out, block
+arrivals come in, routes go back.
+
+``Coordinator`` owns one control ``Transport`` and, per model, the members that joined
+(``member.py``) and at most one ``ScaleOut`` (``coordinator.py``, the pure decisions) at a time.
+Its one thread (``run``, or the owner calling ``poll``) does everything:
+
+- ``expect(model_id, n)``: the autoscaler's ``ScaleIntent`` — n new replicas are coming. Members
+  that join while loading are gathered into one wave until n have joined or ``join_window_s``
+  passed since the first; then the wave is planned (sources: members that hold the whole model,
+  then targets whose own tier holds it load locally) and every node of the plan gets its part.
+  With nobody to copy from, the loading members are told so (``error``): they load from the
+  object store the usual way. One wave at a time per model; later joiners form the next.
+- ``block`` reports feed ``ScaleOut.block_arrived``; every member whose route changed gets its
+  new route (``full``, ``pipeline`` with its stages' addresses, ``loading``).
+- Faults: a member silent for ``dead_after_s`` (no heartbeat) is dead: ``ScaleOut.node_failed``
+  dissolves its pipelines (their heads get new routes; their requests wait, then resume) and
+  re-plans what is missing from the live holders; nodes of the repair plan get it (a member
+  cancels the plan it was running). Blocks nobody live holds: those members are told to load
+  from the store. A head whose stage failed (``stage_failed``) gets its route again after
+  ``RETRY_ROUTE_S`` (a transient failure heals; a dead stage is caught by the heartbeat rule).
+- ``progress()``: per model, blocks per member, routes, pipelines, bytes moved, the record of the
+  current and finished scale-outs (``status`` and ``/metrics`` read it; tests assert on it).
+
+``python -m faascale.pipecast.service`` runs one coordinator as a process (emulated cluster);
+the platform hosts one in a Ray actor (``platform/pipecast_actor.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from faascale.pipecast.agent import plan_to_json
+from faascale.pipecast.coordinator import (STORE, Event, Holder, HolderKind, Route, RouteMode,
+                                           ScaleOut, ScaleOutRequest)
+from faascale.pipecast.schedule import MulticastPlan, PlanError
+from faascale.pipecast.transport import Header, Transport, TransportError, ZmqTransport
+
+log = logging.getLogger(__name__)
+JOIN_WINDOW_S = 1.0
+DEAD_AFTER_S = 5.0
+RETRY_ROUTE_S = 1.0
+POLL_S = 0.1
+CONTROL_SEND_S = 0.25  # a live member's control queue takes a frame at once; never block long
+MAX_FINISHED = 20  # finished scale-outs kept per model for progress()
+
+
+@dataclass
+class _Node:
+    name: str
+    ctl: str
+    blocks: str
+    stage: str
+    held: set[int]
+    local: bool
+    last_seen_s: float
+
+
+@dataclass
+class _Model:
+    model_id: str
+    function: str
+    num_blocks: int
+    block_bytes: tuple[int, ...]
+    nodes: dict[str, _Node] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    first_pending_s: float | None = None
+    expected: int = 0
+    active: ScaleOut | None = None
+    sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # last route sent per node
+    retry_at_s: dict[str, float] = field(default_factory=dict)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    pipeline_serves: int = 0
+    plans_sent: int = 0
+
+    def full(self, name: str) -> bool:
+        return len(self.nodes[name].held) == self.num_blocks
+
+
+class Coordinator:
+    """See the module docstring. Not thread-safe except ``expect`` and ``progress`` (a lock):
+    one thread polls."""
+
+    def __init__(self, transport: Transport, *, clock: Callable[[], float] = time.monotonic,
+                 join_window_s: float = JOIN_WINDOW_S, dead_after_s: float = DEAD_AFTER_S,
+                 max_sources: int = 4) -> None:
+        self.transport, self.clock = transport, clock
+        self.join_window_s, self.dead_after_s, self.max_sources = (join_window_s, dead_after_s,
+                                                                   max_sources)
+        self.models: dict[str, _Model] = {}
+        self._expected: dict[str, int] = {}  # intents for models nobody joined for yet
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    # ------------------------------------------------------------------ owner's side
+
+    def expect(self, model_id: str, count: int) -> None:
+        """A ScaleIntent: ``count`` new replicas of ``model_id`` are being created."""
+        with self._lock:
+            m = self.models.get(model_id)
+            if m is None:
+                self._expected[model_id] = self._expected.get(model_id, 0) + max(0, count)
+            else:
+                m.expected += max(0, count)
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            self.poll(POLL_S)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def poll(self, timeout_s: float) -> None:
+        """Handle the frames that came (waiting up to ``timeout_s`` for the first), then the
+        timers: every heartbeat already here is counted before anyone is declared dead."""
+        wait = timeout_s
+        while True:
+            try:
+                msg = self.transport.recv(wait)
+            except TransportError as e:
+                if isinstance(e, TimeoutError):
+                    break
+                log.warning("dropped a control frame: %s", e)
+                continue
+            wait = 0.0
+            try:
+                with self._lock:
+                    self._on_frame(msg.header)
+            except Exception:
+                log.exception("control frame %s from %s failed", msg.header.meta.get("op"),
+                              msg.header.sender)
+        with self._lock:
+            self._tick(self.clock())
+
+    def progress(self) -> dict[str, Any]:
+        """Per model: members (blocks, route), pending joiners, the running scale-out's progress
+        and record, finished scale-outs. Plain data (JSON-able)."""
+        with self._lock:
+            out = {}
+            for m in self.models.values():
+                active = m.active
+                out[m.model_id] = {
+                    "function": m.function, "blocks_needed": m.num_blocks,
+                    "members": {n.name: {"blocks": len(n.held), "route": self._mode(m, n.name)}
+                                for n in m.nodes.values()},
+                    "pending": list(m.pending), "expected": m.expected,
+                    "pipeline_serves": m.pipeline_serves,
+                    "active": None if active is None else {
+                        **active.progress(), "record": _record(active.record)},
+                    "finished": list(m.finished)}
+            return out
+
+    # ------------------------------------------------------------------ frames
+
+    def _on_frame(self, header: Header) -> None:
+        if header.kind != "control":
+            return
+        meta, now = dict(header.meta), self.clock()
+        op, name = meta.get("op"), str(meta.get("node", ""))
+        if op == "join":
+            self._join(meta, now)
+            return
+        m = self._model_of(name)
+        if m is None:
+            return  # a member we do not know (we restarted): it will time out and rejoin
+        node = m.nodes[name]
+        node.last_seen_s = now
+        so = m.active
+        if op == "block":
+            block = int(meta["block"])
+            node.held.add(block)
+            if so is not None and name in so.holdings:
+                so.block_arrived(name, block, now)
+                self._send_routes(m)
+                if so.done:
+                    self._finish(m, now)
+        elif op == "served":
+            m.pipeline_serves += 1
+            if so is not None and name in so.holdings:
+                so.served_through_pipeline(name, now, meta.get("stages") or [])
+        elif op == "stage_failed":
+            log.warning("%s: a stage of its pipeline failed: %s", name, meta.get("why"))
+            if so is not None:
+                so.record.append(Event(now, "stage_failed", {"node": name,
+                                                             "why": meta.get("why")}))
+            m.retry_at_s[name] = now + RETRY_ROUTE_S
+        elif op == "agent_done" and not meta.get("ok"):
+            log.warning("%s: its part of the plan failed: %s", name, meta.get("why"))
+            if so is not None:
+                so.record.append(Event(now, "agent_failed", {"node": name,
+                                                             "why": meta.get("why"),
+                                                             "stalled": meta.get("stalled")}))
+
+    def _model_of(self, name: str) -> _Model | None:
+        return next((m for m in self.models.values() if name in m.nodes), None)
+
+    def _join(self, meta: dict[str, Any], now: float) -> None:
+        model_id, name = str(meta["model_id"]), str(meta["node"])
+        m = self.models.get(model_id)
+        if m is None:
+            m = self.models[model_id] = _Model(model_id, str(meta.get("function", model_id)),
+                                              int(meta["num_blocks"]),
+                                              tuple(int(b) for b in meta["block_bytes"]),
+                                              expected=self._expected.pop(model_id, 0))
+        old = self._model_of(name)
+        if old is not None:  # a member that restarted under its name: forget the old one
+            self._forget(old, name, now)
+        m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta["stage"]),
+                              {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now)
+        log.info("%s joined %s with %d/%d blocks", name, model_id, len(m.nodes[name].held),
+                 m.num_blocks)
+        if m.full(name):
+            self._send(m, name, "route", {"mode": "full"})
+            return
+        m.pending.append(name)
+        m.first_pending_s = m.first_pending_s if m.first_pending_s is not None else now
+
+    # ------------------------------------------------------------------ timers
+
+    def _tick(self, now: float) -> None:
+        for m in list(self.models.values()):
+            for name in [n for n, node in m.nodes.items()
+                         if now - node.last_seen_s > self.dead_after_s]:
+                log.warning("%s: no heartbeat for %.1f s: dead", name, self.dead_after_s)
+                self._forget(m, name, now)
+            for name, at in list(m.retry_at_s.items()):
+                if now >= at:
+                    del m.retry_at_s[name]
+                    m.sent.pop(name, None)  # send it again even if unchanged
+                    self._send_routes(m)
+            if m.active is None and m.pending and (
+                    len(m.pending) >= max(1, m.expected)
+                    or now - (m.first_pending_s or now) >= self.join_window_s):
+                self._start_wave(m, now)
+
+    def _forget(self, m: _Model, name: str, now: float) -> None:
+        m.nodes.pop(name, None)
+        m.sent.pop(name, None)
+        m.retry_at_s.pop(name, None)
+        if name in m.pending:
+            m.pending.remove(name)
+        so = m.active
+        if so is None or (name not in so.holdings and name not in so.plan.sources):
+            return
+        try:
+            plan = so.node_failed(name, now)
+        except PlanError as e:
+            self._give_up(m, [t for t in so.holdings if t in m.nodes and not m.full(t)], str(e))
+            return
+        self._send_routes(m)
+        if so.done:
+            self._finish(m, now)
+            return
+        store_fed = sorted({t.dst for t in plan.transfers if t.src == STORE})
+        if store_fed:  # members cannot read the object store in a plan: they load it themselves
+            self._give_up(m, store_fed, f"blocks of {m.model_id} are held by no live node")
+        self._dispatch(m, plan)
+
+    def _start_wave(self, m: _Model, now: float) -> None:
+        targets = tuple(n for n in m.pending if n in m.nodes)
+        m.pending, m.first_pending_s = [], None
+        m.expected = max(0, m.expected - len(targets))
+        holders = tuple(Holder(n, HolderKind.REPLICA) for n in sorted(m.nodes)
+                        if n not in targets and m.full(n))
+        local = frozenset(t for t in targets if m.nodes[t].local)
+        if not holders:
+            self._give_up(m, [t for t in targets if t not in local],
+                          f"no replica holds {m.model_id}")
+            targets = tuple(t for t in targets if t in local)
+        if not targets:
+            return
+        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, holders, local)
+        m.active = so = ScaleOut(request, now, self.max_sources)
+        log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
+                 so.plan.sources, targets, so.plan.num_steps)
+        self._dispatch(m, so.plan)
+
+    def _dispatch(self, m: _Model, plan: MulticastPlan) -> None:
+        nodes = [n for n in (*plan.sources, *plan.targets) if n in m.nodes]
+        peers = {n: m.nodes[n].blocks for n in nodes}
+        body = plan_to_json(plan).encode()
+        m.plans_sent += 1
+        plan_id = f"{m.model_id[:40]}/{m.plans_sent}"
+        for n in nodes:
+            if any(t.src == n or t.dst == n for t in plan.transfers) or any(
+                    x.node == n for x in plan.local_loads):
+                self._send(m, n, "plan", {"peers": peers, "plan_id": plan_id}, body)
+
+    def _give_up(self, m: _Model, names: Sequence[str], why: str) -> None:
+        for n in names:
+            self._send(m, n, "error", {"why": f"{why}: load it from the object store"})
+
+    def _finish(self, m: _Model, now: float) -> None:
+        so = m.active
+        assert so is not None
+        m.finished.append({**so.progress(), "started_s": so.started_s, "done_s": now,
+                           "record": _record(so.record)})
+        del m.finished[:-MAX_FINISHED]
+        m.active = None
+        log.info("%s: scale-out done in %.2f s", m.model_id, now - so.started_s)
+
+    # ------------------------------------------------------------------ routes
+
+    def _mode(self, m: _Model, name: str) -> str:
+        so = m.active
+        if so is not None and name in so.holdings:
+            return so.route(name).mode.value
+        return "full" if m.full(name) else "loading"
+
+    def _send_routes(self, m: _Model) -> None:
+        so = m.active
+        if so is None:
+            return
+        for name, route in so.routes().items():
+            if name not in m.nodes:
+                continue
+            meta = self._route_meta(m, route)
+            key = (meta["mode"], tuple(tuple(s) for s in meta.get("stages", ())))
+            if m.sent.get(name) != key and self._send(m, name, "route", meta):
+                m.sent[name] = key
+
+    def _route_meta(self, m: _Model, route: Route) -> dict[str, Any]:
+        if route.mode is RouteMode.PIPELINE and route.pipeline is not None:
+            return {"mode": "pipeline", "stages": [
+                [s.replica, s.first_block, s.last_block, m.nodes[s.replica].stage]
+                for s in route.pipeline.stages]}
+        return {"mode": route.mode.value}
+
+    def _send(self, m: _Model, name: str, op: str, meta: dict[str, Any],
+              payload: bytes | None = None) -> bool:
+        try:
+            self.transport.send(m.nodes[name].ctl, "control", {"op": op, **meta}, payload,
+                                timeout_s=CONTROL_SEND_S)
+            return True
+        except (TransportError, KeyError) as e:
+            log.warning("could not send %s to %s: %s", op, name, e)
+            return False
+
+
+def _record(events: Sequence[Event]) -> list[dict[str, Any]]:
+    return [{"at_s": e.at_s, "kind": e.kind, "detail": json.loads(json.dumps(e.detail,
+                                                                            default=list))}
+            for e in events]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process entry point (emulated cluster, benchmarks)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m faascale.pipecast.service",
+                                description="Run a PipeCast coordinator.")
+    p.add_argument("--bind", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret-file", type=Path, required=True)
+    p.add_argument("--expect", action="append", default=[], metavar="MODEL_ID:N",
+                   help="a scale intent: N new replicas of MODEL_ID are coming")
+    p.add_argument("--join-window-s", type=float, default=JOIN_WINDOW_S)
+    p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S)
+    p.add_argument("--record", type=Path, help="write progress() here (JSON) as it changes")
+    p.add_argument("--until-file", type=Path, help="run until this file exists")
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print ``ready <address>``, coordinate until ``--until-file`` appears or the timeout, writing
+    ``--record`` every ~0.2 s and at the end. Exit 0; 2 on bad input."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(message)s")
+    try:
+        intents = [(mid, int(n)) for mid, _, n in (e.rpartition(":") for e in args.expect)]
+        transport = ZmqTransport(secret=args.secret_file.read_bytes(), name="coordinator",
+                                 bind_host=args.bind, port=args.port, recv_hwm=256)
+    except (OSError, ValueError, TransportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with transport:
+        coord = Coordinator(transport, join_window_s=args.join_window_s,
+                            dead_after_s=args.dead_after_s)
+        for model_id, n in intents:
+            coord.expect(model_id, n)
+        print(f"ready {transport.address}", flush=True)
+        deadline, written = time.monotonic() + args.timeout_s, 0.0
+        while time.monotonic() < deadline and not (args.until_file and args.until_file.exists()):
+            coord.poll(POLL_S)
+            if args.record and time.monotonic() - written > 0.2:
+                _write(args.record, coord.progress())
+                written = time.monotonic()
+        if args.record:
+            _write(args.record, coord.progress())
+    return 0
+
+
+def _write(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""PipeCast members and the coordinator service over real sockets on loopback (tiny-llama).
+
+The emulated-cluster end-to-end test (shaped links, real SmolLM2) is in
+``test_pipecast_scaleout.py``; here: joining, planning, routes, the switch to full, faults.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from faascale.engine.checkpoint import read_manifest, read_tokenizer_json
+from faascale.engine.config import EngineConfig
+from faascale.engine.llm import LLM
+from faascale.engine.sampling import SamplingParams
+from faascale.engine.tokenizer import Tokenizer
+from faascale.pipecast.member import Member, MemberError
+from faascale.pipecast.service import Coordinator
+from faascale.pipecast.transport import ZmqTransport
+
+SECRET = b"member-test-secret-0123456789"
+CFG = EngineConfig(max_batch_size=4, max_seq_len=256)
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture()
+def coordinator() -> Iterator[Coordinator]:
+    with ZmqTransport(secret=SECRET, name="coordinator", recv_hwm=64) as t:
+        coord = Coordinator(t, join_window_s=0.5, dead_after_s=2.0)
+        thread = threading.Thread(target=coord.run, daemon=True)
+        thread.start()
+        yield coord
+        coord.stop()
+        thread.join(5)
+
+
+@pytest.fixture()
+def members(tiny_packed: Path, coordinator: Coordinator) -> Iterator:
+    manifest = read_manifest(tiny_packed)
+    tokenizer = Tokenizer(read_tokenizer_json(tiny_packed, manifest), manifest.tokenizer)
+    made: list[Member] = []
+
+    def make(name: str, holdings: Path, **kw) -> Member:
+        m = Member(name, manifest, tokenizer, holdings, CFG, secret=SECRET,
+                   coordinator=coordinator.address, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()
+
+
+def wait_for(cond, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def reference(tiny_packed: Path, prompt: str) -> list[int]:
+    return list(LLM.load(tiny_packed, CFG).generate([prompt], GREEDY)[0].token_ids)
+
+
+def test_one_replica_scales_to_four_and_every_one_serves_the_model(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    model_id = read_manifest(tiny_packed).model_id
+    source = members("r0", tiny_packed)
+    assert source.full and source.wait_servable(1)
+    coordinator.expect(model_id, 3)
+    targets = [members(f"r{i}", tmp_path / f"r{i}") for i in (1, 2, 3)]
+    # A request submitted before a single block arrived waits, then streams the model's tokens.
+    stream = targets[0].loop.submit(targets[0].loop.engine.tokenizer.encode("hello"), GREEDY)
+    for t in targets:
+        assert t.wait_servable(60)
+    ids = [o.token_id for o in stream if o.token_id is not None]
+    assert ids == reference(tiny_packed, "hello")
+    wait_for(lambda: all(t.full for t in targets))
+    for t in targets:
+        got = [o.token_id for o in t.loop.submit(t.loop.engine.tokenizer.encode("hello"), GREEDY)
+               if o.token_id is not None]
+        assert got == ids
+        assert t.held == set(range(4))
+    wait_for(lambda: coordinator.progress()[model_id]["finished"])
+    progress = coordinator.progress()[model_id]
+    done = progress["finished"][0]
+    assert done["algorithm"].startswith("pipecast") and done["done"]
+    assert done["blocks"] == {"r1": 4, "r2": 4, "r3": 4}
+    assert {m: v["route"] for m, v in progress["members"].items()} == dict.fromkeys(
+        ["r0", "r1", "r2", "r3"], "full")
+    kinds = [e["kind"] for e in done["record"]]
+    assert kinds[0] == "planned" and kinds.count("full") == 3 and kinds.count("block") == 12
+
+
+def test_with_no_holder_the_members_are_told_to_load_from_the_store(
+        tiny_packed: Path, tmp_path: Path, members) -> None:
+    m = members("lonely", tmp_path / "lonely")
+    with pytest.raises(MemberError, match="no replica holds"):
+        m.wait_servable(10)
+
+
+def test_a_member_that_dies_is_forgotten_and_the_rest_finish(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """r2 dies right after joining (before it sends or receives anything): the coordinator
+    notices the missing heartbeat, re-plans from the live holders, and r1 and r3 get the whole
+    model."""
+    model_id = read_manifest(tiny_packed).model_id
+    members("r0", tiny_packed)
+    coordinator.expect(model_id, 3)
+    r1 = members("r1", tmp_path / "r1")
+    r2 = members("r2", tmp_path / "r2")
+    r2.close()  # gone: no heartbeat, its sockets closed
+    r3 = members("r3", tmp_path / "r3")
+    wait_for(lambda: r1.full and r3.full, timeout_s=60)
+    progress = coordinator.progress()[model_id]
+    assert "r2" not in progress["members"]
+    record = (progress["finished"] or [progress["active"]])[-1]["record"]
+    assert any(e["kind"] == "stalled" and e["detail"]["node"] == "r2" for e in record)
