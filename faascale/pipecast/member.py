@@ -50,7 +50,7 @@ from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
 from faascale.engine.tokenizer import Tokenizer
 from faascale.memory_tier.block_store import map_block
 from faascale.pipecast.agent import AgentConfigError, MulticastError, NodeAgent, plan_from_json
-from faascale.pipecast.stage import RemoteStage, StageChain, StageServer
+from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
 from faascale.pipecast.transport import Header, TransportError, ZmqTransport
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,8 @@ class Member:
             self.servable.set()
 
     def _runner_lost(self, exc: Exception) -> None:  # engine thread
+        if not isinstance(exc, StageError):  # NoRunner: loading, nothing failed
+            return
         with self._lock:
             self._route_key = None  # the same route, sent again, is a retry: apply it
         self._tell("stage_failed", why=str(exc)[:500])
@@ -366,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                        ignore_eos=True))
             tokens = []
             try:
+                while not member.wait_servable(0.5):  # raises MemberError: nobody to copy from
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not servable within {args.timeout_s} s")
                 for out in stream:
                     if out.token_id is not None:
                         tokens.append({"t_s": time.time() - t0, "token_id": out.token_id,

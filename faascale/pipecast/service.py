@@ -6,8 +6,8 @@ arrivals come in, routes go back.
 Its one thread (``run``, or the owner calling ``poll``) does everything:
 
 - ``expect(model_id, n)``: the autoscaler's ``ScaleIntent`` — n new replicas are coming. Members
-  that join while loading are gathered into one wave until n have joined or ``join_window_s``
-  passed since the first; then the wave is planned (sources: members that hold the whole model,
+  that join while loading are gathered into one wave until n have joined (and a source is known)
+  or ``join_window_s`` passed since the first; then the wave is planned (sources: members that hold the whole model,
   then targets whose own tier holds it load locally) and every node of the plan gets its part.
   With nobody to copy from, the loading members are told so (``error``): they load from the
   object store the usual way. One wave at a time per model; later joiners form the next.
@@ -243,9 +243,9 @@ class Coordinator:
                     m.sent.pop(name, None)  # send it again even if unchanged
                     self._send_routes(m)
             if m.active is None and m.pending and (
-                    len(m.pending) >= max(1, m.expected)
+                    (len(m.pending) >= max(1, m.expected) and self._holders(m))
                     or now - (m.first_pending_s or now) >= self.join_window_s):
-                self._start_wave(m, now)
+                self._start_wave(m, now)  # all that were expected and a source, or waited enough
 
     def _forget(self, m: _Model, name: str, now: float) -> None:
         m.nodes.pop(name, None)
@@ -274,8 +274,7 @@ class Coordinator:
         targets = tuple(n for n in m.pending if n in m.nodes)
         m.pending, m.first_pending_s = [], None
         m.expected = max(0, m.expected - len(targets))
-        holders = tuple(Holder(n, HolderKind.REPLICA) for n in sorted(m.nodes)
-                        if n not in targets and m.full(n))
+        holders = self._holders(m)
         local = frozenset(t for t in targets if m.nodes[t].local)
         if not holders:
             self._give_up(m, [t for t in targets if t not in local],
@@ -288,6 +287,11 @@ class Coordinator:
         log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
                  so.plan.sources, targets, so.plan.num_steps)
         self._dispatch(m, so.plan)
+
+    @staticmethod
+    def _holders(m: _Model) -> tuple[Holder, ...]:
+        return tuple(Holder(n, HolderKind.REPLICA) for n in sorted(m.nodes)
+                     if n not in m.pending and m.full(n))
 
     def _dispatch(self, m: _Model, plan: MulticastPlan) -> None:
         nodes = [n for n in (*plan.sources, *plan.targets) if n in m.nodes]
