@@ -320,6 +320,17 @@ def status(name: str) -> None:
                           for t, v in stats["tiers"].items())
         hits = ", ".join(f"{t} {n}" for t, n in stats["hits"].items()) or "none"
         con.print(f"node {node}: {tiers}; fetches by source: {hits}")
+    pc = s.get("pipecast")
+    if pc:
+        members = ", ".join(f"{n} {v['blocks']}/{pc['blocks_needed']} {v['route']}"
+                            for n, v in pc["members"].items())
+        con.print(f"pipecast: {members}; {pc['pipeline_serves']} served through pipelines")
+        for label, so in (("scaling out", pc.get("active")), ("last scale-out", pc.get("last"))):
+            if so:
+                took = f" in {so['took_s']:.2f} s" if "took_s" in so else ""
+                con.print(f"  {label}: {so['algorithm']}{took}, "
+                          f"{so['bytes_moved'] / 2**20:.1f} MiB moved, "
+                          f"{len(so['pipelines'])} pipelines")
     if s.get("message"):
         con.print(f"message: {s['message']}")
 

@@ -351,6 +351,36 @@ class BlockStore:
                                                     b in self._meta[Tier.DISK] else 1.0))
                 for b, m in self._meta[tier].items()]
 
+    def adopt(self, manifest: ModelManifest, index: int, path: Path,
+              keep_alive_s: float | None = None) -> bool:
+        """Put a verified block file made elsewhere on this node (PipeCast landed it in a
+        replica's directory on the HOST file system) into HOST under a second name (a hard
+        link: no copy, the replica's name stays valid), pinned. False if HOST holds it already
+        (that copy is pinned instead) or has no room (nothing changes then). Raises OSError if ``path`` cannot be linked."""
+        block, size = manifest.block_id(index), manifest.blocks[index].size_bytes
+        with self._lock:
+            held = self._meta[Tier.HOST].get(block)
+            if held is not None:  # pinned for this replica all the same: release() balances it
+                held.pins += 1
+                return False
+        if not self._reserve(Tier.HOST, block, size, missing_ok=True):
+            return False
+        dst = self._path(Tier.HOST, block)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            os.link(path, dst)
+        except BaseException:
+            self._unreserve(Tier.HOST, block)
+            raise
+        self._commit(Tier.HOST, block)
+        with self._lock:
+            meta = self._meta[Tier.HOST][block]
+            meta.pins += 1
+            meta.keep_alive_until_s = self.clock() + (keep_alive_s if keep_alive_s is not None
+                                                      else self.default_keep_alive_s)
+        return True
+
     def _drop(self, tier: Tier, block: BlockId) -> None:
         with self._lock:
             self._meta[tier].pop(block, None)

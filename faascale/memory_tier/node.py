@@ -96,6 +96,19 @@ class NodeBlocks:
         results = self.store.fetch_model(manifest, keep_alive_s, FETCH_PARALLEL_BLOCKS)
         return [(str(r.path), r.source.name) for r in results]
 
+    def local_blocks(self, manifest_json: str) -> int:
+        """How many of the model's blocks this node's HOST or DISK tier holds."""
+        manifest = ModelManifest.from_json(manifest_json)
+        return sum(self.store.lookup(manifest.block_id(i)) is not None
+                   for i in range(manifest.num_blocks))
+
+    def adopt_model(self, manifest_json: str, paths: list[str], keep_alive_s: float) -> int:
+        """A replica got the model by PipeCast into ``paths`` (block order, on this node's HOST
+        file system): keep them in HOST too (pinned like a fetch). Returns blocks adopted."""
+        manifest = ModelManifest.from_json(manifest_json)
+        return sum(self.store.adopt(manifest, i, Path(p), keep_alive_s)
+                   for i, p in enumerate(paths))
+
     def release_model(self, manifest_json: str, keep_alive_s: float) -> None:
         """A replica retired: unpin its blocks, keep them warm for ``keep_alive_s``."""
         self.store.demote(ModelManifest.from_json(manifest_json), keep_alive_s)

@@ -108,12 +108,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ owner's side
 
-    def expect(self, model_id: str, count: int) -> None:
-        """A ScaleIntent: ``count`` new replicas of ``model_id`` are being created."""
+    def expect(self, key: str, count: int) -> None:
+        """A ScaleIntent: ``count`` new replicas of ``key`` (a model id, or the function name its
+        members join with) are being created."""
         with self._lock:
-            m = self.models.get(model_id)
+            m = self.models.get(key) or next((m for m in self.models.values()
+                                              if m.function == key), None)
             if m is None:
-                self._expected[model_id] = self._expected.get(model_id, 0) + max(0, count)
+                self._expected[key] = self._expected.get(key, 0) + max(0, count)
             else:
                 m.expected += max(0, count)
 
@@ -216,6 +218,7 @@ class Coordinator:
                                               int(meta["num_blocks"]),
                                               tuple(int(b) for b in meta["block_bytes"]),
                                               expected=self._expected.pop(model_id, 0))
+            m.expected += self._expected.pop(m.function, 0)
         old = self._model_of(name)
         if old is not None:  # a member that restarted under its name: forget the old one
             self._forget(old, name, now)

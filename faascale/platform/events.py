@@ -33,6 +33,13 @@ class EventSink:
         kind = str(event.pop("kind", "scale_intent"))
         at_s = float(event.pop("at_s", None) or time.time())
         self.registry.add_event(function, kind, event, at_s)
+        more = int(event.get("to_replicas", 0) or 0) - int(event.get("from_replicas", 0) or 0)
+        if kind == "scale_intent" and more > 0:  # PipeCast plans before the replicas exist
+            from faascale.platform.pipecast_actor import pipecast_actor
+
+            coordinator = pipecast_actor()
+            if coordinator is not None:
+                coordinator.expect.remote(function, more)
 
 
 def start_event_sink(registry_path: Path) -> Any:

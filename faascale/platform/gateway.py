@@ -66,6 +66,7 @@ class GatewayContext:
     report: Callable[[dict[str, Any]], None]  # scale intents to the events sink
     logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
     tier_stats: Callable[[], dict[str, Any]] = dict  # node -> its block store's occupancy and hits
+    pipecast: Callable[[], dict[str, Any]] = dict  # model id -> PipeCast members, pipelines, record
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.time
     max_body_bytes: int = MAX_BODY_BYTES
@@ -195,6 +196,22 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         raise ApiError(422, f"invalid request: {fields}", "invalid_request") from None
 
 
+def _pipecast_summary(model: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A function's PipeCast view for ``status``: members (blocks, route), the running scale-out
+    (plan, pipelines, bytes moved) and the last finished one, without the block-by-block record."""
+    if model is None:
+        return None
+    active = model["active"]
+    last = model["finished"][-1] if model["finished"] else None
+    drop = ("record",)
+    return {"members": model["members"], "blocks_needed": model["blocks_needed"],
+            "pipeline_serves": model["pipeline_serves"],
+            "active": None if active is None else {k: v for k, v in active.items() if k not in drop},
+            "last": None if last is None else {
+                **{k: v for k, v in last.items() if k not in drop},
+                "took_s": last["done_s"] - last["started_s"]}}
+
+
 def create_app(ctx: GatewayContext) -> FastAPI:
     app = FastAPI(title="faascale", version="0.1", docs_url="/docs", redoc_url=None)
     st = _State(ctx)
@@ -267,6 +284,16 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 m.tier_capacity.labels(node, tier).set(t["capacity_bytes"])
             for tier, hits in stats["hits"].items():
                 m.tier_hits.labels(node, tier).set(hits)
+        m.pipecast_blocks.clear()
+        for model in (await pipecast_progress()).values():
+            fn = model["function"]
+            for replica, member in model["members"].items():
+                m.pipecast_blocks.labels(fn, replica).set(member["blocks"])
+            active = model["active"] or {}
+            m.pipecast_pipelines.labels(fn).set(len(active.get("pipelines", ())))
+            m.pipecast_bytes.labels(fn).set(active.get("bytes_moved", 0) + sum(
+                f["bytes_moved"] for f in model["finished"]))
+            m.pipecast_serves.labels(fn).set(model["pipeline_serves"])
         return Response(m.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # ------------------------------------------------------------------ management
@@ -352,6 +379,13 @@ def create_app(ctx: GatewayContext) -> FastAPI:
         st.record(name)
         return {"function": name, "lines": await run_in_threadpool(ctx.logs, name, max(1, min(tail, 5000)))}
 
+    async def pipecast_progress() -> dict[str, Any]:
+        try:
+            return await run_in_threadpool(ctx.pipecast)
+        except Exception as exc:  # the coordinator is restarting: status must still answer
+            log.warning("PipeCast progress unavailable: %s", exc)
+            return {}
+
     async def _status(record: FunctionRecord) -> dict[str, Any]:
         counts = await st.refresh_counts(force=True)
         events = await run_in_threadpool(ctx.registry.events, record.name, None, 50)
@@ -365,6 +399,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             "gateway": {"in_flight": st.in_flight[record.name],
                         "waiting_first_token": st.waiting[record.name]},
             "nodes": await run_in_threadpool(ctx.tier_stats),
+            "pipecast": _pipecast_summary((await pipecast_progress()).get(record.model_id)),
         })
         return out
 

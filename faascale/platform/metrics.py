@@ -43,5 +43,17 @@ class Metrics:
         self.tier_hits = Gauge("faascale_tier_hits", "Block fetches served per node and source "
                                "tier, since the node's store started", ["node", "tier"], registry=r)
 
+        self.pipecast_blocks = Gauge("faascale_pipecast_blocks", "Blocks each PipeCast member "
+                                     "(replica) holds, by function", ["function", "replica"],
+                                     registry=r)
+        self.pipecast_pipelines = Gauge("faascale_pipecast_pipelines", "Temporary pipelines "
+                                        "serving now, by function", ["function"], registry=r)
+        self.pipecast_bytes = Gauge("faascale_pipecast_bytes_moved", "Bytes PipeCast moved in the "
+                                    "running and finished scale-outs kept", ["function"],
+                                    registry=r)
+        self.pipecast_serves = Gauge("faascale_pipecast_pipeline_serves", "Requests that made "
+                                     "tokens through a temporary pipeline", ["function"],
+                                     registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

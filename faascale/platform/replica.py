@@ -9,8 +9,11 @@ long, bad sampling parameters, a handler that raises), sent before any token.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -26,10 +29,18 @@ from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
 from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
 from faascale.memory_tier.object_store import open_store, read_packed_metadata
+from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events
+from faascale.platform.pipecast_actor import pipecast_actor
 from faascale.platform.spec import parse_function_spec
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+log = logging.getLogger(__name__)
+PIPECAST_ENABLED = os.environ.get("FAASCALE_PIPECAST", "1") != "0"
+# "1": copy from peers even when this node's tiers hold the model (a node whose disk is slower
+# than its network; and how a one-node test makes a replica take the PipeCast path).
+PREFER_PEERS_ENV = "FAASCALE_PIPECAST_PREFER_PEERS"
+MEMBER_SERVABLE_TIMEOUT_S = 120.0
 
 
 class HandlerError(Exception):
@@ -62,12 +73,15 @@ class FunctionReplica:
         t0 = time.time()
         self.spec = parse_function_spec(spec_doc, base_dir)
         self.handler = load_handler(self.spec.handler, base_dir)
+        self.replica_id = _replica_id()
         self._node_blocks = None
+        self.member: Member | None = None
         try:
             if tiers:  # through the node's block store: HOST hits when the model is warm here
-                self.llm, sources = self._load_through_tiers(model_dir, TierConfig(**tiers))
+                sources = self._start_with_tiers(model_dir, TierConfig(**tiers))
             else:
                 self.llm = LLM.load(model_dir, self.spec.engine_config())
+                self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
                 sources = {"DISK": self.llm.manifest.num_blocks}
         except Exception as exc:
             # Serve retries the start; the gateway answers waiting requests with this reason
@@ -76,35 +90,98 @@ class FunctionReplica:
                            "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()})
             raise
         t_loaded = time.time()
-        self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
-        self.replica_id = _replica_id()
         events.report({"function": self.spec.name, "kind": "cold_start", "at_s": time.time(),
                        "replica": self.replica_id, "load_s": t_loaded - t0,
                        "total_s": time.time() - t0, "model_id": self.llm.manifest.model_id,
                        "bytes": self.llm.manifest.total_bytes, "sources": sources,
                        "pid": os.getpid()})
 
-    def _load_through_tiers(self, location: str, tiers: TierConfig) -> tuple[LLM, dict[str, int]]:
+    def _start_with_tiers(self, location: str, tiers: TierConfig) -> dict[str, int]:
+        """Load the model and start the engine; returns blocks per source.
+
+        With the platform's PipeCast coordinator running: a replica whose node does not hold the
+        whole model, when some replica already serves it, joins a multicast from the replicas
+        that hold it and serves as soon as it can, through a temporary pipeline while it loads
+        (``Member``). Otherwise it loads through the node's block store and joins as a holder, a
+        source for the next replicas elsewhere."""
         import ray
 
         store_uri, prefix = split_location(location)
         manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
         self._node_blocks = node_blocks_actor(tiers)
-        placing = self._node_blocks.fetch_model.remote(
-            manifest.to_json(), location, self.spec.scaling.keep_alive_s)
-        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while blocks arrive
-        placed = ray.get(placing)
         self._manifest_json = manifest.to_json()
-        blocks = [block_tensors(info, map_block(Path(path)))
-                  for info, (path, _) in zip(manifest.blocks, placed)]
-        llm = LLM.from_blocks(manifest, tokenizer, blocks, self.spec.engine_config())
-        return llm, dict(Counter(source for _, source in placed))
+        coordinator = pipecast_actor() if PIPECAST_ENABLED else None
+        peers_first = os.environ.get(PREFER_PEERS_ENV) == "1"
+        local = (self._node_blocks.local_blocks.remote(self._manifest_json)
+                 if coordinator is not None else None)
+        has_source = (coordinator.has_source.remote(manifest.model_id)
+                      if coordinator is not None else None)
+        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while Ray answers
+        cfg = self.spec.engine_config()
+        self.llm = LLM(manifest, tokenizer, [], cfg)  # prompts and the manifest; shards below
+        if coordinator is not None and ray.get(has_source) and (
+                peers_first or ray.get(local) < manifest.num_blocks):
+            member = self._join(coordinator, manifest, tokenizer, tiers, [])
+            try:
+                member.wait_servable(MEMBER_SERVABLE_TIMEOUT_S)
+            except MemberError as exc:  # the sources went away: load the usual way
+                log.warning("PipeCast could not bring the model here (%s); loading from tiers", exc)
+                member.close()
+            else:
+                self.member, self.loop = member, member.loop
+                threading.Thread(target=self._adopt_when_full, daemon=True,
+                                 name="pipecast-adopt").start()
+                return {"PEER": manifest.num_blocks}
+        placed = ray.get(self._node_blocks.fetch_model.remote(
+            self._manifest_json, location, self.spec.scaling.keep_alive_s))
+        sources = dict(Counter(source for _, source in placed))
+        if coordinator is not None:
+            self.member = self._join(coordinator, manifest, tokenizer, tiers,
+                                     [path for path, _ in placed])
+            self.loop = self.member.loop
+        else:
+            blocks = [block_tensors(info, map_block(Path(path)))
+                      for info, (path, _) in zip(manifest.blocks, placed)]
+            self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
+            self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
+        return sources
+
+    def _join(self, coordinator: Any, manifest: Any, tokenizer: Tokenizer, tiers: TierConfig,
+              held_paths: list[str]) -> Member:
+        """Join PipeCast as ``self.replica_id``: with ``held_paths`` (the block files this
+        replica mapped) as a holder, else as a new replica with an empty directory."""
+        import ray
+
+        address, secret = ray.get(coordinator.contact.remote())
+        self._holdings = Path(f"{tiers.host_dir}-pipecast") / _safe(self.replica_id)
+        shutil.rmtree(self._holdings, ignore_errors=True)
+        self._holdings.mkdir(parents=True)
+        for info, path in zip(manifest.blocks, held_paths):
+            (self._holdings / info.file).symlink_to(path)
+        return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
+                      self.spec.engine_config(), secret=secret, coordinator=address,
+                      bind_host=ray.util.get_node_ip_address(), function=self.spec.name)
+
+    def _adopt_when_full(self) -> None:
+        """Once PipeCast brought every block, keep them in the node's HOST tier too (warm for
+        the next replica here, and after this one retires)."""
+        member = self.member
+        while member is not None and not member.full:
+            time.sleep(0.2)
+        if member is None or self._node_blocks is None:
+            return
+        paths = [str(member.agent.path(i)) for i in range(member.manifest.num_blocks)]
+        self._node_blocks.adopt_model.remote(self._manifest_json, paths,
+                                             self.spec.scaling.keep_alive_s)
 
     def info(self) -> dict[str, Any]:
         m = self.llm.manifest
         engine = self.loop.engine
-        return {"replica": self.replica_id, "model_id": m.model_id, "blocks_present": m.num_blocks,
-                "blocks_needed": m.num_blocks, "running": engine.num_running,
+        progress = self.member.progress() if self.member is not None else {
+            "blocks_present": m.num_blocks, "mode": "full"}
+        return {"replica": self.replica_id, "model_id": m.model_id,
+                "blocks_present": progress["blocks_present"], "blocks_needed": m.num_blocks,
+                "route": progress["mode"], "running": engine.num_running,
                 "waiting": engine.num_waiting}
 
     def _prepare(self, request: dict[str, Any]) -> tuple[list[int], SamplingParams]:
@@ -146,6 +223,11 @@ class FunctionReplica:
     def __del__(self) -> None:
         """Serve calls this on graceful shutdown: stop the engine, hand the blocks back to the
         node's store, where they stay warm in HOST for the function's keep-alive."""
+        member = getattr(self, "member", None)
+        if member is not None:
+            self.member = None
+            member.close()
+            shutil.rmtree(self._holdings, ignore_errors=True)  # HOST keeps its own links
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout_s=1.0)
@@ -155,6 +237,11 @@ class FunctionReplica:
                                                        self.spec.scaling.keep_alive_s)
             except Exception:  # Ray is shutting down: the store's sweep still expires them
                 pass
+
+
+def _safe(replica_id: str) -> str:
+    """A replica id as a PipeCast node name and a directory name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in replica_id)[:100]
 
 
 def _replica_id() -> str:

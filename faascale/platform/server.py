@@ -52,6 +52,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     from faascale.memory_tier.object_store import open_store, read_packed_metadata, upload_packed
     from faascale.platform.auth import load_or_create_tokens
     from faascale.platform.events import report, start_event_sink
+    from faascale.platform.pipecast_actor import start_pipecast
     from faascale.platform.gateway import GatewayContext, create_app
     from faascale.platform.registry import Registry
     from faascale.platform.serve_app import ServeBackend
@@ -68,6 +69,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
     start_event_sink(state.registry_db)
+    pipecast = start_pipecast()
     tiers = TierConfig.for_state_dir(state.root)
     backend = ServeBackend(tiers)
     for record in registry.list():
@@ -98,7 +100,9 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
 
     app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
                                     resolve_model=resolve_model, report=report,
-                                    logs=replica_logs, tier_stats=all_node_stats))
+                                    logs=replica_logs, tier_stats=all_node_stats,
+                                    pipecast=lambda: ray.get(pipecast.progress.remote(),
+                                                             timeout=2.0)))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
                                       object_store=(f"s3://{bucket}" if bucket

@@ -1,0 +1,81 @@
+"""PipeCast inside the platform: a scale-up copies the model from the replica already serving.
+
+One machine is one Ray node, where a new replica would normally map the model from the node's
+HOST tier; ``FAASCALE_PIPECAST_PREFER_PEERS=1`` makes it take the multi-node path instead (join
+the coordinator, receive every block over the transport from the serving replica, serve through
+the member's engine). Real platform, real Serve replicas, real sockets on loopback.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_platform import Platform, free_port, tiny_doc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    p = Platform(tmp_path_factory.mktemp("faascale-pipecast"), free_port())
+    p.env["FAASCALE_PIPECAST_PREFER_PEERS"] = "1"
+    r = p.cli("up", "--port", str(p.port), timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    yield p
+    p.cli("down", timeout=120)
+
+
+def test_a_second_replica_gets_the_model_from_the_first(platform: Platform) -> None:
+    name = "tiny-pc"
+    platform.deploy(tiny_doc(name, min_replicas=1, max_replicas=2))
+    platform.wait_replicas(name, lambda r: r["running"] == 1, 120)
+    body = {"prompt": "hello pipecast", "max_tokens": 12, "temperature": 0}
+    with platform.http() as h:
+        before = h.post(f"/v1/functions/{name}/invoke", json=body)
+        assert before.status_code == 200, before.text
+        first = platform.status(name)
+        assert first["cold_starts"][0]["sources"] == {"REMOTE": 4}  # nobody to copy from
+        assert [v["route"] for v in first["pipecast"]["members"].values()] == ["full"]
+
+        # `scale` redeploys the application: Serve replaces the replica, starting the two new
+        # ones while the old one still serves, so both copy the model from a peer.
+        r = platform.cli("scale", name, "--min", "2")
+        assert r.returncode == 0, r.stderr
+        s = platform.wait_replicas(name, lambda r: r["running"] == 2 and r["stopping"] == 0, 120)
+        colds = s["cold_starts"]
+        assert [c["sources"] for c in colds] == [{"PEER": 4}, {"PEER": 4}, {"REMOTE": 4}], colds
+        deadline = time.monotonic() + 30  # the old replica leaves the coordinator as it stops
+        while len((pc := platform.status(name)["pipecast"])["members"]) != 2:
+            assert time.monotonic() < deadline, pc["members"]
+            time.sleep(0.5)
+        last = pc["last"]
+        # The second joined while the old replica, one of its sources, was stopping: then the
+        # coordinator repaired the plan from the live holder. Either way it got every block.
+        assert last is not None and last["algorithm"] in ("pipecast-k1", "repair") and last["done"]
+        assert list(last["blocks"].values()) == [4] and last["dead"] in ([], [colds[2]["replica"]])
+        assert last["bytes_moved"] == sum(
+            f.stat().st_size for f in _packed(platform, s["model_id"]).glob("block-*.bin"))
+        # Both replicas answer the same (greedy), whichever Serve picks.
+        answers = {h.post(f"/v1/functions/{name}/invoke", json=body).json()["text"]
+                   for _ in range(6)}
+    assert answers == {before.json()["text"]}
+    cli = platform.cli("status", name)
+    assert re.search(r"pipecast: .* 4/4 full, .* 4/4 full", cli.stdout), cli.stdout
+    assert re.search(r"last scale-out: (pipecast-k1|repair) in [\d.]+ s, [\d.]+ MiB moved", cli.stdout)
+    metrics = httpx.get(platform.url + "/metrics").text
+    moved = re.search(rf'faascale_pipecast_bytes_moved{{function="{name}"}} (\S+)', metrics)
+    assert moved and float(moved.group(1)) == 2 * last["bytes_moved"]  # two replicas, one model each
+    assert len(re.findall(rf'faascale_pipecast_blocks{{function="{name}",replica="[^"]+"}} 4',
+                          metrics)) == 2
+
+
+def _packed(platform: Platform, model_id: str) -> Path:
+    found = [p for p in (platform.home / "objects" / "models").iterdir()
+             if (p / "manifest.json").exists() and model_id in (p / "manifest.json").read_text()]
+    assert found, model_id
+    return found[0]
