@@ -378,6 +378,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a scale intent: N new replicas of MODEL_ID are coming")
     p.add_argument("--join-window-s", type=float, default=JOIN_WINDOW_S)
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S)
+    p.add_argument("--epoch-clock", action="store_true",
+                   help="time the record in epoch seconds (to compare with other processes)")
     p.add_argument("--record", type=Path, help="write progress() here (JSON) as it changes")
     p.add_argument("--until-file", type=Path, help="run until this file exists")
     p.add_argument("--timeout-s", type=float, default=600.0)
@@ -398,7 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with transport:
         coord = Coordinator(transport, join_window_s=args.join_window_s,
-                            dead_after_s=args.dead_after_s)
+                            dead_after_s=args.dead_after_s,
+                            clock=time.time if args.epoch_clock else time.monotonic)
         for model_id, n in intents:
             coord.expect(model_id, n)
         print(f"ready {transport.address}", flush=True)
