@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, RouteMode, ScaleOut,
+from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, Route, RouteMode, ScaleOut,
                                            ScaleOutRequest, choose_sources, plan_scale_out)
 from faascale.pipecast.schedule import simulate
 
@@ -119,6 +119,40 @@ def test_a_dead_target_leaves_its_pipeline_and_is_not_waited_for() -> None:
     for b in (2, 3):
         scale.block_arrived("t1", b, 5.0)
     assert scale.done  # the dead target is not waited for
+
+
+def test_once_a_new_replica_is_full_the_others_borrow_it_instead_of_waiting() -> None:
+    """t1 became full (its pipeline with t2 dissolved); t2 holds blocks 0 and 3: it serves
+    through its own prefix [0] and t1 for the rest; t3, holding nothing, through t1 alone."""
+    req = request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
+    scale = ScaleOut(req, now_s=0.0)
+    for b in (0, 1, 2):
+        scale.block_arrived("t1", b, 1.0)
+    scale.block_arrived("t2", 3, 1.0)
+    assert scale.route("t2").mode is RouteMode.PIPELINE  # {0,1,2} + {3}
+    scale.block_arrived("t2", 0, 2.0)
+    scale.block_arrived("t1", 3, 2.0)  # t1 full: the pipeline dissolves
+    assert scale.route("t1").mode is RouteMode.FULL
+    t2, t3 = scale.route("t2"), scale.route("t3")
+    assert t2.mode is RouteMode.PIPELINE and t2.pipeline is not None
+    assert [(s.replica, s.first_block, s.last_block) for s in t2.pipeline.stages] == [
+        ("t2", 0, 0), ("t1", 1, 3)]
+    assert t3.pipeline is not None and [(s.replica, s.first_block, s.last_block)
+                                        for s in t3.pipeline.stages] == [("t1", 0, 3)]
+    assert scale.pipelines.pipeline_of("t3") is None  # borrowed, not a member
+    scale.node_failed("t1", now_s=3.0)  # the helper died: back to waiting
+    assert scale.route("t2").mode is RouteMode.LOADING
+
+
+def test_a_replica_outside_every_pipeline_rides_one_instead_of_waiting() -> None:
+    req = request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
+    scale = ScaleOut(req, now_s=0.0)
+    assert scale.route("t3").mode is RouteMode.LOADING  # nothing to ride yet
+    for node, b in (("t1", 0), ("t1", 1), ("t2", 2), ("t2", 3), ("t3", 0)):
+        scale.block_arrived(node, b, 1.0)
+    own = scale.route("t1").pipeline
+    assert own is not None and scale.pipelines.pipeline_of("t3") is None
+    assert scale.route("t3") == Route("t3", RouteMode.PIPELINE, own)
 
 
 def test_bad_requests_are_typed_errors() -> None:

@@ -21,7 +21,7 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from faascale.pipecast.pipelines import PipelineChanges, PipelineLayout, Pipelines, reform
+from faascale.pipecast.pipelines import PipelineChanges, PipelineLayout, Pipelines, Stage, reform
 from faascale.pipecast.schedule import MulticastPlan, k_way, repair
 
 STORE = "store"  # the object store, as a node name in plans
@@ -198,14 +198,33 @@ class ScaleOut:
     # ------------------------------------------------------------------ views
 
     def route(self, replica: str) -> Route:
-        """How ``replica`` should serve now. Raises KeyError for a replica not in this scale-out."""
+        """How ``replica`` should serve now. Raises KeyError for a replica not in this scale-out.
+
+        Full: alone. In a pipeline: through it. Otherwise, once some new replica is full (its
+        pipeline dissolved when it became full), through that one: the replica's own held
+        prefix of blocks (if any) then the full replica for the rest, so a request on it keeps
+        going instead of waiting for its last blocks. Else through the shortest pipeline the
+        others formed (its stages serve several heads, one KV cache each). The sources are not
+        borrowed: they are busy sending. Loading (requests wait) only when none exists."""
         held = self.holdings[replica]
-        if len(held) == self.request.num_blocks:
+        n = self.request.num_blocks
+        if len(held) == n:
             return Route(replica, RouteMode.FULL)
+        if replica in self.dead:
+            return Route(replica, RouteMode.LOADING)
         layout = self.pipelines.pipeline_of(replica)
-        if layout is not None and replica not in self.dead:
+        if layout is not None:
             return Route(replica, RouteMode.PIPELINE, layout)
-        return Route(replica, RouteMode.LOADING)
+        helper = next((t for t in self.request.targets if t not in self.dead
+                       and len(self.holdings[t]) == n), None)
+        if helper is None:
+            if self.pipelines.pipelines:  # ride the shortest pipeline others formed
+                return Route(replica, RouteMode.PIPELINE,
+                             min(self.pipelines.pipelines, key=lambda p: len(p.stages)))
+            return Route(replica, RouteMode.LOADING)
+        prefix = next((b for b in range(n) if b not in held), n)
+        stages = ([Stage(replica, 0, prefix - 1)] if prefix else []) + [Stage(helper, prefix, n - 1)]
+        return Route(replica, RouteMode.PIPELINE, PipelineLayout(tuple(stages)))
 
     def routes(self) -> dict[str, Route]:
         return {r: self.route(r) for r in self.request.targets}

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
 POLL_S = 0.2
 PLAN_TIMEOUT_S = 600.0
+STAGE_MAX_HEADS = 64
 
 
 class MemberError(RuntimeError):
@@ -141,8 +142,10 @@ class Member:
             self.servable.set()
         self.loop = EngineLoop(Engine(runner, tokenizer, cfg), name=f"engine-{name}",
                                on_unavailable=self._runner_lost)
+        # Every new replica may ride a pipeline as a head, over several layer ranges in a
+        # scale-out: room for that many KV caches (each grows in chunks only as it is used).
         self.stage_server = StageServer(self._shard, self.stage_tx, cfg.max_batch_size,
-                                        cfg.kv_block_tokens)
+                                        cfg.kv_block_tokens, max_heads=STAGE_MAX_HEADS)
         self._threads = [threading.Thread(target=f, name=f"member-{name}-{f.__name__}", daemon=True)
                          for f in (self._control_loop, self._plan_loop, self._heartbeat_loop)]
         self._threads.append(threading.Thread(target=self.stage_server.serve, daemon=True,
