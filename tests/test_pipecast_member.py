@@ -120,3 +120,32 @@ def test_a_member_that_dies_is_forgotten_and_the_rest_finish(
     assert "r2" not in progress["members"]
     record = (progress["finished"] or [progress["active"]])[-1]["record"]
     assert any(e["kind"] == "stalled" and e["detail"]["node"] == "r2" for e in record)
+
+
+def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """Two replicas hold the model (K = 2 sources). One dies just before the wave is planned,
+    too recently for the coordinator to know: the plan counts on it, its targets wait for
+    blocks that never come, the coordinator notices (no heartbeat), re-plans what is missing
+    from the live holder and the targets, and every target still gets every block."""
+    model_id = read_manifest(tiny_packed).model_id
+    members("s0", tiny_packed)
+    s1 = members("s1", tiny_packed)
+    coordinator.expect(model_id, 3)
+    targets = [members(f"t{i}", tmp_path / f"t{i}") for i in (1, 2)]
+    s1.close()
+    targets.append(members("t3", tmp_path / "t3"))
+    wait_for(lambda: coordinator.progress()[model_id]["active"] is not None
+             or coordinator.progress()[model_id]["finished"])
+    planned = (coordinator.progress()[model_id]["active"]
+               or coordinator.progress()[model_id]["finished"][-1])["record"][0]
+    assert sorted(planned["detail"]["sources"]) == ["s0", "s1"]
+    wait_for(lambda: all(t.full for t in targets), timeout_s=60)
+    done = coordinator.progress()[model_id]["finished"][-1]
+    assert done["dead"] == ["s1"] and done["blocks"] == {"t1": 4, "t2": 4, "t3": 4}
+    kinds = [e["kind"] for e in done["record"]]
+    assert "repaired" in kinds and kinds.index("stalled") < kinds.index("repaired")
+    for t in targets:  # the blocks are the model's: the engine gives its tokens
+        got = [o.token_id for o in t.loop.submit(t.loop.engine.tokenizer.encode("hi"), GREEDY)
+               if o.token_id is not None]
+        assert got == reference(tiny_packed, "hi")
