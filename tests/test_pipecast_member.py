@@ -113,7 +113,7 @@ def test_a_member_that_dies_is_forgotten_and_the_rest_finish(
     coordinator.expect(model_id, 3)
     r1 = members("r1", tmp_path / "r1")
     r2 = members("r2", tmp_path / "r2")
-    r2.close()  # gone: no heartbeat, its sockets closed
+    r2.close(leave=False)  # crashed: no goodbye, no heartbeat, its sockets closed
     r3 = members("r3", tmp_path / "r3")
     wait_for(lambda: r1.full and r3.full, timeout_s=60)
     progress = coordinator.progress()[model_id]
@@ -133,7 +133,7 @@ def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(
     s1 = members("s1", tiny_packed)
     coordinator.expect(model_id, 3)
     targets = [members(f"t{i}", tmp_path / f"t{i}") for i in (1, 2)]
-    s1.close()
+    s1.close(leave=False)  # crashed
     targets.append(members("t3", tmp_path / "t3"))
     wait_for(lambda: coordinator.progress()[model_id]["active"] is not None
              or coordinator.progress()[model_id]["finished"])
@@ -149,3 +149,20 @@ def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(
         got = [o.token_id for o in t.loop.submit(t.loop.engine.tokenizer.encode("hi"), GREEDY)
                if o.token_id is not None]
         assert got == reference(tiny_packed, "hi")
+
+
+def test_a_restarted_coordinator_gets_its_members_back(tiny_packed: Path, tmp_path: Path,
+                                                         members, coordinator: Coordinator) -> None:
+    """The coordinator forgets everything (a new process): members' next heartbeat gets them
+    asked to rejoin, with the blocks they hold; a member that leaves is forgotten at once."""
+    model_id = read_manifest(tiny_packed).model_id
+    members("a", tiny_packed)
+    b = members("b", tiny_packed)
+    wait_for(lambda: len(coordinator.progress().get(model_id, {}).get("members", {})) == 2)
+    with coordinator._lock:  # what a restart loses
+        coordinator.models.clear()
+    wait_for(lambda: sorted(coordinator.progress().get(model_id, {}).get("members", {}))
+             == ["a", "b"], timeout_s=10)
+    assert coordinator.progress()[model_id]["members"]["a"] == {"blocks": 4, "route": "full"}
+    b.close()
+    wait_for(lambda: list(coordinator.progress()[model_id]["members"]) == ["a"], timeout_s=1.5)

@@ -13,6 +13,7 @@ drives it with control frames:
   ``StageChain`` of its own range and the other stages' ``RemoteStage``s), ``loading`` (requests
   wait). A switch is ``EngineLoop.switch_runner``: requests in flight resume from their token ids
   on the new runner, their streams unbroken;
+- ``rejoin``: the coordinator restarted and lost us: join again with the blocks held now;
 - ``error``: the coordinator cannot bring the model here (nobody holds it): the owner loads it
   another way (``wait_servable`` raises ``MemberError``).
 
@@ -152,10 +153,15 @@ class Member:
                                               name=f"member-{name}-stage"))
         for t in self._threads:
             t.start()
-        self._tell("join", model_id=manifest.model_id, function=self.function,
-                   num_blocks=manifest.num_blocks,
-                   block_bytes=[b.size_bytes for b in manifest.blocks],
-                   held=sorted(self.held), local=self.local_dir is not None,
+        self._join()
+
+    def _join(self) -> None:
+        with self._lock:
+            held = sorted(self.held)
+        self._tell("join", model_id=self.manifest.model_id, function=self.function,
+                   num_blocks=self.manifest.num_blocks,
+                   block_bytes=[b.size_bytes for b in self.manifest.blocks],
+                   held=held, local=self.local_dir is not None,
                    blocks=self.blocks_tx.address, stage=self.stage_tx.address,
                    ctl=self.ctl_tx.address)
 
@@ -179,7 +185,11 @@ class Member:
                     "blocks_needed": self.manifest.num_blocks,
                     "stages": [(s.replica, s.first_block, s.last_block) for s in self.route.stages]}
 
-    def close(self) -> None:
+    def close(self, leave: bool = True) -> None:
+        """Leave the coordinator (it stops routing through us at once) and stop. ``leave=False``
+        stops without a word, as a crash would (the coordinator notices the silence)."""
+        if leave and not self._stop.is_set():
+            self._tell("leave")
         self._stop.set()
         self.agent.cancel()
         self.stage_server.stop()
@@ -294,6 +304,8 @@ class Member:
             self.agent.cancel()  # a new plan (a repair) replaces the one running
             self._plans.put((plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
                              str(meta.get("plan_id", ""))))
+        elif op == "rejoin":  # the coordinator restarted and does not know us
+            self._join()
         elif op == "error":
             self.error = str(meta.get("why", "the coordinator refused"))
             self.servable.set()
@@ -315,7 +327,7 @@ class Member:
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._tell("heartbeat", held=len(self.held))
+            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
   cancels the plan it was running). Blocks nobody live holds: those members are told to load
   from the store. A head whose stage failed (``stage_failed``) gets its route again after
   ``RETRY_ROUTE_S`` (a transient failure heals; a dead stage is caught by the heartbeat rule).
+- A member that leaves (``leave``: its replica retires) is forgotten at once, as a dead one
+  is; a heartbeat from a member it does not know (the coordinator restarted) gets ``rejoin``.
 - ``progress()``: per model, blocks per member, routes, pipelines, bytes moved, the record of the
   current and finished scale-outs (``status`` and ``/metrics`` read it; tests assert on it).
 
@@ -177,8 +179,18 @@ class Coordinator:
             self._join(meta, now)
             return
         m = self._model_of(name)
-        if m is None:
-            return  # a member we do not know (we restarted): it will time out and rejoin
+        if m is None:  # a member we do not know (we restarted): ask it to join again
+            if op == "heartbeat" and isinstance(meta.get("ctl"), str):
+                try:
+                    self.transport.send(meta["ctl"], "control", {"op": "rejoin"},
+                                        timeout_s=CONTROL_SEND_S)
+                except TransportError as e:
+                    log.warning("could not ask %s to rejoin: %s", name, e)
+            return
+        if op == "leave":
+            log.info("%s left", name)
+            self._forget(m, name, now)
+            return
         node = m.nodes[name]
         node.last_seen_s = now
         so = m.active
