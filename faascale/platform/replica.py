@@ -174,6 +174,14 @@ class FunctionReplica:
         self._node_blocks.adopt_model.remote(self._manifest_json, paths,
                                              self.spec.scaling.keep_alive_s)
 
+    def check_health(self) -> None:
+        """Serve's health check (every few seconds): a replica PipeCast gave up on after it
+        started serving (its sources died and nobody live holds some blocks) is unhealthy, so
+        Serve replaces it with one that loads from the tiers and the object store."""
+        member = self.member
+        if member is not None and member.error is not None and not member.full:
+            raise RuntimeError(f"PipeCast could not finish loading this replica: {member.error}")
+
     def info(self) -> dict[str, Any]:
         m = self.llm.manifest
         engine = self.loop.engine
