@@ -166,9 +166,9 @@ class FunctionReplica:
         """Once PipeCast brought every block, keep them in the node's HOST tier too (warm for
         the next replica here, and after this one retires)."""
         member = self.member
-        while member is not None and not member.full:
-            time.sleep(0.2)
-        if member is None or self._node_blocks is None:
+        while member is not None and self.member is member and not member.full:
+            time.sleep(0.2)  # ends when full, or when the replica retires (member unset)
+        if member is None or not member.full or self._node_blocks is None:
             return
         paths = [str(member.agent.path(i)) for i in range(member.manifest.num_blocks)]
         self._node_blocks.adopt_model.remote(self._manifest_json, paths,

@@ -120,6 +120,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
             ray.shutdown()
             # The HOST tier lives in shared memory (RAM): do not leave it behind the platform.
             shutil.rmtree(tiers.host_dir, ignore_errors=True)
+            shutil.rmtree(f"{tiers.host_dir}-pipecast", ignore_errors=True)  # replicas' PipeCast dirs
 
 
 def main() -> None:
