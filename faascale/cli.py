@@ -27,10 +27,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from faascale.engine.sources import SourceError
     from faascale.engine.tokenizer import ChatTemplateError
     from faascale.platform.client import PlatformError
+    from faascale.coldstart.vllm_log import VllmLogError
     from faascale.platform.spec import SpecError
 
     return (CheckpointError, ConfigError, PromptTooLongError, SamplingParamsError, SourceError,
-            SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError, PlatformError)
+            SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError, PlatformError,
+            VllmLogError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -399,6 +401,46 @@ def token(admin: bool = typer.Option(False, "--admin", help="the admin token ins
         raise typer.Exit(2)
     tokens = load_or_create_tokens(state.tokens_file)
     typer.echo(tokens.admin if admin else tokens.invoke)
+
+
+coldstart_app = typer.Typer(no_args_is_help=True, help="Cold starts: where a start's time goes.")
+app.add_typer(coldstart_app, name="coldstart")
+
+
+@coldstart_app.command("parse-vllm")
+@friendly_errors
+def parse_vllm(log: str = typer.Argument(..., help="a vLLM startup log (0.8 to 0.33)"),
+               as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Split a vLLM startup log into the six startup steps (and the finer stated times)."""
+    import json
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from faascale.coldstart.vllm_log import STEPS, parse_vllm_log_file
+
+    r = parse_vllm_log_file(log)
+    for w in r.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if as_json:
+        typer.echo(json.dumps(asdict(r), indent=1))
+        return
+    longest = max(r.steps_s.values(), default=0.0) or 1.0
+    table = Table(title=f"vLLM {r.version or '(version not logged)'} startup: {log}")
+    for col in ("step", "seconds", ""):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for step in STEPS:
+        if step in r.steps_s:
+            v = r.steps_s[step]
+            table.add_row(step, f"{v:.2f}", "█" * max(1, round(30 * v / longest)))
+        else:
+            table.add_row(step, "-", "")
+    table.add_row("total", f"{r.total_s:.2f}" if r.total_s is not None else "-", "")
+    con = Console()
+    con.print(table)
+    if r.details_s:
+        con.print("details: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.details_s.items()))
 
 
 def main() -> None:  # pragma: no cover - console entry point
