@@ -60,6 +60,7 @@ import argparse
 import contextlib
 import ctypes
 import json
+import logging
 import mmap
 import os
 import queue
@@ -84,6 +85,7 @@ from faascale.pipecast.transport import (
     ZmqTransport,
 )
 
+log = logging.getLogger(__name__)
 START_POLL_S = 0.002  # --start-file: how often to look for it (agents start within this)
 MAX_EARLY_FRAMES = 4096  # control frames kept for the next plan (a peer started it first)
 CREDIT_SEND_S = 5.0  # a credit (a small frame) a live peer takes at once; a dead one never
@@ -967,10 +969,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         out = {"report": json.loads(report.to_json()), "start_epoch_s": start_epoch_s,
                "cpu_s": _cpu_s() - cpu0, "error": error}
-    tmp = args.report.with_name(args.report.name + ".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, args.report)
+    write_json(args.report, out)
     return 1 if error else 0
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON so that a reader polling ``path`` never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 def _start_time(args: argparse.Namespace) -> float | None:

@@ -31,7 +31,6 @@ made on) go to a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import queue
@@ -50,7 +49,8 @@ from faascale.engine.loop import EngineLoop
 from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
 from faascale.engine.tokenizer import Tokenizer
 from faascale.memory_tier.block_store import map_block
-from faascale.pipecast.agent import AgentConfigError, MulticastError, NodeAgent, plan_from_json
+from faascale.pipecast.agent import (AgentConfigError, MulticastError, NodeAgent, plan_from_json,
+                                     write_json)
 from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
 from faascale.pipecast.transport import Header, TransportError, ZmqTransport
 
@@ -112,13 +112,14 @@ class Member:
                  holdings_dir: str | os.PathLike, cfg: EngineConfig, *, secret: bytes,
                  coordinator: str, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
                  local_dir: str | os.PathLike | None = None, stage_timeout_s: float = 30.0,
-                 function: str = "") -> None:
+                 function: str = "", on_full: Callable[[Member], None] | None = None) -> None:
         self.name, self.manifest, self.cfg = name, manifest, cfg
         self.function = function or manifest.name
         self.coordinator = coordinator
         self.holdings_dir = Path(holdings_dir)
         self.local_dir = None if local_dir is None else Path(local_dir)
         self.stage_timeout_s = stage_timeout_s
+        self._on_full = on_full  # called once (control thread) when it switches to its full copy
         tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
         self.blocks_tx = ZmqTransport(name=name, **tx)
         self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **tx)
@@ -266,6 +267,9 @@ class Member:
                  [(s.replica, s.first_block, s.last_block) for s in route.stages])
         if route.mode != "loading":
             self.servable.set()
+        if route.mode == "full" and self._on_full is not None:
+            on_full, self._on_full = self._on_full, None
+            on_full(self)
 
     def _runner_lost(self, exc: Exception) -> None:  # engine thread
         if not isinstance(exc, StageError):  # NoRunner: loading, nothing failed
@@ -394,9 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.error("request failed: %s", e)
                 rc = 1
             result = {"tokens": tokens, "submitted_epoch_s": t0, "progress": member.progress()}
-            tmp = args.out.with_name(args.out.name + ".tmp")
-            tmp.write_text(json.dumps(result))
-            os.replace(tmp, args.out)
+            write_json(args.out, result)
         while time.monotonic() < deadline and not (args.until_file and args.until_file.exists()):
             time.sleep(0.1)
     finally:

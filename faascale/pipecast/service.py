@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faascale.pipecast.agent import plan_to_json
+from faascale.pipecast.agent import plan_to_json, write_json
 from faascale.pipecast.coordinator import (STORE, Event, Holder, HolderKind, Route, RouteMode,
                                            ScaleOut, ScaleOutRequest)
 from faascale.pipecast.schedule import MulticastPlan, PlanError
@@ -421,17 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         while time.monotonic() < deadline and not (args.until_file and args.until_file.exists()):
             coord.poll(POLL_S)
             if args.record and time.monotonic() - written > 0.2:
-                _write(args.record, coord.progress())
+                write_json(args.record, coord.progress())
                 written = time.monotonic()
         if args.record:
-            _write(args.record, coord.progress())
+            write_json(args.record, coord.progress())
     return 0
-
-
-def _write(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -121,7 +120,8 @@ class FunctionReplica:
         self.llm = LLM(manifest, tokenizer, [], cfg)  # prompts and the manifest; shards below
         if coordinator is not None and ray.get(has_source) and (
                 peers_first or ray.get(local) < manifest.num_blocks):
-            member = self._join(coordinator, manifest, tokenizer, tiers, [])
+            member = self._join(coordinator, manifest, tokenizer, tiers, [],
+                                on_full=self._adopt)
             try:
                 member.wait_servable(MEMBER_SERVABLE_TIMEOUT_S)
             except MemberError as exc:  # the sources went away: load the usual way
@@ -129,8 +129,6 @@ class FunctionReplica:
                 member.close()
             else:
                 self.member, self.loop = member, member.loop
-                threading.Thread(target=self._adopt_when_full, daemon=True,
-                                 name="pipecast-adopt").start()
                 return {"PEER": manifest.num_blocks}
         placed = ray.get(self._node_blocks.fetch_model.remote(
             self._manifest_json, location, self.spec.scaling.keep_alive_s))
@@ -147,7 +145,7 @@ class FunctionReplica:
         return sources
 
     def _join(self, coordinator: Any, manifest: Any, tokenizer: Tokenizer, tiers: TierConfig,
-              held_paths: list[str]) -> Member:
+              held_paths: list[str], on_full: Callable[[Member], None] | None = None) -> Member:
         """Join PipeCast as ``self.replica_id``: with ``held_paths`` (the block files this
         replica mapped) as a holder, else as a new replica with an empty directory."""
         import ray
@@ -160,19 +158,16 @@ class FunctionReplica:
             (self._holdings / info.file).symlink_to(path)
         return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
                       self.spec.engine_config(), secret=secret, coordinator=address,
-                      bind_host=ray.util.get_node_ip_address(), function=self.spec.name)
+                      bind_host=ray.util.get_node_ip_address(), function=self.spec.name,
+                      on_full=on_full)
 
-    def _adopt_when_full(self) -> None:
-        """Once PipeCast brought every block, keep them in the node's HOST tier too (warm for
-        the next replica here, and after this one retires)."""
-        member = self.member
-        while member is not None and self.member is member and not member.full:
-            time.sleep(0.2)  # ends when full, or when the replica retires (member unset)
-        if member is None or not member.full or self._node_blocks is None:
-            return
-        paths = [str(member.agent.path(i)) for i in range(member.manifest.num_blocks)]
-        self._node_blocks.adopt_model.remote(self._manifest_json, paths,
-                                             self.spec.scaling.keep_alive_s)
+    def _adopt(self, member: Member) -> None:
+        """PipeCast brought every block: keep them in the node's HOST tier too (warm for the
+        next replica here, and after this one retires)."""
+        if self._node_blocks is not None:
+            paths = [str(member.agent.path(i)) for i in range(member.manifest.num_blocks)]
+            self._node_blocks.adopt_model.remote(self._manifest_json, paths,
+                                                 self.spec.scaling.keep_alive_s)
 
     def check_health(self) -> None:
         """Serve's health check (every few seconds): a replica PipeCast gave up on after it
