@@ -27,12 +27,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from faascale.engine.sources import SourceError
     from faascale.engine.tokenizer import ChatTemplateError
     from faascale.platform.client import PlatformError
+    from faascale.coldstart.dataset import DatasetError
+    from faascale.coldstart.model import FeatureError
     from faascale.coldstart.vllm_log import VllmLogError
     from faascale.platform.spec import SpecError
 
     return (CheckpointError, ConfigError, PromptTooLongError, SamplingParamsError, SourceError,
             SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError, PlatformError,
-            VllmLogError)
+            VllmLogError, DatasetError, FeatureError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -441,6 +443,21 @@ def parse_vllm(log: str = typer.Argument(..., help="a vLLM startup log (0.8 to 0
     con.print(table)
     if r.details_s:
         con.print("details: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.details_s.items()))
+
+
+@coldstart_app.command("predict")
+@friendly_errors
+def predict(data: str = typer.Option(..., "--data", help="a folder in the format of "
+                                     "../shared/coldstart-data (models.csv, startup_runs.csv)"),
+            features: str = typer.Option(..., "--features", help="CSV: the columns of models.csv "
+                                         "plus `machine` (a scenario of startup_runs.csv)"),
+            out: str = typer.Option(..., "--out", help="CSV to write: model, machine, "
+                                    "predicted_total_s and one column per step")) -> None:
+    """Predict vLLM start times: fit the startup-latency model per machine on DATA, write OUT."""
+    from faascale.coldstart.predict import predict_file
+
+    predictions = predict_file(data, features, out)
+    typer.echo(f"wrote {len(predictions)} prediction(s) to {out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

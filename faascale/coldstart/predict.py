@@ -17,7 +17,8 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from faascale.coldstart.dataset import DatasetError, read_csv_rows, load_dataset, model_from_row
+from faascale.coldstart.dataset import (MODEL_COLUMNS, DatasetError, load_dataset, model_from_row,
+                                        read_csv_rows)
 from faascale.coldstart.model import VLLM, FeatureError, Prediction, fit_machines
 
 STEP_COLUMNS = tuple(VLLM.groups)
@@ -30,7 +31,7 @@ def predict_file(data_dir: str | Path, features_csv: str | Path, out_csv: str | 
     ds = load_dataset(data_dir)
     fits = fit_machines(VLLM, ds.observations)
     path = Path(features_csv)
-    rows = read_csv_rows(path, ("model", "machine"))
+    rows = read_csv_rows(path, (*MODEL_COLUMNS, "machine"))
     predictions = []
     for i, row in enumerate(rows):
         where = f"{path} row {i + 2}"
