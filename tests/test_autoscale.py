@@ -13,12 +13,15 @@ import random
 import pytest
 
 from faascale.platform.autoscale import (
+    ColdStartEstimate,
     PolicyState,
     ScaleDecision,
     ScaleIntent,
     ScalingConfig,
     ScalingSnapshot,
+    choose_source,
     decide,
+    load_trend_per_s,
 )
 
 # 4 concurrent requests per replica, up to 8 replicas, 30 s keep-alive, 5 s downscale delay.
@@ -264,7 +267,8 @@ def test_state_round_trips_through_json_and_ignores_serve_keys() -> None:
     state = run.state
     assert state == PolicyState(last_busy_s=1.0, below_since_s=1.0, below_high_water_replicas=2,
                                 last_ordered_replicas=4, last_target_replicas=4,
-                                last_reason="downscale pending", last_decision_s=1.0)
+                                last_reason="downscale pending", last_decision_s=1.0,
+                                history=((0.0, 16.0), (1.0, 6.0)))
     data = json.loads(json.dumps(state.to_dict()))
     assert PolicyState.from_dict(data) == state
     data.update({"__decision_counters": -3, "__decision_timestamp": 123.0})
@@ -299,3 +303,87 @@ def test_config_defaults_are_valid_and_json() -> None:
     cfg = ScalingConfig()
     assert (cfg.min_replicas, cfg.keep_alive_s, cfg.downscale_delay_s) == (0, 60.0, 5.0)
     assert ScalingConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# --- cold-start estimates: which source, and how far ahead -----------------------------------
+
+def est(source: str, ready_s: float, available: bool = True) -> ColdStartEstimate:
+    return ColdStartEstimate(source=source, ready_s=ready_s, available=available)
+
+
+def test_the_fastest_available_source_is_chosen_and_named_in_the_intent() -> None:
+    many = (est("REMOTE", 9.0), est("DISK", 4.0), est("HOST", 1.5), est("PEER", 3.0))
+    assert choose_source(many).source == "HOST"
+    # The HOST copy is gone (evicted): the peers' multicast is now fastest.
+    gone = (est("REMOTE", 9.0), est("DISK", 4.0), est("HOST", 1.5, available=False),
+            est("PEER", 3.0))
+    assert choose_source(gone).source == "PEER"
+    assert choose_source((est("HOST", 1.0, available=False),)) is None
+    assert choose_source(()) is None
+    # A tie goes to the narrower band, then to the peer before the store.
+    tie = (ColdStartEstimate("REMOTE", 5.0, high_s=6.0), ColdStartEstimate("PEER", 5.0, high_s=9.0))
+    assert choose_source(tie).source == "REMOTE"
+    assert choose_source((est("REMOTE", 5.0), est("PEER", 5.0))).source == "PEER"
+    with pytest.raises(ValueError, match="source"):
+        est("GPU", 1.0)
+
+    s = ScalingSnapshot(now_s=10.0, current_replicas=1, ongoing_requests=12, estimates=gone)
+    d = Run()(s)
+    assert d.target_replicas == 3
+    assert (d.intent.source, d.intent.expected_ready_s) == ("PEER", 3.0)
+    # Without estimates the intent names no source (the replica decides, as before).
+    assert Run()(snap(10.0, current=1, ongoing=12)).intent.source == ""
+
+
+def test_trend_is_the_least_squares_slope() -> None:
+    assert load_trend_per_s(((0.0, 0.0), (1.0, 2.0), (2.0, 4.0))) == pytest.approx(2.0)
+    assert load_trend_per_s(((0.0, 4.0), (1.0, 2.0), (2.0, 0.0))) == pytest.approx(-2.0)
+    assert load_trend_per_s(((0.0, 1.0), (1.0, 5.0))) == 0.0  # two points: no trend yet
+
+
+def ramp(cfg: ScalingConfig, estimates: tuple[ColdStartEstimate, ...]) -> list[tuple[float, int, str]]:
+    """Load rising 1 request/s from 1 at t=0, replicas appear when ordered (current = ordered)."""
+    run, current, out = Run(cfg), 1, []
+    for i in range(12):
+        t = float(i)
+        d = run(ScalingSnapshot(now_s=t, current_replicas=current, ongoing_requests=1.0 + t,
+                                estimates=estimates))
+        if d.target_replicas != current:
+            out.append((t, d.target_replicas, d.reason))
+            current = d.target_replicas
+    return out
+
+
+def test_a_slow_source_scales_ahead_of_the_breach_by_its_start_time() -> None:
+    slow = (est("REMOTE", 6.0),)           # 6 s start - 2 s SLO = 4 s ahead
+    cfg = ScalingConfig(max_replicas=8, target_ongoing_per_replica=4.0, slo_ttft_s=2.0)
+    # Reactive: load 5 (t=4) needs a 2nd replica, load 9 (t=8) a 3rd.
+    reactive = ramp(ScalingConfig(max_replicas=8, target_ongoing_per_replica=4.0,
+                                  predictive=False), slow)
+    assert reactive == [(4.0, 2, "burst"), (8.0, 3, "burst")]
+    # Predictive: from t=2 the trend is 1/s (three samples); at t=2, 3 + 4 s x 1/s = 7 > 4:
+    # the 2nd replica is ordered at t=2 instead of t=4; the 3rd when 1 + t + 4 > 8, at t=4
+    # instead of t=8; the 4th when 1 + t + 4 > 12, at t=8 (reactive: t=12, after the ramp).
+    ahead = ramp(cfg, slow)
+    assert ahead == [(2.0, 2, "predicted"), (4.0, 3, "predicted"), (8.0, 4, "predicted")]
+    # A source that starts within the SLO needs no lead: reactive timing.
+    fast = ramp(cfg, (est("HOST", 1.5),))
+    assert fast == reactive
+    # The intent says how far ahead it ordered.
+    d, _ = decide(cfg, ScalingSnapshot(now_s=2.0, current_replicas=1, ongoing_requests=3.0,
+                                       estimates=slow),
+                  PolicyState(history=((0.0, 1.0), (1.0, 2.0))), function="fn")
+    assert (d.reason, d.intent.lead_s, d.intent.source) == ("predicted", 4.0, "REMOTE")
+
+
+def test_a_falling_trend_never_removes_replicas_early() -> None:
+    cfg = ScalingConfig(max_replicas=8, target_ongoing_per_replica=4.0, slo_ttft_s=0.0)
+    run = Run(cfg)
+    slow = (est("REMOTE", 20.0),)
+    for i, load in enumerate([16.0, 14.0, 12.0, 10.0]):
+        d = run(ScalingSnapshot(now_s=float(i), current_replicas=4, ongoing_requests=load,
+                                estimates=slow))
+    # 10 ongoing needs 3 of the 4 replicas; the downscale waits for its delay as always.
+    assert (d.target_replicas, d.reason) == (4, "downscale pending")
+    # History older than the trend window is forgotten (and is bounded).
+    assert all(3.0 - t < cfg.trend_window_s for t, _ in run.state.history)

@@ -38,7 +38,8 @@ def make_ctx(*, running: int, target: int, requests: float, queued: float = 0.0,
 
 def intent(frm: int, to: int, reason: str, at_s: float, ongoing: float) -> dict[str, Any]:
     return {"kind": "scale_intent", "function": "fn", "from_replicas": frm, "to_replicas": to,
-            "reason": reason, "at_s": at_s, "ongoing_requests": ongoing}
+            "reason": reason, "at_s": at_s, "ongoing_requests": ongoing, "source": "",
+            "expected_ready_s": None, "lead_s": 0.0}
 
 
 def new_policy(events: list[dict[str, Any]]) -> FaascalePolicy:

@@ -25,6 +25,15 @@ REASON_MAX = "max"                   # down to max_replicas (e.g. after max was 
 REASON_STEADY = "steady"             # no change: the capacity matches the demand
 REASON_PENDING = "downscale pending"  # no change yet: load is lower, the delay has not elapsed
 REASON_WARM = "keep-alive"           # no change: idle, but the last replica is kept warm
+REASON_PREDICTED = "predicted"       # up: the load trend crosses capacity within the cold start
+
+# Where a new replica's weights can come from (``ColdStartEstimate.source``).
+SOURCE_PEER = "PEER"      # PipeCast: multicast from replicas that hold the model, serving while loading
+SOURCE_HOST = "HOST"      # a node's host-memory tier holds the model
+SOURCE_DISK = "DISK"      # a node's disk tier holds it
+SOURCE_REMOTE = "REMOTE"  # the object store (always there)
+SOURCES = (SOURCE_PEER, SOURCE_HOST, SOURCE_DISK, SOURCE_REMOTE)
+MAX_HISTORY = 64
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,9 @@ class ScalingConfig:
     keep_alive_s: float = 60.0
     downscale_delay_s: float = 5.0
     upscale_headroom: float = 1.0
+    slo_ttft_s: float = 2.0
+    predictive: bool = True
+    trend_window_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("min_replicas", "max_replicas"):
@@ -65,6 +77,8 @@ class ScalingConfig:
         _check_number("keep_alive_s", self.keep_alive_s, 0.0)
         _check_number("downscale_delay_s", self.downscale_delay_s, 0.0)
         _check_number("upscale_headroom", self.upscale_headroom, 1.0)
+        _check_number("slo_ttft_s", self.slo_ttft_s, 0.0)
+        _check_number("trend_window_s", self.trend_window_s, 0.0, inclusive=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +89,61 @@ def _check_number(name: str, value: object, low: float, inclusive: bool = True) 
         raise ValueError(f"{name}: must be a finite number, got {value!r}")
     if value < low or (value == low and not inclusive):
         raise ValueError(f"{name}: must be {'>=' if inclusive else '>'} {low}, got {value}")
+
+
+@dataclass(frozen=True)
+class ColdStartEstimate:
+    """How long adding one replica of the function takes from one source, predicted.
+
+    ``ready_s``: from the order to the replica serving (for PEER, serving through a temporary
+    pipeline counts). ``available``: the source exists now (a peer or a node's tier holds the
+    model; REMOTE always). ``high_s``: the pessimistic end of the estimate's band. ``basis``
+    says what it rests on (measured starts of this function, the fitted model, or a prior).
+    """
+
+    source: str
+    ready_s: float
+    available: bool = True
+    high_s: float | None = None
+    basis: str = ""
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source: must be one of {', '.join(SOURCES)}, got {self.source!r}")
+        _check_number("ready_s", self.ready_s, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ColdStartEstimate:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def choose_source(estimates: tuple[ColdStartEstimate, ...] | list[ColdStartEstimate]
+                  ) -> ColdStartEstimate | None:
+    """The fastest available way to add a replica: least ``ready_s``; on a tie the narrower
+    band, then the order of ``SOURCES`` (a peer before a tier before the store)."""
+    usable = [e for e in estimates if e.available]
+    if not usable:
+        return None
+    return min(usable, key=lambda e: (e.ready_s, e.high_s if e.high_s is not None else e.ready_s,
+                                      SOURCES.index(e.source)))
+
+
+def load_trend_per_s(history: tuple[tuple[float, float], ...]) -> float:
+    """Least-squares slope of ongoing requests over time (requests per second); 0 when fewer
+    than three samples or no time spread."""
+    if len(history) < 3:
+        return 0.0
+    n = len(history)
+    mt = sum(t for t, _ in history) / n
+    ml = sum(v for _, v in history) / n
+    var = sum((t - mt) ** 2 for t, _ in history)
+    if var <= _EPS_S:
+        return 0.0
+    return sum((t - mt) * (v - ml) for t, v in history) / var
 
 
 @dataclass(frozen=True)
@@ -91,6 +160,7 @@ class ScalingSnapshot:
     ongoing_requests: float
     queued_requests: float = 0.0
     loading_replicas: int = 0
+    estimates: tuple[ColdStartEstimate, ...] = ()
 
     @property
     def ordered_replicas(self) -> int:
@@ -116,6 +186,7 @@ class PolicyState:
     last_target_replicas: int | None = None
     last_reason: str = ""
     last_decision_s: float | None = None
+    history: tuple[tuple[float, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,7 +195,10 @@ class PolicyState:
     def from_dict(cls, data: dict[str, Any] | None) -> PolicyState:
         """Rebuild from ``to_dict`` output; keys it does not know (Serve adds its own) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in (data or {}).items() if k in names})
+        values = {k: v for k, v in (data or {}).items() if k in names}
+        if "history" in values:  # JSON turns the pairs into lists
+            values["history"] = tuple((float(t), float(v)) for t, v in values["history"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -137,6 +211,9 @@ class ScaleIntent:
     reason: str
     at_s: float
     ongoing_requests: float
+    source: str = ""                 # the fastest available source (empty: no estimate known)
+    expected_ready_s: float | None = None
+    lead_s: float = 0.0              # how far ahead of the predicted SLO breach it was ordered
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,6 +260,15 @@ def decide(cfg: ScalingConfig, snap: ScalingSnapshot, state: PolicyState | None,
     - **Bounds**: the result is always within ``[min_replicas, max_replicas]``; an ordered count
       outside them (a config change) is clamped at once with reason "min" or "max"; any further
       downscale below max then waits as usual.
+    - **Ahead of the breach** (``predictive``): a replica ordered now serves after the chosen
+      source's ``ready_s``; a request waiting that long breaks the TTFT SLO unless ``ready_s <=
+      slo_ttft_s``. So the policy looks ``lead_s = ready_s - slo_ttft_s`` ahead: the load trend
+      (least squares over the last ``trend_window_s`` of snapshots) extrapolated ``lead_s`` from
+      now; if that load needs more replicas than are ordered, they are ordered now (reason
+      "predicted"). Only a rising trend counts; a falling one never removes replicas early.
+    - **Source**: ``snap.estimates`` (one ``ColdStartEstimate`` per source) choose the fastest
+      available way to add a replica; the intent carries it (``source``, ``expected_ready_s``)
+      so the replicas are loaded that way.
 
     Time is ``snap.now_s`` in seconds; the decision depends on elapsed seconds, never on how
     often it is called. ``state=None`` means a fresh start. ``function`` only names the intent.
@@ -205,7 +291,18 @@ def decide(cfg: ScalingConfig, snap: ScalingSnapshot, state: PolicyState | None,
     warm = (ordered > 0 and last_busy_s is not None
             and now_s - last_busy_s + _EPS_S < cfg.keep_alive_s)
 
+    history = tuple((t, v) for t, v in state.history if now_s - t < cfg.trend_window_s - _EPS_S)
+    history = (history + ((now_s, float(snap.ongoing_requests)),))[-MAX_HISTORY:]
+    source = choose_source(snap.estimates)
+    lead_s = max(0.0, source.ready_s - cfg.slo_ttft_s) if source is not None else 0.0
     needed = replicas_needed(cfg, snap.ongoing_requests)
+    ahead = needed
+    if cfg.predictive and lead_s > 0:
+        trend = load_trend_per_s(history)
+        if trend > 0:
+            ahead = replicas_needed(cfg, snap.ongoing_requests + trend * lead_s)
+    predicted = ahead > needed
+    needed = max(needed, ahead)
     wanted = min(cfg.max_replicas, max(cfg.min_replicas, needed, 1 if warm else 0))
 
     below_since_s: float | None = None
@@ -215,7 +312,8 @@ def decide(cfg: ScalingConfig, snap: ScalingSnapshot, state: PolicyState | None,
     elif ordered > cfg.max_replicas:
         target, reason = cfg.max_replicas, REASON_MAX
     elif wanted > ordered:
-        target, reason = wanted, _up_reason(snap)
+        up_now = min(cfg.max_replicas, replicas_needed(cfg, snap.ongoing_requests)) > ordered
+        target, reason = wanted, (REASON_PREDICTED if predicted and not up_now else _up_reason(snap))
     elif wanted == ordered:
         target, reason = ordered, (REASON_WARM if warm and needed == 0 else REASON_STEADY)
     elif wanted == 0:
@@ -232,12 +330,16 @@ def decide(cfg: ScalingConfig, snap: ScalingSnapshot, state: PolicyState | None,
 
     intent = None
     if target != ordered:
+        up = target > ordered
         intent = ScaleIntent(function=function, from_replicas=ordered, to_replicas=target,
-                             reason=reason, at_s=now_s, ongoing_requests=snap.ongoing_requests)
+                             reason=reason, at_s=now_s, ongoing_requests=snap.ongoing_requests,
+                             source=source.source if up and source is not None else "",
+                             expected_ready_s=source.ready_s if up and source is not None else None,
+                             lead_s=lead_s if up else 0.0)
     next_state = PolicyState(last_busy_s=last_busy_s, below_since_s=below_since_s,
                              below_high_water_replicas=high_water, last_ordered_replicas=ordered,
                              last_target_replicas=target, last_reason=reason,
-                             last_decision_s=now_s)
+                             last_decision_s=now_s, history=history)
     return ScaleDecision(target_replicas=target, reason=reason, intent=intent), next_state
 
 
