@@ -16,7 +16,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from faascale.platform.autoscale import PolicyState, ScalingConfig
+from faascale.platform.autoscale import ColdStartEstimate, PolicyState, ScalingConfig
 from faascale.platform.serve_policy import FaascalePolicy, autoscaling_config, policy_kwargs
 
 CFG = ScalingConfig(min_replicas=0, max_replicas=3, target_ongoing_per_replica=1.0,
@@ -61,6 +61,34 @@ def test_call_returns_count_and_json_state_and_sends_the_intent() -> None:
                                 now=100.1))
     assert n == 3 and len(events) == 1  # loading replicas count: nothing re-ordered
     assert state2["last_busy_s"] == 100.1
+
+
+def test_the_intent_source_follows_the_estimates_the_policy_is_given() -> None:
+    """Literal estimates and a fake clock: the source named in each intent is the fastest
+    available one at that moment, and a slow source makes the policy order ahead of the load."""
+    events: list[dict[str, Any]] = []
+    current: list[ColdStartEstimate] = [ColdStartEstimate("HOST", 1.0),
+                                        ColdStartEstimate("PEER", 3.0),
+                                        ColdStartEstimate("REMOTE", 8.0)]
+    policy = FaascalePolicy(sink=events.append, estimator=lambda fn: list(current),
+                            **policy_kwargs(ScalingConfig(max_replicas=6, keep_alive_s=60.0,
+                                                          slo_ttft_s=2.0), "fn"))
+    state: dict[str, Any] = {}
+    n, state = policy(make_ctx(running=1, target=1, requests=2.0, now=10.0, bounds=(0, 6)))
+    assert n == 2 and events[-1]["source"] == "HOST" and events[-1]["expected_ready_s"] == 1.0
+    # The HOST copy was evicted: the next replica comes from a peer.
+    current[0] = ColdStartEstimate("HOST", 1.0, available=False)
+    n, state = policy(make_ctx(running=2, target=2, requests=3.0, now=11.0, state=state,
+                               bounds=(0, 6)))
+    assert n == 3 and (events[-1]["source"], events[-1]["reason"]) == ("PEER", "burst")
+    # Only the store is left (8 s start, 6 s beyond the 2 s SLO): a load rising 1/s is met
+    # 6 s ahead, 4 + 6 = 10 requests -> 10 replicas, clamped to 6, while 4 ongoing need only 4.
+    current[:] = [ColdStartEstimate("REMOTE", 8.0)]
+    n, state = policy(make_ctx(running=3, target=3, requests=4.0, now=12.0, state=state,
+                               bounds=(0, 6)))
+    assert n == 6 and events[-1]["source"] == "REMOTE" and events[-1]["lead_s"] == 6.0
+    assert events[-1]["reason"] == "burst"  # 4 ongoing already exceed 3 replicas
+    assert [e["source"] for e in events] == ["HOST", "PEER", "REMOTE"]
 
 
 def test_missing_time_uses_the_wall_clock_in_the_wrapper_only() -> None:

@@ -102,6 +102,14 @@ class NodeBlocks:
         return sum(self.store.lookup(manifest.block_id(i)) is not None
                    for i in range(manifest.num_blocks))
 
+    def model_tiers(self, manifest_json: str) -> dict[str, int]:
+        """How many of the model's blocks this node holds in HOST, and in HOST or DISK (the
+        blocks a start from DISK would not need to fetch)."""
+        manifest = ModelManifest.from_json(manifest_json)
+        tiers = [self.store.lookup(manifest.block_id(i)) for i in range(manifest.num_blocks)]
+        return {"HOST": sum(t is not None and t.name == "HOST" for t in tiers),
+                "DISK": sum(t is not None for t in tiers), "blocks": manifest.num_blocks}
+
     def adopt_model(self, manifest_json: str, paths: list[str], keep_alive_s: float) -> int:
         """A replica got the model by PipeCast into ``paths`` (block order, on this node's HOST
         file system): keep them in HOST too (pinned like a fetch). Returns blocks adopted."""

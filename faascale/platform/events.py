@@ -21,11 +21,21 @@ NAMESPACE = "faascale"
 log = logging.getLogger(__name__)
 
 
-class EventSink:
-    """Records events (dicts with ``function`` and an optional ``kind``) into the registry."""
+ESTIMATE_CACHE_S = 2.0
+PROFILES_USED = 200  # the newest measured starts the estimates are fitted on
 
-    def __init__(self, registry_path: str) -> None:
+
+class EventSink:
+    """Records events (dicts with ``function`` and an optional ``kind``) into the registry, and
+    answers with cold-start estimates made from the recorded starts (``estimates``)."""
+
+    def __init__(self, registry_path: str, clock: Any = time.monotonic) -> None:
         self.registry = Registry(Path(registry_path))
+        self.clock = clock
+        self._estimates: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._pins: dict[str, list[dict[str, Any]]] = {}
+        self._features: dict[str, Any] = {}  # model id -> ModelFeatures from its manifest
+        self._manifests: dict[str, str] = {}  # model id -> manifest JSON
 
     def record(self, event: dict[str, Any]) -> None:
         event = dict(event)
@@ -40,6 +50,121 @@ class EventSink:
             coordinator = pipecast_actor()
             if coordinator is not None:
                 coordinator.expect.remote(function, more)
+
+
+    # --- cold-start estimates ------------------------------------------------------------------
+
+    def pin_estimates(self, function: str, estimates: list[dict[str, Any]] | None) -> None:
+        """Replace the function's estimates with literal ones (an operator forcing a source, or
+        a test); ``None`` unpins. Each dict is a ``ColdStartEstimate``'s fields."""
+        from faascale.platform.autoscale import ColdStartEstimate
+
+        if estimates is None:
+            self._pins.pop(function, None)
+        else:
+            self._pins[function] = [ColdStartEstimate.from_dict(e).to_dict() for e in estimates]
+        self._estimates.pop(function, None)
+
+    def estimates(self, function: str) -> list[dict[str, Any]]:
+        """One ``ColdStartEstimate`` (as a dict) per source for adding a replica of ``function``,
+        cached for ``ESTIMATE_CACHE_S``; empty when the function is unknown."""
+        now = self.clock()
+        cached = self._estimates.get(function)
+        if cached is not None and now - cached[0] < ESTIMATE_CACHE_S:
+            return cached[1]
+        try:
+            result = self._pins.get(function) or self._compute_estimates(function)
+        except Exception as exc:  # estimates are advice: never break the policy that asks
+            log.warning("cold-start estimates for %s failed: %s", function, exc)
+            result = []
+        self._estimates[function] = (now, result)
+        return result
+
+    def choose_source(self, function: str) -> str:
+        """The source the policy would pick now for a new replica ("" without estimates)."""
+        from faascale.platform.autoscale import ColdStartEstimate, choose_source
+
+        best = choose_source([ColdStartEstimate.from_dict(e) for e in self.estimates(function)])
+        return best.source if best is not None else ""
+
+    def _compute_estimates(self, function: str) -> list[dict[str, Any]]:
+        import socket
+
+        from faascale.coldstart.estimate import estimates_for, manifest_features
+        from faascale.coldstart.profile import StartupProfile
+        from faascale.memory_tier.node import split_location
+        from faascale.memory_tier.object_store import open_store, read_packed_metadata
+
+        record = self.registry.get(function)
+        if record is None:
+            return []
+        features = self._features.get(record.model_id)
+        if features is None or record.model_id not in self._manifests:
+            store_uri, prefix = split_location(record.model_dir)
+            manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
+            features = manifest_features(manifest, len(tokenizer_json.encode()))
+            self._features[record.model_id] = features
+            self._manifests[record.model_id] = manifest.to_json()
+        manifest_json = self._manifests[record.model_id]
+        profiles = [StartupProfile.from_dict(e["profile"]) for e in
+                    self.registry.events_of_kind(STARTUP_PROFILE, PROFILES_USED)
+                    if isinstance(e.get("profile"), dict)]
+        observations = profile_observations(profiles)
+        machines = [o.setting.machine for o in observations]
+        machine = max(set(machines), key=machines.count) if machines else socket.gethostname()
+        available = _available_sources(record.model_id, manifest_json)
+        return [e.to_dict() for e in estimates_for(features, machine, observations, available)]
+
+
+STARTUP_PROFILE = "startup_profile"
+
+
+def profile_observations(profiles: list[Any]) -> list[Any]:
+    """Measured starts (``StartupProfile``s that succeeded, from a known source) as observations
+    of our engine's startup model."""
+    from faascale.coldstart.estimate import engine_features, engine_observation
+    from faascale.platform.autoscale import SOURCES
+
+    out = []
+    for p in profiles:
+        if not p.ok or p.source not in SOURCES:
+            continue
+        try:
+            model = engine_features(p.model_id, p.model)
+        except ValueError:
+            continue
+        machine = str((p.machine or {}).get("hostname") or "?")
+        out.append(engine_observation(model, machine, p.source, p.steps()))
+    return out
+
+
+def _available_sources(model_id: str, manifest_json: str) -> dict[str, bool]:
+    """Which sources could serve a new replica of the model now: PEER when a live PipeCast member
+    holds all of it, HOST/DISK when some node's tiers hold all of it."""
+    from faascale.memory_tier.node import NAMESPACE as BLOCKS_NAMESPACE
+    from faascale.platform.pipecast_actor import pipecast_actor
+
+    available = {"REMOTE": True}
+    coordinator = pipecast_actor()
+    refs = {}
+    if coordinator is not None:
+        refs["PEER"] = coordinator.has_source.remote(model_id)
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        name = entry["name"] if isinstance(entry, dict) else entry
+        if name.startswith("faascale-blocks-"):
+            handle = ray.get_actor(name, namespace=BLOCKS_NAMESPACE)
+            refs[name] = handle.model_tiers.remote(manifest_json)
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=2.0)
+    for key, ref in refs.items():
+        if ref not in ready:
+            continue
+        value = ray.get(ref)
+        if key == "PEER":
+            available["PEER"] = bool(value)
+        else:
+            available["HOST"] = available.get("HOST", False) or value["HOST"] == value["blocks"]
+            available["DISK"] = available.get("DISK", False) or value["DISK"] == value["blocks"]
+    return available
 
 
 def start_event_sink(registry_path: Path) -> Any:

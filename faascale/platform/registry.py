@@ -118,6 +118,14 @@ class Registry:
             rows = db.execute(query, args).fetchall()
         return [{"kind": k, "at_s": at, **json.loads(d)} for k, d, at in rows]
 
+    def events_of_kind(self, kind: str, limit: int = 200) -> list[dict[str, Any]]:
+        """The newest ``limit`` events of one kind over all functions, newest first (each with
+        its ``function`` and ``at_s``)."""
+        with self._db() as db:
+            rows = db.execute("SELECT function, data, at_s FROM events WHERE kind = ? "
+                              "ORDER BY id DESC LIMIT ?", (kind, limit)).fetchall()
+        return [{"function": f, "kind": kind, "at_s": at, **json.loads(d)} for f, d, at in rows]
+
     def events_since(self, after_id: int, kinds: tuple[str, ...] = ()) -> list[tuple[int, str, str, dict[str, Any]]]:
         """Events with id > ``after_id`` (oldest first): ``(id, function, kind, data)``; ``data``
         carries the event's ``at_s``, as in ``events``."""

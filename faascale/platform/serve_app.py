@@ -27,7 +27,8 @@ def scaling_config(spec: FunctionSpec) -> ScalingConfig:
     s = spec.scaling
     return ScalingConfig(min_replicas=s.min_replicas, max_replicas=s.max_replicas,
                          target_ongoing_per_replica=float(spec.target_concurrency),
-                         keep_alive_s=s.keep_alive_s, downscale_delay_s=s.downscale_delay_s)
+                         keep_alive_s=s.keep_alive_s, downscale_delay_s=s.downscale_delay_s,
+                         slo_ttft_s=spec.slo.ttft_ms / 1000)
 
 
 @dataclass(frozen=True)

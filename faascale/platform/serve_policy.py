@@ -50,6 +50,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingP
 
 from faascale.platform import events
 from faascale.platform.autoscale import (
+    ColdStartEstimate,
     PolicyState,
     ScaleIntent,
     ScalingConfig,
@@ -62,6 +63,8 @@ logger = logging.getLogger(__name__)
 INTENT_EVENT = "scale_intent"
 
 Sink = Callable[[dict[str, Any]], None]
+Estimator = Callable[[str], "list[ColdStartEstimate] | tuple[ColdStartEstimate, ...]"]
+ESTIMATE_REFRESH_S = 2.0
 
 
 def intent_event(intent: ScaleIntent) -> dict[str, Any]:
@@ -74,21 +77,55 @@ class FaascalePolicy:
 
     ``sink`` receives one ``intent_event`` dict per replica-count change; it defaults to the
     ``faascale-events`` actor and is replaced in tests. A sink that raises is logged and ignored.
+
+    ``estimator(function)`` gives the cold-start estimates per source that go into each snapshot
+    (tests pass literal ones). By default they come from the events actor without ever blocking
+    the control loop: a request is kept in flight and its answer used when it has arrived, at
+    most every ``ESTIMATE_REFRESH_S``; until then the last answer (none at first) is used.
     """
 
-    def __init__(self, function: str, sink: Sink | None = None, **scaling: Any) -> None:
+    def __init__(self, function: str, sink: Sink | None = None,
+                 estimator: Estimator | None = None, **scaling: Any) -> None:
         self.function = function
         self.config = ScalingConfig(**scaling)
         self.sink: Sink = sink if sink is not None else events.report
+        self.estimator = estimator
+        self._estimates: tuple[ColdStartEstimate, ...] = ()
+        self._pending: Any = None
+        self._next_refresh_s = 0.0
 
     def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
-        snap = snapshot_from_context(ctx)
+        snap = dataclasses.replace(snapshot_from_context(ctx), estimates=self._current_estimates())
         state = PolicyState.from_dict(ctx.policy_state)
         decision, next_state = decide(_within_serve_bounds(self.config, ctx), snap, state,
                                       function=self.function)
         if decision.intent is not None:
             self._send(intent_event(decision.intent))
         return decision.target_replicas, next_state.to_dict()
+
+    def _current_estimates(self) -> tuple[ColdStartEstimate, ...]:
+        try:
+            if self.estimator is not None:
+                return tuple(self.estimator(self.function))
+            return self._actor_estimates()
+        except Exception as exc:  # noqa: BLE001 - advice only: decide without it
+            logger.debug("cold-start estimates unavailable (%s)", exc)
+            return self._estimates
+
+    def _actor_estimates(self) -> tuple[ColdStartEstimate, ...]:
+        import ray
+
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if ready:
+                ref, self._pending = self._pending, None
+                self._estimates = tuple(ColdStartEstimate.from_dict(e) for e in ray.get(ref))
+        now = time.monotonic()
+        if self._pending is None and now >= self._next_refresh_s and ray.is_initialized():
+            self._next_refresh_s = now + ESTIMATE_REFRESH_S
+            sink = ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
+            self._pending = sink.estimates.remote(self.function)
+        return self._estimates
 
     def _send(self, event: dict[str, Any]) -> None:
         try:

@@ -1,0 +1,138 @@
+"""Cold-start estimates for our own engine: how long a new replica takes from each source.
+
+Pure. The same per-step model as for vLLM (``model.py``), with our engine's steps (the spans of a
+``StartupProfile``), fitted on the starts this platform measured. For one function and one source
+the estimate rests, in this order of trust, on
+
+1. **measured** starts of this function from that source (the median of the last few; the band is
+   their spread), when there are any;
+2. **the model** fitted on every measured start of this machine (other functions, other sources),
+   when it has seen that source;
+3. **a prior**: the weight bytes over a nominal bandwidth of the source plus the median of the
+   non-weight steps measured here (or a fixed 2 s), flagged ``basis="prior"``.
+
+``estimates_for`` returns one ``autoscale.ColdStartEstimate`` per source, which the autoscaling
+policy compares (``autoscale.choose_source``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+from faascale.coldstart.model import (FeatureError, ModelFeatures, Observation, StartSetting,
+                                      StartupModelSpec, StepSpec, fit)
+from faascale.platform.autoscale import SOURCES, ColdStartEstimate
+
+# The steps of one of our replica starts (``profile.STEPS``, without ``first_token``, which comes
+# after the replica is ready and is not part of the time to add capacity).
+ENGINE_STEPS = ("process", "imports", "spec_tokenizer", "weight_fetch", "materialize",
+                "kv_cache", "warmup", "cuda_graphs")
+# Nominal bandwidths for the prior (bytes/s): /dev/shm mapping with checksums, a SATA/NVMe-class
+# disk read, an object store GET stream, a 1 Gbit/s peer link.
+PRIOR_BANDWIDTH_B_S = {"HOST": 4e9, "DISK": 0.5e9, "REMOTE": 0.2e9, "PEER": 0.125e9}
+PRIOR_OVERHEAD_S = 2.0
+MEASURED_WINDOW = 5
+
+
+def _c(m: ModelFeatures, s: StartSetting) -> dict[str, float]:
+    return {"1": 1.0}
+
+
+OUR_ENGINE = StartupModelSpec(
+    name="faascale",
+    steps=(
+        StepSpec("process", _c),
+        StepSpec("imports", _c),
+        StepSpec("spec_tokenizer", lambda m, s: {"1": 1.0, "tokenizer_mb": m.tokenizer_mb}),
+        StepSpec("weight_fetch", lambda m, s: {f"1@{s.weights_source}": 1.0,
+                                               f"gb@{s.weights_source}": m.weight_bytes / 1e9}),
+        StepSpec("materialize", lambda m, s: {"1": 1.0, "gb": m.weight_bytes / 1e9,
+                                              "layers": float(m.layers)}),
+        StepSpec("kv_cache", lambda m, s: {"1": 1.0, "layers": float(m.layers)}),
+        StepSpec("warmup", lambda m, s: {"1": 1.0, "active_b": m.active_params_b,
+                                         "layers": float(m.layers)}),
+        StepSpec("cuda_graphs", lambda m, s: ({"1": 1.0, "graphs": s.capture_sizes * m.layers
+                                               / 1000} if s.capture_sizes > 0 else None)),
+    ),
+    groups={"start": ENGINE_STEPS},
+)
+
+
+def engine_features(name: str, model: Mapping[str, object]) -> ModelFeatures:
+    """A ``StartupProfile.model`` dict (or a manifest's numbers) as ``ModelFeatures``."""
+    def num(key: str, default: float = 0.0) -> float:
+        value = model.get(key)
+        return float(value) if isinstance(value, (int, float)) else default
+
+    weight_bytes = num("weight_bytes")
+    params = num("params") or weight_bytes / 2
+    if params <= 0:
+        raise FeatureError(f"{name}: the profile has neither params nor weight_bytes")
+    return ModelFeatures(
+        name=name, params_b=params / 1e9, layers=int(num("layers", 1)) or 1,
+        hidden_size=int(num("hidden_size", 1)) or 1, vocab_size=int(num("vocab_size", 1)) or 1,
+        tokenizer_mb=num("tokenizer_bytes") / 1e6,
+        num_attention_heads=int(num("num_attention_heads")),
+        num_key_value_heads=int(num("num_key_value_heads")),
+        ffn_dim=int(num("intermediate_size")),
+        weight_bytes_override=weight_bytes or None)
+
+
+def manifest_features(manifest: object, tokenizer_bytes: int = 0) -> ModelFeatures:
+    """Features of a packed model (``checkpoint.ModelManifest``) before any start was measured."""
+    cfg = manifest.config  # type: ignore[attr-defined]
+    weight_bytes = float(manifest.total_bytes)  # type: ignore[attr-defined]
+    per_param = {"float32": 4, "fp32": 4, "float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2}.get(
+        str(manifest.dtype).replace("torch.", ""), 2)  # type: ignore[attr-defined]
+    return ModelFeatures(
+        name=manifest.model_id, params_b=weight_bytes / per_param / 1e9,  # type: ignore[attr-defined]
+        layers=cfg.num_layers, hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size,
+        tokenizer_mb=tokenizer_bytes / 1e6, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, ffn_dim=cfg.intermediate_size,
+        weight_bytes_override=weight_bytes)
+
+
+def engine_observation(model: ModelFeatures, machine: str, source: str,
+                       steps_s: Mapping[str, float], capture_sizes: int = 0) -> Observation:
+    """One measured start of ours, as an observation of ``OUR_ENGINE``."""
+    setting = StartSetting(machine=machine, setting="faascale", weights_source=source,
+                           compile_cache="none", capture_sizes=capture_sizes)
+    return Observation(model, setting, {s: float(steps_s.get(s, 0.0)) for s in ENGINE_STEPS})
+
+
+def estimates_for(model: ModelFeatures, machine: str, observations: Sequence[Observation],
+                  available: Mapping[str, bool]) -> list[ColdStartEstimate]:
+    """One estimate per source in ``SOURCES`` (``available`` says which exist now; missing
+    keys count as unavailable, except REMOTE, which always is)."""
+    here = [o for o in observations if o.setting.machine == machine]
+    fitted = None
+    if len({o.model.name for o in here}) >= 2 or len(here) >= 3:
+        try:
+            fitted = fit(OUR_ENGINE, here, machine)
+        except FeatureError:
+            fitted = None
+    non_weight = [o.total_s - o.steps_s.get("weight_fetch", 0.0) for o in here]
+    overhead_s = statistics.median(non_weight) if non_weight else PRIOR_OVERHEAD_S
+    out = []
+    for source in SOURCES:
+        is_there = source == "REMOTE" or bool(available.get(source, False))
+        own = [o.total_s for o in here
+               if o.model.name == model.name and o.setting.weights_source == source]
+        if own:
+            recent = own[-MEASURED_WINDOW:]
+            out.append(ColdStartEstimate(source, statistics.median(recent), is_there,
+                                         high_s=max(recent), basis=f"measured x{len(own)}"))
+            continue
+        if fitted is not None:
+            try:
+                p = fitted.predict(model, StartSetting(machine, "faascale", source, "none", 0))
+            except FeatureError:
+                pass
+            else:
+                out.append(ColdStartEstimate(source, p.total_s, is_there, high_s=p.high_s,
+                                             basis="model"))
+                continue
+        ready = overhead_s + model.weight_bytes / PRIOR_BANDWIDTH_B_S[source]
+        out.append(ColdStartEstimate(source, ready, is_there, high_s=2 * ready, basis="prior"))
+    return out
