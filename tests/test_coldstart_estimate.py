@@ -1,0 +1,80 @@
+"""Cold-start estimates for our engine (pure): measured starts first, then the fitted model, then
+the prior; which sources are available; the packed model's features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, engine_features,
+                                         engine_observation, estimates_for, manifest_features)
+from faascale.coldstart.model import ModelFeatures, fit, loo_by_model, accuracy
+from faascale.engine.checkpoint import read_manifest
+from faascale.platform.autoscale import choose_source
+
+GB = 1e9
+STEPS_FIXED = {"process": 1.0, "imports": 0.8, "spec_tokenizer": 0.1, "materialize": 0.2,
+               "kv_cache": 0.05, "warmup": 0.3}
+BW = {"HOST": 4.0, "DISK": 1.0, "REMOTE": 0.25}  # GB/s on this "machine"
+
+
+def model(name: str, gb: float, layers: int = 24) -> ModelFeatures:
+    return ModelFeatures(name=name, params_b=gb / 2, layers=layers, hidden_size=1024,
+                         vocab_size=32000, tokenizer_mb=2.0, weight_bytes_override=gb * GB)
+
+
+def start(m: ModelFeatures, source: str, machine: str = "box") -> object:
+    steps = dict(STEPS_FIXED, materialize=0.1 + 0.1 * m.weight_bytes / GB,
+                 weight_fetch=0.05 + m.weight_bytes / GB / BW[source])
+    return engine_observation(m, machine, source, steps)
+
+
+def test_measured_starts_win_then_the_model_then_the_prior() -> None:
+    small, mid, big = model("small", 0.3), model("mid", 1.0, 30), model("big", 2.0, 32)
+    obs = [start(m, s) for m in (small, mid, big) for s in ("HOST", "DISK")]
+    obs.append(start(small, "REMOTE"))
+    obs.append(start(big, "REMOTE"))
+    by = {e.source: e for e in estimates_for(mid, "box", obs, {"HOST": True, "PEER": False})}
+    # mid was measured from HOST and DISK: the median of its own starts.
+    assert by["HOST"].basis == "measured x1"
+    assert by["HOST"].ready_s == pytest.approx(start(mid, "HOST").total_s)
+    # Never measured from REMOTE, but other models were: the fitted model predicts it.
+    assert by["REMOTE"].basis == "model"
+    assert by["REMOTE"].ready_s == pytest.approx(start(mid, "REMOTE").total_s, rel=0.05)
+    # Nobody was ever started from a peer: the prior (bytes over a 1 Gbit/s link + overhead).
+    assert by["PEER"].basis == "prior"
+    assert by["PEER"].ready_s > 1.0 * GB / PRIOR_BANDWIDTH_B_S["PEER"]
+    # Availability: what the caller says, REMOTE always; the choice is the fastest available.
+    assert (by["HOST"].available, by["DISK"].available, by["PEER"].available,
+            by["REMOTE"].available) == (True, False, False, True)
+    assert choose_source(list(by.values())).source == "HOST"
+
+
+def test_without_any_start_everything_is_prior_and_ordered_by_bandwidth() -> None:
+    ests = estimates_for(model("m", 1.0), "box", [], {"HOST": True, "DISK": True, "PEER": True})
+    assert [e.basis for e in ests] == ["prior"] * 4
+    ready = {e.source: e.ready_s for e in ests}
+    assert ready["HOST"] < ready["DISK"] < ready["REMOTE"] < ready["PEER"]
+
+
+def test_our_engine_model_generalizes_to_a_model_it_did_not_see() -> None:
+    models = [model(f"m{i}", gb, layers) for i, (gb, layers) in
+              enumerate([(0.1, 8), (0.3, 16), (0.6, 24), (1.0, 30), (2.0, 32)])]
+    obs = [start(m, s) for m in models for s in ("HOST", "DISK", "REMOTE")]
+    acc = accuracy(loo_by_model(OUR_ENGINE, obs))
+    assert acc.n == len(obs) and acc.mape_pct < 2.0, acc
+    fitted = fit(OUR_ENGINE, obs, "box")
+    assert 1 / fitted.steps["weight_fetch"].coefficients["gb@REMOTE"] == pytest.approx(0.25, rel=0.02)
+
+
+def test_features_from_a_profile_dict_and_from_a_packed_manifest(tiny_packed: Path) -> None:
+    f = engine_features("id", {"params": 135e6, "weight_bytes": 540e6, "layers": 30,
+                               "hidden_size": 576, "vocab_size": 49152, "tokenizer_bytes": 2.1e6})
+    assert (f.params_b, f.weight_bytes, f.layers, f.tokenizer_mb) == (0.135, 540e6, 30, 2.1)
+    with pytest.raises(ValueError, match="neither"):
+        engine_features("id", {"layers": 2})
+    manifest = read_manifest(tiny_packed)
+    m = manifest_features(manifest, 1000)
+    assert m.weight_bytes == manifest.total_bytes
+    assert m.layers == manifest.config.num_layers and m.name == manifest.model_id
