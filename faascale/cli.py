@@ -318,6 +318,19 @@ def status(name: str) -> None:
     for e in s["cold_starts"][:5]:
         con.print(f"  cold start {e.get('total_s', 0):.2f} s (load {e.get('load_s', 0):.2f} s) "
                   f"replica {e.get('replica')}")
+    ests = s.get("estimates") or []
+    if ests:
+        from faascale.platform.autoscale import ColdStartEstimate, choose_source
+
+        best = choose_source([ColdStartEstimate.from_dict(e) for e in ests])
+        parts = [f"{e['source']} {e['ready_s']:.2f} s ({e.get('basis') or '?'})"
+                 + ("" if e.get("available", True) else " unavailable")
+                 + (" <- fastest" if best is not None and e["source"] == best.source else "")
+                 for e in ests]
+        last = s["cold_starts"][0] if s["cold_starts"] else None
+        measured = (f"; last measured {last.get('total_s', 0):.2f} s from "
+                    f"{'+'.join(last.get('sources') or {}) or '?'}" if last else "")
+        con.print("next cold start (estimated): " + ", ".join(parts) + measured)
     for node, stats in (s.get("nodes") or {}).items():
         tiers = ", ".join(f"{t} {v['used_bytes'] / 2**20:.1f} MiB of "
                           f"{v['capacity_bytes'] / 2**30:.0f} GiB ({v['blocks']} blocks)"

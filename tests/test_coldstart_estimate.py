@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, engine_features,
-                                         engine_observation, estimates_for, manifest_features)
+                                         engine_observation, estimates_for, manifest_features,
+                                         source_for_replica)
 from faascale.coldstart.model import ModelFeatures, fit, loo_by_model, accuracy
 from faascale.engine.checkpoint import read_manifest
-from faascale.platform.autoscale import choose_source
+from faascale.platform.autoscale import ColdStartEstimate, choose_source
 
 GB = 1e9
 STEPS_FIXED = {"process": 1.0, "imports": 0.8, "spec_tokenizer": 0.1, "materialize": 0.2,
@@ -55,7 +56,7 @@ def test_without_any_start_everything_is_prior_and_ordered_by_bandwidth() -> Non
     ests = estimates_for(model("m", 1.0), "box", [], {"HOST": True, "DISK": True, "PEER": True})
     assert [e.basis for e in ests] == ["prior"] * 4
     ready = {e.source: e.ready_s for e in ests}
-    assert ready["HOST"] < ready["DISK"] < ready["REMOTE"] < ready["PEER"]
+    assert ready["HOST"] < ready["PEER"] < ready["DISK"] < ready["REMOTE"]
 
 
 def test_our_engine_model_generalizes_to_a_model_it_did_not_see() -> None:
@@ -78,3 +79,21 @@ def test_features_from_a_profile_dict_and_from_a_packed_manifest(tiny_packed: Pa
     m = manifest_features(manifest, 1000)
     assert m.weight_bytes == manifest.total_bytes
     assert m.layers == manifest.config.num_layers and m.name == manifest.model_id
+
+
+def test_a_replica_judges_host_and_disk_by_its_own_node() -> None:
+    ests = [ColdStartEstimate("HOST", 0.5), ColdStartEstimate("DISK", 2.0),
+            ColdStartEstimate("PEER", 1.5), ColdStartEstimate("REMOTE", 6.0)]
+    # The policy saw HOST somewhere; this node holds nothing: the peers win here.
+    assert source_for_replica(ests, {"HOST": False, "DISK": False}) == "PEER"
+    assert source_for_replica(ests, {"HOST": True, "DISK": True}) == "HOST"
+    no_peer = [e if e.source != "PEER" else ColdStartEstimate("PEER", 1.5, available=False)
+               for e in ests]
+    assert source_for_replica(no_peer, {"HOST": False, "DISK": True}) == "DISK"
+    # "Prefer peers" takes PEER whenever a peer holds the model...
+    assert source_for_replica(ests, {"HOST": True}, prefer_peers=True) == "PEER"
+    # ...but pinned estimates are taken as given (HOST pinned available stays so).
+    pinned = [ColdStartEstimate("REMOTE", 0.1, basis="pinned"),
+              ColdStartEstimate("PEER", 9.0, basis="pinned")]
+    assert source_for_replica(pinned, {}, prefer_peers=True) == "REMOTE"
+    assert source_for_replica([], {"HOST": True}) == ""

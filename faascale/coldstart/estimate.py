@@ -17,20 +17,22 @@ policy compares (``autoscale.choose_source``).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
 
 from faascale.coldstart.model import (FeatureError, ModelFeatures, Observation, StartSetting,
                                       StartupModelSpec, StepSpec, fit)
-from faascale.platform.autoscale import SOURCES, ColdStartEstimate
+from faascale.platform.autoscale import SOURCES, ColdStartEstimate, choose_source
 
 # The steps of one of our replica starts (``profile.STEPS``, without ``first_token``, which comes
 # after the replica is ready and is not part of the time to add capacity).
 ENGINE_STEPS = ("process", "imports", "spec_tokenizer", "weight_fetch", "materialize",
                 "kv_cache", "warmup", "cuda_graphs")
-# Nominal bandwidths for the prior (bytes/s): /dev/shm mapping with checksums, a SATA/NVMe-class
-# disk read, an object store GET stream, a 1 Gbit/s peer link.
-PRIOR_BANDWIDTH_B_S = {"HOST": 4e9, "DISK": 0.5e9, "REMOTE": 0.2e9, "PEER": 0.125e9}
+# Nominal bandwidths for the prior (bytes/s): /dev/shm mapping with checksums, a SATA-class disk
+# read, an object-store GET stream, a 10 Gbit/s link between GPU nodes (PipeCast from peers).
+PRIOR_BANDWIDTH_B_S = {"HOST": 4e9, "DISK": 0.5e9, "REMOTE": 0.2e9, "PEER": 1.25e9}
+PINNED = "pinned"
 PRIOR_OVERHEAD_S = 2.0
 MEASURED_WINDOW = 5
 
@@ -136,3 +138,20 @@ def estimates_for(model: ModelFeatures, machine: str, observations: Sequence[Obs
         ready = overhead_s + model.weight_bytes / PRIOR_BANDWIDTH_B_S[source]
         out.append(ColdStartEstimate(source, ready, is_there, high_s=2 * ready, basis="prior"))
     return out
+
+
+def source_for_replica(estimates: Sequence[ColdStartEstimate], held_here: Mapping[str, bool],
+                       prefer_peers: bool = False) -> str:
+    """The source a starting replica loads from: the fastest available one, where HOST and DISK
+    mean *its own* node's tiers (``held_here``: whether they hold the whole model). The policy
+    compared the same estimates cluster-wide; the replica knows where it landed. Pinned estimates
+    are taken as given; ``prefer_peers`` (``FAASCALE_PIPECAST_PREFER_PEERS``) picks PEER whenever
+    a peer holds the model, unless pinned. "" without estimates (the caller's old rule applies)."""
+    pinned = any(e.basis == PINNED for e in estimates)
+    ests = [e if pinned or e.source not in ("HOST", "DISK")
+            else dataclasses.replace(e, available=bool(held_here.get(e.source, False)))
+            for e in estimates]
+    if prefer_peers and not pinned and any(e.source == "PEER" and e.available for e in ests):
+        return "PEER"
+    best = choose_source(ests)
+    return best.source if best is not None else ""

@@ -62,7 +62,8 @@ class EventSink:
         if estimates is None:
             self._pins.pop(function, None)
         else:
-            self._pins[function] = [ColdStartEstimate.from_dict(e).to_dict() for e in estimates]
+            self._pins[function] = [{**ColdStartEstimate.from_dict(e).to_dict(), "basis": "pinned"}
+                                    for e in estimates]
         self._estimates.pop(function, None)
 
     def estimates(self, function: str) -> list[dict[str, Any]]:
@@ -79,13 +80,6 @@ class EventSink:
             result = []
         self._estimates[function] = (now, result)
         return result
-
-    def choose_source(self, function: str) -> str:
-        """The source the policy would pick now for a new replica ("" without estimates)."""
-        from faascale.platform.autoscale import ColdStartEstimate, choose_source
-
-        best = choose_source([ColdStartEstimate.from_dict(e) for e in self.estimates(function)])
-        return best.source if best is not None else ""
 
     def _compute_estimates(self, function: str) -> list[dict[str, Any]]:
         import socket

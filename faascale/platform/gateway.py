@@ -67,6 +67,8 @@ class GatewayContext:
     logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
     tier_stats: Callable[[], dict[str, Any]] = dict  # node -> its block store's occupancy and hits
     pipecast: Callable[[], dict[str, Any]] = dict  # model id -> PipeCast members, pipelines, record
+    estimates: Callable[[str], list[dict[str, Any]]] = lambda name: []  # cold-start estimates
+    pin_estimates: Callable[[str, list[dict[str, Any]] | None], None] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.time
     max_body_bytes: int = MAX_BODY_BYTES
@@ -374,6 +376,25 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                                  "max_replicas": spec.scaling.max_replicas})
         return await _status(record)
 
+    @app.put("/v1/functions/{name}/estimates", dependencies=[admin])
+    async def pin_estimates(name: str, request: Request) -> dict[str, Any]:
+        """Pin the function's cold-start estimates (an operator forcing how replicas load), or
+        unpin them with ``{"estimates": null}``."""
+        body = await parse_body(request, oa.PinEstimates)
+        st.record(name)
+        if ctx.pin_estimates is None:
+            raise ApiError(501, "this platform has no estimates to pin", "not_supported")
+        pins = None if body.estimates is None else [e.model_dump() for e in body.estimates]
+        await run_in_threadpool(ctx.pin_estimates, name, pins)
+        return {"function": name, "estimates": await cold_start_estimates(name)}
+
+    async def cold_start_estimates(name: str) -> list[dict[str, Any]]:
+        try:
+            return await run_in_threadpool(ctx.estimates, name)
+        except Exception as exc:  # the events actor is restarting: status must still answer
+            log.warning("cold-start estimates unavailable: %s", exc)
+            return []
+
     @app.get("/v1/functions/{name}/logs", dependencies=[admin])
     async def logs(name: str, tail: int = 200) -> dict[str, Any]:
         st.record(name)
@@ -400,6 +421,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                         "waiting_first_token": st.waiting[record.name]},
             "nodes": await run_in_threadpool(ctx.tier_stats),
             "pipecast": _pipecast_summary((await pipecast_progress()).get(record.model_id)),
+            "estimates": await cold_start_estimates(record.name),
         })
         return out
 

@@ -141,6 +141,21 @@ class DeployScale(BaseModel):
     max_replicas: int | None = Field(default=None, ge=1)
 
 
+class EstimateBody(BaseModel):
+    """One pinned cold-start estimate (``autoscale.ColdStartEstimate``)."""
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["PEER", "HOST", "DISK", "REMOTE"]
+    ready_s: float = Field(ge=0, le=86400)
+    available: bool = True
+
+
+class PinEstimates(BaseModel):
+    """``PUT /v1/functions/{name}/estimates``: pin literal estimates (force a source); ``null``
+    unpins and the measured estimates apply again."""
+    model_config = ConfigDict(extra="forbid")
+    estimates: list[EstimateBody] | None = Field(min_length=1, max_length=4)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

@@ -75,6 +75,7 @@ class FunctionReplica:
         self.replica_id = _replica_id()
         self._node_blocks = None
         self.member: Member | None = None
+        self.chosen_source = ""  # the source the cold-start estimates picked ("" if none)
         try:
             if tiers:  # through the node's block store: HOST hits when the model is warm here
                 sources = self._start_with_tiers(model_dir, TierConfig(**tiers))
@@ -93,6 +94,7 @@ class FunctionReplica:
                        "replica": self.replica_id, "load_s": t_loaded - t0,
                        "total_s": time.time() - t0, "model_id": self.llm.manifest.model_id,
                        "bytes": self.llm.manifest.total_bytes, "sources": sources,
+                       "chosen_source": self.chosen_source,
                        "pid": os.getpid()})
 
     def _start_with_tiers(self, location: str, tiers: TierConfig) -> dict[str, int]:
@@ -115,11 +117,20 @@ class FunctionReplica:
                  if coordinator is not None else None)
         has_source = (coordinator.has_source.remote(manifest.model_id)
                       if coordinator is not None else None)
+        estimates = _estimates_ref(self.spec.name) if coordinator is not None else None
+        held = (self._node_blocks.model_tiers.remote(self._manifest_json)
+                if coordinator is not None else None)
         tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while Ray answers
         cfg = self.spec.engine_config()
         self.llm = LLM(manifest, tokenizer, [], cfg)  # prompts and the manifest; shards below
-        if coordinator is not None and ray.get(has_source) and (
-                peers_first or ray.get(local) < manifest.num_blocks):
+        self.chosen_source = (_chosen_source(estimates, held, peers_first)
+                              if coordinator is not None else "")
+        # The estimates pick the source (the same comparison the autoscaler made, with HOST and
+        # DISK meaning this node); without estimates, peers when this node lacks the model.
+        use_peers = coordinator is not None and (
+            self.chosen_source == "PEER" if self.chosen_source
+            else peers_first or ray.get(local) < manifest.num_blocks)
+        if use_peers and ray.get(has_source):
             member = self._join(coordinator, manifest, tokenizer, tiers, [],
                                 on_full=self._adopt)
             try:
@@ -240,6 +251,37 @@ class FunctionReplica:
                                                        self.spec.scaling.keep_alive_s)
             except Exception:  # Ray is shutting down: the store's sweep still expires them
                 pass
+
+
+def _estimates_ref(function: str) -> Any:
+    """The events actor's cold-start estimates for the function (an ObjectRef), or None."""
+    import ray
+
+    try:
+        sink = ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
+        return sink.estimates.remote(function)
+    except Exception:  # no events actor (a replica outside the platform)
+        return None
+
+
+def _chosen_source(estimates_ref: Any, held_ref: Any, prefer_peers: bool) -> str:
+    """``estimate.source_for_replica`` over the actor's answers; "" if they are not there in
+    time (the start must not wait on advice)."""
+    import ray
+
+    from faascale.coldstart.estimate import source_for_replica
+    from faascale.platform.autoscale import ColdStartEstimate
+
+    if estimates_ref is None:
+        return ""
+    try:
+        ests = [ColdStartEstimate.from_dict(e) for e in ray.get(estimates_ref, timeout=5.0)]
+        tiers = ray.get(held_ref, timeout=5.0)
+    except Exception as exc:
+        log.warning("no cold-start estimates (%s); choosing the source the usual way", exc)
+        return ""
+    held = {"HOST": tiers["HOST"] == tiers["blocks"], "DISK": tiers["DISK"] == tiers["blocks"]}
+    return source_for_replica(ests, held, prefer_peers)
 
 
 def _safe(replica_id: str) -> str:

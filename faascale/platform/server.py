@@ -68,7 +68,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
                  log_to_driver=False)
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
-    start_event_sink(state.registry_db)
+    sink = start_event_sink(state.registry_db)
     pipecast = start_pipecast()
     tiers = TierConfig.for_state_dir(state.root)
     backend = ServeBackend(tiers)
@@ -102,7 +102,11 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
                                     resolve_model=resolve_model, report=report,
                                     logs=replica_logs, tier_stats=all_node_stats,
                                     pipecast=lambda: ray.get(pipecast.progress.remote(),
-                                                             timeout=2.0)))
+                                                             timeout=2.0),
+                                    estimates=lambda name: ray.get(sink.estimates.remote(name),
+                                                                   timeout=5.0),
+                                    pin_estimates=lambda name, pins: ray.get(
+                                        sink.pin_estimates.remote(name, pins), timeout=5.0)))
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
                                       object_store=(f"s3://{bucket}" if bucket
