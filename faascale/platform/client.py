@@ -70,6 +70,12 @@ class PlatformClient:
         return self._request("POST", f"/v1/functions/{name}/scale",
                              json={"min_replicas": min_replicas, "max_replicas": max_replicas})
 
+    def startups(self, name: str, last: int = 20) -> dict[str, Any]:
+        return self._request("GET", f"/v1/functions/{name}/startups", params={"last": last})
+
+    def add_startups(self, name: str, profiles: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._request("POST", f"/v1/functions/{name}/startups", json={"profiles": profiles})
+
     def logs(self, name: str, tail: int) -> list[str]:
         return self._request("GET", f"/v1/functions/{name}/logs", params={"tail": tail})["lines"]
 

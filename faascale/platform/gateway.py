@@ -12,6 +12,7 @@ exception is a 500 with a generic message (the traceback goes to the platform lo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from faascale.coldstart.profile import StartupProfile, summarize
 from faascale.engine.checkpoint import CheckpointError
 from faascale.memory_tier.object_store import StoreError, StoreUnavailable
 from faascale.platform import openai_api as oa
@@ -35,6 +37,7 @@ from faascale.platform.registry import FunctionRecord, Registry
 from faascale.platform.spec import SpecError, parse_function_spec
 
 log = logging.getLogger(__name__)
+STARTUP_PROFILE = "startup_profile"
 MAX_BODY_BYTES = 1 << 20
 
 
@@ -214,6 +217,17 @@ def _pipecast_summary(model: dict[str, Any] | None) -> dict[str, Any] | None:
                 "took_s": last["done_s"] - last["started_s"]}}
 
 
+def _coldstart_summary(profiles: list[StartupProfile]) -> dict[str, Any]:
+    """The last measured start (steps, source) and the per-step summary of recent starts."""
+    ok = [p for p in profiles if p.ok]
+    last = ok[0] if ok else None
+    return {"last": None if last is None else {
+                "replica": last.replica, "source": last.source, "total_s": last.total_s,
+                "steps_s": last.steps(), "at_s": last.started_at_s},
+            "starts": len(ok), "failed": len(profiles) - len(ok),
+            "summary": [dataclasses.asdict(x) for x in summarize(ok)]}
+
+
 def create_app(ctx: GatewayContext) -> FastAPI:
     app = FastAPI(title="faascale", version="0.1", docs_url="/docs", redoc_url=None)
     st = _State(ctx)
@@ -272,10 +286,19 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             for state in ("running", "starting", "stopping"):
                 m.replicas.labels(name, state).set(getattr(c, state))
         for i, function, kind, data in await run_in_threadpool(
-                ctx.registry.events_since, st.last_event_id, ("cold_start", "scale_intent")):
+                ctx.registry.events_since, st.last_event_id,
+                ("cold_start", "scale_intent", STARTUP_PROFILE)):
             st.last_event_id = i
             if kind == "cold_start" and "total_s" in data:
                 m.cold_start.labels(function).observe(float(data["total_s"]))
+            elif kind == STARTUP_PROFILE and isinstance(data.get("profile"), dict):
+                try:
+                    profile = StartupProfile.from_dict(data["profile"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                if profile.ok:
+                    for step, seconds in profile.steps().items():
+                        m.startup_step.labels(function, step, profile.source).observe(seconds)
             elif kind == "scale_intent":
                 up = int(data.get("to_replicas", 0)) > int(data.get("from_replicas", 0))
                 m.scale_events.labels(function, "up" if up else "down",
@@ -376,6 +399,39 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                                  "max_replicas": spec.scaling.max_replicas})
         return await _status(record)
 
+    @app.get("/v1/functions/{name}/startups", dependencies=[invoker])
+    async def startups(name: str, last: int = 20) -> dict[str, Any]:
+        """The function's recent replica starts (``StartupProfile``s, newest first), the
+        per-step summary over them, and the cold-start estimates per source."""
+        st.record(name)
+        profiles = await stored_profiles(name, max(1, min(last, 500)))
+        return {"function": name, "profiles": [p.to_dict() for p in profiles],
+                "summary": [dataclasses.asdict(x) for x in summarize(profiles)],
+                "estimates": await cold_start_estimates(name)}
+
+    @app.post("/v1/functions/{name}/startups", status_code=201, dependencies=[admin])
+    async def add_startups(name: str, request: Request) -> dict[str, Any]:
+        """Store starts measured elsewhere (``faascale coldstart profile`` runs them in fresh
+        processes): they count for the estimates like the platform's own."""
+        body = await parse_body(request, oa.StartupProfiles)
+        st.record(name)
+        for p in body.profiles:
+            profile = StartupProfile.from_dict(p.model_dump())
+            await run_in_threadpool(ctx.registry.add_event, name, STARTUP_PROFILE,
+                                    {"profile": {**profile.to_dict(), "function": name}},
+                                    profile.started_at_s)
+        return {"function": name, "stored": len(body.profiles)}
+
+    async def stored_profiles(name: str, last: int) -> list[StartupProfile]:
+        events = await run_in_threadpool(ctx.registry.events, name, STARTUP_PROFILE, last)
+        out = []
+        for e in events:
+            try:
+                out.append(StartupProfile.from_dict(e["profile"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return out
+
     @app.put("/v1/functions/{name}/estimates", dependencies=[admin])
     async def pin_estimates(name: str, request: Request) -> dict[str, Any]:
         """Pin the function's cold-start estimates (an operator forcing how replicas load), or
@@ -422,6 +478,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             "nodes": await run_in_threadpool(ctx.tier_stats),
             "pipecast": _pipecast_summary((await pipecast_progress()).get(record.model_id)),
             "estimates": await cold_start_estimates(record.name),
+            "coldstart": _coldstart_summary(await stored_profiles(record.name, 20)),
         })
         return out
 

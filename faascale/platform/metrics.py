@@ -31,6 +31,10 @@ class Metrics:
                                     registry=r)
         self.cold_start = Histogram("faascale_cold_start_seconds", "Replica start to ready",
                                     ["function"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.startup_step = Histogram("faascale_startup_step_seconds", "Replica start steps "
+                                      "(StartupProfile spans) by function, step and weight source",
+                                      ["function", "step", "source"], buckets=LATENCY_BUCKETS_S,
+                                      registry=r)
         self.queue = Gauge("faascale_queue_length", "Requests at the gateway waiting for their "
                            "first token", ["function"], registry=r)
         self.in_flight = Gauge("faascale_in_flight_requests", "Requests in flight at the gateway",

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class UnsupportedParameter(ValueError):
@@ -154,6 +154,42 @@ class PinEstimates(BaseModel):
     unpins and the measured estimates apply again."""
     model_config = ConfigDict(extra="forbid")
     estimates: list[EstimateBody] | None = Field(min_length=1, max_length=4)
+
+
+class SpanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    start_s: float
+    end_s: float
+    attrs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "SpanBody":
+        if self.end_s < self.start_s:
+            raise ValueError(f"span {self.name}: end_s before start_s")
+        return self
+
+
+class ProfileBody(BaseModel):
+    """One ``StartupProfile`` (``coldstart.profile``), as ``to_dict`` writes it."""
+    model_config = ConfigDict(extra="ignore")
+    function: str = ""
+    replica: str = Field(min_length=1, max_length=200)
+    model_id: str = Field(min_length=1, max_length=200)
+    started_at_s: float
+    source: Literal["HOST", "DISK", "REMOTE", "PEER", "MIXED"]
+    weight_bytes: int = Field(ge=0)
+    spans: list[SpanBody] = Field(min_length=1, max_length=64)
+    machine: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    ok: bool = True
+    error: str | None = None
+
+
+class StartupProfiles(BaseModel):
+    """``POST /v1/functions/{name}/startups``: starts measured outside the platform."""
+    model_config = ConfigDict(extra="forbid")
+    profiles: list[ProfileBody] = Field(min_length=1, max_length=100)
 
 
 def new_id(prefix: str) -> str:

@@ -6,6 +6,7 @@ or a single ``{"error": {"status", "type", "message"}}`` item for a request it r
 long, bad sampling parameters, a handler that raises), sent before any token.
 """
 
+# ruff: noqa: E402 - the heavy imports are timed (the ``imports`` step of a start)
 from __future__ import annotations
 
 import importlib
@@ -19,6 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+_IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the engine) below
+
+from faascale.coldstart.profile import (StartupRecorder, machine_facts, model_facts,
+                                        process_started_at_s, source_of)
 from faascale.engine.checkpoint import block_tensors
 from faascale.engine.engine import PromptTooLongError
 from faascale.engine.llm import LLM
@@ -33,6 +38,7 @@ from faascale.platform import events
 from faascale.platform.pipecast_actor import pipecast_actor
 from faascale.platform.spec import parse_function_spec
 
+_IMPORTS_DONE_S = time.time()
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 log = logging.getLogger(__name__)
 PIPECAST_ENABLED = os.environ.get("FAASCALE_PIPECAST", "1") != "0"
@@ -40,6 +46,7 @@ PIPECAST_ENABLED = os.environ.get("FAASCALE_PIPECAST", "1") != "0"
 # than its network; and how a one-node test makes a replica take the PipeCast path).
 PREFER_PEERS_ENV = "FAASCALE_PIPECAST_PREFER_PEERS"
 MEMBER_SERVABLE_TIMEOUT_S = 120.0
+PROCESS_SPAN_MAX_S = 120.0
 
 
 class HandlerError(Exception):
@@ -70,32 +77,59 @@ class FunctionReplica:
     def __init__(self, spec_doc: dict[str, Any], base_dir: str, model_dir: str,
                  tiers: dict[str, Any] | None = None) -> None:
         t0 = time.time()
-        self.spec = parse_function_spec(spec_doc, base_dir)
-        self.handler = load_handler(self.spec.handler, base_dir)
+        rec = self._rec = StartupRecorder()
+        process_spans(rec, t0)
+        with rec.span("spec_tokenizer"):  # the rest of this step is in _start_with_tiers
+            self.spec = parse_function_spec(spec_doc, base_dir)
+            self.handler = load_handler(self.spec.handler, base_dir)
         self.replica_id = _replica_id()
         self._node_blocks = None
         self.member: Member | None = None
         self.chosen_source = ""  # the source the cold-start estimates picked ("" if none)
+        self._ready_s: float | None = None
+        self._first_token_reported = False
         try:
             if tiers:  # through the node's block store: HOST hits when the model is warm here
                 sources = self._start_with_tiers(model_dir, TierConfig(**tiers))
             else:
-                self.llm = LLM.load(model_dir, self.spec.engine_config())
-                self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
+                with rec.span("weight_fetch", tier="DISK"):
+                    self.llm = LLM.load(model_dir, self.spec.engine_config())
                 sources = {"DISK": self.llm.manifest.num_blocks}
+                self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}")
         except Exception as exc:
             # Serve retries the start; the gateway answers waiting requests with this reason
             # instead of holding them until the cold-start timeout.
             events.report({"function": self.spec.name, "kind": "start_failed", "at_s": time.time(),
                            "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()})
+            manifest = getattr(getattr(self, "llm", None), "manifest", None)
+            self._report_profile(manifest, {}, ok=False, error=f"{type(exc).__name__}: {exc}")
             raise
         t_loaded = time.time()
+        self._ready_s = t_loaded
         events.report({"function": self.spec.name, "kind": "cold_start", "at_s": time.time(),
                        "replica": self.replica_id, "load_s": t_loaded - t0,
                        "total_s": time.time() - t0, "model_id": self.llm.manifest.model_id,
                        "bytes": self.llm.manifest.total_bytes, "sources": sources,
                        "chosen_source": self.chosen_source,
                        "pid": os.getpid()})
+        self._report_profile(self.llm.manifest, sources)
+
+    def _report_profile(self, manifest: Any, sources: dict[str, int], ok: bool = True,
+                        error: str | None = None) -> None:
+        """The start's ``StartupProfile`` to the events actor (stored in the registry)."""
+        try:
+            tokenizer_bytes = getattr(self, "_tokenizer_bytes", 0)
+            self.profile = self._rec.finish(
+                function=self.spec.name, replica=getattr(self, "replica_id", "?"),
+                model_id=manifest.model_id if manifest is not None else "",
+                source=source_of(sources), weight_bytes=manifest.total_bytes if manifest else 0,
+                machine=machine_facts(),
+                model=model_facts(manifest, tokenizer_bytes) if manifest is not None else {},
+                ok=ok, error=error)
+            events.report({"function": self.spec.name, "kind": "startup_profile",
+                           "at_s": time.time(), "profile": self.profile.to_dict()})
+        except Exception as exc:  # a profile must never fail a start
+            log.warning("startup profile not reported: %s", exc)
 
     def _start_with_tiers(self, location: str, tiers: TierConfig) -> dict[str, int]:
         """Load the model and start the engine; returns blocks per source.
@@ -107,8 +141,11 @@ class FunctionReplica:
         source for the next replicas elsewhere."""
         import ray
 
+        rec = self._rec
+        t_spec = time.time()
         store_uri, prefix = split_location(location)
         manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
+        self._tokenizer_bytes = len(tokenizer_json.encode())
         self._node_blocks = node_blocks_actor(tiers)
         self._manifest_json = manifest.to_json()
         coordinator = pipecast_actor() if PIPECAST_ENABLED else None
@@ -123,6 +160,7 @@ class FunctionReplica:
         tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while Ray answers
         cfg = self.spec.engine_config()
         self.llm = LLM(manifest, tokenizer, [], cfg)  # prompts and the manifest; shards below
+        rec.add("spec_tokenizer", t_spec, time.time())
         self.chosen_source = (_chosen_source(estimates, held, peers_first)
                               if coordinator is not None else "")
         # The estimates pick the source (the same comparison the autoscaler made, with HOST and
@@ -131,6 +169,7 @@ class FunctionReplica:
             self.chosen_source == "PEER" if self.chosen_source
             else peers_first or ray.get(local) < manifest.num_blocks)
         if use_peers and ray.get(has_source):
+            t_fetch = time.time()
             member = self._join(coordinator, manifest, tokenizer, tiers, [],
                                 on_full=self._adopt)
             try:
@@ -139,20 +178,31 @@ class FunctionReplica:
                 log.warning("PipeCast could not bring the model here (%s); loading from tiers", exc)
                 member.close()
             else:
+                # Servable (through a pipeline while the rest arrives) is this start's end.
+                rec.add("weight_fetch", t_fetch, time.time(), tier={"PEER": manifest.num_blocks},
+                        bytes=manifest.total_bytes, servable_through_pipeline=not member.full)
                 self.member, self.loop = member, member.loop
                 return {"PEER": manifest.num_blocks}
-        placed = ray.get(self._node_blocks.fetch_model.remote(
-            self._manifest_json, location, self.spec.scaling.keep_alive_s))
-        sources = dict(Counter(source for _, source in placed))
+        with rec.span("weight_fetch", bytes=manifest.total_bytes) as attrs:
+            placed = ray.get(self._node_blocks.fetch_model.remote(
+                self._manifest_json, location, self.spec.scaling.keep_alive_s))
+            sources = dict(Counter(source for _, source in placed))
+            attrs["tier"] = sources
         if coordinator is not None:
-            self.member = self._join(coordinator, manifest, tokenizer, tiers,
-                                     [path for path, _ in placed])
+            with rec.span("materialize", kv_cache_included=True):
+                self.member = self._join(coordinator, manifest, tokenizer, tiers,
+                                         [path for path, _ in placed])
             self.loop = self.member.loop
+            if self.member.full:  # a holder serves its own copy at once
+                with rec.span("warmup"):
+                    warm_up(self.loop, self.llm)
         else:
-            blocks = [block_tensors(info, map_block(Path(path)))
-                      for info, (path, _) in zip(manifest.blocks, placed)]
-            self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
-            self.loop = EngineLoop(self.llm.new_engine(), name=f"engine-{self.spec.name}")
+            with rec.span("materialize"):
+                blocks = [block_tensors(info, map_block(Path(path)))
+                          for info, (path, _) in zip(manifest.blocks, placed)]
+                self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
+            self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
+                                          materialized=True)
         return sources
 
     def _join(self, coordinator: Any, manifest: Any, tokenizer: Tokenizer, tiers: TierConfig,
@@ -230,9 +280,18 @@ class FunctionReplica:
             yield _error(422, "handler_error", str(exc))
             return
         async for out in stream:
+            if not self._first_token_reported and self._ready_s is not None:
+                self._report_first_token()
             yield {"text": out.text, "token_id": out.token_id, "finished": out.finished,
                    "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
                    "num_output_tokens": out.num_output_tokens}
+
+    def _report_first_token(self) -> None:
+        """The first token this replica made after it was ready: the start's last step."""
+        self._first_token_reported = True
+        now = time.time()
+        events.report({"function": self.spec.name, "kind": "first_token", "at_s": now,
+                       "replica": self.replica_id, "after_ready_s": now - (self._ready_s or now)})
 
     def __del__(self) -> None:
         """Serve calls this on graceful shutdown: stop the engine, hand the blocks back to the
@@ -251,6 +310,35 @@ class FunctionReplica:
                                                        self.spec.scaling.keep_alive_s)
             except Exception:  # Ray is shutting down: the store's sweep still expires them
                 pass
+
+
+def warm_up(loop: EngineLoop, llm: LLM) -> None:
+    """One short greedy request through the engine (a prefill and a decode step), so the first
+    user request does not pay for the first forward's allocations and kernel selection."""
+    ids = llm.prompt_ids("Hello")[:8] or [0]
+    for _ in loop.submit(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
+        pass
+
+
+def build_engine_loop(llm: LLM, rec: StartupRecorder, name: str,
+                      materialized: bool = True) -> EngineLoop:
+    """The engine (its KV caches) and its loop, then the warm-up, each timed in ``rec``."""
+    with rec.span("kv_cache"):
+        loop = EngineLoop(llm.new_engine(), name=name)
+    with rec.span("warmup"):
+        warm_up(loop, llm)
+    return loop
+
+
+def process_spans(rec: StartupRecorder, constructor_s: float) -> None:
+    """``process`` (creation to the constructor, imports excluded) and ``imports`` spans, when
+    this process made them for this start (a worker reused after minutes is not a start)."""
+    born = process_started_at_s()
+    imports = (_IMPORTS_STARTED_S, _IMPORTS_DONE_S)
+    if born is not None and 0 <= constructor_s - born < PROCESS_SPAN_MAX_S:
+        rec.add("process", born, min(imports[0], constructor_s))
+    if 0 <= constructor_s - imports[1] < PROCESS_SPAN_MAX_S:
+        rec.add("imports", imports[0], imports[1])
 
 
 def _estimates_ref(function: str) -> Any:
