@@ -79,3 +79,65 @@ def _packed(platform: Platform, model_id: str) -> Path:
              if (p / "manifest.json").exists() and model_id in (p / "manifest.json").read_text()]
     assert found, model_id
     return found[0]
+
+
+def test_replicas_load_from_the_source_the_estimates_pick(platform: Platform) -> None:
+    """Cold-start estimates decide how a new replica loads. Pinned (literal) estimates stand in
+    for measured ones: with the store estimated fastest, new replicas skip the multicast even
+    though this platform prefers peers; with peers fastest, they copy from the serving replica."""
+    name = "tiny-est"
+    platform.deploy(tiny_doc(name, min_replicas=1, max_replicas=2))
+    platform.wait_replicas(name, lambda r: r["running"] == 1, 120)
+    url = f"/v1/functions/{name}/estimates"
+    with platform.http("admin") as admin:
+        # Bad input is a 4xx with a message; an unknown function is a 404.
+        bad = admin.put(url, json={"estimates": [{"source": "GPU", "ready_s": 1}]})
+        assert bad.status_code in (400, 422) and "source" in bad.text
+        assert admin.put("/v1/functions/nope/estimates",
+                         json={"estimates": None}).status_code == 404
+        # Before any pin: one estimate per source, from measurement, model or prior.
+        measured = platform.status(name)["estimates"]
+        assert [e["source"] for e in measured] == ["PEER", "HOST", "DISK", "REMOTE"]
+        assert all(e["basis"] != "pinned" for e in measured)
+
+        pin = admin.put(url, json={"estimates": [{"source": "REMOTE", "ready_s": 0.5},
+                                                 {"source": "PEER", "ready_s": 30.0}]})
+        assert pin.status_code == 200, pin.text
+        assert [(e["source"], e["basis"]) for e in pin.json()["estimates"]] == [
+            ("REMOTE", "pinned"), ("PEER", "pinned")]
+        assert platform.cli("scale", name, "--min", "2").returncode == 0
+        s = platform.wait_replicas(name, lambda r: r["running"] == 2 and r["stopping"] == 0, 120)
+        new = s["cold_starts"][:2]
+        assert [c["chosen_source"] for c in new] == ["REMOTE", "REMOTE"], new
+        assert all("PEER" not in c["sources"] for c in new), new  # through the node's tiers
+        cli = platform.cli("status", name)
+        assert re.search(r"next cold start \(estimated\): REMOTE 0\.50 s \(pinned\) <- fastest",
+                         cli.stdout), cli.stdout
+
+        # Peers estimated fastest: the redeploy's replicas copy from the ones still serving.
+        assert admin.put(url, json={"estimates": [{"source": "PEER", "ready_s": 0.5},
+                                                  {"source": "REMOTE", "ready_s": 30.0}]}
+                         ).status_code == 200
+        assert platform.cli("scale", name, "--max", "3").returncode == 0
+        s = platform.wait_replicas(name, lambda r: r["running"] == 2 and r["stopping"] == 0, 120)
+        new = s["cold_starts"][:2]
+        assert [c["chosen_source"] for c in new] == ["PEER", "PEER"], new
+        assert [c["sources"] for c in new] == [{"PEER": 4}, {"PEER": 4}], new
+        # Unpinned: the estimates rest on the starts measured here (profiled by every replica).
+        back = admin.put(url, json={"estimates": None})
+        assert back.status_code == 200, back.text
+        by_source = {e["source"]: e for e in back.json()["estimates"]}
+        assert all(e["basis"].startswith("measured") for e in by_source.values()
+                   if e["source"] in ("PEER", "HOST", "REMOTE")), by_source
+    cs = platform.status(name)["coldstart"]
+    assert cs["starts"] == 5 and cs["failed"] == 0  # 1 + 2 + 2 replicas
+    assert cs["last"]["source"] == "PEER"
+    assert {"spec_tokenizer", "weight_fetch"} <= set(cs["last"]["steps_s"])
+    assert cs["last"]["total_s"] >= sum(cs["last"]["steps_s"][k] for k in
+                                        ("spec_tokenizer", "weight_fetch")) > 0
+    metrics = httpx.get(platform.url + "/metrics").text
+    assert re.search(rf'faascale_startup_step_seconds_count{{function="{name}",source="HOST",'
+                     rf'step="warmup"}} 2', metrics), metrics[-3000:]
+    table = platform.cli("coldstart", "profiles", name, "--last", "4")
+    assert table.returncode == 0 and "weight_fetch" in table.stdout
+    assert table.stdout.count("PEER") >= 1 and table.stdout.count("HOST") >= 2

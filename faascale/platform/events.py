@@ -36,6 +36,10 @@ class EventSink:
         self._pins: dict[str, list[dict[str, Any]]] = {}
         self._features: dict[str, Any] = {}  # model id -> ModelFeatures from its manifest
         self._manifests: dict[str, str] = {}  # model id -> manifest JSON
+        # Import what the estimates need now, at platform start, not on the first status call.
+        import faascale.coldstart.estimate  # noqa: F401
+        import faascale.coldstart.profile  # noqa: F401
+        import faascale.memory_tier.object_store  # noqa: F401
 
     def record(self, event: dict[str, Any]) -> None:
         event = dict(event)
@@ -78,7 +82,8 @@ class EventSink:
         except Exception as exc:  # estimates are advice: never break the policy that asks
             log.warning("cold-start estimates for %s failed: %s", function, exc)
             result = []
-        self._estimates[function] = (now, result)
+        if result:  # an empty answer (not registered yet: its first replica starts before
+            self._estimates[function] = (now, result)  # the deploy is recorded) is not kept
         return result
 
     def _compute_estimates(self, function: str) -> list[dict[str, Any]]:
