@@ -332,6 +332,11 @@ def status(name: str) -> None:
         measured = (f"; last measured {last.get('total_s', 0):.2f} s from "
                     f"{'+'.join(last.get('sources') or {}) or '?'}" if last else "")
         con.print("next cold start (estimated): " + ", ".join(parts) + measured)
+    last_start = (s.get("coldstart") or {}).get("last")
+    if last_start:
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in last_start["steps_s"].items())
+        con.print(f"last start profile: {last_start['total_s']:.2f} s from "
+                  f"{last_start['source']} ({steps})")
     for node, stats in (s.get("nodes") or {}).items():
         tiers = ", ".join(f"{t} {v['used_bytes'] / 2**20:.1f} MiB of "
                           f"{v['capacity_bytes'] / 2**30:.0f} GiB ({v['blocks']} blocks)"

@@ -49,11 +49,9 @@ OUR_ENGINE = StartupModelSpec(
         StepSpec("spec_tokenizer", lambda m, s: {"1": 1.0, "tokenizer_mb": m.tokenizer_mb}),
         StepSpec("weight_fetch", lambda m, s: {f"1@{s.weights_source}": 1.0,
                                                f"gb@{s.weights_source}": m.weight_bytes / 1e9}),
-        StepSpec("materialize", lambda m, s: {"1": 1.0, "gb": m.weight_bytes / 1e9,
-                                              "layers": float(m.layers)}),
+        StepSpec("materialize", lambda m, s: {"1": 1.0, "gb": m.weight_bytes / 1e9}),
         StepSpec("kv_cache", lambda m, s: {"1": 1.0, "layers": float(m.layers)}),
-        StepSpec("warmup", lambda m, s: {"1": 1.0, "active_b": m.active_params_b,
-                                         "layers": float(m.layers)}),
+        StepSpec("warmup", lambda m, s: {"1": 1.0, "active_b": m.active_params_b}),
         StepSpec("cuda_graphs", lambda m, s: ({"1": 1.0, "graphs": s.capture_sizes * m.layers
                                                / 1000} if s.capture_sizes > 0 else None)),
     ),

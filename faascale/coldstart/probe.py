@@ -69,6 +69,8 @@ def prepare_tier(tier: str, model_dir: Path, host_dir: Path, disk_dir: Path) -> 
             evict_from_page_cache(sorted(target.iterdir()))
     if tier in ("DISK", "REMOTE"):
         evict_from_page_cache(_model_files(model_dir))
+    os.sync()  # the copies (and an earlier start's background tier copy) are not written back
+    # while the next start runs
 
 
 def run_probe(model_dir: Path, tier: str, host_dir: Path, disk_dir: Path,
