@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from faascale.platform.registry import Registry
+from faascale.platform.registry import STARTUP_PROFILE, Registry
 
 ACTOR_NAME = "faascale-events"
 NAMESPACE = "faascale"
@@ -54,7 +54,6 @@ class EventSink:
             coordinator = pipecast_actor()
             if coordinator is not None:
                 coordinator.expect.remote(function, more)
-
 
     # --- cold-start estimates ------------------------------------------------------------------
 
@@ -113,9 +112,6 @@ class EventSink:
         machine = max(set(machines), key=machines.count) if machines else socket.gethostname()
         available = _available_sources(record.model_id, manifest_json)
         return [e.to_dict() for e in estimates_for(features, machine, observations, available)]
-
-
-STARTUP_PROFILE = "startup_profile"
 
 
 def profile_observations(profiles: list[Any]) -> list[Any]:

@@ -33,11 +33,10 @@ from faascale.memory_tier.object_store import StoreError, StoreUnavailable
 from faascale.platform import openai_api as oa
 from faascale.platform.auth import Role, Tokens, bearer
 from faascale.platform.metrics import Metrics
-from faascale.platform.registry import FunctionRecord, Registry
+from faascale.platform.registry import STARTUP_PROFILE, FunctionRecord, Registry
 from faascale.platform.spec import SpecError, parse_function_spec
 
 log = logging.getLogger(__name__)
-STARTUP_PROFILE = "startup_profile"
 MAX_BODY_BYTES = 1 << 20
 
 

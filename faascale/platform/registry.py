@@ -16,6 +16,8 @@ from typing import Any
 
 from faascale.platform.spec import FunctionSpec, parse_function_spec
 
+STARTUP_PROFILE = "startup_profile"  # the event kind of a replica start's StartupProfile
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS functions (
     name TEXT PRIMARY KEY,

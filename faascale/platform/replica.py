@@ -36,6 +36,7 @@ from faascale.memory_tier.object_store import open_store, read_packed_metadata
 from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events
 from faascale.platform.pipecast_actor import pipecast_actor
+from faascale.platform.registry import STARTUP_PROFILE
 from faascale.platform.spec import parse_function_spec
 
 _IMPORTS_DONE_S = time.time()
@@ -126,7 +127,7 @@ class FunctionReplica:
                 machine=machine_facts(),
                 model=model_facts(manifest, tokenizer_bytes) if manifest is not None else {},
                 ok=ok, error=error)
-            events.report({"function": self.spec.name, "kind": "startup_profile",
+            events.report({"function": self.spec.name, "kind": STARTUP_PROFILE,
                            "at_s": time.time(), "profile": self.profile.to_dict()})
         except Exception as exc:  # a profile must never fail a start
             log.warning("startup profile not reported: %s", exc)
