@@ -10,6 +10,7 @@ import functools
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -574,6 +575,88 @@ def predict(data: str = typer.Option(..., "--data", help="a folder in the format
 
     predictions = predict_file(data, features, out)
     typer.echo(f"wrote {len(predictions)} prediction(s) to {out}")
+
+
+def _loadtest_dir() -> Path:
+    """The source checkout's ``loadtest/`` (Locust files are not part of the installed package)."""
+    import faascale
+
+    root = Path(faascale.__file__).resolve().parents[1]
+    if not (root / "loadtest" / "locustfile.py").is_file():
+        raise FileNotFoundError(f"{root / 'loadtest'}: no locustfile; run from a source checkout")
+    return root
+
+
+@app.command()
+@friendly_errors
+def loadtest(name: str = typer.Argument(..., help="the deployed function to load"),
+             shape: str = typer.Option("burst", "--shape", help="burst, steps or trace"),
+             out: str = typer.Option("loadtest-results", "--out", help="report directory"),
+             idle_s: float = typer.Option(5.0, "--idle-s"),
+             spike_s: float = typer.Option(10.0, "--spike-s"),
+             spike_rate: float = typer.Option(4.0, "--spike-rate", help="requests/s in the spike"),
+             after_s: float = typer.Option(5.0, "--after-s"),
+             base_rate: float = typer.Option(0.0, "--base-rate"),
+             rates: str = typer.Option("1,2,4", "--rates", help="steps: requests/s per step"),
+             step_s: float = typer.Option(10.0, "--step-s"),
+             trace: str = typer.Option("code", "--trace", help="code, conv or a CSV path"),
+             window_start_s: float = typer.Option(840.0, "--window-start-s"),
+             window_s: float = typer.Option(120.0, "--window-s"),
+             speedup: float = typer.Option(1.0, "--speedup"),
+             rate_scale: float = typer.Option(1.0, "--rate-scale"),
+             prompt_tokens: int = typer.Option(64, "--prompt-tokens"),
+             output_tokens: int = typer.Option(32, "--output-tokens"),
+             max_prompt_tokens: Optional[int] = typer.Option(
+                 None, "--max-prompt-tokens", help="trace: longest prompt (default: an eighth "
+                 "of the function's max_seq_len; prompts are words, about a token each)"),
+             max_output_tokens: int = typer.Option(64, "--max-output-tokens"),
+             seed: int = typer.Option(0, "--seed")) -> None:
+    """Headless Locust against a running platform: Locust's CSV/HTML reports, the SLO summary
+    (TTFT and time-between-tokens attainment, p50/p90/p99) and a report with a figure."""
+    import subprocess
+
+    from faascale.platform.auth import load_or_create_tokens
+
+    if shape not in ("burst", "steps", "trace"):
+        raise typer.BadParameter("must be burst, steps or trace", param_hint="--shape")
+    root = _loadtest_dir()
+    state = _state()
+    status_ = _client(admin=False).status(name)  # a stopped platform or unknown function: error
+    info = _running(state)
+    slo = (status_.get("spec") or {}).get("slo") or {}
+    max_seq_len = int(((status_.get("spec") or {}).get("engine") or {}).get("max_seq_len", 2048))
+    if max_prompt_tokens is None:
+        max_prompt_tokens = max(1, max_seq_len // 8)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = {"function": name, "shape": shape, "idle-s": idle_s, "spike-s": spike_s,
+            "spike-rate": spike_rate, "after-s": after_s, "base-rate": base_rate, "rates": rates,
+            "step-s": step_s, "trace": trace, "window-start-s": window_start_s,
+            "window-s": window_s, "speedup": speedup, "rate-scale": rate_scale,
+            "prompt-tokens": prompt_tokens, "output-tokens": output_tokens,
+            "max-prompt-tokens": max_prompt_tokens, "max-output-tokens": max_output_tokens,
+            "slo-ttft-ms": slo.get("ttft_ms", 2000.0), "slo-tbt-ms": slo.get("tbt_ms", 200.0),
+            "seed": seed, "summary-out": str(out_dir / "slo")}
+    cmd = [sys.executable, "-m", "locust", "-f", str(root / "loadtest" / "locustfile.py"),
+           "--headless", "-u", "1", "-r", "1", "--host", info.url, "--only-summary",
+           "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust.html"),
+           *(x for k, v in args.items() for x in (f"--{k}", str(v)))]
+    env = {**os.environ, "FAASCALE_TOKEN": load_or_create_tokens(state.tokens_file).invoke}
+    typer.echo(f"locust: {shape} against {name} at {info.url}; reports in {out_dir}/")
+    try:
+        rc = subprocess.run(cmd, env=env).returncode
+    except FileNotFoundError:
+        raise FileNotFoundError("locust is not installed (pip install 'faascale[loadtest]')") from None
+    if not (out_dir / "slo.json").exists():
+        typer.echo("error: the load test produced no summary (see Locust's output above)", err=True)
+        raise typer.Exit(2)
+    sys.path.insert(0, str(root))
+    from loadtest.report import write_report
+
+    report = write_report(out_dir / "slo", f"{name}: {shape}")
+    typer.echo(report.read_text())
+    typer.echo(f"report: {report}; Locust: {out_dir / 'locust.html'}, {out_dir}/locust_stats.csv")
+    raise typer.Exit(rc)
 
 
 def main() -> None:  # pragma: no cover - console entry point

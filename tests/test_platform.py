@@ -319,3 +319,34 @@ def test_retired_replica_leaves_its_model_warm_in_host(platform: Platform) -> No
     host_hits = re.search(r'faascale_tier_hits{node="\w+",tier="HOST"} (\S+)', metrics)
     assert host_hits and float(host_hits.group(1)) >= 4
     assert re.search(r'faascale_tier_used_bytes{node="\w+",tier="HOST"} [1-9]', metrics)
+
+
+def test_loadtest_burst_end_to_end(platform: Platform, tiny_deployed: str,
+                                   tmp_path: Path) -> None:
+    """The CI-sized load test: `faascale loadtest` runs Locust headless (its own process) with a
+    short burst against tiny-llama; Locust exits 0, nothing fails, TTFT is recorded, and the SLO
+    summary and the report are written."""
+    import csv
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    from loadtest.workload import burst_schedule
+
+    out = tmp_path / "lt"
+    args = {"--idle-s": "0.5", "--spike-s": "5", "--spike-rate": "3", "--after-s": "0.5",
+            "--prompt-tokens": "16", "--output-tokens": "8", "--seed": "7"}
+    r = platform.cli("loadtest", tiny_deployed, "--shape", "burst", "--out", str(out),
+                     *(x for kv in args.items() for x in kv), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    sent = len(burst_schedule(0.5, 5, 3, 0.5, 0.0, 16, 8, seed=7))
+    summary = json.loads((out / "slo.json").read_text())
+    assert summary["requests"] == sent > 5 and summary["failed"] == 0
+    assert 0 < summary["ttft_s"]["p50"] <= summary["ttft_s"]["p99"] <= summary["e2e_s"]["max"]
+    assert summary["slo_ttft_s"] == 2.0 and 0 <= summary["slo_attainment"] <= 1
+    rows = {row["Name"]: row for row in csv.DictReader((out / "locust_stats.csv").open())}
+    assert int(rows["ttft"]["Request Count"]) == sent and int(rows["ttft"]["Failure Count"]) == 0
+    assert int(rows["chat/completions"]["Request Count"]) == sent
+    report = (out / "slo.report.md").read_text()
+    assert "SLO attainment" in report and "![load and TTFT](slo.png)" in report
+    assert (out / "slo.png").stat().st_size > 1000 and (out / "locust.html").exists()
+    assert "SLO attainment" in r.stdout

@@ -1,0 +1,91 @@
+"""The load-test workload (pure: schedules, trace windows, the SLO summary). Locust itself runs
+only as its own process (in test_platform.py's end-to-end test), never inside pytest: it
+monkey-patches the standard library with gevent."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loadtest.workload import (Arrival, RequestRecord, TraceRequest, WorkloadError,  # noqa: E402
+                               burst_schedule, compress, fit_lengths, percentile,
+                               rate_per_window, read_llm_trace, steps_schedule, summarize, thin,
+                               trace_path, trace_schedule, window)
+
+SHARED_TRACES = ROOT.parent / "shared" / "traces"
+
+
+def test_locust_is_not_imported_here() -> None:
+    assert "gevent" not in sys.modules and "locust" not in sys.modules
+
+
+def test_burst_is_quiet_then_a_poisson_spike_then_quiet() -> None:
+    arr = burst_schedule(idle_s=10, spike_s=20, spike_rate=5, after_s=10, base_rate=0.2, seed=3)
+    spike = [a for a in arr if 10 <= a.t_s < 30]
+    quiet = [a for a in arr if a.t_s < 10 or a.t_s >= 30]
+    assert 70 <= len(spike) <= 130          # 5/s x 20 s = 100 expected
+    assert len(quiet) <= 12                 # 0.2/s x 20 s = 4 expected
+    assert all(0 <= a.t_s < 40 for a in arr) and arr == sorted(arr, key=lambda a: a.t_s)
+    assert burst_schedule(10, 20, 5, 10, 0.2, seed=3) == arr      # seeded: reproducible
+    assert not [a for a in burst_schedule(5, 5, 2, 5, 0.0) if a.t_s < 5 or a.t_s >= 10]
+    with pytest.raises(WorkloadError, match="spike"):
+        burst_schedule(1, 0, 5)
+
+
+def test_steps_follow_their_rates() -> None:
+    counts = rate_per_window(steps_schedule([0, 10, 2], step_s=10, seed=1), 10.0)
+    assert counts[0] == 0 and 70 <= counts[1] <= 130 and counts[2] <= 40
+    with pytest.raises(WorkloadError):
+        steps_schedule([1, -1], 5)
+
+
+def test_trace_window_compress_thin_and_fit() -> None:
+    reqs = [TraceRequest(t, 100 * (i + 1), 10 * (i + 1)) for i, t in enumerate([0.0, 5.0, 10.0, 15.0])]
+    w = window(reqs, 5.0, 10.0)
+    assert [r.t_s for r in w] == [0.0, 5.0]
+    assert [r.t_s for r in compress(w, 2.0)] == [0.0, 2.5]
+    assert thin(reqs, 1.0) == reqs and len(thin(reqs * 250, 0.1, seed=2)) in range(60, 141)
+    fitted = fit_lengths(w, max_prompt_tokens=150, max_output_tokens=1000)
+    assert fitted == [Arrival(0.0, 100, 20), Arrival(5.0, 150, 30)]  # 300 -> 150: halved
+    with pytest.raises(WorkloadError):
+        compress(w, 0)
+
+
+def test_shipped_traces_are_the_shared_ones_and_replay_the_burst() -> None:
+    code = read_llm_trace(trace_path("code"))
+    assert len(code) == 8819 and code[0].t_s == 0.0
+    assert (code[0].prompt_tokens, code[0].output_tokens) == (4808, 10)
+    if (SHARED_TRACES / "azure_llm_2023_code.csv").exists():
+        assert trace_path("code").read_bytes() == (SHARED_TRACES / "azure_llm_2023_code.csv").read_bytes()
+        assert trace_path("conv").read_bytes() == (SHARED_TRACES / "azure_llm_2023_conv.csv").read_bytes()
+    # The README's scale-from-idle event: nothing in (676.0, 849.5), 562 requests in 31 s after.
+    assert not [r for r in code if 676.1 < r.t_s < 849.4]
+    assert len([r for r in code if 849.0 <= r.t_s < 880.0]) == 562
+    sched = trace_schedule("code", 845.0, 40.0, speedup=2.0, rate_scale=1.0,
+                           max_prompt_tokens=128, max_output_tokens=16)
+    assert len(sched) == len(window(code, 845.0, 40.0))
+    assert max(a.t_s for a in sched) < 20.0
+    assert max(a.prompt_tokens for a in sched) == 128 and max(a.output_tokens for a in sched) <= 16
+
+
+def test_summary_percentiles_and_attainment_by_hand() -> None:
+    recs = [RequestRecord(0.0, 0.1, 1.0, (0.01, 0.02)),
+            RequestRecord(1.0, 0.5, 1.5, (0.01, 0.30)),   # TBT p90 0.271 > 0.2: TBT miss
+            RequestRecord(2.0, 3.0, 4.0, (0.01,)),        # TTFT miss
+            RequestRecord(3.0, None, 0.2, (), 0, "HTTP 429")]
+    s = summarize(recs, slo_ttft_s=1.0, slo_tbt_s=0.2)
+    assert (s.requests, s.failed, s.errors) == (4, 1, {"HTTP 429": 1})
+    assert s.ttft_attainment == 0.5            # 2 of 4 (the failed one missed)
+    assert s.tbt_attainment == pytest.approx(2 / 3)
+    assert s.slo_attainment == 0.25            # only the first met both
+    assert s.ttft_s["p50"] == 0.5 and s.ttft_s["max"] == 3.0
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([1.0], 99) == 1.0
+    assert math.isnan(percentile([], 50))
+    empty = summarize([], 1.0, 0.2)
+    assert empty.requests == 0 and math.isnan(empty.slo_attainment)
