@@ -589,8 +589,9 @@ def _loadtest_dir() -> Path:
 
 @app.command()
 @friendly_errors
-def loadtest(name: str = typer.Argument(..., help="the deployed function to load"),
-             shape: str = typer.Option("burst", "--shape", help="burst, steps or trace"),
+def loadtest(name: str = typer.Argument(..., help="the deployed function to load (functions "
+                                       "shape: several, comma-separated)"),
+             shape: str = typer.Option("burst", "--shape", help="burst, steps, trace or functions"),
              out: str = typer.Option("loadtest-results", "--out", help="report directory"),
              idle_s: float = typer.Option(5.0, "--idle-s"),
              spike_s: float = typer.Option(10.0, "--spike-s"),
@@ -610,6 +611,11 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
                  None, "--max-prompt-tokens", help="trace: longest prompt (default: an eighth "
                  "of the function's max_seq_len; prompts are words, about a token each)"),
              max_output_tokens: int = typer.Option(64, "--max-output-tokens"),
+             functions_trace: Optional[str] = typer.Option(
+                 None, "--functions-trace", help="functions: the Azure Functions 2019 per-minute "
+                 "sample (default: ../shared/traces/azure_functions_2019_sample1000_per_minute.csv)"),
+             start_minute: int = typer.Option(1100, "--start-minute"),
+             minutes: int = typer.Option(10, "--minutes"),
              seed: int = typer.Option(0, "--seed")) -> None:
     """Headless Locust against a running platform: Locust's CSV/HTML reports, the SLO summary
     (TTFT and time-between-tokens attainment, p50/p90/p99) and a report with a figure."""
@@ -617,19 +623,30 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
 
     from faascale.platform.auth import load_or_create_tokens
 
-    if shape not in ("burst", "steps", "trace"):
-        raise typer.BadParameter("must be burst, steps or trace", param_hint="--shape")
+    if shape not in ("burst", "steps", "trace", "functions"):
+        raise typer.BadParameter("must be burst, steps, trace or functions", param_hint="--shape")
+    names = [n.strip() for n in name.split(",") if n.strip()]
+    if len(names) > 1 and shape != "functions":
+        raise typer.BadParameter("several functions need --shape functions", param_hint="NAME")
     root = _loadtest_dir()
     state = _state()
-    status_ = _client(admin=False).status(name)  # a stopped platform or unknown function: error
+    client = _client(admin=False)
+    status_ = client.status(names[0])  # a stopped platform or an unknown function: an error
+    for other in names[1:]:
+        client.status(other)
     info = _running(state)
+    if shape == "functions" and functions_trace is None:
+        functions_trace = str(root.parent / "shared" / "traces"
+                              / "azure_functions_2019_sample1000_per_minute.csv")
     slo = (status_.get("spec") or {}).get("slo") or {}
     max_seq_len = int(((status_.get("spec") or {}).get("engine") or {}).get("max_seq_len", 2048))
     if max_prompt_tokens is None:
         max_prompt_tokens = max(1, max_seq_len // 8)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = {"function": name, "shape": shape, "idle-s": idle_s, "spike-s": spike_s,
+    args = {"function": names[0], "functions": ",".join(names),
+            "functions-trace": functions_trace or "", "start-minute": start_minute,
+            "minutes": minutes, "shape": shape, "idle-s": idle_s, "spike-s": spike_s,
             "spike-rate": spike_rate, "after-s": after_s, "base-rate": base_rate, "rates": rates,
             "step-s": step_s, "trace": trace, "window-start-s": window_start_s,
             "window-s": window_s, "speedup": speedup, "rate-scale": rate_scale,

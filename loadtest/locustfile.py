@@ -39,7 +39,8 @@ from requests.adapters import HTTPAdapter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loadtest.workload import (Arrival, RequestRecord, WorkloadError,  # noqa: E402
-                               burst_schedule, prompt_text, steps_schedule, summarize,
+                               burst_schedule, functions_schedule, prompt_text,
+                               steps_schedule, summarize, summarize_by_function,
                                summary_markdown, trace_schedule)
 
 RECORDS: list[RequestRecord] = []
@@ -50,7 +51,11 @@ def _arguments(parser: Any) -> None:
     g = parser.add_argument_group("faascale workload")
     g.add_argument("--function", default=os.environ.get("FAASCALE_FUNCTION", ""),
                    help="the function (the OpenAI model name)")
-    g.add_argument("--shape", choices=("burst", "steps", "trace"), default="burst")
+    g.add_argument("--shape", choices=("burst", "steps", "trace", "functions"), default="burst")
+    g.add_argument("--functions", default="", help="functions: deployed functions, comma-separated")
+    g.add_argument("--functions-trace", default="", help="functions: the Azure Functions CSV")
+    g.add_argument("--start-minute", type=int, default=1100, help="functions: first minute")
+    g.add_argument("--minutes", type=int, default=10, help="functions: minutes to replay")
     g.add_argument("--idle-s", type=float, default=5.0, help="burst: quiet time before the spike")
     g.add_argument("--spike-s", type=float, default=10.0, help="burst: spike length")
     g.add_argument("--spike-rate", type=float, default=4.0, help="burst: requests/s in the spike")
@@ -81,6 +86,11 @@ def schedule(o: Any) -> list[Arrival]:
     if o.shape == "steps":
         return steps_schedule([float(r) for r in o.rates.split(",") if r.strip()], o.step_s,
                               o.prompt_tokens, o.output_tokens, o.seed)
+    if o.shape == "functions":
+        names = [f for f in o.functions.split(",") if f.strip()]
+        return functions_schedule(o.functions_trace, names, o.start_minute, o.minutes,
+                                  o.speedup, o.rate_scale, o.prompt_tokens, o.output_tokens,
+                                  o.seed)
     return trace_schedule(o.trace, o.window_start_s, o.window_s, o.speedup, o.rate_scale,
                           o.max_prompt_tokens, o.max_output_tokens, o.seed)
 
@@ -125,7 +135,8 @@ class Replay(HttpUser):
 
     def one(self, a: Arrival, i: int, sent_s: float) -> None:
         o = self.environment.parsed_options
-        body = {"model": o.function, "stream": True, "temperature": 0.0, "ignore_eos": True,
+        function = a.function or o.function
+        body = {"model": function, "stream": True, "temperature": 0.0, "ignore_eos": True,
                 "stream_options": {"include_usage": True},
                 "max_tokens": a.output_tokens,
                 "messages": [{"role": "user", "content": prompt_text(a.prompt_tokens, o.seed + i)}]}
@@ -178,7 +189,7 @@ class Replay(HttpUser):
         self._fire("e2e", end - t0, RuntimeError(error) if error else None, tokens)
         RECORDS.append(RequestRecord(sent_s=sent_s, ttft_s=None if first is None else first - t0,
                                      e2e_s=end - t0, tbt_s=tuple(gaps), output_tokens=tokens,
-                                     error=error))
+                                     error=error, function=function))
 
 
 @events.quitting.add_listener
@@ -192,5 +203,10 @@ def _write_summary(environment: Any, **_: Any) -> None:
     Path(f"{prefix}.json").write_text(json.dumps(summary.to_dict(), indent=1))
     Path(f"{prefix}.md").write_text(summary_markdown(summary, f"{o.function}: {o.shape}"))
     Path(f"{prefix}.records.json").write_text(json.dumps([asdict(r) for r in RECORDS]))
+    if len({r.function for r in RECORDS}) > 1:  # several functions: one summary each too
+        targets = (o.slo_ttft_ms / 1000, o.slo_tbt_ms / 1000)
+        per = summarize_by_function(RECORDS, {r.function: targets for r in RECORDS})
+        Path(f"{prefix}.functions.json").write_text(
+            json.dumps({n: v.to_dict() for n, v in per.items()}, indent=1))
     if summary.failed:
         environment.process_exit_code = 1

@@ -61,6 +61,15 @@ def write_report(prefix: str | Path, title: str) -> Path:
     text = summary_markdown(summary, title)
     if figure(records, summary.slo_ttft_s if math.isfinite(summary.slo_ttft_s) else 0, png, title):
         text += f"\n![load and TTFT]({png.name})\n"
+    per = Path(f"{prefix}.functions.json")
+    if per.exists():
+        text += "\n| function | requests | failed | TTFT p50 | TTFT p99 | SLO attainment |\n"
+        text += "|---|---|---|---|---|---|\n"
+        for fn, d in json.loads(per.read_text()).items():
+            s = SloSummary(**d)
+            text += (f"| {fn} | {s.requests} | {s.failed} | {s.ttft_s.get('p50', math.nan) * 1000:.0f}"
+                     f" ms | {s.ttft_s.get('p99', math.nan) * 1000:.0f} ms | "
+                     f"{s.slo_attainment * 100:.1f} % |\n")
     out = prefix.with_name(prefix.name + ".report.md")
     out.write_text(text)
     return out

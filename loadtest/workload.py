@@ -46,11 +46,13 @@ class TraceRequest:
 
 @dataclass(frozen=True)
 class Arrival:
-    """One request of a schedule: send at ``t_s`` (seconds from the test's start)."""
+    """One request of a schedule: send at ``t_s`` (seconds from the test's start), to
+    ``function`` (empty: the test's default function)."""
 
     t_s: float
     prompt_tokens: int
     output_tokens: int
+    function: str = ""
 
 
 def read_llm_trace(path: str | Path) -> list[TraceRequest]:
@@ -181,6 +183,53 @@ def steps_schedule(rates: Sequence[float], step_s: float, prompt_tokens: int = 6
     return _lengths(times, prompt_tokens, output_tokens)
 
 
+def read_functions_trace(path: str | Path) -> list[tuple[str, list[int]]]:
+    """The Azure Functions 2019 per-minute sample (``HashFunction, HashApp, HashOwner,
+    minute_1..minute_1440``): ``(function hash, invocations per minute)`` per function."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader)
+            if header[:4] != ["HashFunction", "HashApp", "HashOwner", "minute_1"]:
+                raise WorkloadError(f"{path}: not the Azure Functions per-minute sample")
+            return [(row[0], [int(v) for v in row[3:]]) for row in reader]
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot read the trace ({exc})") from None
+    except (ValueError, StopIteration) as exc:
+        raise WorkloadError(f"{path}: bad row ({exc})") from None
+
+
+def functions_schedule(path: str | Path, functions: Sequence[str], start_minute: int,
+                       minutes: int, speedup: float = 60.0, rate_scale: float = 0.001,
+                       prompt_tokens: int = 32, output_tokens: int = 16, seed: int = 0
+                       ) -> list[Arrival]:
+    """Many functions from the Azure Functions sample: the ``len(functions)`` busiest trace
+    functions of minutes ``[start_minute, start_minute + minutes)`` (1-based, as the columns)
+    become the deployed ``functions`` (busiest first). Each minute's count is scaled by
+    ``rate_scale`` (rounded at random, so the expected count is exact), its arrivals spread
+    uniformly over the minute, and a minute lasts ``60 / speedup`` seconds. Functions that are
+    idle and then called in the trace scale from zero in the test."""
+    if not functions:
+        raise WorkloadError("functions: name at least one deployed function")
+    if start_minute < 1 or minutes < 1 or start_minute + minutes - 1 > 1440:
+        raise WorkloadError("minutes must lie within 1..1440")
+    if speedup <= 0 or not 0 < rate_scale <= 1:
+        raise WorkloadError("speedup must be > 0 and rate scale in (0, 1]")
+    lo, hi = start_minute - 1, start_minute - 1 + minutes
+    rows = sorted(read_functions_trace(path), key=lambda r: -sum(r[1][lo:hi]))[:len(functions)]
+    rng = random.Random(seed)
+    minute_s = 60.0 / speedup
+    out = []
+    for name, (_, counts) in zip(functions, rows):
+        for m, count in enumerate(counts[lo:hi]):
+            expected = count * rate_scale
+            n = int(expected) + (1 if rng.random() < expected - int(expected) else 0)
+            out += [Arrival(m * minute_s + rng.random() * minute_s, prompt_tokens, output_tokens,
+                            name) for _ in range(n)]
+    return sorted(out, key=lambda a: a.t_s)
+
+
 def rate_per_window(arrivals: Sequence[Arrival], window_s: float = 1.0) -> list[int]:
     """Arrivals per ``window_s`` bucket (for figures and checks)."""
     if not arrivals:
@@ -205,6 +254,7 @@ class RequestRecord:
     tbt_s: tuple[float, ...] = ()
     output_tokens: int = 0
     error: str | None = None
+    function: str = ""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -261,6 +311,14 @@ def summarize(records: Sequence[RequestRecord], slo_ttft_s: float, slo_tbt_s: fl
         ttft_attainment=len(ttft_ok) / n if n else math.nan,
         tbt_attainment=len(tbt_ok) / len(ok) if ok else math.nan,
         slo_attainment=len(both) / n if n else math.nan, errors=errors)
+
+
+def summarize_by_function(records: Sequence[RequestRecord], slo_s: dict[str, tuple[float, float]]
+                          ) -> dict[str, SloSummary]:
+    """One summary per function, each against its own (TTFT, TBT) targets."""
+    names = sorted({r.function for r in records})
+    return {n: summarize([r for r in records if r.function == n], *slo_s.get(n, (2.0, 0.2)))
+            for n in names}
 
 
 def summary_markdown(s: SloSummary, title: str = "SLO summary") -> str:

@@ -89,3 +89,26 @@ def test_summary_percentiles_and_attainment_by_hand() -> None:
     assert math.isnan(percentile([], 50))
     empty = summarize([], 1.0, 0.2)
     assert empty.requests == 0 and math.isnan(empty.slo_attainment)
+
+
+@pytest.mark.skipif(not (SHARED_TRACES / "azure_functions_2019_sample1000_per_minute.csv").exists(),
+                    reason="../shared/traces is absent")
+def test_many_functions_replay_the_spike_scaled_down() -> None:
+    from loadtest.workload import functions_schedule, read_functions_trace
+
+    path = SHARED_TRACES / "azure_functions_2019_sample1000_per_minute.csv"
+    rows = read_functions_trace(path)
+    assert len(rows) == 1000 and all(len(c) == 1440 for _, c in rows)
+    # Minutes 1107-1110 (1-based): the spike function first, then the next busiest.
+    sched = functions_schedule(path, ["big", "second"], 1107, 4, speedup=60.0,
+                               rate_scale=0.001, seed=1)
+    by = {n: [a for a in sched if a.function == n] for n in ("big", "second")}
+    spike = max(rows, key=lambda r: sum(r[1][1106:1110]))
+    expected = sum(spike[1][1106:1110]) * 0.001                    # about 105
+    assert abs(len(by["big"]) - expected) <= 4 + 0.1 * expected
+    assert len(by["big"]) > len(by["second"]) > 0
+    assert all(0 <= a.t_s < 4.0 for a in sched)                   # 4 minutes at 60x = 4 s
+    # The spike function was idle in minute 1106 and is called 16,658 times in 1107: from zero.
+    assert spike[1][1105] == 0 and spike[1][1106] > 10000
+    with pytest.raises(WorkloadError):
+        functions_schedule(path, [], 1, 1)
