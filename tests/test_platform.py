@@ -321,8 +321,7 @@ def test_retired_replica_leaves_its_model_warm_in_host(platform: Platform) -> No
     assert re.search(r'faascale_tier_used_bytes{node="\w+",tier="HOST"} [1-9]', metrics)
 
 
-def test_loadtest_burst_end_to_end(platform: Platform, tiny_deployed: str,
-                                   tmp_path: Path) -> None:
+def test_loadtest_burst_end_to_end(platform: Platform, tmp_path: Path) -> None:
     """The CI-sized load test: `faascale loadtest` runs Locust headless (its own process) with a
     short burst against tiny-llama; Locust exits 0, nothing fails, TTFT is recorded, and the SLO
     summary and the report are written."""
@@ -332,10 +331,12 @@ def test_loadtest_burst_end_to_end(platform: Platform, tiny_deployed: str,
     sys.path.insert(0, str(ROOT))
     from loadtest.workload import burst_schedule
 
+    name = "tiny-lt"
+    platform.deploy(tiny_doc(name, max_replicas=2))
     out = tmp_path / "lt"
     args = {"--idle-s": "0.5", "--spike-s": "5", "--spike-rate": "3", "--after-s": "0.5",
             "--prompt-tokens": "16", "--output-tokens": "8", "--seed": "7"}
-    r = platform.cli("loadtest", tiny_deployed, "--shape", "burst", "--out", str(out),
+    r = platform.cli("loadtest", name, "--shape", "burst", "--out", str(out),
                      *(x for kv in args.items() for x in kv), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sent = len(burst_schedule(0.5, 5, 3, 0.5, 0.0, 16, 8, seed=7))
