@@ -141,3 +141,19 @@ def test_replicas_load_from_the_source_the_estimates_pick(platform: Platform) ->
     table = platform.cli("coldstart", "profiles", name, "--last", "4")
     assert table.returncode == 0 and "weight_fetch" in table.stdout
     assert table.stdout.count("PEER") >= 1 and table.stdout.count("HOST") >= 2
+
+
+def test_scaling_pipecast_false_loads_through_the_tiers(platform: Platform) -> None:
+    """``scaling.pipecast: false`` keeps a function's replicas out of the multicast, even on a
+    platform that prefers peers and while other replicas of the same model could serve as
+    sources."""
+    name = "tiny-nopc"
+    doc = tiny_doc(name, min_replicas=1, max_replicas=2)
+    doc["scaling"]["pipecast"] = False
+    platform.deploy(doc)
+    platform.wait_replicas(name, lambda r: r["running"] == 1, 120)
+    assert platform.cli("scale", name, "--min", "2").returncode == 0
+    s = platform.wait_replicas(name, lambda r: r["running"] == 2 and r["stopping"] == 0, 120)
+    colds = s["cold_starts"][:3]
+    assert all("PEER" not in c["sources"] and c["chosen_source"] == "" for c in colds), colds
+    assert {k for c in colds for k in c["sources"]} <= {"HOST", "DISK", "REMOTE"}

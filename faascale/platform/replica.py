@@ -149,7 +149,9 @@ class FunctionReplica:
         self._tokenizer_bytes = len(tokenizer_json.encode())
         self._node_blocks = node_blocks_actor(tiers)
         self._manifest_json = manifest.to_json()
-        coordinator = pipecast_actor() if PIPECAST_ENABLED else None
+        # ``scaling.pipecast: false`` (or FAASCALE_PIPECAST=0): plain tier loads, no multicast
+        coordinator = (pipecast_actor() if PIPECAST_ENABLED and self.spec.scaling.pipecast
+                       else None)
         peers_first = os.environ.get(PREFER_PEERS_ENV) == "1"
         local = (self._node_blocks.local_blocks.remote(self._manifest_json)
                  if coordinator is not None else None)
