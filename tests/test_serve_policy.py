@@ -142,6 +142,26 @@ def test_autoscaling_config_uses_our_policy_and_fast_settings() -> None:
     assert events == [intent(1, 2, "burst", 100.0, 2.0)]
 
 
+def test_scaling_policy_serve_is_serves_default_policy() -> None:
+    """``scaling.policy: serve`` (the "storage" baseline of the bursty benchmark): Serve's own
+    queue-length policy and its default delays, our bounds, target and push interval."""
+    from faascale.platform.serve_app import scaling_config
+    from faascale.platform.serve_policy import serve_default_autoscaling_config
+    from faascale.platform.spec import SpecError, parse_function_spec
+
+    doc = {"name": "fn", "model": {"source": "random://tiny-llama"},
+           "scaling": {"policy": "serve", "max_replicas": 3, "target_concurrency": 4}}
+    spec = parse_function_spec(doc)
+    cfg = serve_default_autoscaling_config(scaling_config(spec))
+    assert cfg.policy.is_default_policy_function()
+    assert (cfg.min_replicas, cfg.max_replicas, cfg.target_ongoing_requests) == (0, 3, 4.0)
+    assert cfg.upscale_delay_s == 30.0 and cfg.downscale_delay_s == 600.0
+    assert cfg.metrics_interval_s == 0.5
+    assert parse_function_spec({**doc, "scaling": {}}).scaling.policy == "faascale"
+    with pytest.raises(SpecError, match="policy"):
+        parse_function_spec({**doc, "scaling": {"policy": "k8s-hpa"}})
+
+
 def test_serve_wrapping_skips_us_from_zero_and_floors_downscale_at_one() -> None:
     """Serve 2.60's own wrapper around a custom policy, run in-process (documents the module
     docstring's findings; if Ray changes them this test says so)."""

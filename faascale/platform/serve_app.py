@@ -16,7 +16,7 @@ from faascale.memory_tier.node import TierConfig
 from faascale.platform.autoscale import ScalingConfig
 from faascale.platform.registry import FunctionRecord
 from faascale.platform.replica import FunctionReplica
-from faascale.platform.serve_policy import autoscaling_config
+from faascale.platform.serve_policy import autoscaling_config, serve_default_autoscaling_config
 from faascale.platform.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,10 @@ class ServeBackend:
         spec = record.spec
         deployment = serve.deployment(FunctionReplica).options(
             name=DEPLOYMENT,
-            autoscaling_config=autoscaling_config(scaling_config(spec), spec.name),
+            autoscaling_config=(
+                serve_default_autoscaling_config(scaling_config(spec))
+                if spec.scaling.policy == "serve"
+                else autoscaling_config(scaling_config(spec), spec.name)),
             max_ongoing_requests=2 * spec.target_concurrency,
             # The handler module is imported from the function's directory on the replica's node
             # (embedded: this machine; a cluster: a shared volume or the image). Serve's config

@@ -165,6 +165,20 @@ def policy_kwargs(cfg: ScalingConfig, function: str) -> dict[str, Any]:
     return {"function": function, **cfg.to_dict()}
 
 
+def serve_default_autoscaling_config(cfg: ScalingConfig, metrics_interval_s: float = 0.5
+                                    ) -> AutoscalingConfig:
+    """Ray Serve's own queue-length policy (``scaling.policy: serve``), as commonly deployed:
+    its default policy, delays (30 s up, 600 s down) and look-back, with the function's bounds
+    and target concurrency; only the load push interval is ours, so it sees load as fast."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s.*",
+                                category=DeprecationWarning)
+        return AutoscalingConfig(min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas,
+                                 initial_replicas=cfg.min_replicas,
+                                 target_ongoing_requests=cfg.target_ongoing_per_replica,
+                                 metrics_interval_s=metrics_interval_s)
+
+
 def autoscaling_config(cfg: ScalingConfig, function: str,
                        metrics_interval_s: float = 0.5) -> AutoscalingConfig:
     """The full Serve ``AutoscalingConfig`` for one function, with ``FaascalePolicy`` deciding.

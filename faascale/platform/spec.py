@@ -66,6 +66,9 @@ class ScalingSpec(_Strict):
     keep_alive_s: float = Field(default=60.0, ge=0, description="idle time before scaling to zero")
     downscale_delay_s: float = Field(default=5.0, ge=0)
     pipecast: bool = Field(default=True, description="load new replicas through PipeCast")
+    policy: Literal["faascale", "serve"] = Field(
+        default="faascale", description="faascale: cold-start-aware, keep-alive, scale-ahead "
+        "policy; serve: Ray Serve's default queue-length policy with its default delays")
     cold_start_timeout_s: float = Field(default=180.0, gt=0,
                                         description="how long a request waits for a replica")
     max_queued_requests: int = Field(default=256, ge=0,
