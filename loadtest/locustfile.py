@@ -44,6 +44,7 @@ from loadtest.workload import (Arrival, RequestRecord, WorkloadError,  # noqa: E
                                summary_markdown, trace_schedule)
 
 RECORDS: list[RequestRecord] = []
+STARTED_EPOCH_S: list[float] = []  # wall clock at the schedule's t = 0 (records' sent_s count from it)
 
 
 @events.init_command_line_parser.add_listener
@@ -116,6 +117,7 @@ class Replay(HttpUser):
             self.environment.runner.quit()
             return
         start = time.monotonic()
+        STARTED_EPOCH_S.append(time.time())
         group = Group()
         for i, a in enumerate(arrivals):
             delay = start + a.t_s - time.monotonic()
@@ -200,7 +202,11 @@ def _write_summary(environment: Any, **_: Any) -> None:
     summary = summarize(RECORDS, o.slo_ttft_ms / 1000, o.slo_tbt_ms / 1000)
     prefix = Path(o.summary_out)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{prefix}.json").write_text(json.dumps(summary.to_dict(), indent=1))
+    # started_epoch_s: when the schedule's t = 0 was, on the wall clock (a benchmark lines the
+    # records up with what it saw the platform do)
+    Path(f"{prefix}.json").write_text(json.dumps(
+        {**summary.to_dict(), "started_epoch_s": STARTED_EPOCH_S[0] if STARTED_EPOCH_S else None},
+        indent=1))
     Path(f"{prefix}.md").write_text(summary_markdown(summary, f"{o.function}: {o.shape}"))
     Path(f"{prefix}.records.json").write_text(json.dumps([asdict(r) for r in RECORDS]))
     if len({r.function for r in RECORDS}) > 1:  # several functions: one summary each too

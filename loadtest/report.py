@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 from loadtest.workload import RequestRecord, SloSummary, summary_markdown
@@ -55,7 +56,8 @@ def figure(records: list[RequestRecord], slo_ttft_s: float, path: Path, title: s
 
 def write_report(prefix: str | Path, title: str) -> Path:
     prefix = Path(prefix)
-    summary = SloSummary(**json.loads(Path(f"{prefix}.json").read_text()))
+    data = json.loads(Path(f"{prefix}.json").read_text())  # the summary, and when it started
+    summary = SloSummary(**{f.name: data[f.name] for f in fields(SloSummary) if f.name in data})
     records = load_records(prefix)
     png = prefix.with_name(prefix.name + ".png")
     text = summary_markdown(summary, title)

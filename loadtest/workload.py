@@ -345,3 +345,33 @@ def prompt_text(tokens: int, seed: int) -> str:
              "note", "list", "task", "plan", "rule", "text")
     rng = random.Random(seed)
     return " ".join(rng.choice(words) for _ in range(max(1, tokens)))
+
+
+@dataclass(frozen=True)
+class ReplicaSample:
+    """A function's replicas at ``t_s`` (seconds from the test's start): serving, and started but
+    not serving yet (loading: it holds its GPU all the same)."""
+
+    t_s: float
+    running: int
+    starting: int = 0
+
+
+def replica_seconds(samples: Sequence[ReplicaSample], end_s: float, start_s: float = 0.0) -> float:
+    """The cost: serving + starting replicas integrated over [start_s, end_s], each sample held
+    until the next (the last one until ``end_s``). Samples need not be sorted."""
+    pts = sorted(samples, key=lambda p: p.t_s)
+    total = 0.0
+    for p, nxt in zip(pts, [*pts[1:], None]):
+        lo, hi = max(start_s, p.t_s), min(end_s, nxt.t_s if nxt else end_s)
+        if hi > lo:
+            total += (p.running + p.starting) * (hi - lo)
+    return total
+
+
+def time_to_replicas(samples: Sequence[ReplicaSample], from_s: float, replicas: int) -> float:
+    """Seconds from ``from_s`` until at least ``replicas`` replicas serve (``math.inf``: never)."""
+    for p in sorted(samples, key=lambda p: p.t_s):
+        if p.t_s >= from_s and p.running >= replicas:
+            return p.t_s - from_s
+    return math.inf

@@ -7,7 +7,8 @@
 # `up` writes DIR/pids (ceph-mon, ceph-osd, radosgw: one pid a line, in that order), DIR/endpoint
 # (the URL) and creates the S3 user with access/secret key from env AK/SK (default
 # testkey/testsecret). Env: MON_PORT (default: a free port, so several clusters can run side by
-# side), MEMSTORE_BYTES (the OSD's RAM budget, default 2 GiB), OWNER_PID (if set, the cluster is
+# side), RGW_HOST (the IPv4 address radosgw listens on, default 127.0.0.1: an emulated host's
+# address puts the store on that host's link), MEMSTORE_BYTES (the OSD's RAM budget, default 2 GiB), OWNER_PID (if set, the cluster is
 # stopped when that process exits, so a killed test run leaves no daemons behind).
 # Every wait is bounded; a failure names the step, prints the tail of its log and stops what
 # `up` started. Needs radosgw, ceph-mon, ceph-osd: scripts/ensure-ceph.sh installs them.
@@ -77,13 +78,13 @@ free_port() {
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-port_free() {  # nothing listens on 127.0.0.1:$1
-  "$PY" - "$1" <<'PY'
+port_free() {  # nothing listens on ${2:-127.0.0.1}:$1
+  "$PY" - "$1" "${2:-127.0.0.1}" <<'PY'
 import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
 try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
+    s.bind((sys.argv[2], int(sys.argv[1])))
 except OSError:
     sys.exit(1)
 PY
@@ -122,8 +123,8 @@ PY
 rgw_ready() {  # rgw_ready PID PORT: PID serves HTTP on PORT; sets FATAL if another process holds it
   local rc=0
   listens "$1" "$2" || rc=$?
-  ((rc != 3)) || FATAL="another process listens on 127.0.0.1:$2"
-  ((rc == 0)) && http_ok "http://127.0.0.1:$2/"
+  ((rc != 3)) || FATAL="another process listens on $RGW_HOST:$2"
+  ((rc == 0)) && http_ok "http://$RGW_HOST:$2/"
 }
 
 http_ok() {  # any HTTP answer counts: radosgw is serving
@@ -182,7 +183,9 @@ up() {
   for p in "${old[@]}"; do
     ours "$p" "$D" && die "a cluster is already running in $D (pid $p): run '$0 down $D' first"
   done
-  port_free "$PORT" || die "port $PORT on 127.0.0.1 is in use: choose a free one"
+  RGW_HOST=${RGW_HOST:-127.0.0.1}
+  [[ $RGW_HOST =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || die "RGW_HOST must be an IPv4 address, got '$RGW_HOST'"
+  port_free "$PORT" "$RGW_HOST" || die "port $PORT on $RGW_HOST is in use (or the address is not this host's): choose another"
   local mon_port=${MON_PORT:-$(free_port)}
   [[ $mon_port != "$PORT" ]] || die "MON_PORT and PORT are both $PORT"
   port_free "$mon_port" || die "mon port $mon_port on 127.0.0.1 is in use: set MON_PORT to a free one"
@@ -237,7 +240,7 @@ osd_objectstore = memstore
 memstore_device_bytes = $mem_bytes
 [client.rgw.s3]
 keyring = $D/rgw/keyring
-rgw_frontends = beast endpoint=127.0.0.1:$PORT
+rgw_frontends = beast endpoint=$RGW_HOST:$PORT
 rgw_data = $D/rgw
 EOF
   local c=(-c "$D/ceph.conf") setup=log/setup.log
@@ -270,15 +273,15 @@ EOF
 
   step "ceph auth get-or-create client.rgw.s3" 30 $setup ceph "${c[@]}" auth get-or-create \
     client.rgw.s3 mon 'allow rw' osd 'allow rwx' mgr 'allow rw' -o rgw/keyring
-  port_free "$PORT" || die "port $PORT on 127.0.0.1 was taken while the cluster booted"
+  port_free "$PORT" "$RGW_HOST" || die "port $PORT on $RGW_HOST was taken while the cluster booted"
   start rgw log/client.rgw.s3.log radosgw "${c[@]}" -n client.rgw.s3
   # The first start creates radosgw's pools: the slowest step. Only our radosgw's answer counts.
-  wait_until "radosgw on 127.0.0.1:$PORT" 120 log/client.rgw.s3.log "${STARTED[2]}" \
+  wait_until "radosgw on $RGW_HOST:$PORT" 120 log/client.rgw.s3.log "${STARTED[2]}" \
     rgw_ready "${STARTED[2]}" "$PORT"
   step "radosgw-admin user create" 60 $setup radosgw-admin "${c[@]}" user create --uid=test \
     --display-name=test --access-key="$ak" --secret="$sk"
 
-  echo "http://127.0.0.1:$PORT" >endpoint
+  echo "http://$RGW_HOST:$PORT" >endpoint
   if [[ -n ${OWNER_PID:-} ]]; then
     # Stop the cluster once OWNER_PID is gone; exit by itself once the daemons are gone.
     (
@@ -292,7 +295,7 @@ EOF
     ) </dev/null >/dev/null 2>&1 &
     disown
   fi
-  echo "ceph-rgw: up in $((SECONDS - t0)) s: S3 at http://127.0.0.1:$PORT (mon 127.0.0.1:$mon_port," \
+  echo "ceph-rgw: up in $((SECONDS - t0)) s: S3 at http://$RGW_HOST:$PORT (mon 127.0.0.1:$mon_port," \
        "pids ${STARTED[*]}, dir $D)"
 }
 

@@ -212,3 +212,19 @@ def test_a_block_is_not_evicted_while_its_only_other_copy_is_being_written(
         (tiny_packed / m.blocks[1].file).read_bytes()
     assert store.evict(m.block_id(1), Tier.HOST)  # now it has a DISK copy: evictable
     assert store.lookup(m.block_id(1)) is Tier.DISK
+
+
+def test_tier_config_for_node_gives_every_node_its_own_directories(tmp_path) -> None:
+    from faascale.memory_tier.node import TierConfig
+
+    base = TierConfig(str(tmp_path / "host"), str(tmp_path / "disk"), 1 << 20, 2 << 20)
+    a, b = base.for_node("198.18.0.3"), base.for_node("198.18.0.4")
+    assert a.host_dir == str(tmp_path / "host" / "198.18.0.3")
+    assert a.disk_dir == str(tmp_path / "disk" / "198.18.0.3")
+    assert {a.host_dir, a.disk_dir}.isdisjoint({b.host_dir, b.disk_dir})
+    assert (a.host_capacity_bytes, a.disk_capacity_bytes) == (1 << 20, 2 << 20)
+    assert base.for_node("198.18.0.3") == a  # stable: a restarted node finds its DISK tier
+    # An IPv6 address or a hostile name stays one directory below the base.
+    odd = base.for_node("../x:y/z")
+    assert Path(odd.host_dir).parent == tmp_path / "host" and "/" not in Path(odd.host_dir).name
+    assert Path(base.for_node("..").host_dir).parent == tmp_path / "host"

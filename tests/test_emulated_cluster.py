@@ -211,3 +211,43 @@ def test_down_is_idempotent():
     again = subprocess.run(["bash", str(SCRIPT), "down", "1", c.config.prefix],
                            check=False, capture_output=True, text=True, timeout=30)
     assert again.returncode == 0, again.stderr
+
+
+@needs_netns
+def test_set_rate_reshapes_one_hosts_link():
+    # Host 2 gets a link twice as fast (a storage server's NIC): two senders at the base rate now
+    # reach it at about twice one link, where the shared inbound link above held them to one.
+    with EmulatedCluster(3, rate=RATE) as c:
+        c.set_rate(2, "200mbit")
+        bits_per_s = _transfer_bits_per_s(c, receiver=2, senders=[1, 3])
+        with pytest.raises(ClusterConfigError):
+            c.set_rate(2, "fast")
+        with pytest.raises(ClusterConfigError):
+            c.set_rate(4, "1gbit")
+    print(f"\n1,3 -> 2 at 200mbit: {bits_per_s / 1e6:.1f} Mbit/s aggregate")
+    assert 1.3 * RATE_BITS_PER_S <= bits_per_s <= 2.2 * RATE_BITS_PER_S
+    with pytest.raises(EmulatedClusterError):
+        c.set_rate(2, "1gbit")  # closed
+
+
+BUSY = ("import os, sys, time; t0 = time.monotonic()\n"
+        "while time.monotonic() - t0 < float(sys.argv[1]): pass\n"
+        "print(time.process_time() / (time.monotonic() - t0))")
+
+
+@needs_netns
+def test_limit_cpu_caps_a_hosts_processes_and_their_children():
+    with EmulatedCluster(2, rate="1gbit") as c:
+        c.limit_cpu(1, 0.25)
+        # A child of the started process (sh runs python) is held to the host's budget too.
+        capped = c.run(1, ["sh", "-c", f'{sys.executable} -c "$0" 1.5', BUSY],
+                       stdout=subprocess.PIPE, text=True)
+        share = float(capped.communicate(timeout=IO_TIMEOUT_S)[0])
+        group = c._cgroups[1]
+        stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+        with pytest.raises(ClusterConfigError):
+            c.limit_cpu(1, 0)
+    print(f"\nCPU share capped at 0.25: {share:.2f}; throttled {stat['nr_throttled']} periods")
+    assert share <= 0.35, share  # a busy loop alone would take a whole core
+    assert int(stat["nr_throttled"]) > 0  # the quota, not a busy machine, held it back
+    assert not group.exists()  # close removed the cgroup

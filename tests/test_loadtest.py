@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.workload import (Arrival, RequestRecord, TraceRequest, WorkloadError,  # noqa: E402
+from loadtest.workload import (Arrival, ReplicaSample, RequestRecord, TraceRequest,  # noqa: E402
+                               WorkloadError, replica_seconds, time_to_replicas,
                                burst_schedule, compress, fit_lengths, percentile,
                                rate_per_window, read_llm_trace, steps_schedule, summarize, thin,
                                trace_path, trace_schedule, window)
@@ -112,3 +113,23 @@ def test_many_functions_replay_the_spike_scaled_down() -> None:
     assert spike[1][1105] == 0 and spike[1][1106] > 10000
     with pytest.raises(WorkloadError):
         functions_schedule(path, [], 1, 1)
+
+
+def test_replica_seconds_integrate_serving_and_starting_replicas() -> None:
+    # 1 replica for 2 s, then 1 serving + 2 loading for 3 s, then 3 serving until the end (5 s):
+    # 2 + 9 + 15 = 26 replica-seconds; loading replicas cost like serving ones.
+    samples = [ReplicaSample(5.0, 3, 0), ReplicaSample(0.0, 1, 0), ReplicaSample(2.0, 1, 2)]
+    assert replica_seconds(samples, end_s=10.0) == pytest.approx(26.0)
+    # A window that starts late and ends early cuts the steps it overlaps.
+    assert replica_seconds(samples, end_s=6.0, start_s=1.0) == pytest.approx(1 + 9 + 3)
+    assert replica_seconds([], end_s=10.0) == 0.0
+    # Samples after the end add nothing.
+    assert replica_seconds([*samples, ReplicaSample(12.0, 9, 0)], end_s=10.0) == pytest.approx(26.0)
+
+
+def test_time_to_replicas_counts_only_serving_replicas_after_the_start() -> None:
+    samples = [ReplicaSample(0.0, 3, 0), ReplicaSample(4.0, 1, 2), ReplicaSample(9.5, 2, 1),
+               ReplicaSample(12.0, 3, 0)]
+    assert time_to_replicas(samples, from_s=3.0, replicas=3) == pytest.approx(9.0)  # not t = 0
+    assert time_to_replicas(samples, from_s=3.0, replicas=2) == pytest.approx(6.5)
+    assert time_to_replicas(samples, from_s=3.0, replicas=4) == math.inf

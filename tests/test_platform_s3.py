@@ -97,8 +97,8 @@ def test_s3_down_is_a_clear_503_without_a_partial_model_and_recovers(s3_platform
         assert r.headers["Retry-After"] == "5"
         assert waited_s < 120, waited_s  # the replica's reason, not the 180 s cold-start timeout
         # No partial model anywhere: no block (or half-written temp file) of it in any tier.
-        for tier_dir in (tiers.host_dir, tiers.disk_dir):
-            leftovers = list((Path(tier_dir) / model_id).glob("*")) if (Path(tier_dir) / model_id).exists() else []
+        for tier_dir in (tiers.host_dir, tiers.disk_dir):  # every node's directory
+            leftovers = list(Path(tier_dir).glob(f"*/{model_id}/*"))
             assert leftovers == [], leftovers
         assert p.status("s3-down")["start_failures"], "the failure is in the function's status"
     finally:

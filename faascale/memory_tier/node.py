@@ -12,7 +12,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,14 @@ class TierConfig:
         tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:10]
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else state_root / "shm"
         return cls(str(shm / f"faascale-{tag}"), str(state_root / "cache" / "blocks"))
+
+    def for_node(self, node: str) -> "TierConfig":
+        """This config's directories for one node: ``<dir>/<node>``. Several Ray nodes can share
+        one file system (an emulated cluster, ``ray.cluster_utils.Cluster``): each node's store
+        must own its files, or one node's eviction would delete another's blocks."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in node).strip(".") or "node"
+        return replace(self, host_dir=str(Path(self.host_dir) / safe),
+                       disk_dir=str(Path(self.disk_dir) / safe))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,16 +139,19 @@ class NodeBlocks:
 
 
 def node_blocks_actor(config: TierConfig) -> Any:
-    """This node's NodeBlocks actor, created on first use."""
+    """This node's NodeBlocks actor, created on first use, keeping its tiers in ``config``'s
+    directories for this node's IP address (``TierConfig.for_node``: stable across restarts, so
+    the DISK tier is found again; distinct per node, also when nodes share a file system)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
+    mine = config.for_node(ray.util.get_node_ip_address())
     return ray.remote(NodeBlocks).options(
         name=f"faascale-blocks-{node[:16]}", namespace=NAMESPACE, get_if_exists=True,
         lifetime="detached", num_cpus=0, max_concurrency=16,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-    ).remote(config.to_dict())
+    ).remote(mine.to_dict())
 
 
 def all_node_stats(timeout_s: float = 2.0) -> dict[str, dict[str, Any]]:

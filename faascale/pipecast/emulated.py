@@ -40,6 +40,7 @@ MAX_HOSTS = 254  # one /24
 MAX_PREFIX_CHARS = 32  # the script's limit; namespace names are files, interfaces are fixed names
 SCRIPT_TIMEOUT_S = 60.0  # `up` of 254 hosts takes ~10 s on 2 cores; 3 hosts ~0.2 s
 KILL_GRACE_S = 2.0  # close(): SIGTERM, then SIGKILL after this
+CPU_PERIOD_US = 100_000  # limit_cpu: the quota is cores x this per period
 
 _PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.]*")
 _RATE_RE = re.compile(r"(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit|tbit|bps|kbps|mbps|gbps|tbps)",
@@ -132,6 +133,7 @@ class EmulatedCluster:
             prefix = f"{prefix}{os.getpid()}n{next(_instances)}"
         self.config = ClusterConfig(num_hosts=num_hosts, rate=rate, prefix=prefix, ingress=ingress)
         self._procs: list[subprocess.Popen[Any]] = []
+        self._cgroups: dict[int, Path] = {}  # host -> its CPU cgroup (limit_cpu)
         self._lock = threading.Lock()
         self._state = "new"  # new -> up -> closed
 
@@ -193,10 +195,12 @@ class EmulatedCluster:
                 return
             self._state = "closed"
             procs, self._procs = self._procs, []
+            groups, self._cgroups = list(self._cgroups.values()), {}
         try:
             _kill(procs, KILL_GRACE_S)
         finally:
             done = _run_script("down", str(self.config.num_hosts), self.config.prefix)
+            _remove_cgroups(groups)
             if done.returncode != 0:
                 raise EmulatedClusterError(f"netns-cluster.sh down failed (exit {done.returncode}): "
                                            f"{done.stderr.strip()}")
@@ -221,6 +225,52 @@ class EmulatedCluster:
         self._check_host(i)
         return f"{self.config.prefix}-{i}"
 
+    def set_rate(self, i: int, rate: str) -> None:
+        """Reshape host i's link (what it sends, and what it receives if ``ingress``) to ``rate``,
+        e.g. a storage server with a faster NIC than the other hosts. Raises ``ClusterConfigError``
+        for a bad i or rate, ``EmulatedClusterError`` if the cluster is not up or tc fails."""
+        self._check_host(i)
+        rate_bits_per_s(rate)
+        if self._state != "up":
+            raise EmulatedClusterError(f"cluster {self.config.prefix} is not up ({self._state})")
+        links = [(self.namespace(i), "eth0")]
+        if self.config.ingress:
+            links.append((f"{self.config.prefix}-sw", f"p{i}"))
+        for ns, dev in links:
+            done = subprocess.run(["tc", "-n", ns, "class", "change", "dev", dev, "parent", "1:",
+                                   "classid", "1:10", "htb", "rate", rate, "ceil", rate,
+                                   "quantum", "65536"],
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise EmulatedClusterError(f"tc class change on {ns}/{dev} failed: "
+                                           f"{done.stderr.strip()}")
+
+    def limit_cpu(self, i: int, cores: float) -> None:
+        """Give host i a CPU budget of its own: the processes started in it from now on with
+        ``run`` (and all their children) together get at most ``cores`` cores (a cgroup CPU quota,
+        cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``). On one machine the hosts otherwise share
+        every core, so work starting on one host would slow the others down, as it never does on
+        a real cluster. Raises ``ClusterConfigError`` for a bad i or ``cores``,
+        ``EmulatedClusterError`` if the cluster is not up or this machine has no CPU cgroups."""
+        self._check_host(i)
+        if isinstance(cores, bool) or not isinstance(cores, (int, float)) or not 0.01 <= cores <= 1024:
+            raise ClusterConfigError(f"cores must be a number in 0.01..1024, got {cores!r}")
+        with self._lock:
+            if self._state != "up":
+                raise EmulatedClusterError(f"cluster {self.config.prefix} is not up ({self._state})")
+            group = _cpu_cgroup_root() / self.namespace(i)
+            try:
+                group.mkdir(exist_ok=True)
+                quota_us = max(1000, round(cores * CPU_PERIOD_US))
+                if (group / "cpu.max").exists():  # cgroup v2
+                    (group / "cpu.max").write_text(f"{quota_us} {CPU_PERIOD_US}\n")
+                else:
+                    (group / "cpu.cfs_period_us").write_text(f"{CPU_PERIOD_US}\n")
+                    (group / "cpu.cfs_quota_us").write_text(f"{quota_us}\n")
+            except OSError as exc:
+                raise EmulatedClusterError(f"cannot set a CPU quota in {group}: {exc}") from exc
+            self._cgroups[i] = group
+
     def run(self, i: int, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside host i's namespace (``ip netns exec``, which execs: the returned
         Popen's pid is the program's). It sees only the cluster's links and its own loopback; the
@@ -235,9 +285,45 @@ class EmulatedCluster:
         with self._lock:
             if self._state != "up":
                 raise EmulatedClusterError(f"cluster {self.config.prefix} is not up ({self._state})")
-            proc = subprocess.Popen(["ip", "netns", "exec", self.namespace(i), *argv], **popen_kwargs)
+            argv = ["ip", "netns", "exec", self.namespace(i), *argv]
+            if i in self._cgroups:  # join the host's CPU budget, then become argv (same pid);
+                # before `ip netns exec`, which mounts a sysfs of the namespace's own
+                argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"',
+                        str(self._cgroups[i] / "cgroup.procs"), *argv]
+            proc = subprocess.Popen(argv, **popen_kwargs)
             self._procs.append(proc)
         return proc
+
+
+def _cpu_cgroup_root() -> Path:
+    """Where CPU cgroups are made: the v2 hierarchy if it has the cpu controller (enabled for
+    children here), else v1's cpu hierarchy. Raises ``EmulatedClusterError`` if neither."""
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if "cpu" in (v2 / "cgroup.controllers").read_text().split():
+            if "cpu" not in (v2 / "cgroup.subtree_control").read_text().split():
+                (v2 / "cgroup.subtree_control").write_text("+cpu\n")
+            return v2
+    except OSError:
+        pass
+    v1 = v2 / "cpu"
+    if (v1 / "cpu.cfs_quota_us").exists():
+        return v1
+    raise EmulatedClusterError("no CPU cgroup here (neither cgroup v2 with the cpu controller "
+                               "nor v1's cpu hierarchy is mounted and writable)")
+
+
+def _remove_cgroups(groups: list[Path]) -> None:
+    """rmdir each (empty once its processes are gone; they may take a moment to be reaped)."""
+    for g in groups:
+        deadline = time.monotonic() + 5.0
+        while g.exists():
+            try:
+                g.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    break  # a process outlived `down`: leave the (harmless) group behind
+                time.sleep(0.1)
 
 
 def _kill(procs: list[subprocess.Popen[Any]], grace_s: float) -> None:
