@@ -616,10 +616,15 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
                  "sample (default: ../shared/traces/azure_functions_2019_sample1000_per_minute.csv)"),
              start_minute: int = typer.Option(1100, "--start-minute"),
              minutes: int = typer.Option(10, "--minutes"),
-             seed: int = typer.Option(0, "--seed")) -> None:
+             seed: int = typer.Option(0, "--seed"),
+             tail_s: float = typer.Option(
+                 0.0, "--tail-s", min=0.0, help="keep recording the replicas this long after "
+                 "the last answer (to see the scale-down)")) -> None:
     """Headless Locust against a running platform: Locust's CSV/HTML reports, the SLO summary
-    (TTFT and time-between-tokens attainment, p50/p90/p99) and a report with a figure."""
+    (TTFT and time-between-tokens attainment, p50/p90/p99), the function's replicas over the
+    test and a report with a figure."""
     import subprocess
+    import threading
 
     from faascale.platform.auth import load_or_create_tokens
 
@@ -660,10 +665,19 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
            *(x for k, v in args.items() for x in (f"--{k}", str(v)))]
     env = {**os.environ, "FAASCALE_TOKEN": load_or_create_tokens(state.tokens_file).invoke}
     typer.echo(f"locust: {shape} against {name} at {info.url}; reports in {out_dir}/")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_replicas, daemon=True, name="replicas",
+                               args=(_client(admin=False), names, out_dir / "slo.replicas.jsonl",
+                                     stop))
+    watcher.start()
     try:
         rc = subprocess.run(cmd, env=env).returncode
     except FileNotFoundError:
         raise FileNotFoundError("locust is not installed (pip install 'faascale[loadtest]')") from None
+    finally:
+        stop.wait(tail_s) if tail_s else None
+        stop.set()
+        watcher.join(timeout=10)
     if not (out_dir / "slo.json").exists():
         typer.echo("error: the load test produced no summary (see Locust's output above)", err=True)
         raise typer.Exit(2)
@@ -674,6 +688,30 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
     typer.echo(report.read_text())
     typer.echo(f"report: {report}; Locust: {out_dir / 'locust.html'}, {out_dir}/locust_stats.csv")
     raise typer.Exit(rc)
+
+
+REPLICA_POLL_S = 0.5
+
+
+def _watch_replicas(client: Any, names: list[str], path: Path, stop: Any) -> None:
+    """Until ``stop`` is set: every REPLICA_POLL_S, each function's serving and starting
+    replicas, one JSON line each (``epoch_s``, ``function``, ``running``, ``starting``). A failed
+    poll is a gap in the record, never the end of the test."""
+    import json
+    import time
+
+    with path.open("w") as f:
+        while not stop.is_set():
+            t = time.time()
+            for n in names:
+                try:
+                    r = client.status(n)["replicas"]
+                except Exception:  # noqa: BLE001 - the platform may be busy: keep going
+                    continue
+                f.write(json.dumps({"epoch_s": t, "function": n, "running": r["running"],
+                                    "starting": r["starting"]}) + "\n")
+            f.flush()
+            stop.wait(max(0.0, REPLICA_POLL_S - (time.time() - t)))
 
 
 def main() -> None:  # pragma: no cover - console entry point

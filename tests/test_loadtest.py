@@ -4,6 +4,7 @@ monkey-patches the standard library with gevent."""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -133,3 +134,18 @@ def test_time_to_replicas_counts_only_serving_replicas_after_the_start() -> None
     assert time_to_replicas(samples, from_s=3.0, replicas=3) == pytest.approx(9.0)  # not t = 0
     assert time_to_replicas(samples, from_s=3.0, replicas=2) == pytest.approx(6.5)
     assert time_to_replicas(samples, from_s=3.0, replicas=4) == math.inf
+
+
+def test_report_reads_the_replicas_of_all_functions_per_poll(tmp_path) -> None:
+    from loadtest.report import load_replicas
+
+    lines = [{"epoch_s": 100.0, "function": "a", "running": 1, "starting": 0},
+             {"epoch_s": 100.0, "function": "b", "running": 0, "starting": 1},
+             {"epoch_s": 100.5, "function": "a", "running": 1, "starting": 1},
+             {"epoch_s": 100.5, "function": "b", "running": 1, "starting": 0}]
+    path = tmp_path / "slo.replicas.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"epoch_s": 101.0, "func')
+    samples = load_replicas(tmp_path / "slo", started_epoch_s=99.0)
+    assert samples == [ReplicaSample(1.0, 1, 1), ReplicaSample(1.5, 2, 1)]  # cut line skipped
+    assert load_replicas(tmp_path / "slo", started_epoch_s=None) == []
+    assert load_replicas(tmp_path / "none", started_epoch_s=99.0) == []

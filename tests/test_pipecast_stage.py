@@ -13,7 +13,7 @@ from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer
 from faascale.engine.config import EngineConfig
 from faascale.engine.engine import Engine, ShardChain
 from faascale.engine.llm import LLM
-from faascale.engine.loop import EngineFailure, EngineLoop
+from faascale.engine.loop import EngineLoop
 from faascale.engine.model import ModelShard, merge_block_tensors
 from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer

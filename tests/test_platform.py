@@ -110,6 +110,22 @@ def expected_chat_text(platform: Platform, prompt: str, max_tokens: int) -> str:
                         SamplingParams(max_tokens=max_tokens, temperature=0))[0].text
 
 
+def test_every_node_gets_its_block_store_before_any_replica(platform: Platform) -> None:
+    # The first test of the module: nothing is deployed yet, yet the node's block store runs (and
+    # reports its tiers), so a replica's first start does not wait for its process to start.
+    deadline = time.monotonic() + 60
+    while True:
+        metrics = platform.http(None).get("/metrics").text
+        lines = [x for x in metrics.splitlines()
+                 if x.startswith("faascale_tier_capacity_bytes{") and 'tier="HOST"' in x]
+        if lines or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert lines, "no node reported its block store within 60 s of `faascale up`"
+    assert float(lines[0].rsplit(" ", 1)[1]) > 0
+    assert platform.http().get("/v1/functions").json()["functions"] == []
+
+
 def test_invoke_over_http_streaming_and_not(platform: Platform, tiny_deployed: str) -> None:
     expected = expected_chat_text(platform, "hello there", 12)
     body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 12,
@@ -336,7 +352,7 @@ def test_loadtest_burst_end_to_end(platform: Platform, tmp_path: Path) -> None:
     out = tmp_path / "lt"
     args = {"--idle-s": "0.5", "--spike-s": "5", "--spike-rate": "3", "--after-s": "0.5",
             "--prompt-tokens": "16", "--output-tokens": "8", "--seed": "7"}
-    r = platform.cli("loadtest", name, "--shape", "burst", "--out", str(out),
+    r = platform.cli("loadtest", name, "--shape", "burst", "--out", str(out), "--tail-s", "1",
                      *(x for kv in args.items() for x in kv), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sent = len(burst_schedule(0.5, 5, 3, 0.5, 0.0, 16, 8, seed=7))
@@ -351,3 +367,9 @@ def test_loadtest_burst_end_to_end(platform: Platform, tmp_path: Path) -> None:
     assert "SLO attainment" in report and "![load and TTFT](slo.png)" in report
     assert (out / "slo.png").stat().st_size > 1000 and (out / "locust.html").exists()
     assert "SLO attainment" in r.stdout
+    # The replicas were recorded while the test ran (and 1 s after): the function served.
+    polls = [json.loads(line) for line in (out / "slo.replicas.jsonl").read_text().splitlines()]
+    assert len(polls) >= 8 and {p["function"] for p in polls} == {name}
+    assert max(p["running"] for p in polls) >= 1
+    assert polls[-1]["epoch_s"] - summary["started_epoch_s"] >= 6.0 + 1.0  # the test, then the tail
+    assert "replica-seconds" in report

@@ -138,20 +138,44 @@ class NodeBlocks:
                 "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions}
 
 
-def node_blocks_actor(config: TierConfig) -> Any:
-    """This node's NodeBlocks actor, created on first use, keeping its tiers in ``config``'s
-    directories for this node's IP address (``TierConfig.for_node``: stable across restarts, so
-    the DISK tier is found again; distinct per node, also when nodes share a file system)."""
+def node_blocks_actor(config: TierConfig, node_id: str | None = None,
+                      node_ip: str | None = None) -> Any:
+    """A node's NodeBlocks actor (this node's by default), created on first use, keeping its
+    tiers in ``config``'s directories for the node's IP address (``TierConfig.for_node``: stable
+    across restarts, so the DISK tier is found again; distinct per node, also when nodes share a
+    file system). Does not wait for the actor to start."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = ray.get_runtime_context().get_node_id()
-    mine = config.for_node(ray.util.get_node_ip_address())
+    if node_id is None:
+        node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    mine = config.for_node(node_ip or node_id)
     return ray.remote(NodeBlocks).options(
-        name=f"faascale-blocks-{node[:16]}", namespace=NAMESPACE, get_if_exists=True,
+        name=f"faascale-blocks-{node_id[:16]}", namespace=NAMESPACE, get_if_exists=True,
         lifetime="detached", num_cpus=0, max_concurrency=16,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(mine.to_dict())
+
+
+def start_node_blocks(config: TierConfig) -> list[str]:
+    """A NodeBlocks actor on every live node that has none yet (the platform calls this at start
+    and as nodes join), so a replica starting on a node never waits for its block store's process
+    to start (seconds on a busy node: a Python process, then imports). Returns the node ids it
+    started actors on."""
+    import ray
+
+    existing = {(e["name"] if isinstance(e, dict) else e)
+                for e in ray.util.list_named_actors(all_namespaces=True)}
+    started = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_id = node["NodeID"]
+        if f"faascale-blocks-{node_id[:16]}" in existing:
+            continue
+        node_blocks_actor(config, node_id, node.get("NodeManagerAddress"))
+        started.append(node_id)
+    return started
 
 
 def all_node_stats(timeout_s: float = 2.0) -> dict[str, dict[str, Any]]:

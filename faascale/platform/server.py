@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,23 @@ def replica_logs(function: str, tail: int) -> list[str]:
         lines.extend(f"[{f.stem.split('_')[-1]}] {line}" for line in
                      f.read_text(errors="replace").splitlines()[-tail:])
     return lines[-tail:]
+
+
+NODE_SCAN_S = 10.0  # how often the platform looks for new nodes to give a block store
+
+
+def _keep_node_blocks(tiers: Any) -> None:
+    """Every node gets its block store before a replica needs it: now, and as nodes join."""
+    from faascale.memory_tier.node import start_node_blocks
+
+    while True:
+        try:
+            started = start_node_blocks(tiers)
+            if started:
+                log.info("started block stores on %d node(s)", len(started))
+        except Exception:  # noqa: BLE001 - Ray busy or shutting down: try again later
+            log.debug("node scan failed", exc_info=True)
+        time.sleep(NODE_SCAN_S)
 
 
 def run(home: str | None, host: str, port: int, address: str | None) -> None:
@@ -72,6 +90,8 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     pipecast = start_pipecast()
     tiers = TierConfig.for_state_dir(state.root)
     backend = ServeBackend(tiers)
+    threading.Thread(target=_keep_node_blocks, args=(tiers,), daemon=True,
+                     name="node-blocks").start()
     for record in registry.list():
         try:
             backend.deploy(record)
