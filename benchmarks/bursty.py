@@ -35,7 +35,8 @@ TTFT CDFs. Writes the ``bursty`` section of docs/benchmarks.md.
     python benchmarks/bursty.py [--quick] [--nodes 4] [--rate 500mbit] [--store-rate RATE] [--node-cpus C]
                                 [--speedup 1] [--rate-scale 0.08] [--systems faascale,storage,hostcache]
 
-``--quick``: 2 GPU nodes, the first 60 s of the window, 2x faster (about 6 min: three Ray clusters boot). Needs root (network namespaces),
+``--quick``: 2 GPU nodes, the first 60 s of the window, 2x faster, no report (about 6 min: three
+Ray clusters boot, one after the other). Needs root (network namespaces),
 Ceph (``scripts/ensure-ceph.sh``) and Locust (the dev extras).
 """
 
@@ -525,22 +526,21 @@ def main() -> None:
         if us and other in foms:
             res[f"p99_ttft_vs_{key}"] = us["ttft_p99_s"] / foms[other]["ttft_p99_s"]
             res[f"replica_s_vs_{key}"] = us["replica_s"] / foms[other]["replica_s"]
-    if not args.no_report:
-        fig = FIGURES / ("bursty-quick.png" if args.quick else "bursty.png")
+    if not args.quick and not args.no_report:  # a quick run checks the pipeline: no report
+        fig = FIGURES / "bursty.png"
         has_fig = figure(results, s, fig)
-        report(s, foms, res, text, elapsed, load_before, load_after, has_fig, fig, args.quick)
+        report(s, foms, res, text, elapsed, load_before, load_after, has_fig, fig)
     emit({k: round(v, 3) if isinstance(v, float) and math.isfinite(v) else v
           for k, v in res.items()})
 
 
 def report(s: Setup, foms: dict[str, dict[str, Any]], res: dict[str, Any], text: str,
-           elapsed: float, load_before: str, load_after: str, has_fig: bool, fig: Path,
-           quick: bool) -> None:
+           elapsed: float, load_before: str, load_after: str, has_fig: bool, fig: Path) -> None:
     from ray.serve.config import AutoscalingConfig
 
     serve = AutoscalingConfig()  # the storage system's delays: Ray Serve's defaults
     n = len(schedule(s))
-    write_section("bursty-quick" if quick else "bursty", f"""## Bursty load end to end (`benchmarks/bursty.py`)
+    write_section("bursty", f"""## Bursty load end to end (`benchmarks/bursty.py`)
 
 Command: `{command_line()}` at commit `{git_rev()}` (+ uncommitted work),
 {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Machine: {machine()}.
@@ -580,7 +580,10 @@ independent of the store, and serve through temporary pipelines before each hold
 model. A start has a fixed part no loading removes (the replica's process and imports, the
 tokenizer: the "HOST" median above is about that part alone), at a {s.node_cpus:g}-core budget,
 and it bounds what any system gains here. Storage keeps its replicas ({serve.downscale_delay_s:.0f}
-s downscale delay), which makes its second burst fast and its replica-seconds high.
+s downscale delay), which makes its second burst fast and its replica-seconds high. The 3x target against storage is out of reach on this emulation: the first burst's
+tail is one replica's queue until help arrives, and here help cannot arrive sooner than the
+start's fixed part (about 13 s) plus one model copy over one link (651 MB at the link rate),
+while storage's own tail is bounded by how fast its single replica drains the same queue.
 """)
 
 
