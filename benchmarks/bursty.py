@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,6 @@ class Result:
     arrivals_s: list[float]
     window_end_s: float
     loadtest_rc: int
-    notes: list[str] = field(default_factory=list)
 
 
 def function_spec(s: Setup, system: str) -> str:
@@ -346,21 +345,16 @@ def schedule(s: Setup) -> list[float]:
 
 
 def cold_starts(home: Path, started_epoch_s: float) -> list[dict[str, Any]]:
-    """Every replica start the platform recorded: when (from the load test's start), where its
-    weights came from, how long it took."""
+    """Every replica start the platform recorded (its ``StartupProfile``): when, from the load
+    test's start; where its weights came from; how long it took to serve."""
+    from faascale.coldstart.profile import StartupProfile
     from faascale.platform.registry import STARTUP_PROFILE, Registry
 
     out = []
     for event in Registry(home / "registry.db").events_of_kind(STARTUP_PROFILE):
-        e = event.get("profile") or {}
-        spans = e.get("spans") or []
-        started = float(e.get("started_at_s") or 0.0)
-        fetch = next((x for x in spans if x["name"] == "weight_fetch"), None)
-        out.append({"t_s": started - started_epoch_s, "total_s": e.get("total_s"),
-                    "ready_t_s": started + float(e.get("total_s") or 0.0) - started_epoch_s,
-                    "source": e.get("source") or "?", "ok": e.get("ok", True),
-                    "fetch_s": fetch["end_s"] - fetch["start_s"] if fetch else None,
-                    "replica": e.get("replica")})
+        p = StartupProfile.from_dict(event["profile"])
+        out.append({"t_s": p.started_at_s - started_epoch_s, "total_s": p.total_s,
+                    "source": p.source})
     return sorted(out, key=lambda c: c["t_s"])
 
 
@@ -542,7 +536,7 @@ def report(s: Setup, foms: dict[str, dict[str, Any]], res: dict[str, Any], text:
     n = len(schedule(s))
     write_section("bursty", f"""## Bursty load end to end (`benchmarks/bursty.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}` (+ uncommitted work),
+Command: `{command_line()}` at `{git_rev()}`,
 {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Machine: {machine()}.
 Load average {load_before} before, {load_after} after.
 

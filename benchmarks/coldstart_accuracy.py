@@ -175,7 +175,7 @@ def main() -> None:
     if not args.no_report:
         write_section("coldstart_accuracy", f"""## Cold-start prediction accuracy (`benchmarks/coldstart_accuracy.py`)
 
-`{command_line()}` on {machine()}, commit {git_rev()}.
+`{command_line()}` on {machine()}, at `{git_rev()}`.
 
 ### vLLM starts (the *Breaking the Ice* data, vLLM 0.10.1.1, three GPU nodes)
 

@@ -207,7 +207,7 @@ def main() -> None:
                           for label, a, b, r in rows)
         write_section("engine", f"""## Engine: SmolLM2-135M decode and prefill (`benchmarks/engine.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
+Command: `{command_line()}` at `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
 Machine: {machine()}. Weights {args.dtype}, {weight_bytes / 1e6:.0f} MB.
 
 | tokens/s | faascale | transformers `generate` | ratio |

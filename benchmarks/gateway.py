@@ -188,7 +188,7 @@ def main() -> None:
     if not args.quick and not args.no_report:
         write_section("gateway", f"""## Gateway overhead and scale from zero (`benchmarks/gateway.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
+Command: `{command_line()}` at `{git_rev()}`, {time.strftime('%Y-%m-%d')}.
 Machine: {machine()}. Embedded platform (local Ray, one warm tiny-llama replica), {n} sequential
 one-token requests each way, alternating, from one client process.
 

@@ -177,7 +177,7 @@ def main() -> None:
         load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
         write_section("pipeline_ttft", f"""## First token while scaling out (`benchmarks/pipeline_ttft.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}` (+ uncommitted work),
+Command: `{command_line()}` at `{git_rev()}`,
 {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Machine: {machine()}.
 Load average {load_before} before, {load_after} after.
 

@@ -671,7 +671,7 @@ def report(table: list[list[str]], runs: Sequence[Run], models: Mapping[str, Mod
                             for m in models.values())
     write_section("scaleout", f"""## Scale-out: multicast to new nodes (`benchmarks/scaleout.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}` (+ uncommitted work),
+Command: `{command_line()}` at `{git_rev()}`,
 {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s. Machine: {machine()}.
 Load average {load_before} before, {load_after} after.
 

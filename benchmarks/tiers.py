@@ -819,7 +819,7 @@ def main() -> None:
             for m in models)
         write_section("tiers", f"""## Model load time from each tier (`benchmarks/tiers.py`)
 
-Command: `{command_line()}` at commit `{git_rev()}`, {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.
+Command: `{command_line()}` at `{git_rev()}`, {time.strftime('%Y-%m-%d')}, {elapsed:.0f} s.
 Machine: {machine()}. Load average {load_before} before, {load_after} after (others' tests may run).
 HOST = /dev/shm ({fs_of(Path('/dev/shm'))}); DISK = {fs_of(Path('/var/tmp'))}, page cache
 {'dropped before every DISK run' if can_drop else 'NOT dropped (not root): DISK = page-cache reads'};

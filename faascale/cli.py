@@ -675,7 +675,8 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
     except FileNotFoundError:
         raise FileNotFoundError("locust is not installed (pip install 'faascale[loadtest]')") from None
     finally:
-        stop.wait(tail_s) if tail_s else None
+        if tail_s:
+            stop.wait(tail_s)  # the watcher keeps recording meanwhile
         stop.set()
         watcher.join(timeout=10)
     if not (out_dir / "slo.json").exists():

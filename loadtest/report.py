@@ -58,6 +58,12 @@ def figure(records: list[RequestRecord], slo_ttft_s: float, path: Path, title: s
         for r in records:
             counts[int(r.sent_s)] += 1
         ax1.bar(range(len(counts)), counts, width=1.0, align="edge", color="tab:gray")
+        ok = [r for r in records if r.error is None and r.ttft_s is not None]
+        bad = [r for r in records if r.error is not None]
+        ax2.scatter([r.sent_s for r in ok], [r.ttft_s for r in ok], s=8, label="TTFT")
+        if bad:
+            ax2.scatter([r.sent_s for r in bad], [0] * len(bad), s=14, marker="x", color="red",
+                        label="failed")
     if replicas:
         ax3 = ax1.twinx()
         ax3.step([p.t_s for p in replicas], [p.running for p in replicas], where="post",
@@ -67,12 +73,6 @@ def figure(records: list[RequestRecord], slo_ttft_s: float, path: Path, title: s
         ax3.set_ylabel("replicas")
         ax3.set_ylim(0, max(p.running + p.starting for p in replicas) + 1)
         ax3.legend(fontsize=8, loc="upper right")
-        ok = [r for r in records if r.error is None and r.ttft_s is not None]
-        bad = [r for r in records if r.error is not None]
-        ax2.scatter([r.sent_s for r in ok], [r.ttft_s for r in ok], s=8, label="TTFT")
-        if bad:
-            ax2.scatter([r.sent_s for r in bad], [0] * len(bad), s=14, marker="x", color="red",
-                        label="failed")
     ax2.axhline(slo_ttft_s, color="tab:red", lw=0.8, ls="--", label="TTFT target")
     ax1.set_ylabel("requests sent / s")
     ax2.set_ylabel("TTFT (s)")

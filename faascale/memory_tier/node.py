@@ -138,6 +138,11 @@ class NodeBlocks:
                 "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions}
 
 
+def actor_name(node_id: str) -> str:
+    """The name of a node's NodeBlocks actor."""
+    return f"faascale-blocks-{node_id[:16]}"
+
+
 def node_blocks_actor(config: TierConfig, node_id: str | None = None,
                       node_ip: str | None = None) -> Any:
     """A node's NodeBlocks actor (this node's by default), created on first use, keeping its
@@ -151,7 +156,7 @@ def node_blocks_actor(config: TierConfig, node_id: str | None = None,
         node_id, node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     mine = config.for_node(node_ip or node_id)
     return ray.remote(NodeBlocks).options(
-        name=f"faascale-blocks-{node_id[:16]}", namespace=NAMESPACE, get_if_exists=True,
+        name=actor_name(node_id), namespace=NAMESPACE, get_if_exists=True,
         lifetime="detached", num_cpus=0, max_concurrency=16,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(mine.to_dict())
@@ -171,7 +176,7 @@ def start_node_blocks(config: TierConfig) -> list[str]:
         if not node.get("Alive"):
             continue
         node_id = node["NodeID"]
-        if f"faascale-blocks-{node_id[:16]}" in existing:
+        if actor_name(node_id) in existing:
             continue
         node_blocks_actor(config, node_id, node.get("NodeManagerAddress"))
         started.append(node_id)
