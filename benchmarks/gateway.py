@@ -5,7 +5,12 @@ Side by side in one run, on an embedded platform started for the run (`faascale 
   (keep-alive connection, auth, validation, metrics, SSE) and sent straight to the function's Serve
   deployment handle from a driver attached to the same Ray cluster (the floor the gateway adds to);
 - scale-from-zero time to first token, streaming through the gateway, for tiny-llama and SmolLM2
-  (each sample a freshly deployed function, so a replica really starts).
+  (each sample a freshly deployed function, so a replica really starts); each sample names the
+  tier its weights came from (the replica's own ``StartupProfile``): the first start of a model
+  on the node reads the object store (here the local directory store), later ones its HOST tier.
+
+JSON keys: ``gateway_vs_handle_p50`` = gateway p50 ÷ handle p50 (> 1: the gateway adds that
+factor); ``gateway_added_*_ms`` = gateway − handle.
 
     python benchmarks/gateway.py [--quick]
 """
@@ -121,7 +126,9 @@ def latency_pairs_in_subprocess(b: Bench, gcs: str, name: str, n: int) -> tuple[
     return gw, direct
 
 
-def first_token_s(b: Bench, doc: dict[str, Any]) -> float:
+def first_token_s(b: Bench, doc: dict[str, Any]) -> tuple[float, str, int]:
+    """Seconds from the request to its first streamed token, with the start's source tier and
+    weight bytes (from the replica's startup profile, as ``faascale status`` shows it)."""
     import httpx
 
     b.deploy(doc)
@@ -134,11 +141,15 @@ def first_token_s(b: Bench, doc: dict[str, Any]) -> float:
         for line in r.iter_lines():
             if line.startswith("data: {") and elapsed is None:
                 elapsed = time.perf_counter() - t
+    status = httpx.get(f"{b.url}/v1/functions/{doc['name']}", timeout=60,
+                       headers={"Authorization": f"Bearer {b.token('invoke')}"}).json()
+    last = status["coldstart"]["last"] or {}
+    cold = status["cold_starts"][0] if status["cold_starts"] else {}
     # Free the replica (and its CPU) for the next sample.
     httpx.delete(f"{b.url}/v1/functions/{doc['name']}", timeout=120,
                  headers={"Authorization": f"Bearer {b.token('admin')}"}).raise_for_status()
     assert elapsed is not None, "no token"
-    return elapsed
+    return elapsed, str(last.get("source", "?")), int(cold.get("bytes", 0))
 
 
 def main() -> None:
@@ -163,11 +174,12 @@ def main() -> None:
             b.deploy(tiny("warm", 1))
             gcs = json.loads((Path(home) / "platform.json").read_text())["ray_address"]
             gw, direct = latency_pairs_in_subprocess(b, gcs, "warm", n)
-            tiny_cold = [first_token_s(b, tiny(f"cold-tiny-{i}", 0)) for i in range(samples)]
-            smol_cold = [first_token_s(b, smollm2(f"cold-smol-{i}")) for i in range(samples)]
+            tiny_runs = [first_token_s(b, tiny(f"cold-tiny-{i}", 0)) for i in range(samples)]
+            smol_runs = [first_token_s(b, smollm2(f"cold-smol-{i}")) for i in range(samples)]
         finally:
             b.cli("down")
 
+    tiny_cold, smol_cold = [x[0] for x in tiny_runs], [x[0] for x in smol_runs]
     res = {
         "gateway_p50_ms": statistics.median(gw), "gateway_p99_ms": pct(gw, 99),
         "handle_p50_ms": statistics.median(direct), "handle_p99_ms": pct(direct, 99),
@@ -199,9 +211,11 @@ one-token requests each way, alternating, from one client process.
 | **added by the gateway** | **{res['gateway_added_p50_ms']:.2f}** | {res['gateway_added_p99_ms']:.2f} |
 
 Scale from zero to the first streamed token (a new function each sample, median of {samples}):
-tiny-llama **{res['scale_from_zero_first_token_s']:.2f} s**, SmolLM2-135M (540 MB of fp32 weights
-from the local object store) **{res['smollm2_scale_from_zero_first_token_s']:.2f} s**. Samples:
-tiny {', '.join(f'{x:.2f}' for x in tiny_cold)}; SmolLM2 {', '.join(f'{x:.2f}' for x in smol_cold)}.
+tiny-llama **{res['scale_from_zero_first_token_s']:.2f} s**, SmolLM2-135M
+({smol_runs[0][2] / 1e6:.0f} MB of fp32 weights) **{res['smollm2_scale_from_zero_first_token_s']:.2f} s**.
+Samples, in order, with the tier each start's weights came from:
+tiny {', '.join(f'{t:.2f} s ({src})' for t, src, _ in tiny_runs)};
+SmolLM2 {', '.join(f'{t:.2f} s ({src})' for t, src, _ in smol_runs)}.
 """)
     emit({k: round(v, 3) for k, v in res.items()})
 

@@ -694,9 +694,21 @@ def loadtest(name: str = typer.Argument(..., help="the deployed function to load
 REPLICA_POLL_S = 0.5
 
 
+def full_replicas(running: int, pipecast: dict[str, Any] | None) -> int:
+    """Serving replicas that hold every block: those serving through a temporary pipeline
+    (PipeCast members still short of blocks, routed through a pipeline) are not counted."""
+    if not pipecast:
+        return running
+    need = pipecast.get("blocks_needed", 0)
+    partial = sum(1 for m in (pipecast.get("members") or {}).values()
+                  if m.get("blocks", 0) < need and m.get("route") == "pipeline")
+    return max(0, running - partial)
+
+
 def _watch_replicas(client: Any, names: list[str], path: Path, stop: Any) -> None:
     """Until ``stop`` is set: every REPLICA_POLL_S, each function's serving and starting
-    replicas, one JSON line each (``epoch_s``, ``function``, ``running``, ``starting``). A failed
+    replicas, one JSON line each (``epoch_s``, ``function``, ``running``, ``starting``, ``full``:
+    serving with the whole model, ``full_replicas``). A failed
     poll is a gap in the record, never the end of the test."""
     import json
     import time
@@ -706,11 +718,14 @@ def _watch_replicas(client: Any, names: list[str], path: Path, stop: Any) -> Non
             t = time.time()
             for n in names:
                 try:
-                    r = client.status(n)["replicas"]
+                    status = client.status(n)
                 except Exception:  # noqa: BLE001 - the platform may be busy: keep going
                     continue
+                r = status["replicas"]
                 f.write(json.dumps({"epoch_s": t, "function": n, "running": r["running"],
-                                    "starting": r["starting"]}) + "\n")
+                                    "starting": r["starting"],
+                                    "full": full_replicas(r["running"], status.get("pipecast"))})
+                        + "\n")
             f.flush()
             stop.wait(max(0.0, REPLICA_POLL_S - (time.time() - t)))
 

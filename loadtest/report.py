@@ -34,12 +34,14 @@ def load_replicas(prefix: str | Path, started_epoch_s: float | None) -> list[Rep
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
-            n = rounds.setdefault(float(r["epoch_s"]), [0, 0])
+            n = rounds.setdefault(float(r["epoch_s"]), [0, 0, 0])
             n[0] += int(r["running"])
             n[1] += int(r["starting"])
+            n[2] += int(r.get("full", r["running"]))  # older records: every serving replica
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short when the test ended
-    return [ReplicaSample(t - started_epoch_s, run, start) for t, (run, start) in sorted(rounds.items())]
+    return [ReplicaSample(t - started_epoch_s, run, start, full)
+            for t, (run, start, full) in sorted(rounds.items())]
 
 
 def figure(records: list[RequestRecord], slo_ttft_s: float, path: Path, title: str,

@@ -355,6 +355,11 @@ class ReplicaSample:
     t_s: float
     running: int
     starting: int = 0
+    full: int | None = None  # serving replicas that hold the whole model (None: all of them)
+
+    @property
+    def num_full(self) -> int:
+        return self.running if self.full is None else min(self.full, self.running)
 
 
 def replica_seconds(samples: Sequence[ReplicaSample], end_s: float, start_s: float = 0.0) -> float:
@@ -370,8 +375,9 @@ def replica_seconds(samples: Sequence[ReplicaSample], end_s: float, start_s: flo
 
 
 def time_to_replicas(samples: Sequence[ReplicaSample], from_s: float, replicas: int) -> float:
-    """Seconds from ``from_s`` until at least ``replicas`` replicas serve (``math.inf``: never)."""
+    """Seconds from ``from_s`` until at least ``replicas`` replicas serve holding the whole model
+    (a replica serving through a temporary pipeline is not capacity yet; ``math.inf``: never)."""
     for p in sorted(samples, key=lambda p: p.t_s):
-        if p.t_s >= from_s and p.running >= replicas:
+        if p.t_s >= from_s and p.num_full >= replicas:
             return p.t_s - from_s
     return math.inf

@@ -2,8 +2,8 @@
 # Make sure Ceph RGW (Debian's radosgw, ceph-mon, ceph-osd) is installed, for scripts/ceph-rgw.sh and
 # the S3 tests. Idempotent: does nothing when the tools are there. Installs with apt-get as root
 # (about 270 MB, 15-60 s). Without apt or root it prints why and exits 0: the RGW tests then skip
-# with that reason. A failed install exits 1 under CI (CI must test against the real S3 server),
-# and warns and exits 0 elsewhere.
+# with their reason, or fail with it under CI=true (tests/support.py: CI must test against the
+# real S3 server). A failed install exits 1 under CI, and warns and exits 0 elsewhere.
 set -euo pipefail
 
 PACKAGES=(radosgw ceph-mon ceph-osd)
@@ -23,11 +23,12 @@ if [[ -z $need ]]; then
 fi
 echo "ensure-ceph: missing: $need"
 if ! command -v apt-get >/dev/null 2>&1; then
-  echo "ensure-ceph: apt is unavailable; the Ceph RGW tests will skip (install ${PACKAGES[*]} by hand)"
+  echo "ensure-ceph: apt is unavailable; the Ceph RGW tests will skip, or fail under CI=true" \
+       "(install ${PACKAGES[*]} by hand)"
   exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
-  echo "ensure-ceph: not root; the Ceph RGW tests will skip" \
+  echo "ensure-ceph: not root; the Ceph RGW tests will skip, or fail under CI=true" \
        "(run: sudo apt-get install -y --no-install-recommends ${PACKAGES[*]})"
   exit 0
 fi
@@ -44,7 +45,7 @@ if ! install; then
   if ! { "${APT[@]}" update </dev/null && install; }; then
     echo "ensure-ceph: could not install ${PACKAGES[*]}" >&2
     if [[ -n ${CI:-} ]]; then exit 1; fi
-    echo "ensure-ceph: the Ceph RGW tests will skip"
+    echo "ensure-ceph: the Ceph RGW tests will skip (they fail under CI=true)"
     exit 0
   fi
 fi

@@ -1,10 +1,10 @@
 """Shared fixtures: packed models built once per session (tiny random Llama, real SmolLM2), and
-a real S3 server (Ceph RGW) started once per session."""
+a real S3 server (Ceph RGW) started once per session. Applies the ``requires`` marker
+(tests/support.py): an unmet prerequisite skips, or fails under CI=true."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,11 +13,27 @@ from pathlib import Path
 
 import pytest
 
+from support import ceph_prerequisite, fail_unmet, require, skip_unmet
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "requires(available, reason): a prerequisite (root and network "
+                            "namespaces, Ceph RGW, ../shared); unmet, it skips, or fails under CI=true")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    skip_unmet(items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    fail_unmet(item)
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +64,6 @@ def smollm2_llm(smollm2_packed: Path):
 
 # --- Ceph RGW: a real S3 server (scripts/ceph-rgw.sh), one per session -----------------------
 
-CEPH_TOOLS = ("radosgw", "ceph-mon", "ceph-osd", "ceph", "ceph-authtool", "monmaptool", "radosgw-admin")
 RGW_BOOT_TIMEOUT_S = 300  # the script bounds each of its waits; it boots in about 15 s on 2 cores
 
 
@@ -90,12 +105,12 @@ def _s3_answers(rgw: CephRGW, timeout_s: float) -> None:
 def ceph_rgw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> CephRGW:
     """A single-node Ceph cluster with radosgw on a free loopback port, stopped at session end.
 
-    Skips if Ceph is not installed (scripts/ensure-ceph.sh installs it, as `make test` does).
+    Skips if Ceph is not installed, or fails under CI=true (scripts/ensure-ceph.sh installs it, as
+    `make test` does).
     The cluster is stopped by the pids its script recorded, also when the session fails; if
     pytest itself is killed, the script's watcher (OWNER_PID) stops it.
     """
-    if any(shutil.which(t) is None for t in CEPH_TOOLS):
-        pytest.skip("Ceph RGW not installed: run scripts/ensure-ceph.sh (needs apt)")
+    require(*ceph_prerequisite())
     script = ROOT / "scripts" / "ceph-rgw.sh"
     access_key, secret_key = "faascale-test", "faascale-test-secret"
     env = {**os.environ, "AK": access_key, "SK": secret_key, "OWNER_PID": str(os.getpid())}

@@ -228,3 +228,21 @@ def test_tier_config_for_node_gives_every_node_its_own_directories(tmp_path) -> 
     odd = base.for_node("../x:y/z")
     assert Path(odd.host_dir).parent == tmp_path / "host" and "/" not in Path(odd.host_dir).name
     assert Path(base.for_node("..").host_dir).parent == tmp_path / "host"
+
+
+def test_stage_model_puts_the_model_in_disk_only_and_a_start_reads_it_there(
+        tmp_path: Path, tiny_packed: Path) -> None:
+    """``NodeBlocks.stage_model`` (ServerlessLLM's ``sllm-store save``): every block in the
+    node's DISK tier and none left in HOST, so the next replica's fetch is all DISK hits."""
+    from faascale.memory_tier.node import NodeBlocks, TierConfig
+
+    nb = NodeBlocks(TierConfig(str(tmp_path / "host"), str(tmp_path / "disk")).to_dict())
+    manifest = read_manifest(tiny_packed)
+    n = manifest.num_blocks
+    assert nb.model_tiers(manifest.to_json()) == {"HOST": 0, "DISK": 0, "blocks": n}
+    assert nb.stage_model(manifest.to_json(), str(tiny_packed)) == {"HOST": 0, "DISK": n,
+                                                                     "blocks": n}
+    assert len(list((tmp_path / "disk").rglob("*.bin"))) == n
+    placed = nb.fetch_model(manifest.to_json(), str(tiny_packed), 10.0)
+    assert [source for _, source in placed] == ["DISK"] * n
+    assert nb.stats()["hits"] == {"REMOTE": n, "DISK": n}

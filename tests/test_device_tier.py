@@ -19,7 +19,8 @@ def test_cpu_device_is_the_mapping_itself(tiny_packed: Path) -> None:
     assert all(on_device[k].data_ptr() == block[k].data_ptr() for k in block)  # no copy
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="hardware absent: needs a CUDA GPU, none here (a skip in CI too)")
 def test_cuda_copies_through_pinned_staging(tiny_packed: Path) -> None:
     m = read_manifest(tiny_packed)
     block = load_block(tiny_packed, m, 3)

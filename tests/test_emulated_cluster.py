@@ -1,6 +1,7 @@
 """The emulated cluster for real: namespaces, shaped links, processes, clean teardown.
 
-Needs root and iproute2 (skips with ``EmulatedCluster.available()``'s reason otherwise). About 10 s:
+Needs root and iproute2: without them the tests that build a cluster skip with
+``EmulatedCluster.available()``'s reason, and fail with it under CI=true (tests/support.py). About 10 s:
 each transfer is 6 MiB at 100 Mbit/s (~0.5 s).
 """
 
@@ -23,11 +24,11 @@ from faascale.pipecast.emulated import (
     EmulatedClusterError,
     rate_bits_per_s,
 )
+from support import netns_prerequisite, requires
 
 pytestmark = pytest.mark.slow
 
-AVAILABLE, WHY_NOT = EmulatedCluster.available()
-needs_netns = pytest.mark.skipif(not AVAILABLE, reason=f"emulated cluster unavailable: {WHY_NOT}")
+needs_netns = requires(*netns_prerequisite())  # skips without root/netns; fails under CI=true
 
 RATE, RATE_BITS_PER_S = "100mbit", 100e6
 PAYLOAD_BYTES = 6 << 20  # ~0.5 s at 100 Mbit/s: long enough that htb's initial burst is noise

@@ -19,6 +19,7 @@ from loadtest.workload import (Arrival, ReplicaSample, RequestRecord, TraceReque
                                burst_schedule, compress, fit_lengths, percentile,
                                rate_per_window, read_llm_trace, steps_schedule, summarize, thin,
                                trace_path, trace_schedule, window)
+from support import requires, shared_prerequisite  # noqa: E402
 
 SHARED_TRACES = ROOT.parent / "shared" / "traces"
 
@@ -59,13 +60,10 @@ def test_trace_window_compress_thin_and_fit() -> None:
         compress(w, 0)
 
 
-def test_shipped_traces_are_the_shared_ones_and_replay_the_burst() -> None:
+def test_shipped_code_trace_holds_the_burst_and_replays_it() -> None:
     code = read_llm_trace(trace_path("code"))
     assert len(code) == 8819 and code[0].t_s == 0.0
     assert (code[0].prompt_tokens, code[0].output_tokens) == (4808, 10)
-    if (SHARED_TRACES / "azure_llm_2023_code.csv").exists():
-        assert trace_path("code").read_bytes() == (SHARED_TRACES / "azure_llm_2023_code.csv").read_bytes()
-        assert trace_path("conv").read_bytes() == (SHARED_TRACES / "azure_llm_2023_conv.csv").read_bytes()
     # The README's scale-from-idle event: nothing in (676.0, 849.5), 562 requests in 31 s after.
     assert not [r for r in code if 676.1 < r.t_s < 849.4]
     assert len([r for r in code if 849.0 <= r.t_s < 880.0]) == 562
@@ -93,8 +91,14 @@ def test_summary_percentiles_and_attainment_by_hand() -> None:
     assert empty.requests == 0 and math.isnan(empty.slo_attainment)
 
 
-@pytest.mark.skipif(not (SHARED_TRACES / "azure_functions_2019_sample1000_per_minute.csv").exists(),
-                    reason="../shared/traces is absent")
+@requires(*shared_prerequisite(SHARED_TRACES / "azure_llm_2023_code.csv",
+                               SHARED_TRACES / "azure_llm_2023_conv.csv"))
+def test_shipped_traces_are_byte_identical_to_the_shared_ones() -> None:
+    for name in ("code", "conv"):
+        assert trace_path(name).read_bytes() == (SHARED_TRACES / f"azure_llm_2023_{name}.csv").read_bytes()
+
+
+@requires(*shared_prerequisite(SHARED_TRACES / "azure_functions_2019_sample1000_per_minute.csv"))
 def test_many_functions_replay_the_spike_scaled_down() -> None:
     from loadtest.workload import functions_schedule, read_functions_trace
 
@@ -136,16 +140,35 @@ def test_time_to_replicas_counts_only_serving_replicas_after_the_start() -> None
     assert time_to_replicas(samples, from_s=3.0, replicas=4) == math.inf
 
 
+def test_time_to_replicas_waits_for_replicas_that_hold_the_whole_model() -> None:
+    """A replica serving through a temporary pipeline (running, not full) is not capacity."""
+    samples = [ReplicaSample(0.0, 1, 1, 1), ReplicaSample(5.0, 2, 0, 1),
+               ReplicaSample(8.0, 2, 0, 2)]
+    assert time_to_replicas(samples, from_s=0.0, replicas=2) == pytest.approx(8.0)
+    assert ReplicaSample(1.0, 2, 0).num_full == 2 and ReplicaSample(1.0, 1, 0, 3).num_full == 1
+
+
+def test_full_replicas_leaves_out_members_serving_through_a_pipeline() -> None:
+    from faascale.cli import full_replicas
+
+    pipecast = {"blocks_needed": 6, "members": {
+        "a": {"blocks": 6, "route": "full"}, "b": {"blocks": 3, "route": "pipeline"},
+        "c": {"blocks": 0, "route": "loading"}}}  # c: still starting, not counted as running
+    assert full_replicas(2, pipecast) == 1
+    assert full_replicas(3, None) == 3 and full_replicas(0, pipecast) == 0
+
+
 def test_report_reads_the_replicas_of_all_functions_per_poll(tmp_path) -> None:
     from loadtest.report import load_replicas
 
-    lines = [{"epoch_s": 100.0, "function": "a", "running": 1, "starting": 0},
+    lines = [{"epoch_s": 100.0, "function": "a", "running": 1, "starting": 0},  # no "full": old
              {"epoch_s": 100.0, "function": "b", "running": 0, "starting": 1},
-             {"epoch_s": 100.5, "function": "a", "running": 1, "starting": 1},
-             {"epoch_s": 100.5, "function": "b", "running": 1, "starting": 0}]
+             {"epoch_s": 100.5, "function": "a", "running": 1, "starting": 1, "full": 0},
+             {"epoch_s": 100.5, "function": "b", "running": 1, "starting": 0, "full": 1}]
     path = tmp_path / "slo.replicas.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + '\n{"epoch_s": 101.0, "func')
     samples = load_replicas(tmp_path / "slo", started_epoch_s=99.0)
-    assert samples == [ReplicaSample(1.0, 1, 1), ReplicaSample(1.5, 2, 1)]  # cut line skipped
+    # cut line skipped; a record without "full" counts every serving replica as full
+    assert samples == [ReplicaSample(1.0, 1, 1, 1), ReplicaSample(1.5, 2, 1, 1)]
     assert load_replicas(tmp_path / "slo", started_epoch_s=None) == []
     assert load_replicas(tmp_path / "none", started_epoch_s=99.0) == []

@@ -1,8 +1,11 @@
-"""Object stores against real components: moto's S3 server (HTTP on 127.0.0.1) and a temp directory.
+"""Object stores against real components: a temp directory, moto's S3 server (HTTP on 127.0.0.1,
+in-process: the fast path) and the session's Ceph RGW (a real S3 server, the ``ceph_rgw`` fixture).
 
-The same behavioural tests run against both stores; S3-only tests cover multipart uploads,
-endpoint failure and error mapping. Packed models go up and come back bit-identical, generate
-the same tokens, and a corrupt or truncated block in the store leaves nothing behind.
+The same behavioural tests (the store contract) run against all three, a bucket per test on each
+S3 server; S3-only tests cover multipart uploads (both servers), endpoint failure and error
+mapping. Packed models go up and come back bit-identical, generate the same tokens, and a corrupt
+or truncated block in the store leaves nothing behind. The RGW cases are marked ``slow`` (its boot,
+once per session, is ~15-30 s); without Ceph they skip, and fail under CI=true (tests/support.py).
 """
 
 from __future__ import annotations
@@ -52,28 +55,64 @@ def moto_endpoint() -> Any:
     server.stop()
 
 
-def _new_bucket(endpoint: str) -> str:
-    bucket = f"faascale-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+def _s3_server(server: str, request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    """(endpoint, credentials) of ``moto`` (module-scoped, in-process) or ``rgw`` (the session's)."""
+    if server == "moto":
+        return request.getfixturevalue("moto_endpoint"), CREDS
+    rgw = request.getfixturevalue("ceph_rgw")
+    return rgw.endpoint, {"region": rgw.region, "access_key": rgw.access_key,
+                          "secret_key": rgw.secret_key}
+
+
+def _client(endpoint: str, creds: dict[str, str]) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name=creds["region"],
+                        aws_access_key_id=creds["access_key"],
+                        aws_secret_access_key=creds["secret_key"])
+
+
+def _new_bucket(endpoint: str, creds: dict[str, str] = CREDS) -> str:
+    bucket = f"faascale-test-{uuid.uuid4().hex[:12]}"  # a test's own, on a server tests share
+    _client(endpoint, creds).create_bucket(Bucket=bucket)
     return bucket
 
 
-@pytest.fixture(params=["local", "s3"])
+def _drop_bucket(endpoint: str, creds: dict[str, str], bucket: str) -> None:
+    """Empty and delete a test's bucket: RGW keeps objects in RAM (memstore) for the session."""
+    s3 = _client(endpoint, creds)
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    for up in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+        s3.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+RGW = pytest.param("rgw", marks=pytest.mark.slow)
+
+
+@pytest.fixture(params=["local", "moto", RGW])
 def kind(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+@pytest.fixture(params=["moto", RGW])
+def s3_server(request: pytest.FixtureRequest) -> tuple[str, dict[str, str]]:
+    return _s3_server(request.param, request)
+
+
 @pytest.fixture
 def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
-    """A fresh, empty store; S3 parts are 1 MiB so a few-MiB object is already multi-part."""
+    """A fresh, empty store (on S3: a new bucket, removed after the test). S3 parts are 1 MiB, so a
+    few-MiB object is fetched in several ranged GETs (boto3 uploads parts of at least 5 MiB)."""
     if kind == "local":
         yield LocalDirStore(tmp_path / "store")
         return
-    endpoint = request.getfixturevalue("moto_endpoint")
-    with S3Store(_new_bucket(endpoint), prefix="tenant/a", endpoint_url=endpoint,
-                 part_size_bytes=1 * MiB, max_concurrency=4, **CREDS) as s3:
+    endpoint, creds = _s3_server(kind, request)
+    bucket = _new_bucket(endpoint, creds)
+    with S3Store(bucket, prefix="tenant/a", endpoint_url=endpoint, part_size_bytes=1 * MiB,
+                 max_concurrency=4, **creds) as s3:
         yield s3
+    _drop_bucket(endpoint, creds, bucket)
 
 
 @pytest.fixture
@@ -81,8 +120,8 @@ def missing_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> 
     """A store whose bucket (directory) does not exist."""
     if kind == "local":
         return LocalDirStore(tmp_path / "no-such-dir", create=False)
-    endpoint = request.getfixturevalue("moto_endpoint")
-    return S3Store("faascale-no-such-bucket", endpoint_url=endpoint, **CREDS)
+    endpoint, creds = _s3_server(kind, request)
+    return S3Store(f"faascale-no-such-bucket-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint, **creds)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +150,7 @@ class CountingStore:
 
 
 # ---------------------------------------------------------------------------------------------
-# The protocol, against both stores
+# The protocol, against every store
 
 
 def test_basic_operations(store: ObjectStore) -> None:
@@ -321,15 +360,17 @@ def test_open_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             open_store(bad)
 
 
-def test_s3_multipart_upload(moto_endpoint: str, tmp_path: Path) -> None:
-    store = S3Store(_new_bucket(moto_endpoint), endpoint_url=moto_endpoint, part_size_bytes=5 * MiB,
-                    **CREDS)
-    data = os.urandom(11 * MiB)
-    (tmp_path / "f").write_bytes(data)
-    store.put_file("f", tmp_path / "f")
-    etag = store._client.head_object(Bucket=store.bucket, Key="f")["ETag"]
-    assert etag.endswith('-3"')  # three parts: 5 + 5 + 1 MiB
-    assert store.get("f") == data
+def test_s3_multipart_upload(s3_server: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    endpoint, creds = s3_server
+    bucket = _new_bucket(endpoint, creds)
+    with S3Store(bucket, endpoint_url=endpoint, part_size_bytes=5 * MiB, **creds) as store:
+        data = os.urandom(11 * MiB)
+        (tmp_path / "f").write_bytes(data)
+        store.put_file("f", tmp_path / "f")
+        etag = store._client.head_object(Bucket=store.bucket, Key="f")["ETag"]
+        assert etag.endswith('-3"')  # three parts: 5 + 5 + 1 MiB (S3's multipart ETag, any server)
+        assert store.get("f") == data
+    _drop_bucket(endpoint, creds, bucket)
 
 
 def test_s3_endpoint_down_is_unavailable_quickly() -> None:
@@ -365,7 +406,8 @@ def test_s3_error_mapping() -> None:
 
 
 def test_s3_get_into_throughput(moto_endpoint: str) -> None:
-    """Not an assertion: a quick look at parallel ranged GETs vs one GET (visible with -s)."""
+    """Not an assertion: a quick look at parallel ranged GETs vs one GET (visible with -s). moto
+    only: it looks at our client's parallel GETs, not at a server's contract."""
     with S3Store(_new_bucket(moto_endpoint), endpoint_url=moto_endpoint, **CREDS) as store:
         data = os.urandom(64 * MiB)
         store.put("big", data)

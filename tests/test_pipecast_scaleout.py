@@ -25,9 +25,9 @@ from faascale.engine.config import EngineConfig
 from faascale.engine.llm import LLM
 from faascale.engine.sampling import SamplingParams
 from faascale.pipecast.emulated import EmulatedCluster
+from support import netns_prerequisite, requires
 
-ok, why = EmulatedCluster.available()
-pytestmark = pytest.mark.skipif(not ok, reason=f"emulated cluster unavailable: {why}")
+pytestmark = requires(*netns_prerequisite())  # skips without root/netns; fails under CI=true
 
 PROMPT = "Write a short story about a lighthouse keeper."
 MAX_TOKENS = 160

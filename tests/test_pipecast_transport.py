@@ -344,7 +344,8 @@ def _num_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-@pytest.mark.skipif(_has_cuda(), reason="checks the refusal on machines without CUDA")
+@pytest.mark.skipif(_has_cuda(), reason="hardware present: this machine has CUDA, and the test "
+                    "checks the refusal on machines without it (a skip in CI too)")
 def test_nccl_transport_without_cuda_is_refused_clearly(pair) -> None:
     from faascale.pipecast.nccl_transport import NcclTransport
 
@@ -384,7 +385,7 @@ def _nccl_worker(rank: int, init_port: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(_num_gpus() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.skipif(_num_gpus() < 2, reason="hardware absent: needs two CUDA GPUs (a skip in CI too)")
 def test_nccl_transport_moves_a_cuda_tensor_between_two_ranks() -> None:
     import socket
 

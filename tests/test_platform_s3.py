@@ -71,6 +71,34 @@ def test_deploy_uploads_to_s3_and_replicas_load_from_it(s3_platform: Any) -> Non
     assert p.status("from-s3")["cold_starts"][0]["sources"] == {"HOST": 4}
 
 
+def test_load_from_store_downloads_every_start_and_keeps_nothing_on_the_node(s3_platform: Any
+                                                                            ) -> None:
+    """``scaling.load_from: store`` (the store-only baselines of benchmarks/bursty.py): on a node
+    whose HOST tier already holds the model, a replica still downloads every block from S3 (the
+    node's tiers are never read), into a private copy that goes when the replica retires."""
+    p, _ = s3_platform
+    p.deploy(tiny_doc("warm-here", min_replicas=1))  # the node's HOST tier now holds the model
+    doc = tiny_doc("store-only", min_replicas=1, pipecast=False, load_from="store")
+    p.deploy(doc)
+    deadline = time.monotonic() + 120
+    while not p.status("store-only")["cold_starts"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    status = p.status("store-only")
+    assert status["cold_starts"][0]["sources"] == {"REMOTE": 4}
+    assert status["coldstart"]["last"]["source"] == "REMOTE"
+    out = p.http().post("/v1/functions/store-only/invoke", json={"prompt": "hi", "max_tokens": 3})
+    assert out.status_code == 200, out.text
+    private = Path(f"{TierConfig.for_state_dir(p.home).host_dir}-private")
+    assert len([d for d in private.iterdir() if any(d.iterdir())]) == 1  # this replica's copy
+    r = p.cli("delete", "store-only")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 60
+    while any(private.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(private.iterdir()), "the retired replica's private copy is still there"
+    p.cli("delete", "warm-here")
+
+
 def test_missing_s3_model_is_a_clear_422(s3_platform: Any) -> None:
     p, _ = s3_platform
     doc = tiny_doc("nowhere")

@@ -6,24 +6,22 @@ compile cache, the per-step seconds). Its README defines every column; this modu
 into ``model.ModelFeatures``, ``model.StartSetting`` and ``model.Observation``. It reads files and
 nothing else; the data stay where they are (the shared data have no licence to be copied).
 
-Two readings that the data need, both stated where they happen:
+One reading that the data need, stated where it happens, and one thing the reader does not do:
 
 - **Weight bytes.** ``models.csv`` gives parameters, not bytes. Bytes are 2 per parameter unless a
   ``quantization`` or ``weight_bytes`` column says otherwise; without those columns, a model key
   naming gpt-oss is read as MXFP4 (the only format gpt-oss is released in).
-- **Where the weights really came from.** A scenario names one source, but a model may have been
-  read from the page cache in a "disk" scenario (the *Breaking the Ice* ``n1_disk`` sweep ran its
-  two Granite-4.0-H models in a separate, smaller campaign whose weights stayed cached: 7.4 and
-  7.9 GB/s, the page-cache rate of that node, against 0.5-0.58 GB/s for the other 13 models).
-  ``observed_source`` relabels a disk row whose bandwidth exceeds ``PAGE_CACHED_FACTOR`` × the
-  scenario's median as ``pagecache``; ``load_observations(relabel=False)`` keeps the labels.
+- **The weights' source is the row's label, never the measured time.** A feature may only use
+  what is known before a start: the model's metadata, the machine, the scenario as labelled
+  (``weights_source``, plus the loader named in ``variant``). A row whose measured load time
+  suggests another source keeps its label; docs/coldstart.md states where the data look
+  mislabelled (the two Granite-4.0-H rows of ``n1_disk`` load at page-cache speed).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,6 @@ OPTIONAL_MODEL_COLUMNS = ("num_key_value_heads", "num_attention_heads", "ffn_dim
 RUN_COLUMNS = ("scenario", "node", "weights_source", "compile_cache_observed", "run", "model",
                "variant")
 DEFAULT_CAPTURE_SIZES = 35  # vLLM 0.10 with max_capture_size 256: [1, 2, 4] + 8..256 step 8
-PAGE_CACHED_FACTOR = 3.0
 
 
 class DatasetError(ValueError):
@@ -146,44 +143,15 @@ def _source(row: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
-class Relabel:
-    scenario: str
-    model: str
-    bandwidth_gb_s: float
-    scenario_median_gb_s: float
-
-
-def observed_sources(rows: list[dict[str, str]], models: dict[str, ModelFeatures]
-                     ) -> tuple[dict[tuple[str, str], str], list[Relabel]]:
-    """(scenario, model) → the source its weights really came from; and what was relabelled."""
-    out: dict[tuple[str, str], str] = {}
-    relabels: list[Relabel] = []
-    by_scenario: dict[str, list[tuple[str, float]]] = {}
-    for r in rows:
-        if r["run"] != "mean" or r["model"] not in models or not (r.get("load_weights") or ""):
-            continue
-        bw = models[r["model"]].weight_bytes / 1e9 / max(float(r["load_weights"]), 1e-9)
-        by_scenario.setdefault(r["scenario"], []).append((r["model"], bw))
-        out[(r["scenario"], r["model"])] = _source(r)
-    for scenario, bws in by_scenario.items():
-        median = statistics.median(bw for _, bw in bws)
-        for model, bw in bws:
-            if out[(scenario, model)] == "disk" and bw > PAGE_CACHED_FACTOR * median:
-                out[(scenario, model)] = "pagecache"
-                relabels.append(Relabel(scenario, model, bw, median))
-    return out, relabels
-
-
-@dataclass(frozen=True)
 class Dataset:
     models: dict[str, ModelFeatures]
     observations: list[Observation]
     settings: dict[str, StartSetting]
-    relabels: list[Relabel]
 
 
-def load_dataset(folder: str | Path, *, runs: str = "mean", relabel: bool = True) -> Dataset:
-    """Models, observations (``runs``: ``mean`` rows, or ``each`` for the individual iterations)
+def load_dataset(folder: str | Path, *, runs: str = "mean") -> Dataset:
+    """Models, observations (``runs``: ``mean`` rows, or ``each`` for the individual iterations;
+    every feature from the row's labels and the model's metadata, none from its measured times)
     and the settings per scenario (for ``predict``: the scenario's node, its labelled source, the
     compile cache most of its rows saw, the default capture sizes)."""
     folder = Path(folder)
@@ -193,9 +161,6 @@ def load_dataset(folder: str | Path, *, runs: str = "mean", relabel: bool = True
     path = folder / "startup_runs.csv"
     step_names = VLLM.step_names()
     rows = read_csv_rows(path, RUN_COLUMNS + step_names)
-    sources, relabels = observed_sources(rows, models)
-    if not relabel:
-        relabels = []
     observations = []
     caches: dict[str, Counter[str]] = {}
     nodes: dict[str, str] = {}
@@ -213,8 +178,7 @@ def load_dataset(folder: str | Path, *, runs: str = "mean", relabel: bool = True
         wanted = r["run"] == "mean" if runs == "mean" else r["run"] not in ("mean", "warmup")
         if not wanted:
             continue
-        source = sources.get((scenario, r["model"]), _source(r)) if relabel else _source(r)
-        setting = StartSetting(machine=node, setting=scenario, weights_source=source,
+        setting = StartSetting(machine=node, setting=scenario, weights_source=_source(r),
                                compile_cache=r["compile_cache_observed"] or "hit",
                                capture_sizes=capture_sizes(r.get("variant") or ""))
         steps = {s: _number(r, s, f"{path} row {i + 2}", default=0.0) for s in step_names}
@@ -223,4 +187,4 @@ def load_dataset(folder: str | Path, *, runs: str = "mean", relabel: bool = True
                                 compile_cache=(caches.get(s) or Counter(["hit"])).most_common(1)[0][0],
                                 capture_sizes=DEFAULT_CAPTURE_SIZES)
                 for s in nodes}
-    return Dataset(models=models, observations=observations, settings=settings, relabels=relabels)
+    return Dataset(models=models, observations=observations, settings=settings)

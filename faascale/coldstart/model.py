@@ -24,7 +24,10 @@ fitted per machine (the ``group`` of an observation, e.g. a node name):
   penalty, so a setting with few starts borrows from the others.
 
 ``loo_by_model`` is the honest test: each model is predicted by a fit on the *other* models of its
-machine only. ``FittedModel`` carries an uncertainty from that same procedure on its training
+machine only. ``compare_loo`` scores two designs (ours and the paper-style baseline) that way on
+the same pooling of the observations (``pooled``: one fit per machine, or one per named setting)
+and restricts both to the rows both could predict, so their ratio compares model forms only.
+``FittedModel`` carries an uncertainty from that same procedure on its training
 data (the 90th percentile of the relative leave-one-model-out errors), so an estimate says how
 much to trust it.
 """
@@ -408,6 +411,62 @@ def loo_by_model(spec: StartupModelSpec, observations: Sequence[Observation],
             except FeatureError:
                 continue
     return out
+
+
+POOLINGS = ("machine", "setting")
+
+
+def pooled(observations: Sequence[Observation], pooling: str) -> list[Observation]:
+    """The observations with their fit group set by ``pooling``: ``machine`` (one fit per machine
+    over all its settings: how the platform and ``coldstart predict`` fit) or ``setting`` (one fit
+    per named setting, e.g. one measurement campaign, as the paper fits its predictor)."""
+    if pooling == "machine":
+        return list(observations)
+    if pooling == "setting":
+        return [replace(o, setting=replace(o.setting, machine=o.setting.setting))
+                for o in observations]
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+Pairs = tuple[tuple[Observation, Prediction], ...]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two designs' leave-one-model-out predictions on one pooling. ``ours``/``baseline``: every
+    row each could predict; ``ours_common``/``baseline_common``: the rows both predicted, in the
+    same order. The observations are the caller's (not the re-pooled copies)."""
+
+    pooling: str
+    ours: Pairs
+    baseline: Pairs
+    ours_common: Pairs
+    baseline_common: Pairs
+
+    @property
+    def mape_ratio(self) -> float:
+        """Ours ÷ baseline MAPE on the common rows (< 1: ours is better)."""
+        a, b = accuracy(self.ours_common), accuracy(self.baseline_common)
+        return a.mape_pct / b.mape_pct if b.mape_pct > 0 else math.nan
+
+
+def compare_loo(ours: StartupModelSpec, baseline: StartupModelSpec,
+                observations: Sequence[Observation], pooling: str = "machine") -> Comparison:
+    """``loo_by_model`` for both designs on the same ``pooled`` observations."""
+    obs = list(observations)
+    groups = pooled(obs, pooling)
+    index = {id(o): i for i, o in enumerate(groups)}
+
+    def scored(spec: StartupModelSpec) -> dict[int, Prediction]:
+        return {index[id(o)]: p for o, p in loo_by_model(spec, groups)}
+
+    a, b = scored(ours), scored(baseline)
+    common = sorted(a.keys() & b.keys())
+    return Comparison(pooling=pooling,
+                      ours=tuple((obs[i], a[i]) for i in sorted(a)),
+                      baseline=tuple((obs[i], b[i]) for i in sorted(b)),
+                      ours_common=tuple((obs[i], a[i]) for i in common),
+                      baseline_common=tuple((obs[i], b[i]) for i in common))
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """``faascale coldstart predict``: fit on a data folder, predict the starts a CSV asks for.
 
 ``--data DIR`` is a folder in the format of the *Breaking the Ice* artifact (``models.csv``,
-``startup_runs.csv``). ``--features IN.csv`` has the columns of ``models.csv`` plus ``machine``,
-a ``scenario`` of the folder's ``startup_runs.csv`` (``n1_disk``, ``n2_pagecache``, ...). Optional
-columns override what the scenario implies: ``weights_source`` (``disk``, ``pagecache``, ...),
-``compile_cache`` (``hit``, ``miss``, ``none``), ``capture_sizes`` (CUDA-graph sizes), and
-``quantization``/``weight_bytes`` describe the checkpoint. ``OUT.csv`` has one row per input row,
-in order: ``model``, ``machine``, ``predicted_total_s``, one column per step (the six steps of
-*Breaking the Ice*), then ``predicted_low_s``/``predicted_high_s`` (the 90 % band from the
-fit's leave-one-model-out errors) and the finer sub-steps.
+``startup_runs.csv``), fitted with its rows' labels as given (``dataset.py``). ``--features
+IN.csv`` has the columns of ``models.csv`` plus ``machine``, a ``scenario`` of the folder's
+``startup_runs.csv`` (``n1_disk``, ``n2_pagecache``, ...). Optional columns override what the
+scenario implies: ``weights_source`` (``disk``, ``pagecache``, ...), ``compile_cache`` (``hit``,
+``miss``, ``none``), ``capture_sizes`` (CUDA-graph sizes), and ``quantization``/``weight_bytes``
+describe the checkpoint. ``OUT.csv`` has one row per input row, in order: ``model``,
+``machine``, ``predicted_total_s``, one column per step (the six steps of *Breaking the Ice*),
+then ``predicted_low_s``/``predicted_high_s`` (the 90 % band from the fit's leave-one-model-out
+errors) and the finer sub-steps.
 """
 
 from __future__ import annotations

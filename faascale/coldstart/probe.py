@@ -2,8 +2,12 @@
 
 ``run_profiles`` prepares the tier (HOST: the blocks in a host-memory tier directory; DISK: in a
 disk tier directory with their pages evicted from the page cache before every start; REMOTE:
-empty tiers, the object store's files evicted too) and starts ``python -m
-faascale.coldstart.probe`` once per run. A probe does what a replica's start does through its
+empty tiers) and starts ``python -m faascale.coldstart.probe`` once per run. The probe reads the
+model's manifest and tokenizer, and for REMOTE its blocks, from the object store at
+``location``: by default the packed directory itself (a local store, its files evicted from the
+page cache too), or ``s3://bucket/prefix`` where the same packed model was uploaded
+(``object_store.upload_packed``), e.g. a Ceph RGW; the probe's ``env`` then carries the endpoint
+(``FAASCALE_S3_ENDPOINT``) and the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). A probe does what a replica's start does through its
 node's block store (``platform.replica``: the same imports, spec and tokenizer, ``BlockStore``
 fetch, materialization, engine, warm-up), then serves one real request for its first token, and
 prints its ``StartupProfile`` as JSON on the last line of stdout.
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +78,16 @@ def prepare_tier(tier: str, model_dir: Path, host_dir: Path, disk_dir: Path) -> 
     # while the next start runs
 
 
-def run_probe(model_dir: Path, tier: str, host_dir: Path, disk_dir: Path,
-              max_seq_len: int | None = None, timeout_s: float = PROBE_TIMEOUT_S) -> StartupProfile:
-    """One start in a fresh process; its profile."""
-    cmd = [sys.executable, "-m", "faascale.coldstart.probe", "--model-dir", str(model_dir),
+def run_probe(location: str | Path, tier: str, host_dir: Path, disk_dir: Path,
+              max_seq_len: int | None = None, timeout_s: float = PROBE_TIMEOUT_S,
+              env: Mapping[str, str] | None = None) -> StartupProfile:
+    """One start in a fresh process (``env`` added to this process's environment); its profile.
+    ``location``: where the packed model is, a directory or ``s3://bucket/prefix``."""
+    cmd = [sys.executable, "-m", "faascale.coldstart.probe", "--model-dir", str(location),
            "--tier", tier, "--host-dir", str(host_dir), "--disk-dir", str(disk_dir)]
     if max_seq_len:
         cmd += ["--max-seq-len", str(max_seq_len)]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
@@ -93,9 +100,13 @@ def run_probe(model_dir: Path, tier: str, host_dir: Path, disk_dir: Path,
 
 
 def run_profiles(model_dir: str | Path, tier: str, runs: int, work_dir: str | Path | None = None,
-                 max_seq_len: int | None = None) -> list[StartupProfile]:
+                 max_seq_len: int | None = None, *, location: str | None = None,
+                 env: Mapping[str, str] | None = None) -> list[StartupProfile]:
     """``runs`` cold starts of the packed model at ``model_dir`` from ``tier``, each in a fresh
-    process, the tier prepared before each. Raises ProbeError, FileNotFoundError."""
+    process, the tier prepared before each. ``location`` (default ``model_dir``) is the object
+    store the probe reads the model from, e.g. ``s3://bucket/models/m`` holding the same model
+    (its manifest must name the same model id); ``env``: extra environment for the probe (the S3
+    endpoint and credentials). Raises ProbeError, FileNotFoundError."""
     from faascale.engine.checkpoint import read_manifest
 
     tier = tier.upper()
@@ -106,7 +117,7 @@ def run_profiles(model_dir: str | Path, tier: str, runs: int, work_dir: str | Pa
     model_dir = Path(model_dir).resolve()
     if not (model_dir / "manifest.json").is_file():
         raise FileNotFoundError(f"{model_dir}: not a packed model (no manifest.json)")
-    read_manifest(model_dir)  # a corrupt manifest fails here, with its own error
+    model_id = read_manifest(model_dir).model_id  # a corrupt manifest fails here, with its error
     base = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="faascale-probe-"))
     host_dir = _host_root() / f"faascale-probe-{os.getpid()}" / "host"
     disk_dir = base / "disk"
@@ -114,7 +125,12 @@ def run_profiles(model_dir: str | Path, tier: str, runs: int, work_dir: str | Pa
         out = []
         for _ in range(runs):
             prepare_tier(tier, model_dir, host_dir, disk_dir)
-            out.append(run_probe(model_dir, tier, host_dir, disk_dir, max_seq_len))
+            profile = run_probe(location or model_dir, tier, host_dir, disk_dir, max_seq_len,
+                                env=env)
+            if profile.model_id != model_id:
+                raise ProbeError(f"{location} holds model {profile.model_id}, not {model_id} "
+                                 f"of {model_dir}")
+            out.append(profile)
         return out
     finally:
         shutil.rmtree(host_dir.parent, ignore_errors=True)
@@ -176,7 +192,8 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="one profiled cold start (prints its profile JSON)")
-    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--model-dir", required=True,
+                    help="the packed model's location: a directory or s3://bucket/prefix")
     ap.add_argument("--tier", choices=TIERS, required=True)
     ap.add_argument("--host-dir", required=True)
     ap.add_argument("--disk-dir", required=True)

@@ -129,6 +129,12 @@ class BlockStore:
                     return tier
         return None
 
+    def holds(self, block: BlockId, tier: Tier) -> bool:
+        """Whether ``tier`` holds a complete copy of ``block`` (not one being written)."""
+        with self._lock:
+            meta = self._meta[tier].get(block)
+            return meta is not None and meta.ready
+
     def stats(self) -> StoreStats:
         with self._lock:
             tiers = {t.name: TierStats(self.capacity[t], sum(m.size_bytes for m in metas.values()),

@@ -129,6 +129,25 @@ class NodeBlocks:
         """A replica retired: unpin its blocks, keep them warm for ``keep_alive_s``."""
         self.store.demote(ModelManifest.from_json(manifest_json), keep_alive_s)
 
+    def stage_model(self, manifest_json: str, location: str, keep_host: bool = False
+                    ) -> dict[str, int]:
+        """Put every block of the model at ``location`` in this node's DISK tier ahead of any
+        replica (what ``sllm-store save`` does on a ServerlessLLM node); HOST copies are dropped
+        unless ``keep_host`` or a replica has them pinned. Returns ``model_tiers`` after.
+        Blocking; raises the store's errors and CorruptBlockError."""
+        from faascale.memory_tier.policy import Tier
+
+        manifest = ModelManifest.from_json(manifest_json)
+        self._location[manifest.model_id] = location
+        self.store.fetch_model(manifest, 0.0, FETCH_PARALLEL_BLOCKS)
+        self.store.wait_idle()  # the DISK copies are made behind the fetch
+        self.store.demote(manifest, 0.0)
+        if not keep_host:  # a block PipeCast brought is only in HOST: it stays there
+            for i in range(manifest.num_blocks):
+                if self.store.holds(manifest.block_id(i), Tier.DISK):
+                    self.store.evict(manifest.block_id(i), Tier.HOST)
+        return self.model_tiers(manifest_json)
+
     def sweep(self) -> int:
         return len(self.store.sweep())
 
@@ -181,6 +200,20 @@ def start_node_blocks(config: TierConfig) -> list[str]:
         node_blocks_actor(config, node_id, node.get("NodeManagerAddress"))
         started.append(node_id)
     return started
+
+
+def stage_everywhere(config: TierConfig, manifest_json: str, location: str,
+                     timeout_s: float = 600.0) -> dict[str, dict[str, int]]:
+    """``NodeBlocks.stage_model`` on every live node at once (each node's actor is created if
+    missing); ``{node id: model_tiers}``. Raises what a node raised."""
+    import ray
+
+    refs = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            actor = node_blocks_actor(config, node["NodeID"], node.get("NodeManagerAddress"))
+            refs[node["NodeID"]] = actor.stage_model.remote(manifest_json, location)
+    return {node: ray.get(ref, timeout=timeout_s) for node, ref in refs.items()}
 
 
 def all_node_stats(timeout_s: float = 2.0) -> dict[str, dict[str, Any]]:

@@ -32,7 +32,7 @@ from faascale.engine.sampling import SamplingParams, SamplingParamsError
 from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
 from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
-from faascale.memory_tier.object_store import open_store, read_packed_metadata
+from faascale.memory_tier.object_store import download_packed, open_store, read_packed_metadata
 from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events
 from faascale.platform.pipecast_actor import pipecast_actor
@@ -145,8 +145,11 @@ class FunctionReplica:
         rec = self._rec
         t_spec = time.time()
         store_uri, prefix = split_location(location)
-        manifest, tokenizer_json = read_packed_metadata(open_store(store_uri), prefix)
+        store = open_store(store_uri)
+        manifest, tokenizer_json = read_packed_metadata(store, prefix)
         self._tokenizer_bytes = len(tokenizer_json.encode())
+        if self.spec.scaling.load_from == "store":
+            return self._start_from_store(store, prefix, manifest, tiers, t_spec)
         self._node_blocks = node_blocks_actor(tiers)
         self._manifest_json = manifest.to_json()
         # ``scaling.pipecast: false`` (or FAASCALE_PIPECAST=0): plain tier loads, no multicast
@@ -207,6 +210,24 @@ class FunctionReplica:
             self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
                                           materialized=True)
         return sources
+
+    def _start_from_store(self, store: Any, prefix: str, manifest: Any, tiers: TierConfig,
+                          t_spec: float) -> dict[str, int]:
+        """``scaling.load_from: store``: download every block from the object store (verified,
+        4 blocks in flight, as the node store fetches) into this replica's own directory in host
+        memory, which no other replica reads and which goes with this replica. No node tier is
+        read or filled: every start pays the store."""
+        rec = self._rec
+        self._private = Path(f"{tiers.host_dir}-private") / _safe(self.replica_id)
+        shutil.rmtree(self._private, ignore_errors=True)
+        rec.add("spec_tokenizer", t_spec, time.time())
+        with rec.span("weight_fetch", tier={"REMOTE": manifest.num_blocks},
+                      bytes=manifest.total_bytes):
+            download_packed(store, prefix, self._private)
+        with rec.span("materialize"):
+            self.llm = LLM.load(self._private, self.spec.engine_config(), verify=False)  # verified
+        self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}")
+        return {"REMOTE": manifest.num_blocks}
 
     def _join(self, coordinator: Any, manifest: Any, tokenizer: Tokenizer, tiers: TierConfig,
               held_paths: list[str], on_full: Callable[[Member], None] | None = None) -> Member:
@@ -307,6 +328,8 @@ class FunctionReplica:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop(timeout_s=1.0)
+        if getattr(self, "_private", None) is not None:  # load_from: store keeps nothing
+            shutil.rmtree(self._private, ignore_errors=True)
         if getattr(self, "_node_blocks", None) is not None:
             try:
                 self._node_blocks.release_model.remote(self._manifest_json,

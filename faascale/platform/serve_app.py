@@ -16,7 +16,8 @@ from faascale.memory_tier.node import TierConfig
 from faascale.platform.autoscale import ScalingConfig
 from faascale.platform.registry import FunctionRecord
 from faascale.platform.replica import FunctionReplica
-from faascale.platform.serve_policy import autoscaling_config, serve_default_autoscaling_config
+from faascale.platform.serve_policy import (ServerlessLLMPolicy, autoscaling_config,
+                                            serve_default_autoscaling_config)
 from faascale.platform.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,16 @@ def scaling_config(spec: FunctionSpec) -> ScalingConfig:
                          target_ongoing_per_replica=float(spec.target_concurrency),
                          keep_alive_s=s.keep_alive_s, downscale_delay_s=s.downscale_delay_s,
                          slo_ttft_s=spec.slo.ttft_ms / 1000)
+
+
+def _autoscaling(spec: FunctionSpec) -> Any:
+    """The Serve autoscaling config of the function's ``scaling.policy``."""
+    cfg = scaling_config(spec)
+    if spec.scaling.policy == "serve":
+        return serve_default_autoscaling_config(cfg)
+    if spec.scaling.policy == "serverlessllm":
+        return autoscaling_config(cfg, spec.name, policy_class=ServerlessLLMPolicy)
+    return autoscaling_config(cfg, spec.name)
 
 
 @dataclass(frozen=True)
@@ -54,10 +65,7 @@ class ServeBackend:
         spec = record.spec
         deployment = serve.deployment(FunctionReplica).options(
             name=DEPLOYMENT,
-            autoscaling_config=(
-                serve_default_autoscaling_config(scaling_config(spec))
-                if spec.scaling.policy == "serve"
-                else autoscaling_config(scaling_config(spec), spec.name)),
+            autoscaling_config=_autoscaling(spec),
             max_ongoing_requests=2 * spec.target_concurrency,
             # The handler module is imported from the function's directory on the replica's node
             # (embedded: this machine; a cluster: a shared volume or the image). Serve's config

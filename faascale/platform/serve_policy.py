@@ -57,6 +57,7 @@ from faascale.platform.autoscale import (
     ScalingSnapshot,
     decide,
 )
+from faascale.platform.sllm_policy import SllmState, decide_sllm
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,21 @@ class FaascalePolicy:
             logger.debug("scale-intent sink failed (%s); dropped event %s", exc, event)
 
 
+class ServerlessLLMPolicy:
+    """ServerlessLLM's autoscaling (``sllm_policy.decide_sllm``) as a Serve class-callable
+    policy: ``ServerlessLLMPolicy(function=..., **ScalingConfig)``. It sends no intents (nothing
+    plans ahead of its replicas) and uses no cold-start estimates."""
+
+    def __init__(self, function: str, **scaling: Any) -> None:
+        self.function = function
+        self.config = ScalingConfig(**scaling)
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[int, dict[str, Any]]:
+        target, state = decide_sllm(_within_serve_bounds(self.config, ctx),
+                                    snapshot_from_context(ctx), SllmState.from_dict(ctx.policy_state))
+        return target, state.to_dict()
+
+
 def snapshot_from_context(ctx: AutoscalingContext) -> ScalingSnapshot:
     """Serve's context as our snapshot; the wall clock is read here only if Serve gave no time."""
     running = int(ctx.current_num_replicas)
@@ -179,18 +195,19 @@ def serve_default_autoscaling_config(cfg: ScalingConfig, metrics_interval_s: flo
                                  metrics_interval_s=metrics_interval_s)
 
 
-def autoscaling_config(cfg: ScalingConfig, function: str,
-                       metrics_interval_s: float = 0.5) -> AutoscalingConfig:
+def autoscaling_config(cfg: ScalingConfig, function: str, metrics_interval_s: float = 0.5,
+                       policy_class: type = FaascalePolicy) -> AutoscalingConfig:
     """The full Serve ``AutoscalingConfig`` for one function, with ``FaascalePolicy`` deciding.
 
     Load is pushed every ``metrics_interval_s`` (0.5 s, vs Serve's 10 s default) and aggregated as
     the *peak* over a 2 s look-back: a burst is seen on its first push, and a dip shorter than 2 s
     does not count as idle (the policy's own downscale delay and keep-alive start after it).
     Serve's delays are 0 and its scaling factors 1.0, so ``autoscale.decide`` alone sets the
-    pace; Serve's min/max are the same as the policy's.
+    pace; Serve's min/max are the same as the policy's. ``policy_class=ServerlessLLMPolicy``
+    gives the same plumbing to ServerlessLLM's decision (``scaling.policy: serverlessllm``).
     """
     look_back_period_s = max(2.0, 4 * metrics_interval_s)
-    policy = AutoscalingPolicy(policy_function=FaascalePolicy,
+    policy = AutoscalingPolicy(policy_function=policy_class,
                                policy_kwargs=policy_kwargs(cfg, function))
     with warnings.catch_warnings():
         # metrics_interval_s is deprecated (to become an env var) but is still honoured in 2.60.

@@ -66,9 +66,16 @@ class ScalingSpec(_Strict):
     keep_alive_s: float = Field(default=60.0, ge=0, description="idle time before scaling to zero")
     downscale_delay_s: float = Field(default=5.0, ge=0)
     pipecast: bool = Field(default=True, description="load new replicas through PipeCast")
-    policy: Literal["faascale", "serve"] = Field(
+    load_from: Literal["tiers", "store"] = Field(
+        default="tiers", description="tiers: through the node's block store (HOST, DISK, then "
+        "the object store; warm for the next start); store: every replica downloads the model "
+        "from the object store into its own memory and no node keeps it (as Ray Serve LLM "
+        "loads from S3); needs pipecast: false")
+    policy: Literal["faascale", "serve", "serverlessllm"] = Field(
         default="faascale", description="faascale: cold-start-aware, keep-alive, scale-ahead "
-        "policy; serve: Ray Serve's default queue-length policy with its default delays")
+        "policy; serve: Ray Serve's default queue-length policy with its default delays; "
+        "serverlessllm: ServerlessLLM's ceil(in flight / target), one replica per second, "
+        "down after keep_alive_s without a new request")
     cold_start_timeout_s: float = Field(default=180.0, gt=0,
                                         description="how long a request waits for a replica")
     max_queued_requests: int = Field(default=256, ge=0,
@@ -79,6 +86,9 @@ class ScalingSpec(_Strict):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed "
                              f"max_replicas ({self.max_replicas})")
+        if self.load_from == "store" and self.pipecast:
+            raise ValueError("load_from: store loads bypass the node tiers PipeCast moves blocks "
+                             "between; set pipecast: false with it")
         return self
 
 

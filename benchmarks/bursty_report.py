@@ -1,0 +1,236 @@
+"""The report of ``benchmarks/bursty.py``: runs folded into medians and spreads, the tables, the
+figure and the text that reads them, every sentence of which is chosen by the numbers."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import FIGURES, command_line, machine, write_section
+from loadtest.workload import percentile
+
+LABELS = {"faascale": "faascale", "serve-default": "serve-default (Ray Serve defaults, store loads)",
+          "store-only": "store-only (our policy, store loads)",
+          "no-pipecast": "no-pipecast (our policy, tiers)",
+          "serverlessllm-like": "serverlessllm-like (DISK pre-staged, its policy)"}
+COLORS = {"faascale": "tab:blue", "serve-default": "tab:red", "store-only": "tab:purple",
+          "no-pipecast": "tab:orange", "serverlessllm-like": "tab:green"}
+# baseline -> the suffix of its JSON keys (``p99_ttft_vs_<suffix>``, ours / theirs)
+SYSTEM_KEYS = {"serve-default": "storage", "store-only": "store_only",
+               "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm"}
+METRICS = ("ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment", "replica_s", "capacity_s",
+           "failed", "starts")
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    xs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def fold_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{kind: {system: {metric: {median, min, max, n}}}}`` over the runs of each kind."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        plan = r["plan"]
+        out.setdefault(plan["kind"], {}).setdefault(plan["system"], {"runs": []})["runs"].append(r)
+    for systems in out.values():
+        for name, entry in systems.items():
+            rs = entry.pop("runs")
+            for m in METRICS:
+                entry[m] = _spread([float(x["foms"][m]) for x in rs])
+            sources: dict[str, list[float]] = {}
+            for x in rs:
+                for src, (count, median_s) in x["foms"]["sources"].items():
+                    sources.setdefault(src, []).extend([median_s] * int(count))
+            entry["sources"] = {k: (len(v), statistics.median(v)) for k, v in sources.items()}
+            entry["runs"] = len(rs)
+            pooled = [t for x in rs for t in x["ttft_s"]]
+            entry["pooled_ttft_p99_s"] = percentile(pooled, 99)
+            entry["pooled_requests"] = sum(x["foms"]["requests"] for x in rs)
+            entry["failed_total"] = sum(x["foms"]["failed"] for x in rs)
+    return out
+
+
+def _fmt(v: float, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return "never" if math.isinf(v) else f"{v:.{digits}f}"
+
+
+def _cell(sp: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
+    if sp["n"] <= 1:
+        return _fmt(sp["median"] * scale, digits)
+    return (f"{_fmt(sp['median'] * scale, digits)} ({_fmt(sp['min'] * scale, digits)}–"
+            f"{_fmt(sp['max'] * scale, digits)})")
+
+
+def table(systems: dict[str, dict[str, Any]]) -> str:
+    rows = ["| system | runs | requests | failed | TTFT p50 (s) | TTFT p99 (s) | p99 pooled (s) "
+            "| TBT p99 (ms) | SLO attainment | replica-s | to N full replicas (s) "
+            "| starts: source × count (median start) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name in LABELS:
+        f = systems.get(name)
+        if f is None:
+            continue
+        src = ", ".join(f"{k} × {n} ({v:.0f} s)" for k, (n, v) in sorted(f["sources"].items())) or "-"
+        rows.append(f"| {LABELS[name]} | {f['runs']} | {f['pooled_requests']} | "
+                    f"{f['failed_total']} | {_cell(f['ttft_p50_s'])} | {_cell(f['ttft_p99_s'])} | "
+                    f"{_fmt(f['pooled_ttft_p99_s'])} | "
+                    f"{_cell(f['tbt_p99_s'], 1000, 0)} | {_cell(f['slo_attainment'], 100, 0)} % | "
+                    f"{_cell(f['replica_s'], 1, 0)} | {_cell(f['capacity_s'], 1, 1)} | {src} |")
+    return "\n".join(rows)
+
+
+def reading(burst: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]]) -> str:
+    """Sentences chosen by the numbers: who had the lowest p99 TTFT, by how much, what the
+    isolating pairs say, what the faster store changed."""
+    def p99(sys: dict[str, dict[str, Any]], name: str) -> float:
+        return sys[name]["ttft_p99_s"]["median"] if name in sys else math.nan
+
+    out = []
+    ranked = sorted((n for n in burst if not math.isnan(p99(burst, n))), key=lambda n: p99(burst, n))
+    if ranked:
+        out.append("Lowest median p99 TTFT over the repetitions: **" + ranked[0] + "** ("
+                   + ", ".join(f"{n} {p99(burst, n):.1f} s" for n in ranked) + ").")
+    pairs = [("store-only", "serve-default", "the policy alone (both load every replica from the store)"),
+             ("no-pipecast", "store-only", "the tiers alone (same policy)"),
+             ("faascale", "no-pipecast", "PipeCast and execute-while-load alone (same policy, same tiers)"),
+             ("faascale", "serverlessllm-like", "faascale against checkpoints pre-staged on every node")]
+    for a, b, what in pairs:
+        if a in burst and b in burst:
+            ra, rb = p99(burst, a), p99(burst, b)
+            overlap = not (burst[a]["ttft_p99_s"]["max"] < burst[b]["ttft_p99_s"]["min"]
+                           or burst[b]["ttft_p99_s"]["max"] < burst[a]["ttft_p99_s"]["min"])
+            verdict = ("lower" if ra < rb else "higher") if ra != rb else "equal"
+            out.append(f"- {what}: {a} / {b} p99 TTFT = {ra / rb:.2f}x ({verdict}"
+                       f"{'; the spreads overlap, so the repetitions do not separate them' if overlap else '; the spreads do not overlap'}).")
+    if store and burst:
+        moved = [f"{n} {p99(burst, n):.1f} → {p99(store, n):.1f} s" for n in LABELS
+                 if n in store and n in burst]
+        out.append("With the store's link at the sweep's rate, median p99 TTFT moved: "
+                   + ", ".join(moved) + ".")
+    return "\n".join(out)
+
+
+def figure(runs: Sequence[dict[str, Any]], path: Path, nodes: int, slo_ttft_s: float) -> bool:
+    """Top: replicas (full: solid, serving: dotted, serving + starting: dashed) per system in the
+    first burst repetition; bottom: TTFT CDFs pooled over the burst repetitions."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    first = {r["plan"]["system"]: r for r in runs if r["plan"]["kind"] == "burst"
+             and r["plan"]["rep"] == 0}
+    names = [n for n in LABELS if n in first]
+    if not names:
+        return False
+    fig = plt.figure(figsize=(11, 1.9 * len(names) + 3.2))
+    grid = fig.add_gridspec(len(names) + 1, 1, height_ratios=[1] * len(names) + [1.5])
+    end = max(first[n]["window_end_s"] for n in names)
+    for k, n in enumerate(names):
+        r = first[n]
+        ax = fig.add_subplot(grid[k])
+        ax2 = ax.twinx()
+        ax2.hist(r["arrivals_s"], bins=[i * 1.0 for i in range(int(end) + 2)], color="0.85")
+        ax2.set_ylabel("req/s", fontsize=8)
+        ax.set_zorder(ax2.get_zorder() + 1)
+        ax.patch.set_visible(False)
+        t = [p[0] for p in r["polls"]]
+        ax.step(t, [p[3] for p in r["polls"]], where="post", color=COLORS[n], label="full")
+        ax.step(t, [p[1] for p in r["polls"]], where="post", color=COLORS[n], linestyle=":",
+                label="serving")
+        ax.step(t, [p[1] + p[2] for p in r["polls"]], where="post", color=COLORS[n],
+                linestyle="--", alpha=0.6, label="serving + starting")
+        ax.set_ylim(0, nodes + 0.5)
+        ax.set_xlim(0, end)
+        ax.set_ylabel("replicas")
+        ax.set_title(LABELS[n], fontsize=9, loc="left")
+        ax.legend(fontsize=7, loc="upper right")
+    ax = fig.add_subplot(grid[-1])
+    for n in names:
+        xs = sorted(x for r in runs if r["plan"]["kind"] == "burst" and r["plan"]["system"] == n
+                    for x in r["ttft_s"])
+        if xs:
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post",
+                    color=COLORS[n], label=LABELS[n])
+    ax.axvline(slo_ttft_s, color="0.4", linestyle=":", label="TTFT target")
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (s), all burst repetitions")
+    ax.set_ylabel("CDF")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def report(runs: Sequence[dict[str, Any]], folded: dict[str, Any], res: dict[str, Any],
+           node_cpus: float) -> None:
+    setup = runs[0]["setup"]
+    burst, store, full = folded.get("burst", {}), folded.get("store", {}), folded.get("full", {})
+    reps = max((f["runs"] for f in burst.values()), default=0)
+    bp = next(r["plan"] for r in runs if r["plan"]["kind"] == "burst")
+    sp = next((r["plan"] for r in runs if r["plan"]["kind"] == "store"), None)
+    gits = sorted({r["git"] for r in runs})
+    fig = FIGURES / "bursty.png"
+    has_fig = figure(runs, fig, setup["nodes"], setup["slo_ttft_ms"] / 1000)
+    ratios = "\n".join(f"| {k} | {v:.2f}x |" for k, v in sorted(res.items())
+                       if "_vs_" in k and isinstance(v, float))
+    sections = [f"""## Bursty load end to end (`benchmarks/bursty.py`)
+
+Command: `{command_line()}`; runs from {', '.join(f'`{g}`' for g in gits)}, {runs[0]['at']} to
+{runs[-1]['at']}. Machine: {machine()}.
+
+A real Ray cluster in network namespaces: the head (platform, Locust), the object store (Ceph RGW
+on its own host) and {setup['nodes']} GPU nodes (one emulated GPU each: one replica per node; a
+CPU budget of {node_cpus:g} cores each), every link {setup['rate']} in and out. SmolLM2-135M
+fp32 (651 MB of blocks), one warm replica at the start, at most {setup['nodes']}, no warm-up
+request. Trace: Azure LLM 2023 code from t = 840 s, {setup['rate_scale']:g} of the requests
+kept, prompts ≤ 128 and outputs ≤ 32 tokens. Targets: TTFT ≤ {setup['slo_ttft_ms']:.0f} ms,
+TBT ≤ {setup['slo_tbt_ms']:.0f} ms. Every run is a fresh cluster and platform. Cells: median over
+the runs (min–max); "p99 pooled" is over every request of the runs together. "To N full replicas": from the first request until {setup['nodes']}
+replicas serve holding the whole model. Replica-seconds: serving + starting, over each run's
+window (last arrival + 15 s).
+
+### The first burst, {reps} repetitions ({bp['window_s']:.0f} s window, store link {bp['store_rate']}, systems interleaved)
+
+{table(burst)}
+
+| ratio (faascale ÷ baseline, medians; < 1 = faascale lower) | |
+|---|---:|
+{ratios}
+
+{reading(burst, store)}
+
+Failed requests over all {len(runs)} runs: **{res['failed_requests']}**; scale-ups before a
+trace began: **{res['pre_trace_scaleups']}**.
+"""]
+    if sp is not None:
+        sections.append(f"""### The same window with the store's link at {sp['store_rate']} (one repetition)
+
+{table(store)}
+""")
+    if full:
+        full_s = next(r["plan"]["window_s"] for r in runs if r["plan"]["kind"] == "full")
+        sections.append(f"""### The whole {full_s:.0f} s window (one run per system)
+
+{table(full)}
+""")
+    else:
+        sections.append("The whole-window run (`--full`) is not part of this report.\n")
+    if has_fig:
+        sections.append(f"![bursty: replicas over time and TTFT CDFs](figures/{fig.name})\n\n"
+                        "Top: replicas holding the whole model (solid), serving (dotted), serving"
+                        " + starting (dashed) in the first repetition, over the requests sent per"
+                        " second (grey). Bottom: TTFT CDFs over all burst repetitions (log scale).")
+    write_section("bursty", "\n".join(sections))

@@ -1,0 +1,62 @@
+"""benchmarks/bursty.py's pure parts: the run plan (interleaved, rotated, sweep, full window),
+folding runs into medians and spreads, and text chosen by the numbers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bursty import SYSTEMS, plans, scale_rate  # noqa: E402
+from benchmarks.bursty_report import fold_runs, reading, table  # noqa: E402
+
+
+def run(system: str, kind: str, rep: int, p99: float, replica_s: float = 100.0,
+        failed: int = 0) -> dict:
+    foms = {"requests": 10, "failed": failed, "ttft_p50_s": p99 / 2, "ttft_p99_s": p99,
+            "tbt_p99_s": 0.5, "slo_attainment": 0.5, "replica_s": replica_s, "capacity_s": 20.0,
+            "peak_full": 2, "starts": 1, "sources": {"REMOTE": [1, 30.0]}}
+    return {"plan": {"system": system, "kind": kind, "rep": rep, "window_s": 60.0,
+                     "store_rate": "500mbit"}, "foms": foms, "ttft_s": [p99 / 2, p99]}
+
+
+def test_plan_interleaves_and_rotates_the_systems_then_sweeps_then_runs_the_full_window() -> None:
+    systems = list(SYSTEMS)
+    todo = plans(systems, 3, 60.0, "500mbit", 4.0, True)
+    bursts = [p for p in todo if p.kind == "burst"]
+    assert len(bursts) == 15
+    for rep in range(3):  # every system once per repetition, each repetition led by another
+        order = [p.system for p in bursts if p.rep == rep]
+        assert sorted(order) == sorted(systems) and order[0] == systems[rep]
+    sweep = [p for p in todo if p.kind == "store"]
+    assert [p.system for p in sweep] == systems and {p.store_rate for p in sweep} == {"2000mbit"}
+    assert [p.window_s for p in todo if p.kind == "full"] == [320.0] * 5
+    assert not [p for p in plans(systems, 1, 30.0, "500mbit", 1.0, False) if p.kind != "burst"]
+    assert scale_rate("1gbit", 2.5) == "2.5gbit"
+
+
+def test_fold_gives_median_and_spread_per_system_and_kind() -> None:
+    runs = [run("faascale", "burst", k, p) for k, p in enumerate((4.0, 2.0, 9.0))]
+    runs += [run("serve-default", "burst", k, p, failed=1) for k, p in enumerate((20.0, 30.0, 25.0))]
+    runs.append(run("faascale", "store", 0, 1.5))
+    folded = fold_runs(runs)
+    us = folded["burst"]["faascale"]
+    assert us["ttft_p99_s"] == {"median": 4.0, "min": 2.0, "max": 9.0, "n": 3}
+    assert us["runs"] == 3 and folded["store"]["faascale"]["runs"] == 1
+    assert folded["burst"]["serve-default"]["failed_total"] == 3
+    assert folded["burst"]["faascale"]["sources"] == {"REMOTE": (3, 30.0)}
+    assert "| faascale | 3 | 30 | 0 |" in table(folded["burst"])
+
+
+def test_reading_follows_the_numbers() -> None:
+    low = fold_runs([run("faascale", "burst", k, p) for k, p in enumerate((2.0, 3.0, 4.0))]
+                    + [run("no-pipecast", "burst", k, p) for k, p in enumerate((8.0, 9.0, 10.0))])
+    text = reading(low["burst"], {})
+    assert "Lowest median p99 TTFT over the repetitions: **faascale**" in text
+    assert "faascale / no-pipecast p99 TTFT = 0.33x (lower; the spreads do not overlap)" in text
+    high = fold_runs([run("faascale", "burst", k, p) for k, p in enumerate((10.0, 12.0, 3.0))]
+                     + [run("no-pipecast", "burst", k, p) for k, p in enumerate((8.0, 9.0, 10.0))])
+    text = reading(high["burst"], {})
+    assert "**no-pipecast**" in text
+    assert "= 1.11x (higher; the spreads overlap" in text
