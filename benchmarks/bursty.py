@@ -29,7 +29,11 @@ same platform; see ``SYSTEMS``):
    loading from there, its autoscaling (desired = ceil(in flight / target), one replica a second,
    down after ``keep_alive_s`` = the function's 10 s without a new request;
    ``faascale/platform/sllm_policy.py``); every node holds the checkpoint, so every placement
-   is local (its storage-aware placement has nothing to choose); no multicast.
+   is local (its storage-aware placement has nothing to choose); no multicast;
+6. ``faascale-warm``: ``faascale`` with warm runtimes (``platform/warm_pool.py``: every Ray
+   worker preloads torch and the engine, one idle worker kept per node), so a new replica skips
+   the process start and imports. The other systems (``faascale`` included) start their
+   replicas' processes on demand (``FAASCALE_WARM_POOL=off``), as Ray Serve does.
 
 Runs: ``--reps`` repetitions of a window around the first burst (``--rep-window-s``), the systems
 interleaved in a rotated order each repetition; one repetition with the store's link at
@@ -46,11 +50,14 @@ Reported: the median over the repetitions and the min-max spread.
 JSON keys (each ours ÷ theirs over the medians of the burst repetitions; < 1 = faascale lower,
 i.e. better for TTFT and cheaper for replica-seconds): ``p99_ttft_vs_storage`` (vs
 ``serve-default``), ``p99_ttft_vs_store_only``, ``p99_ttft_vs_no_pipecast``, ``p99_ttft_vs_sllm``,
-``replica_s_vs_storage``, ``replica_s_vs_sllm``; ``failed_requests`` (all runs, target 0);
+``replica_s_vs_storage``, ``replica_s_vs_sllm``; ``p99_ttft_warm_vs_cold`` and
+``replica_s_warm_vs_cold`` (faascale-warm ÷ faascale: < 1 = the warm runtimes lower it);
+``failed_requests`` (all runs, target 0);
 ``pre_trace_scaleups`` (all runs, must be 0).
 
-    python benchmarks/bursty.py [--quick] [--reps 3] [--full] [--nodes 4] [--rate 500mbit]
-                                [--store-factor 4] [--systems faascale,serve-default,...]
+    python benchmarks/bursty.py [--quick] [--reps 3] [--full] [--append] [--nodes 4]
+                                [--rate 500mbit] [--store-factor 4]
+                                [--systems faascale,serve-default,...]
 
 ``--quick``: 2 GPU nodes, one repetition of a 30 s window, every system, no sweep, no report
 (about 8 min: five Ray clusters boot one after the other). Needs root (network namespaces),
@@ -76,11 +83,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bursty_report import SYSTEM_KEYS, fold_runs, report  # noqa: E402
+from benchmarks.bursty_report import SYSTEM_KEYS, fold_runs, newest_per_system, report  # noqa: E402
 from benchmarks.common import ROOT, emit, git_rev  # noqa: E402
 from loadtest.report import load_records, load_replicas  # noqa: E402
-from loadtest.workload import (percentile, replica_seconds, summarize,  # noqa: E402
-                               time_to_replicas, trace_schedule)
+from faascale.stats import percentile  # noqa: E402
+from loadtest.workload import (replica_seconds, summarize, time_to_replicas,  # noqa: E402
+                               trace_schedule)
 
 HEAD, STORE, FIRST_NODE = 1, 2, 3
 RAY_PORT, GATEWAY_PORT, S3_PORT = 6379, 8080, 7480
@@ -95,6 +103,10 @@ SYSTEMS = {  # name -> the function's scaling settings that make it that system
     "no-pipecast": {"policy": "faascale", "pipecast": False, "load_from": "tiers"},
     "serverlessllm-like": {"policy": "serverlessllm", "pipecast": False, "load_from": "tiers",
                            "stage_disk": True},
+    # faascale with warm runtimes (warm_pool.py: Ray workers preloaded, one kept idle per node);
+    # every other system starts its replicas' processes on demand, as Ray Serve does
+    "faascale-warm": {"policy": "faascale", "pipecast": True, "load_from": "tiers",
+                      "warm_pool": True},
 }
 WINDOW_START_S, WINDOW_S = 840.0, 320.0  # the code trace: both bursts and the idle gap between
 REP_WINDOW_S, QUICK_WINDOW_S = 60.0, 30.0  # the first burst and the start of the busy stretch
@@ -144,7 +156,7 @@ def base_env(s: Setup, cluster: Any) -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
             "FAASCALE_S3_ENDPOINT": f"http://{cluster.host_address(STORE)}:{S3_PORT}",
             "FAASCALE_S3_BUCKET": BUCKET, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            **S3_KEYS}
+            "FAASCALE_WARM_POOL": "off", **S3_KEYS}
 
 
 def in_host(cluster: Any, i: int, argv: Sequence[str], env: dict[str, str], timeout_s: float,
@@ -207,14 +219,18 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path) -> None:
-    """The head on host 1 (no GPU: replicas never land there), one GPU node per other host."""
+def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path, warm: bool = False) -> None:
+    """The head on host 1 (no GPU: replicas never land there), one GPU node per other host;
+    ``warm``: every worker preloads the warm runtime (the head's system config)."""
+    from faascale.platform.warm_pool import head_system_config_args
+
     env = base_env(s, cluster)
     ray = str(Path(sys.executable).with_name("ray"))
     common = ["--disable-usage-stats", "--object-store-memory", str(200 << 20)]
     in_host(cluster, HEAD, [ray, "start", "--head", "--node-ip-address", cluster.host_address(HEAD),
                             "--port", str(RAY_PORT), "--num-cpus", "4", "--num-gpus", "0",
-                            "--include-dashboard=false", "--temp-dir", str(temp), *common],
+                            "--include-dashboard=false", "--temp-dir", str(temp), *common,
+                            *(head_system_config_args() if warm else [])],
             env, 120, log_file)
     address = f"{cluster.host_address(HEAD)}:{RAY_PORT}"
     # One at a time: nodes on one machine share the head's session directory, and two starting
@@ -315,14 +331,16 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path) -> dict[str, A
     fn = d / "function"
     fn.mkdir()
     (fn / "function.yaml").write_text(function_spec(s, plan.system))
-    env = {**base_env(s, cluster), "FAASCALE_HOME": str(home)}
+    warm = bool(SYSTEMS[plan.system].get("warm_pool"))
+    env = {**base_env(s, cluster), "FAASCALE_HOME": str(home),
+           **({"FAASCALE_WARM_POOL": "auto"} if warm else {})}
     faascale = str(Path(sys.executable).with_name("faascale"))
     logf = d / "bench.log"
     temp = Path(tempfile.mkdtemp(prefix="fsb", dir="/tmp"))  # Ray's sockets: keep the path short
     address = f"{cluster.host_address(HEAD)}:{RAY_PORT}"
     try:
         t0 = time.monotonic()
-        start_ray(s, cluster, temp, logf)
+        start_ray(s, cluster, temp, logf, warm=warm)
         server_log = (d / "platform.log").open("w")
         cluster.run(HEAD, [sys.executable, "-m", "faascale.platform.server", "--home", str(home),
                            "--host", cluster.host_address(HEAD), "--port", str(GATEWAY_PORT),
@@ -368,7 +386,7 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path) -> dict[str, A
                 "tbt_s": [g for r in records if r.error is None for g in r.tbt_s],
                 "foms": figures_of_merit(records, polls, starts, arrivals, s),
                 "polls": [[round(p.t_s, 2), p.running, p.starting, p.num_full] for p in polls],
-                "starts": starts}
+                "starts": starts, "intents": intents(home, started)}
     finally:
         stop_host(cluster, HEAD)
         for i in range(FIRST_NODE, s.num_hosts + 1):
@@ -400,6 +418,15 @@ def _scaleups(home: Path, from_epoch_s: float, to_epoch_s: float) -> int:
     return n
 
 
+def intents(home: Path, started_epoch_s: float) -> list[list[float]]:
+    """The policy's scale intents: [s from the load test's start, from replicas, to replicas]."""
+    from faascale.platform.registry import Registry
+
+    return sorted([round(float(e.get("at_s") or 0.0) - started_epoch_s, 2),
+                   int(e.get("from_replicas", 0)), int(e.get("to_replicas", 0))]
+                  for e in Registry(home / "registry.db").events_of_kind("scale_intent"))
+
+
 def schedule(window_s: float, s: Setup) -> list[float]:
     """The arrival times (s from the load test's start) the load test sends: the same call."""
     arrivals = trace_schedule("code", WINDOW_START_S, window_s, 1.0, s.rate_scale,
@@ -409,7 +436,8 @@ def schedule(window_s: float, s: Setup) -> list[float]:
 
 def cold_starts(home: Path, started_epoch_s: float) -> list[dict[str, Any]]:
     """Every replica start the platform recorded (its ``StartupProfile``): when, from the load
-    test's start; where its weights came from; how long it took to serve."""
+    test's start; where its weights came from; how long it took to serve; whether it found a
+    warm runtime; its steps (seconds each)."""
     from faascale.coldstart.profile import StartupProfile
     from faascale.platform.registry import STARTUP_PROFILE, Registry
 
@@ -417,7 +445,8 @@ def cold_starts(home: Path, started_epoch_s: float) -> list[dict[str, Any]]:
     for event in Registry(home / "registry.db").events_of_kind(STARTUP_PROFILE):
         p = StartupProfile.from_dict(event["profile"])
         out.append({"t_s": round(p.started_at_s - started_epoch_s, 2), "total_s": p.total_s,
-                    "source": p.source})
+                    "source": p.source, "warm": p.warm, "replica": p.replica,
+                    "steps_s": {k: round(v, 3) for k, v in p.steps().items()}})
     return sorted(out, key=lambda c: c["t_s"])
 
 
@@ -482,6 +511,9 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--runs", type=Path, default=ROOT / "docs" / "data" / "bursty-runs.jsonl",
                     help="where every run is appended (JSON lines)")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs already in --runs and report over all of them (e.g. "
+                         "--reps 0 --store-factor 1 --full adds the whole-window runs)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from --runs")
     args = ap.parse_args()
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
@@ -511,7 +543,10 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     if not args.quick:
         args.runs.parent.mkdir(parents=True, exist_ok=True)
-        args.runs.write_text("")  # this invocation's runs only
+        if args.append and args.runs.exists():
+            runs = [json.loads(x) for x in args.runs.read_text().splitlines() if x.strip()]
+        else:
+            args.runs.write_text("")  # this invocation's runs only
     try:
         with EmulatedCluster(s.num_hosts, rate=s.rate) as cluster:
             for i in range(FIRST_NODE, s.num_hosts + 1):
@@ -535,6 +570,7 @@ def main() -> None:
 
 def finish(runs: list[dict[str, Any]], args: Any, nodes: int, node_cpus: float,
            write: bool) -> None:
+    runs = newest_per_system(runs)
     folded = fold_runs(runs)
     res: dict[str, Any] = {"quick": args.quick, "nodes": nodes, "runs": len(runs),
                            "failed_requests": sum(r["foms"]["failed"] for r in runs),
@@ -546,6 +582,10 @@ def finish(runs: list[dict[str, Any]], args: Any, nodes: int, node_cpus: float,
             res[f"p99_ttft_vs_{key}"] = us["ttft_p99_s"]["median"] / burst[other]["ttft_p99_s"]["median"]
             if key in ("storage", "sllm"):
                 res[f"replica_s_vs_{key}"] = us["replica_s"]["median"] / burst[other]["replica_s"]["median"]
+    warm = burst.get("faascale-warm")
+    if us and warm:  # the warm runtimes' effect: faascale-warm / faascale
+        res["p99_ttft_warm_vs_cold"] = warm["ttft_p99_s"]["median"] / us["ttft_p99_s"]["median"]
+        res["replica_s_warm_vs_cold"] = warm["replica_s"]["median"] / us["replica_s"]["median"]
     if write:
         report(runs, folded, res, node_cpus)
     emit({k: round(v, 3) if isinstance(v, float) and math.isfinite(v) else v

@@ -10,14 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import FIGURES, command_line, machine, write_section
-from loadtest.workload import percentile
+from faascale.stats import percentile
 
 LABELS = {"faascale": "faascale", "serve-default": "serve-default (Ray Serve defaults, store loads)",
           "store-only": "store-only (our policy, store loads)",
           "no-pipecast": "no-pipecast (our policy, tiers)",
-          "serverlessllm-like": "serverlessllm-like (DISK pre-staged, its policy)"}
+          "serverlessllm-like": "serverlessllm-like (DISK pre-staged, its policy)",
+          "faascale-warm": "faascale-warm (faascale + warm runtimes)"}
 COLORS = {"faascale": "tab:blue", "serve-default": "tab:red", "store-only": "tab:purple",
-          "no-pipecast": "tab:orange", "serverlessllm-like": "tab:green"}
+          "no-pipecast": "tab:orange", "serverlessllm-like": "tab:green",
+          "faascale-warm": "tab:cyan"}
 # baseline -> the suffix of its JSON keys (``p99_ttft_vs_<suffix>``, ours / theirs)
 SYSTEM_KEYS = {"serve-default": "storage", "store-only": "store_only",
                "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm"}
@@ -30,6 +32,14 @@ def _spread(values: Sequence[float]) -> dict[str, float]:
     if not xs:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "n": 0}
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def newest_per_system(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each (kind, system)'s runs from the newest commit it was measured at (its last run's, in
+    file order): a system changed since is not folded with its own past. The older runs stay
+    in the data file."""
+    newest = {(r["plan"]["kind"], r["plan"]["system"]): r.get("git") for r in runs}
+    return [r for r in runs if r.get("git") == newest[(r["plan"]["kind"], r["plan"]["system"])]]
 
 
 def fold_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -49,6 +59,7 @@ def fold_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
                     sources.setdefault(src, []).extend([median_s] * int(count))
             entry["sources"] = {k: (len(v), statistics.median(v)) for k, v in sources.items()}
             entry["runs"] = len(rs)
+            entry["gits"] = sorted({str(x.get("git", "?")) for x in rs})  # the commits measured
             pooled = [t for x in rs for t in x["ttft_s"]]
             entry["pooled_ttft_p99_s"] = percentile(pooled, 99)
             entry["pooled_requests"] = sum(x["foms"]["requests"] for x in rs)
@@ -70,7 +81,7 @@ def _cell(sp: dict[str, float], scale: float = 1.0, digits: int = 2) -> str:
 
 
 def table(systems: dict[str, dict[str, Any]]) -> str:
-    rows = ["| system | runs | requests | failed | TTFT p50 (s) | TTFT p99 (s) | p99 pooled (s) "
+    rows = ["| system | runs (at) | requests | failed | TTFT p50 (s) | TTFT p99 (s) | p99 pooled (s) "
             "| TBT p99 (ms) | SLO attainment | replica-s | to N full replicas (s) "
             "| starts: source × count (median start) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -79,7 +90,8 @@ def table(systems: dict[str, dict[str, Any]]) -> str:
         if f is None:
             continue
         src = ", ".join(f"{k} × {n} ({v:.0f} s)" for k, (n, v) in sorted(f["sources"].items())) or "-"
-        rows.append(f"| {LABELS[name]} | {f['runs']} | {f['pooled_requests']} | "
+        at = ", ".join(f"`{g}`" for g in f.get("gits", ()))
+        rows.append(f"| {LABELS[name]} | {f['runs']} ({at}) | {f['pooled_requests']} | "
                     f"{f['failed_total']} | {_cell(f['ttft_p50_s'])} | {_cell(f['ttft_p99_s'])} | "
                     f"{_fmt(f['pooled_ttft_p99_s'])} | "
                     f"{_cell(f['tbt_p99_s'], 1000, 0)} | {_cell(f['slo_attainment'], 100, 0)} % | "
@@ -189,7 +201,8 @@ def report(runs: Sequence[dict[str, Any]], folded: dict[str, Any], res: dict[str
     sections = [f"""## Bursty load end to end (`benchmarks/bursty.py`)
 
 Command: `{command_line()}`; runs from {', '.join(f'`{g}`' for g in gits)}, {runs[0]['at']} to
-{runs[-1]['at']}. Machine: {machine()}.
+{runs[-1]['at']} (each system's runs from the newest commit it was measured at; its older runs
+stay in `docs/data/bursty-runs.jsonl`). Machine: {machine()}.
 
 A real Ray cluster in network namespaces: the head (platform, Locust), the object store (Ceph RGW
 on its own host) and {setup['nodes']} GPU nodes (one emulated GPU each: one replica per node; a
@@ -206,7 +219,7 @@ window (last arrival + 15 s).
 
 {table(burst)}
 
-| ratio (faascale ÷ baseline, medians; < 1 = faascale lower) | |
+| ratio (faascale ÷ baseline; `warm_vs_cold`: faascale-warm ÷ faascale; medians; < 1 = lower) | |
 |---|---:|
 {ratios}
 

@@ -32,11 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, command_line, emit, git_rev, machine, write_section  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+from faascale.stats import percentile  # noqa: E402
 
 
 class Bench:
@@ -181,8 +177,8 @@ def main() -> None:
 
     tiny_cold, smol_cold = [x[0] for x in tiny_runs], [x[0] for x in smol_runs]
     res = {
-        "gateway_p50_ms": statistics.median(gw), "gateway_p99_ms": pct(gw, 99),
-        "handle_p50_ms": statistics.median(direct), "handle_p99_ms": pct(direct, 99),
+        "gateway_p50_ms": statistics.median(gw), "gateway_p99_ms": percentile(gw, 99),
+        "handle_p50_ms": statistics.median(direct), "handle_p99_ms": percentile(direct, 99),
         "scale_from_zero_first_token_s": statistics.median(tiny_cold),
         "smollm2_scale_from_zero_first_token_s": statistics.median(smol_cold),
     }

@@ -4,8 +4,11 @@ On an emulated cluster (``EmulatedCluster``: network namespaces, every host's li
 ``--rate`` in and out), host 1 (and host 2 for K = 2) hold the model in RAM (/dev/shm) and every
 other host is a target. Each algorithm runs as one process per host, all started at one shared
 wall-clock time: a PipeCast node agent (``python -m faascale.pipecast.agent``) for PipeCast K=1
-(``binomial_pipeline``), K=2 (``k_way`` over two sources), chain, binary tree and naive (one source
-unicasts the model to each target in turn), and ``benchmarks/gloo_broadcast.py`` for
+and K=2 (the coordinator's plans for a model in pieces: ``k_way(..., relay="chain")``, one chain
+per source with rotated orders), the whole-block plans (``binomial_pipeline``, ``k_way``
+binomial) run in pieces, PipeCast with whole blocks and with 1 and 16 MiB pieces (the piece-size
+sweep), binary tree and naive (one source unicasts the model to each target in turn), and
+``benchmarks/gloo_broadcast.py`` for
 ``torch.distributed`` broadcast (gloo). Agents receive into preallocated files in /dev/shm and
 verify every block against the manifest; gloo receives into memory and verifies nothing.
 
@@ -15,9 +18,9 @@ Per run, from every target's block arrival times (seconds since the shared start
   could serve; FaaScale's execute-while-load);
 and, for reference, the physical limit (model bytes / link rate: one unicast), a measured single
 unicast (host 1 -> host 2 through the agents) and a link model (each send holds both links for
-size / rate, no barriers: what the plan would take if only the links mattered). Targets (issue 5):
-PipeCast all-hold <= 1.25 x the single unicast and <= 0.3 x naive at 8 nodes; with K sources,
-first servable <= 1.3 x model bytes / (K x link rate).
+size / rate per piece, no barriers: what the plan would take if only the links mattered).
+Targets (issue 16): PipeCast all-hold <= 1.1 x the single unicast (and <= 0.3 x naive) at 8
+nodes; with K = 2 sources, first servable <= 1.1 x model bytes / (K x link rate).
 
 Repetitions: every system in a configuration runs ``--reps`` times (default 2; 1 with
 ``--quick``), the systems interleaved (rep 1 of every system, then rep 2, ...), and the run with
@@ -39,7 +42,7 @@ second for the same work) to tell the two apart; the report prints the CPU busy 
     python benchmarks/scaleout.py [--quick] [--rate 1gbit] [--low-rate 250mbit|none]
                                   [--reps N] [--models smollm2,synthetic] [--no-report]
 
-``--quick`` (about 2-3 min): SmolLM2 only, 4 nodes, every system once (keys end ``_4n``); no
+``--quick`` (about 3-4 min): SmolLM2 only, 4 nodes, every system once (keys end ``_4n``); no
 docs section. The full run: both models at 8 nodes (every system) and 4 nodes, and the larger
 model at 8 nodes at ``--low-rate``.
 
@@ -50,21 +53,26 @@ JSON keys: unprefixed = the larger model's, ``<model>_`` = per model (e.g.
 is better for the first system named:
 - ``pipecast_all_vs_unicast_8n``, ``pipecast_k2_all_vs_unicast_8n``: PipeCast (K=1, K=2) all-hold
   time / the single unicast's (1 = every target as fast as one unicast; above 1 = slower; target
-  <= 1.25);
+  <= 1.1);
 - ``pipecast_all_vs_naive_8n``, ``pipecast_all_vs_gloo_8n``: PipeCast K=1 all-hold time /
   naive's, / gloo's (below 1 = PipeCast faster; target vs naive <= 0.3);
 - ``pipecast_all_vs_link_model_8n``: PipeCast K=1 measured all-hold / its link model (1 = as fast
   as the links allow for that plan; above 1 = slower);
 - ``no_admission_vs_admission_8n``: PipeCast K=1 without credits / with (above 1 = credits help);
+- ``pieces_vs_whole_k1_8n``, ``pieces_vs_whole_k2_8n``: PipeCast all-hold in pieces / with whole
+  blocks (below 1 = pieces faster);
+- ``chain_vs_binomial_k1_8n``: PipeCast K=1 (chain) all-hold / the binomial pipeline's, both in
+  pieces (below 1 = the chain faster);
 - ``unicast_vs_limit``: single unicast time / (bytes / rate) (1 = at the physical limit; above 1
   = slower);
 - ``first_servable_vs_limit_k1``, ``first_servable_vs_limit_k2``: first-servable time / (bytes /
-  (K x rate)) (1 = at the limit; above 1 = slower; target for K=2 <= 1.3).
-``unicast_gbps`` and ``tcp_gbps`` are goodputs; ``cpu_busy_pipecast_8n`` a fraction. The issue-5
+  (K x rate)) (1 = at the limit; above 1 = slower; target for K=2 <= 1.1).
+``unicast_gbps`` and ``tcp_gbps`` are goodputs; ``cpu_busy_pipecast_8n`` a fraction;
+``cpu_s_per_gb_pipecast_8n`` the K=1 agents' CPU seconds per GB received. The issue-16
 targets, at 8 nodes only (absent with ``--quick``): ``pass_all_vs_unicast`` (true when
-``pipecast_all_vs_unicast_8n`` <= 1.25), ``pass_all_vs_naive`` (true when
+``pipecast_all_vs_unicast_8n`` <= 1.1), ``pass_all_vs_naive`` (true when
 ``pipecast_all_vs_naive_8n`` <= 0.3), ``pass_first_servable_k2`` (true when
-``first_servable_vs_limit_k2`` <= 1.3).
+``first_servable_vs_limit_k2`` <= 1.1).
 """
 
 from __future__ import annotations
@@ -94,7 +102,8 @@ from benchmarks.common import (
     machine,
     write_section,
 )
-from faascale.engine.checkpoint import FORMAT_VERSION, read_manifest
+from faascale.engine.blockio import DEFAULT_PIECE_BYTES, piece_spans
+from faascale.engine.checkpoint import FORMAT_VERSION, read_manifest, with_pieces
 from faascale.engine.random_model import BYTE_VOCAB_SIZE, pack_random, tiny_config
 from faascale.engine.sources import faascale_home, resolve_packed
 from faascale.pipecast.agent import plan_to_json
@@ -103,18 +112,20 @@ from faascale.pipecast.schedule import (
     MulticastPlan,
     binary_tree,
     binomial_pipeline,
-    chain,
     k_way,
     naive,
 )
 
 GB = 1e9
 CPU_BOUND_BUSY = 0.85  # machine-wide CPU busy fraction above which a run counts as CPU-bound
-TARGET_ALL_VS_UNICAST, TARGET_ALL_VS_NAIVE, TARGET_FIRST_VS_LIMIT = 1.25, 0.3, 1.3
+TARGET_ALL_VS_UNICAST, TARGET_ALL_VS_NAIVE, TARGET_FIRST_VS_LIMIT = 1.1, 0.3, 1.1  # issue 16
 TARGET_NODES = 8  # the issue-5 targets are stated at 8 nodes
 LOW_RATE = "250mbit"  # a quarter of 1 Gbit/s: a quarter of the CPU per second for the same bytes
 QUICK_NODES = 4  # --quick: every system once on 4 nodes
 NO_ADMISSION = "-no-admission"  # an algorithm name ending so runs its agents without credits
+# An algorithm name ending so runs with the model's manifest listing pieces of that size (0: none,
+# whole blocks, store-and-forward); any other name, DEFAULT_PIECE_BYTES (what packing writes).
+PIECE_VARIANTS = {"-whole": 0, "-p1": 1 << 20, "-p16": 16 << 20}
 PORT_BASE = 21000  # a fresh port per run: no TIME_WAIT or stale-peer surprises between runs
 START_MARGIN_S = 0.3  # from "all ready" to the shared start: every process polls the go file
 
@@ -139,6 +150,10 @@ class Model:
     packed: Path  # manifest + blocks (the agents read the manifest here)
     shm: Path  # the sources' copy of the block files, in RAM
     block_bytes: tuple[int, ...]
+    by_piece: Mapping[int, Path] = field(default_factory=dict)  # piece bytes -> its manifest dir
+
+    def manifest_dir(self, algorithm: str) -> Path:
+        return self.by_piece.get(piece_bytes_of(algorithm), self.packed)
 
     @property
     def nbytes(self) -> int:
@@ -163,7 +178,22 @@ def prepare_model(key: str, work: Path, shm_root: Path) -> Model:
     shm.mkdir()
     for b in manifest.blocks:
         shutil.copyfile(packed / b.file, shm / b.file)
-    return Model(key, label, packed, shm, tuple(b.size_bytes for b in manifest.blocks))
+    by_piece = {DEFAULT_PIECE_BYTES: packed}
+    for size in set(PIECE_VARIANTS.values()) - {DEFAULT_PIECE_BYTES}:
+        variant = work / f"{key}-pieces-{size}"  # the same blocks, another piece list
+        variant.mkdir()
+        for f in packed.iterdir():
+            if f.name != "manifest.json":
+                (variant / f.name).symlink_to(f)
+        shutil.copyfile(packed / "manifest.json", variant / "manifest.json")
+        with_pieces(variant, size)
+        by_piece[size] = variant
+    return Model(key, label, packed, shm, tuple(b.size_bytes for b in manifest.blocks), by_piece)
+
+
+def piece_bytes_of(algorithm: str) -> int:
+    return next((v for k, v in PIECE_VARIANTS.items() if algorithm.endswith(k)),
+                DEFAULT_PIECE_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +227,10 @@ class Run:
             return float("inf")
         return max(max(a.values()) for a in self.arrival_s.values())
 
+    def cpu_s_per_gb(self, model_bytes: int) -> float:
+        """The agents' CPU seconds per GB received by the targets."""
+        return self.agent_cpu_s / (len(self.arrival_s) * model_bytes / GB)
+
     @property
     def first_servable_s(self) -> float:
         firsts = [min((a[b] for a in self.arrival_s.values() if b in a), default=float("inf"))
@@ -209,28 +243,43 @@ def hosts(n: int) -> list[str]:
 
 
 def plans(n: int, num_blocks: int) -> dict[str, MulticastPlan]:
+    """PipeCast K=1/K=2 = what the coordinator plans for a model in pieces (``plan_scale_out``
+    with ``cut_through``: rotated chains); ``binomial-k*`` = its plan for whole blocks (binomial
+    pipelines), run here with pieces too. Names with a PIECE_VARIANTS suffix run the same plan
+    with another piece size."""
     h = hosts(n)
-    return {"pipecast-k1": binomial_pipeline(h[0], h[1:], num_blocks),
-            "pipecast-k1" + NO_ADMISSION: binomial_pipeline(h[0], h[1:], num_blocks),
-            "pipecast-k2": k_way(h[:2], h[2:], num_blocks),
-            "chain": chain(h[0], h[1:], num_blocks),
-            "binary-tree": binary_tree(h[0], h[1:], num_blocks),
-            "naive": naive(h[0], h[1:], num_blocks),
-            "unicast": binomial_pipeline(h[0], h[1:2], num_blocks)}
+    k1, k2 = k_way(h[:1], h[1:], num_blocks, relay="chain"), k_way(h[:2], h[2:], num_blocks,
+                                                                   relay="chain")
+    out = {"pipecast-k1": k1, "pipecast-k2": k2, "pipecast-k1" + NO_ADMISSION: k1,
+           "binomial-k1": binomial_pipeline(h[0], h[1:], num_blocks),
+           "binomial-k2": k_way(h[:2], h[2:], num_blocks),
+           "binary-tree": binary_tree(h[0], h[1:], num_blocks),
+           "naive": naive(h[0], h[1:], num_blocks),
+           "unicast": binomial_pipeline(h[0], h[1:2], num_blocks)}
+    for suffix in PIECE_VARIANTS:
+        out |= {"pipecast-k1" + suffix: k1, "pipecast-k2" + suffix: k2}
+    return out
 
 
-def link_model_s(plan: MulticastPlan, block_bytes: Sequence[int], rate_bps: float) -> float:
+def link_model_s(plan: MulticastPlan, block_bytes: Sequence[int], rate_bps: float,
+                 piece_bytes: int = 0) -> float:
     """The plan's time if only the links mattered and nothing waited for a step: sends in each
-    node's plan order, each holding the sender's outbound and the receiver's inbound link for
-    size / rate from when both are free and the block is there."""
-    held = {(s, b): 0.0 for s in plan.sources for b in range(plan.num_blocks)}
+    node's plan order, each piece holding the sender's outbound and the receiver's inbound link
+    for size / rate from when both are free and the piece is there (``piece_bytes`` 0: a block
+    is one piece, forwarded once whole)."""
+    spans = [piece_spans(size, piece_bytes) for size in block_bytes]
+    held = {(s, b, p): 0.0 for s in plan.sources for b in range(plan.num_blocks)
+            for p in range(len(spans[b]))}
     out_free: dict[str, float] = {}
     in_free: dict[str, float] = {}
     for t in plan.transfers:
-        start = max(out_free.get(t.src, 0.0), in_free.get(t.dst, 0.0), held[(t.src, t.block)])
-        out_free[t.src] = in_free[t.dst] = held[(t.dst, t.block)] = \
-            start + block_bytes[t.block] * 8 / rate_bps
-    return max(held[(n, b)] for n in plan.targets for b in range(plan.num_blocks))
+        for p, (_, length) in enumerate(spans[t.block]):
+            start = max(out_free.get(t.src, 0.0), in_free.get(t.dst, 0.0),
+                        held[(t.src, t.block, p)])
+            out_free[t.src] = in_free[t.dst] = held[(t.dst, t.block, p)] = \
+                start + length * 8 / rate_bps
+    return max(held[(n, b, p)] for n in plan.targets for b in range(plan.num_blocks)
+               for p in range(len(spans[b])))
 
 
 def cpu_times() -> tuple[float, float]:
@@ -280,8 +329,9 @@ class Bench:
         (run_dir / "peers.json").write_text(json.dumps(peers))
         shm_run = self.shm_root / f"run{self.count}"
         limit_s = model.nbytes * 8 / rate_bits_per_s(rate)
-        timeout_s = 30.0 + 4 * link_model_s(plan, model.block_bytes, rate_bits_per_s(rate)) \
-            + 2 * limit_s
+        link_s = link_model_s(plan, model.block_bytes, rate_bits_per_s(rate),
+                              piece_bytes_of(name))
+        timeout_s = 30.0 + 4 * link_s + 2 * limit_s
         go = run_dir / "go"
         procs = {}
         for h in nodes:
@@ -291,7 +341,7 @@ class Bench:
                 "--name", h, "--bind", f"{cluster.host_address(index[h])}:{port}",
                 "--peers", str(run_dir / "peers.json"),
                 "--blocks-dir", str(model.shm if h in plan.sources else shm_run / h),
-                "--model-dir", str(model.packed), "--secret-file", str(self.secret),
+                "--model-dir", str(model.manifest_dir(name)), "--secret-file", str(self.secret),
                 "--start-file", str(go), "--timeout-s", f"{timeout_s:.0f}",
                 *(["--no-admission"] if name.endswith(NO_ADMISSION) else []),
                 "--report", str(run_dir / f"{h}.json")],
@@ -321,8 +371,7 @@ class Bench:
                        for b, s in out[h]["report"]["arrival_s"].items()} for h in plan.targets}
         return Run(model.key, n, rate, name, len(plan.sources), plan.num_blocks, arrival, wall_s,
                    busy,
-                   sum(o["cpu_s"] for o in out.values()),
-                   link_model_s(plan, model.block_bytes, rate_bits_per_s(rate)), errors=errors)
+                   sum(o["cpu_s"] for o in out.values()), link_s, errors=errors)
 
     def gloo(self, cluster: EmulatedCluster, model: Model, rate: str) -> Run:
         """``dist.broadcast`` of every block from host 1 to all hosts (gloo)."""
@@ -447,15 +496,26 @@ def run_cluster(bench: Bench, n: int, rate: str, models: Sequence[Model],
 
 
 ALGORITHMS = ["tcp", "unicast", "pipecast-k1", "pipecast-k2", "pipecast-k1" + NO_ADMISSION,
-              "chain", "binary-tree", "naive", "gloo"]
-AT_4_NODES = [a for a in ALGORITHMS if a not in ("tcp", "pipecast-k1" + NO_ADMISSION)]
+              "pipecast-k1-whole", "pipecast-k2-whole", "pipecast-k2-p1", "pipecast-k2-p16",
+              "binomial-k1", "binomial-k2", "binary-tree", "naive", "gloo"]
+AT_4_NODES = ["unicast", "pipecast-k1", "pipecast-k2", "binomial-k1", "binomial-k2",
+              "binary-tree", "naive", "gloo"]
 # Naive is left out at the low rate: one repetition is 7 unicasts of the larger model in turn.
-AT_LOW_RATE = ["tcp", "unicast", "pipecast-k1", "pipecast-k2", "pipecast-k1" + NO_ADMISSION]
-ORDER = ["pipecast-k1", "pipecast-k2", "pipecast-k1" + NO_ADMISSION, "chain", "binary-tree",
-         "naive", "gloo", "unicast", "tcp"]
-LABELS = {"pipecast-k1": "PipeCast K=1", "pipecast-k2": "PipeCast K=2",
+AT_LOW_RATE = ["tcp", "unicast", "pipecast-k1", "pipecast-k2", "pipecast-k1-whole"]
+ORDER = ["pipecast-k1", "pipecast-k2", "pipecast-k1" + NO_ADMISSION, "pipecast-k1-whole",
+         "pipecast-k2-whole", "pipecast-k2-p1", "pipecast-k2-p16", "binomial-k1", "binomial-k2",
+         "binary-tree", "naive", "gloo", "unicast", "tcp"]
+_MIB = 1 << 20
+LABELS = {"pipecast-k1": f"PipeCast K=1 (chain, {DEFAULT_PIECE_BYTES // _MIB} MiB pieces)",
+          "pipecast-k2": (f"PipeCast K=2 (2 rotated chains, {DEFAULT_PIECE_BYTES // _MIB} MiB "
+                          "pieces)"),
           "pipecast-k1" + NO_ADMISSION: "PipeCast K=1 without admission (ablation)",
-          "chain": "chain",
+          "pipecast-k1-whole": "PipeCast K=1, whole blocks (ablation: no pieces)",
+          "pipecast-k2-whole": "PipeCast K=2, whole blocks (ablation: no pieces)",
+          "pipecast-k2-p1": "PipeCast K=2, 1 MiB pieces",
+          "pipecast-k2-p16": "PipeCast K=2, 16 MiB pieces",
+          "binomial-k1": "binomial pipeline K=1 (the whole-block plan, in pieces)",
+          "binomial-k2": "binomial pipelines K=2 (the whole-block plan, in pieces)",
           "binary-tree": "binary tree", "naive": "naive", "gloo": "torch.distributed (gloo)",
           "unicast": "single unicast (1 target)", "tcp": "raw TCP unicast (link check)"}
 
@@ -467,7 +527,7 @@ def group(runs: Sequence[Run], model: str, n: int, rate: str) -> dict[str, Run]:
 def rows(models: Mapping[str, Model], runs: Sequence[Run]) -> list[list[str]]:
     header = ["model", "nodes", "link", "algorithm", "all hold s", "x unicast", "x limit",
               "first servable s", "x limit/K", "link model s", "CPU busy", "agents CPU s",
-              "all hold, every run s"]
+              "agents CPU s/GB", "all hold, every run s"]
     table = [header]
     for key in dict.fromkeys(r.model for r in runs):
         m = models[key]
@@ -477,7 +537,7 @@ def rows(models: Mapping[str, Model], runs: Sequence[Run]) -> list[list[str]]:
             uni = g.get("unicast")
             table.append([key, str(n), rate, "physical limit (bytes / rate)", f"{limit_s:.2f}",
                           f"{limit_s / uni.all_hold_s:.2f}" if uni else "", "1.00", "", "", "",
-                          "", "", ""])
+                          "", "", "", ""])
             for name in [a for a in ORDER if a in g]:
                 r = g[name]
                 first_limit_s = limit_s / r.sources
@@ -488,6 +548,7 @@ def rows(models: Mapping[str, Model], runs: Sequence[Run]) -> list[list[str]]:
                     f"{r.first_servable_s / first_limit_s:.2f}",
                     "" if r.link_model_s is None else f"{r.link_model_s:.2f}",
                     f"{r.cpu_busy:.0%}", f"{r.agent_cpu_s:.1f}",
+                    "" if name == "gloo" else f"{r.cpu_s_per_gb(m.nbytes):.2f}",
                     " / ".join(f"{x:.2f}" for x in r.reps_all_hold_s)])
     return table
 
@@ -575,6 +636,14 @@ def headline(runs: Sequence[Run], models: Mapping[str, Model], rate: str,
         if "pipecast-k1" in g8:
             vals["first_servable_vs_limit_k1"] = g8["pipecast-k1"].first_servable_s / limit_s
             vals[f"cpu_busy_pipecast{sfx}"] = g8["pipecast-k1"].cpu_busy
+            vals[f"cpu_s_per_gb_pipecast{sfx}"] = g8["pipecast-k1"].cpu_s_per_gb(m.nbytes)
+        for k in ("1", "2"):
+            if {f"pipecast-k{k}", f"pipecast-k{k}-whole"} <= set(g8):
+                vals[f"pieces_vs_whole_k{k}{sfx}"] = (g8[f"pipecast-k{k}"].all_hold_s
+                                                      / g8[f"pipecast-k{k}-whole"].all_hold_s)
+        if {"pipecast-k1", "binomial-k1"} <= set(g8):
+            vals[f"chain_vs_binomial_k1{sfx}"] = (g8["pipecast-k1"].all_hold_s
+                                                  / g8["binomial-k1"].all_hold_s)
             vals[f"pipecast_all_vs_link_model{sfx}"] = (g8["pipecast-k1"].all_hold_s
                                                         / g8["pipecast-k1"].link_model_s)
         if "tcp" in g8:
@@ -634,7 +703,8 @@ def main() -> None:
             for m in models.values()), flush=True)
         bench = Bench(work, shm_root)
         if args.quick:
-            runs += run_cluster(bench, QUICK_NODES, args.rate, list(models.values()), ALGORITHMS,
+            runs += run_cluster(bench, QUICK_NODES, args.rate, list(models.values()),
+                                ["tcp", "pipecast-k1-whole", "pipecast-k2-whole", *AT_4_NODES],
                                 reps)
         else:
             runs += run_cluster(bench, 8, args.rate, list(models.values()), ALGORITHMS, reps)
@@ -698,6 +768,22 @@ def report(table: list[list[str]], runs: Sequence[Run], models: Mapping[str, Mod
         for r in pipecast8 if r.link_model_s)
     shape = ", ".join(f"{r.link_model_s / limit_s(r):.2f}x ({r.model})" for r in pipecast8
                       if r.rate == rate and r.algorithm == "pipecast-k1" and r.link_model_s)
+    sweep_lines = []
+    for key in models:
+        g = group(runs, key, TARGET_NODES, rate)
+        default = f"{DEFAULT_PIECE_BYTES // _MIB} MiB"
+        sizes = [(label, g[a]) for label, a in (("whole blocks", "pipecast-k2-whole"),
+                                                ("1 MiB", "pipecast-k2-p1"),
+                                                (default, "pipecast-k2"),
+                                                ("16 MiB", "pipecast-k2-p16")) if a in g]
+        if len(sizes) >= 2:
+            fastest = min(sizes, key=lambda x: x[1].all_hold_s)
+            sweep_lines.append(
+                f"- {key}: " + ", ".join(
+                    f"{label} {r.all_hold_s:.2f} s ({r.cpu_s_per_gb(models[key].nbytes):.2f} "
+                    "CPU s/GB)" for label, r in sizes)
+                + f"; shortest: {fastest[0]}")
+    sweep = "\n".join(sweep_lines) or "(not run)"
     smol = models.get("smollm2")
     smol_big = "" if smol is None else (
         f" SmolLM2's first and last blocks hold its embeddings (tied, so the last block carries a "
@@ -736,11 +822,14 @@ Emulated cluster (`faascale/pipecast/emulated.py`): network namespaces on one br
 link shaped to {rate} in and out (htb, 50 ms byte FIFOs); host 1 (and host 2 for K=2) hold the
 model in /dev/shm, every other host is a target; 8 hosts = 7 targets (6 for K=2). One process per
 host, all started at one wall-clock time once every process is ready and has allocated its
-destination memory. PipeCast, chain, binary tree, naive and the single unicast are the same node
-agent (`faascale/pipecast/agent.py`) running different plans: blocks land in preallocated /dev/shm
-files and are verified (frame blake3 = manifest checksum); a node receives one block at a time in
-plan step order (credits; the ablation row runs K=1 without them) and sends one at a time in step
-order, with no global barrier. gloo =
+destination memory. PipeCast, the binomial pipelines, binary tree, naive and the single unicast
+are the same node agent (`faascale/pipecast/agent.py`) running different plans: a block moves as
+pieces ({DEFAULT_PIECE_BYTES // _MIB} MiB unless the row says otherwise; the manifest lists each
+piece's blake3), each landing in a preallocated /dev/shm file, verified (frame blake3 = manifest
+checksum) and forwarded at once (cut-through); a node receives one block at a time in plan step
+order (credits; the ablation row runs K=1 without them) and sends one at a time in step order,
+with no global barrier. PipeCast K=1 and K=2 are the coordinator's plans for a model in pieces
+(rotated chains); the binomial rows are its plans for whole blocks, run here in pieces. gloo =
 `torch.distributed.broadcast` per block (a binomial tree over whole blocks), into memory, no
 verification. Raw TCP = `sendfile` of the block files to one socket: what the link itself delivers.
 
@@ -755,13 +844,18 @@ All hold = every target holds every block; first servable = the targets together
 (a temporary pipeline could serve). x unicast = / the measured single unicast (host 1 -> host 2
 through the agent, same configuration); x limit = / (model bytes / link rate); x limit/K = first
 servable / (model bytes / (K x link rate)). Link model = the same plan if only the links mattered:
-each send holds both ends' links for size / rate, sends in step order per node, receives in step
+each piece holds both ends' links for size / rate, sends in step order per node, receives in step
 order per node. CPU busy = all {os.cpu_count()} cores, kernel included, over the run (the shaped
-veth links, ZeroMQ, blake3 and the copies of all hosts share this machine).
+veth links, ZeroMQ, blake3 and the copies of all hosts share this machine); agents CPU s/GB =
+the agents' CPU seconds per GB the targets received.
 
 {markdown(table)}
 
-Targets (issue 5), 8 nodes, {rate}: PipeCast K=1 all hold <= {TARGET_ALL_VS_UNICAST} x unicast
+Piece size (PipeCast K=2, 8 nodes, {rate}; all hold and CPU per GB received):
+
+{sweep}
+
+Targets (issue 16), 8 nodes, {rate}: PipeCast K=1 all hold <= {TARGET_ALL_VS_UNICAST} x unicast
 and <= {TARGET_ALL_VS_NAIVE} x naive; K=2 first servable <= {TARGET_FIRST_VS_LIMIT} x bytes /
 (2 x rate).
 
@@ -780,11 +874,11 @@ CPU or link? 8-node PipeCast runs (a run counts as CPU-bound when the machine's 
 
 The link model is computed from the plan and the block sizes alone: PipeCast K=1 to 8 nodes at
 {rate} needs {shape or 'n/a'} the physical limit if only the links mattered.{smol_big}
-What the link model leaves out (not measured separately here): a block is forwarded only once it
-is wholly received (ZeroMQ delivers whole messages), copied into its file and verified, with every
-host's copies and hashes sharing the machine's {os.cpu_count()} cores; and a credit crosses the
-receiver's shaped egress queue (up to 50 ms behind its own outgoing block) before the next sender
-may start.
+What the link model leaves out (not measured separately here): every host's copies, hashes and
+shaped veth links share the machine's {os.cpu_count()} cores (a run above
+{CPU_BOUND_BUSY:.0%} busy is bound by them, not by the links); and a credit crosses the
+receiver's shaped egress queue (up to 50 ms behind its own outgoing piece) before the next
+sender may start.
 {"" if not has_fig else chr(10) + "![scale-out block arrival](figures/scaleout.png)" + chr(10)}""")
 
 

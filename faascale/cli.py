@@ -33,10 +33,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from faascale.coldstart.model import FeatureError
     from faascale.coldstart.vllm_log import VllmLogError
     from faascale.platform.spec import SpecError
+    from faascale.platform.warm_pool import PoolSettingError
 
     return (CheckpointError, ConfigError, PromptTooLongError, SamplingParamsError, SourceError,
             SpecError, ChatTemplateError, ShardWeightsError, FileNotFoundError, PlatformError,
-            VllmLogError, DatasetError, FeatureError, ProbeError)
+            VllmLogError, DatasetError, FeatureError, ProbeError, PoolSettingError)
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -170,7 +171,11 @@ def up(address: Optional[str] = typer.Option(None, "--address", help="join this 
        port: int = typer.Option(8080, "--port", help="gateway port"),
        foreground: bool = typer.Option(False, "--foreground", help="run in this process (for "
                                        "containers) instead of as a daemon"),
-       timeout_s: float = typer.Option(180.0, "--timeout", help="seconds to wait for readiness")
+       timeout_s: float = typer.Option(180.0, "--timeout", help="seconds to wait for readiness"),
+       warm_pool: Optional[str] = typer.Option(None, "--warm-pool", help="warm runtimes kept per "
+                                               "node: auto (one per free GPU; one on a node without GPUs), a "
+                                               "number, or off [default: $FAASCALE_WARM_POOL, "
+                                               "else auto]")
        ) -> None:
     """Start the platform: Ray (local or joined), Ray Serve, the gateway; print URL and tokens."""
     import subprocess
@@ -178,6 +183,11 @@ def up(address: Optional[str] = typer.Option(None, "--address", help="join this 
 
     from faascale.platform.auth import load_or_create_tokens
     from faascale.platform.client import PlatformClient, PlatformError
+    from faascale.platform.warm_pool import POOL_ENV, parse_pool_setting
+
+    if warm_pool is not None:
+        parse_pool_setting(warm_pool)  # a bad value: an error: line, exit 2
+        os.environ[POOL_ENV] = warm_pool  # the platform process reads it (and its Ray workers)
 
     state = _state().ensure()
     tokens = load_or_create_tokens(state.tokens_file)
@@ -336,14 +346,20 @@ def status(name: str) -> None:
     last_start = (s.get("coldstart") or {}).get("last")
     if last_start:
         steps = ", ".join(f"{k} {v:.2f}" for k, v in last_start["steps_s"].items())
+        runtime = {True: "warm runtime", False: "cold runtime"}.get(last_start.get("warm"), "")
         con.print(f"last start profile: {last_start['total_s']:.2f} s from "
-                  f"{last_start['source']} ({steps})")
+                  f"{last_start['source']}{', ' + runtime if runtime else ''}, fixed part "
+                  f"{last_start.get('fixed_s', 0):.2f} s ({steps})")
     for node, stats in (s.get("nodes") or {}).items():
         tiers = ", ".join(f"{t} {v['used_bytes'] / 2**20:.1f} MiB of "
                           f"{v['capacity_bytes'] / 2**30:.0f} GiB ({v['blocks']} blocks)"
                           for t, v in stats["tiers"].items())
         hits = ", ".join(f"{t} {n}" for t, n in stats["hits"].items()) or "none"
         con.print(f"node {node}: {tiers}; fetches by source: {hits}")
+    for pool in s.get("warm_pool") or []:
+        con.print(f"warm runtimes on {pool['node'][:12]}: {pool['idle']} idle of {pool['target']} "
+                  f"({pool['pending']} starting, {pool['taken_total']} taken so far)"
+                  + (f"; error: {pool['error']}" if pool.get("error") else ""))
     pc = s.get("pipecast")
     if pc:
         members = ", ".join(f"{n} {v['blocks']}/{pc['blocks_needed']} {v['route']}"
@@ -535,7 +551,7 @@ def profiles_(name: Optional[str] = typer.Argument(None, help="a function (defau
     from rich.console import Console
     from rich.table import Table
 
-    from faascale.coldstart.profile import StartupProfile, summarize
+    from faascale.coldstart.profile import START_STEPS, StartupProfile, summarize
 
     client = _client(admin=False)
     names = [name] if name else [f["name"] for f in client.list()]
@@ -543,20 +559,21 @@ def profiles_(name: Optional[str] = typer.Argument(None, help="a function (defau
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
-    con = Console()
+    # one row per start, 15 columns: wide enough not to cut them when piped (rich's default: 80)
+    con = Console() if sys.stdout.isatty() else Console(width=220)
     for n, data in out.items():
         profiles = [StartupProfile.from_dict(p) for p in data["profiles"]]
         table = Table(title=f"{n}: last {len(profiles)} start(s)")
-        steps = [s for s in ("process", "imports", "spec_tokenizer", "weight_fetch",
-                             "materialize", "kv_cache", "warmup", "cuda_graphs")
-                 if any(s in p.steps() for p in profiles)]
-        for col in ("at", "replica", "source", "total s", *steps):
-            table.add_column(col, justify="left" if col in ("at", "replica", "source") else "right")
+        steps = [s for s in START_STEPS if any(s in p.steps() for p in profiles)]
+        for col in ("at", "replica", "source", "runtime", "total s", "fixed s", *steps):
+            table.add_column(col, justify="left" if col in ("at", "replica", "source", "runtime")
+                             else "right")
         for p in profiles:
             st = p.steps()
             table.add_row(time.strftime("%H:%M:%S", time.localtime(p.started_at_s)),
                           p.replica[-16:], p.source if p.ok else f"failed: {p.error}"[:40],
-                          f"{p.total_s:.2f}", *(f"{st[s]:.3f}" if s in st else "-" for s in steps))
+                          "warm" if p.warm else "cold", f"{p.total_s:.2f}", f"{p.fixed_s:.2f}",
+                          *(f"{st[s]:.3f}" if s in st else "-" for s in steps))
         con.print(table)
         if profiles:
             con.print(_steps_table(f"{n}: per step", summarize(profiles)))

@@ -27,6 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from faascale.stats import percentile
+
 TRACES = Path(__file__).resolve().parent / "traces"
 # The two bursty windows of the Azure LLM 2023 code trace (../shared/traces/README.md): the scale
 # from 173.5 s idle at t = 849.5 s (562 requests in 31 s), and the busy minutes after t = 840 s.
@@ -255,16 +257,6 @@ class RequestRecord:
     output_tokens: int = 0
     error: str | None = None
     function: str = ""
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between order statistics (numpy's default)."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    k = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 @dataclass(frozen=True)

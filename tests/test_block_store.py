@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from support import FakeClock as Clock
 
 from faascale.engine.checkpoint import BlockId, CorruptBlockError, read_manifest
 from faascale.memory_tier import block_store
@@ -13,14 +14,6 @@ from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 from faascale.memory_tier.object_store import LocalDirStore, upload_packed
 from faascale.memory_tier.policy import (Resident, Tier, TierFullError, choose_evictions,
                                          eviction_order)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = 1000.0
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def r(name: str, size: int = 100, used: float = 0.0, until: float = 1e9, pinned: bool = False,
@@ -246,3 +239,28 @@ def test_stage_model_puts_the_model_in_disk_only_and_a_start_reads_it_there(
     placed = nb.fetch_model(manifest.to_json(), str(tiny_packed), 10.0)
     assert [source for _, source in placed] == ["DISK"] * n
     assert nb.stats()["hits"] == {"REMOTE": n, "DISK": n}
+
+
+def test_model_copy_names_the_one_tier_holding_every_block_and_whether_it_is_mapped(
+        tmp_path: Path, tiny_packed: Path, remote) -> None:
+    from faascale.pipecast.plan_io import BlockCatalog
+
+    _, blocks = remote
+    m = read_manifest(tiny_packed)
+    store = make_store(tmp_path, blocks, Clock())
+    assert store.model_copy(m) is None  # nothing here
+    store.fetch(m, 0)
+    assert store.model_copy(m) is None  # one block is not a copy
+    store.fetch_model(m)
+    store.wait_idle()
+    copy = store.model_copy(m)
+    assert copy is not None and copy.tier == "HOST" and copy.pinned  # a replica maps it
+    assert copy.directory == tmp_path / "shm" / m.model_id
+    catalog = BlockCatalog.of(m)  # files named as the packed model names them (a source's dir)
+    assert all((copy.directory / b.file).stat().st_size == b.size_bytes for b in catalog.blocks)
+    store.demote(m, keep_alive_s=10)
+    store.unpin(m.block_id(0))  # the fetch of block 0 above pinned it twice
+    assert store.model_copy(m).pinned is False
+    assert store.evict(m.block_id(3), Tier.HOST)
+    copy = store.model_copy(m)
+    assert copy.tier == "DISK" and copy.directory == tmp_path / "disk" / m.model_id

@@ -18,20 +18,21 @@ def run(system: str, kind: str, rep: int, p99: float, replica_s: float = 100.0,
             "tbt_p99_s": 0.5, "slo_attainment": 0.5, "replica_s": replica_s, "capacity_s": 20.0,
             "peak_full": 2, "starts": 1, "sources": {"REMOTE": [1, 30.0]}}
     return {"plan": {"system": system, "kind": kind, "rep": rep, "window_s": 60.0,
-                     "store_rate": "500mbit"}, "foms": foms, "ttft_s": [p99 / 2, p99]}
+                     "store_rate": "500mbit"}, "foms": foms, "ttft_s": [p99 / 2, p99],
+            "git": "abc1234" if rep else "def5678"}
 
 
 def test_plan_interleaves_and_rotates_the_systems_then_sweeps_then_runs_the_full_window() -> None:
     systems = list(SYSTEMS)
     todo = plans(systems, 3, 60.0, "500mbit", 4.0, True)
     bursts = [p for p in todo if p.kind == "burst"]
-    assert len(bursts) == 15
+    assert len(bursts) == 3 * len(systems)
     for rep in range(3):  # every system once per repetition, each repetition led by another
         order = [p.system for p in bursts if p.rep == rep]
         assert sorted(order) == sorted(systems) and order[0] == systems[rep]
     sweep = [p for p in todo if p.kind == "store"]
     assert [p.system for p in sweep] == systems and {p.store_rate for p in sweep} == {"2000mbit"}
-    assert [p.window_s for p in todo if p.kind == "full"] == [320.0] * 5
+    assert [p.window_s for p in todo if p.kind == "full"] == [320.0] * len(systems)
     assert not [p for p in plans(systems, 1, 30.0, "500mbit", 1.0, False) if p.kind != "burst"]
     assert scale_rate("1gbit", 2.5) == "2.5gbit"
 
@@ -46,7 +47,7 @@ def test_fold_gives_median_and_spread_per_system_and_kind() -> None:
     assert us["runs"] == 3 and folded["store"]["faascale"]["runs"] == 1
     assert folded["burst"]["serve-default"]["failed_total"] == 3
     assert folded["burst"]["faascale"]["sources"] == {"REMOTE": (3, 30.0)}
-    assert "| faascale | 3 | 30 | 0 |" in table(folded["burst"])
+    assert "| faascale | 3 (`abc1234`, `def5678`) | 30 | 0 |" in table(folded["burst"])
 
 
 def test_reading_follows_the_numbers() -> None:
@@ -60,3 +61,17 @@ def test_reading_follows_the_numbers() -> None:
     text = reading(high["burst"], {})
     assert "**no-pipecast**" in text
     assert "= 1.11x (higher; the spreads overlap" in text
+
+
+def test_each_system_is_folded_from_the_newest_commit_it_was_measured_at() -> None:
+    """A system measured again after a change is not folded with its own past; a system not
+    measured again keeps its runs; the order of the runs is kept."""
+    from benchmarks.bursty_report import newest_per_system
+
+    old = [run("faascale", "burst", 1, p) for p in (30.0, 32.0)]  # at abc1234
+    base = [run("serve-default", "burst", 1, 60.0)]
+    new = [dict(run("faascale", "burst", 1, p), git="fff0000") for p in (20.0, 22.0)]
+    kept = newest_per_system([*old, *base, *new])
+    assert kept == [*base, *new]
+    assert fold_runs(kept)["burst"]["faascale"]["ttft_p99_s"]["median"] == 21.0
+    assert newest_per_system([*new, *old]) == old  # "newest" = measured last

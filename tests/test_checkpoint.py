@@ -116,6 +116,49 @@ def test_format_1_manifests_with_sha256_still_load_and_verify(tiny_packed: Path,
         LLM.load(old)
 
 
+def test_pieces_are_listed_checked_and_added_to_older_packs(tiny_packed: Path,
+                                                             tmp_path: Path) -> None:
+    """Format 3: each block lists the blake3 of its pieces, which together are the block's bytes;
+    a format 2 pack (no pieces) still reads (one piece per block) and ``with_pieces`` adds them
+    without changing the model id; a piece list that does not fit the block is refused."""
+    import blake3
+
+    from faascale.engine.checkpoint import FORMAT_VERSION, with_pieces
+
+    m = read_manifest(tiny_packed)
+    assert m.format_version == FORMAT_VERSION == 3
+    old = tmp_path / "v2"
+    shutil.copytree(tiny_packed, old)
+    d = json.loads((old / "manifest.json").read_text())
+    d["format_version"] = 2
+    for entry in d["blocks"]:
+        del entry["pieces"], entry["piece_bytes"]
+    (old / "manifest.json").write_text(json.dumps(d))
+    assert all(b.pieces == () for b in read_manifest(old).blocks)
+
+    piece = 40_000  # not a power of two: the last piece of each block is shorter
+    upgraded = with_pieces(old, piece)
+    assert upgraded.model_id == m.model_id and read_manifest(old) == upgraded
+    for b in upgraded.blocks:
+        data = (old / b.file).read_bytes()
+        assert b.piece_bytes == piece and len(b.pieces) == -(-len(data) // piece) > 1
+        assert list(b.pieces) == ["blake3:" + blake3.blake3(data[o:o + piece]).hexdigest()
+                                  for o in range(0, len(data), piece)]
+
+    d = json.loads((old / "manifest.json").read_text())
+    d["blocks"][1]["pieces"] = d["blocks"][1]["pieces"][:-1]
+    (old / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(CheckpointError, match="block 1: .* piece checksums for"):
+        read_manifest(old)
+    bad = old / m.blocks[2].file
+    flipped = bytearray(bad.read_bytes())
+    flipped[-1] ^= 0x01
+    bad.write_bytes(bytes(flipped))
+    (old / "manifest.json").write_text(upgraded.to_json())
+    with pytest.raises(CorruptBlockError, match="block 2"):
+        with_pieces(old, piece)  # a block is verified before its pieces are trusted
+
+
 def test_truncated_and_missing_blocks(tiny_packed: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(tiny_packed, bad)

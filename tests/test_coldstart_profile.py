@@ -39,8 +39,11 @@ def test_recorder_spans_and_the_profile_round_trip() -> None:
     with pytest.raises(ValueError, match="before it starts"):
         rec.add("kv_cache", 5.0, 4.0)
     p = rec.finish(function="f", replica="r", model_id="m", source=source_of({"DISK": 4}),
-                   weight_bytes=100, machine={"hostname": "box"}, model={"layers": 2})
-    assert p.source == "DISK" and p.started_at_s == 998.0
+                   weight_bytes=100, machine={"hostname": "box"}, model={"layers": 2},
+                   runtime={"warm": False, "preloaded": False})
+    assert p.source == "DISK" and p.started_at_s == 998.0 and not p.warm
+    # Not bytes: process 1.5 + spec_tokenizer 0.25 + warmup 0.5.
+    assert p.fixed_s == pytest.approx(2.25)
     assert list(p.steps()) == ["process", "spec_tokenizer", "weight_fetch", "warmup",
                                "first_token"]
     assert p.step_s("weight_fetch") == pytest.approx(2.0)
@@ -48,7 +51,10 @@ def test_recorder_spans_and_the_profile_round_trip() -> None:
     # Order to ready: 998.0 -> 1002.75; the first token comes after ready and is not counted.
     assert p.total_s == pytest.approx(4.75)
     back = StartupProfile.from_dict(json.loads(json.dumps(p.to_dict())))
-    assert back == p
+    assert back == p and back.runtime == {"warm": False, "preloaded": False}
+    old = p.to_dict()
+    del old["runtime"]  # a profile stored before runtimes were recorded
+    assert StartupProfile.from_dict(old).runtime == {} and not StartupProfile.from_dict(old).warm
     assert back.spans[2] == Span("weight_fetch", 1000.25, 1002.25, {"bytes": 100,
                                                                      "tier": {"DISK": 4}})
     assert source_of({"HOST": 2, "DISK": 2}) == "MIXED" and source_of({"HOST": 3}) == "HOST"

@@ -72,6 +72,39 @@ def test_top_k_one_is_greedy(tiny: LLM) -> None:
         "hello", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
 
 
+def test_a_request_whose_numbers_overflow_hurts_no_other(tiny: LLM) -> None:
+    """temperature 1e-45 divides the logits into inf (softmax: NaN): it samples greedily, as
+    vLLM does below 1e-5, and the request batched beside it gets exactly its tokens alone."""
+    healthy = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    alone = tiny.generate("The quick brown fox jumps over", healthy)[0].token_ids
+    tiny_t = SamplingParams(max_tokens=30, temperature=1e-45, ignore_eos=True)
+    outs = tiny.generate(["hello", "The quick brown fox jumps over"], [tiny_t, healthy])
+    assert outs[1].token_ids == alone and outs[1].finish_reason == "length"
+    assert outs[0].token_ids == tiny.generate("hello", healthy)[0].token_ids  # greedy
+
+
+def test_sampling_never_fails_on_non_finite_logits() -> None:
+    from faascale.engine.sampling import sample
+
+    logits = torch.tensor([[0.0, float("nan"), 1.0, float("-inf")],
+                           [float("nan")] * 4,
+                           [0.0, float("inf"), 1.0, 2.0],
+                           [1.0, 2.0, 3.0, 4.0]])
+    hot = SamplingParams(temperature=1.0, seed=3)
+    got = sample(logits, [hot, hot, SamplingParams(temperature=0.0), hot],
+                 [torch.Generator().manual_seed(3) for _ in range(4)])
+    assert got[0] == 2 and got[1] == 0 and got[2] == 1  # the largest finite (or +inf) logit
+    assert 0 <= got[3] < 4
+
+
+def test_seed_outside_64_bits_is_a_typed_error() -> None:
+    with pytest.raises(SamplingParamsError, match=r"seed: must be in \[0, 2\^64 - 1\]"):
+        SamplingParams(seed=2**64)
+    with pytest.raises(SamplingParamsError, match="seed"):
+        SamplingParams(seed=-1)
+    SamplingParams(seed=2**64 - 1)  # the largest one torch takes
+
+
 def test_top_p_restricts_to_the_nucleus() -> None:
     from faascale.engine.sampling import sample
 

@@ -16,9 +16,10 @@ sys.path.insert(0, str(ROOT))
 
 from loadtest.workload import (Arrival, ReplicaSample, RequestRecord, TraceRequest,  # noqa: E402
                                WorkloadError, replica_seconds, time_to_replicas,
-                               burst_schedule, compress, fit_lengths, percentile,
+                               burst_schedule, compress, fit_lengths,
                                rate_per_window, read_llm_trace, steps_schedule, summarize, thin,
                                trace_path, trace_schedule, window)
+from faascale.stats import percentile  # noqa: E402
 from support import requires, shared_prerequisite  # noqa: E402
 
 SHARED_TRACES = ROOT.parent / "shared" / "traces"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import subprocess
@@ -44,6 +43,7 @@ from faascale.pipecast.schedule import (
 )
 from faascale.pipecast.transport import (
     Header,
+    TransportTimeout,
     ZmqTransport,
     encode_header,
     mac_key,
@@ -68,6 +68,20 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelManifest
 Outcome = AgentReport | MulticastError
 
 
+def execute_all(agents: Mapping[str, NodeAgent], plan: MulticastPlan,
+                peers: Mapping[str, str], timeout_s: float) -> dict[str, Outcome]:
+    """Every agent's ``execute`` at once, in threads; its report or its MulticastError."""
+    with ThreadPoolExecutor(len(agents)) as pool:
+        futures = {n: pool.submit(a.execute, plan, peers, timeout_s) for n, a in agents.items()}
+        outcomes: dict[str, Outcome] = {}
+        for n, f in futures.items():
+            try:
+                outcomes[n] = f.result()
+            except MulticastError as e:
+                outcomes[n] = e
+    return outcomes
+
+
 def run_plan(plan: MulticastPlan, model: tuple[Path, ModelManifest], work: Path, *,
              holdings: Mapping[str, Path] | None = None, idle: Sequence[str] = (),
              addresses: Mapping[str, str] | None = None, local_dir: Path | None = None,
@@ -89,16 +103,7 @@ def run_plan(plan: MulticastPlan, model: tuple[Path, ModelManifest], work: Path,
                   for n in nodes if n not in idle}
         for agent in agents.values() if prepare else ():
             agent.prepare(plan)
-        with ThreadPoolExecutor(len(agents)) as pool:
-            futures = {n: pool.submit(a.execute, plan, peers, timeout_s)
-                       for n, a in agents.items()}
-            outcomes: dict[str, Outcome] = {}
-            for n, f in futures.items():
-                try:
-                    outcomes[n] = f.result()
-                except MulticastError as e:
-                    outcomes[n] = e
-    return outcomes
+        return execute_all(agents, plan, peers, timeout_s)
 
 
 def assert_identical_blocks(node_dir: Path, model: tuple[Path, ModelManifest],
@@ -112,10 +117,14 @@ def assert_identical_blocks(node_dir: Path, model: tuple[Path, ModelManifest],
 
 def assert_forwarded_only_held_blocks(plan: MulticastPlan, reports: Mapping[str, AgentReport]
                                       ) -> None:
-    """On the shared monotonic clock: a node sends a block only after it is in place there, a
-    receiver has it only after its sender started sending it, sends follow plan order, and so
-    do receives (admission: one at a time, in step order)."""
+    """On the shared monotonic clock: a node forwards a block only after its own sender started
+    sending it there (cut-through: piece by piece, each once it landed and was verified, which
+    may be before the block is renamed into place and counted as arrived); a receiver has it
+    only after its sender started sending it; sends follow plan order, and so do receives
+    (admission: one at a time, in step order)."""
     arrival = {(n, b): r.started_at + s for n, r in reports.items() for b, s in r.arrival_s.items()}
+    sent_from = {(x.dst, x.block): r.started_at + x.start_s
+                 for r in reports.values() for x in r.sends}
     for node, report in reports.items():
         by_step = [t.block for t in sorted(role_of(plan, node).receives.values(),
                                            key=lambda t: t.step)]
@@ -126,7 +135,7 @@ def assert_forwarded_only_held_blocks(plan: MulticastPlan, reports: Mapping[str,
         for send in report.sends:
             start = report.started_at + send.start_s
             if node not in plan.sources:
-                assert arrival[(node, send.block)] <= start, (node, send)
+                assert sent_from[(node, send.block)] <= start, (node, send)
             assert start <= arrival[(send.dst, send.block)], (node, send)
 
 
@@ -171,7 +180,7 @@ def test_prepared_part_files_are_filled_and_none_outlives_execute(model, tmp_pat
         assert_identical_blocks(tmp_path / t, model)
 
 
-def test_without_admission_blocks_still_arrive_whole_and_forwarded_only_when_held(
+def test_without_admission_blocks_still_arrive_whole_and_forwarded_only_once_here(
         model, tmp_path) -> None:
     plan = PLANS["binomial-6"]()
     outcomes = run_plan(plan, model, tmp_path, admission=False)
@@ -179,9 +188,12 @@ def test_without_admission_blocks_still_arrive_whole_and_forwarded_only_when_hel
     for t in plan.targets:
         assert isinstance(outcomes[t], AgentReport), outcomes[t]
         assert_identical_blocks(tmp_path / t, model)
+    sent_from = {(x.dst, x.block): r.started_at + x.start_s
+                 for r in outcomes.values() for x in r.sends}
     for node, report in outcomes.items():
         for send in report.sends:
-            assert node in plan.sources or report.arrival_s[send.block] <= send.start_s
+            assert node in plan.sources \
+                or sent_from[(node, send.block)] <= report.started_at + send.start_s
 
 
 def test_local_loads_come_from_the_nodes_own_tier(model, tmp_path) -> None:
@@ -338,12 +350,23 @@ def test_plans_reports_and_catalogs_round_trip(model) -> None:
     assert BlockCatalog.read(model[0]) == BlockCatalog.of(model[1])
 
 
+def _free_ports(n: int) -> list[int]:
+    """n distinct loopback ports free now (held open together, so no two are the same)."""
+    import socket
+
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def test_the_process_entry_point_runs_a_plan_with_its_peers(model, tmp_path) -> None:
     """Three agent processes on loopback, started together at a shared wall-clock time."""
     plan = binomial_pipeline("s0", ["t1", "t2"], NUM_BLOCKS)
     (tmp_path / "plan.json").write_text(plan_to_json(plan))
     (tmp_path / "secret").write_bytes(SECRET)
-    ports = {n: 47100 + i + os.getpid() % 1000 * 3 for i, n in enumerate(["s0", "t1", "t2"])}
+    ports = dict(zip(["s0", "t1", "t2"], _free_ports(3)))  # not fixed ones: those can be taken
     peers = {n: f"tcp://127.0.0.1:{p}" for n, p in ports.items()}
     (tmp_path / "peers.json").write_text(json.dumps(peers))
     start_at = time.time() + 3.0  # s0 and t1 are told the time; t2 waits for a file with it
@@ -368,3 +391,146 @@ def test_the_process_entry_point_runs_a_plan_with_its_peers(model, tmp_path) -> 
         assert out["cpu_s"] >= 0
     for t in ("t1", "t2"):
         assert_identical_blocks(tmp_path / t, model)
+
+
+def test_blocks_from_the_store_are_loaded_and_forwarded(model, tmp_path: Path) -> None:
+    """A scale from zero (``repair`` with the store only): each target loads its own part through
+    its store loader (the node's block store, here a directory of verified files), and gets the
+    rest from the other target over the network; the store is no transport peer."""
+    from faascale.pipecast.schedule import repair
+
+    model_dir, manifest = model
+    plan = repair({}, ["a", "b"], NUM_BLOCKS, store="store")
+    plan.validate()
+    loaded: dict[str, list[int]] = {"a": [], "b": []}
+
+    def loader(node: str):
+        def load(i: int) -> Path:
+            loaded[node].append(i)
+            return model_dir / manifest.blocks[i].file
+        return load
+
+    with ExitStack() as stack:
+        tx = {n: stack.enter_context(ZmqTransport(secret=SECRET, name=n)) for n in ("a", "b")}
+        peers = {n: t.address for n, t in tx.items()}
+        agents = {n: NodeAgent(n, tx[n], manifest, tmp_path / n, store_loader=loader(n))
+                  for n in ("a", "b")}
+        with ThreadPoolExecutor(2) as pool:
+            reports = {n: f.result() for n, f in
+                       {n: pool.submit(a.execute, plan, peers, TIMEOUT_S)
+                        for n, a in agents.items()}.items()}
+    for n in ("a", "b"):
+        assert_identical_blocks(tmp_path / n, model)
+        want = sorted(t.block for t in plan.transfers if t.dst == n and t.src == "store")
+        assert sorted(loaded[n]) == want and len(want) == NUM_BLOCKS // 2
+        peer_bytes = sum(manifest.blocks[t.block].size_bytes for t in plan.transfers
+                         if t.dst == n and t.src != "store")
+        assert reports[n].bytes_received == peer_bytes > 0  # the rest came from the other one
+    with ZmqTransport(secret=SECRET, name="c") as t:
+        with pytest.raises(AgentConfigError, match="no store loader"):
+            NodeAgent("a", t, manifest, tmp_path / "c").execute(plan, peers, 1.0)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+PIECE_BYTES = 32 << 10  # the tiny model's 100-250 KB blocks move as 4-8 pieces
+
+
+@pytest.fixture(scope="module")
+def pieced(model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelManifest]:
+    """The same model with its pieces listed every 32 KiB (``with_pieces``)."""
+    from faascale.engine.checkpoint import with_pieces
+
+    out = tmp_path_factory.mktemp("pieced") / "tiny"
+    shutil.copytree(model[0], out)
+    return out, with_pieces(out, PIECE_BYTES)
+
+
+class PacedTransport:
+    """A real ZmqTransport whose block frames leave ``pace_s`` apart (a slow link, so that a
+    block takes visibly longer than a piece); ``corrupt`` = (block, piece): the first frame of
+    that piece goes out with one payload byte flipped under the right digest (damaged in
+    flight: the receiver's transport catches it)."""
+
+    def __init__(self, inner: ZmqTransport, pace_s: float,
+                 corrupt: tuple[int, int] | None = None) -> None:
+        self._inner, self._pace_s, self._corrupt = inner, pace_s, corrupt
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def send(self, address, kind, meta, payload=None, *, timeout_s, digest=None):
+        if kind == "block":
+            time.sleep(self._pace_s)
+            if self._corrupt == (meta["index"], meta.get("piece", 0)):
+                self._corrupt = None
+                damaged = bytearray(payload)
+                damaged[len(damaged) // 2] ^= 0x40
+                return self._inner.send(address, kind, meta, damaged, timeout_s=timeout_s,
+                                        digest=digest or payload_digest(payload))
+        return self._inner.send(address, kind, meta, payload, timeout_s=timeout_s,
+                                digest=digest)
+
+
+def run_paced_chain(pieced, tmp_path: Path, corrupt: tuple[int, int] | None = None
+                    ) -> dict[str, Outcome]:
+    """s0 -> t1 -> t2 with s0's frames 10 ms apart."""
+    model_dir, manifest = pieced
+    plan = chain("s0", ["t1", "t2"], NUM_BLOCKS)
+    with ExitStack() as stack:
+        transports = {n: stack.enter_context(ZmqTransport(secret=SECRET, name=n))
+                      for n in ("s0", "t1", "t2")}
+        peers = {n: t.address for n, t in transports.items()}
+        wire = {"s0": PacedTransport(transports["s0"], 0.01, corrupt)}
+        agents = {n: NodeAgent(n, wire.get(n, transports[n]), manifest,
+                               model_dir if n == "s0" else tmp_path / n)
+                  for n in transports}
+        return execute_all(agents, plan, peers, TIMEOUT_S)
+
+
+def test_a_piece_is_forwarded_before_its_block_is_complete(pieced, tmp_path) -> None:
+    outcomes = run_paced_chain(pieced, tmp_path)
+
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    for t in ("t1", "t2"):
+        assert_identical_blocks(tmp_path / t, pieced)
+    t1 = outcomes["t1"]
+    assert [s.block for s in t1.sends] == list(range(NUM_BLOCKS))
+    for send in t1.sends:  # every block has 4+ pieces, 10 ms apart from s0
+        assert pieced[1].blocks[send.block].pieces[3:]
+        assert send.start_s < t1.arrival_s[send.block] - 0.02, send  # forwarding while landing
+    # t2 has each block at most a piece or two after t1 (cut-through), not a block later
+    lag = [outcomes["t2"].started_at + outcomes["t2"].arrival_s[b] - t1.started_at
+           - t1.arrival_s[b] for b in range(NUM_BLOCKS)]
+    assert max(lag) < 0.03, lag
+    assert_forwarded_only_held_blocks(chain("s0", ["t1", "t2"], NUM_BLOCKS), outcomes)
+
+
+def test_the_largest_frame_is_a_piece_and_a_larger_one_is_not_buffered(model, pieced,
+                                                                      tmp_path) -> None:
+    """A model's block frames are at most a piece (a block without pieces: the block); the
+    agents' transports refuse anything larger unread, and the run still completes."""
+    assert BlockCatalog.of(pieced[1]).max_frame_bytes == PIECE_BYTES
+    assert BlockCatalog.of(model[1]).max_frame_bytes == max(b.size_bytes
+                                                            for b in model[1].blocks)
+    limit = BlockCatalog.of(pieced[1]).max_frame_bytes
+    with ZmqTransport(secret=SECRET, name="t1", max_payload_bytes=limit) as rx, \
+            ZmqTransport(secret=SECRET, name="s0") as big, \
+            ZmqTransport(secret=SECRET, name="s1") as ok:
+        big.send(rx.address, "block", {"index": 0}, bytes(limit + 1), timeout_s=5)
+        with pytest.raises(TransportTimeout):  # dropped with its sender's connection, unread
+            rx.recv(1.0)
+        ok.send(rx.address, "block", {"index": 0}, bytes(limit), timeout_s=5)
+        assert rx.recv(5).header.payload_bytes == limit  # and the receiver serves the others
+
+
+def test_a_corrupt_piece_is_detected_and_fetched_again(pieced, tmp_path) -> None:
+    outcomes = run_paced_chain(pieced, tmp_path, corrupt=(1, 2))
+
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    for t in ("t1", "t2"):
+        assert_identical_blocks(tmp_path / t, pieced)
+    t1, s0 = outcomes["t1"], outcomes["s0"]
+    assert (t1.corrupt_frames, t1.refetched_pieces, s0.pieces_resent) == (1, 1, 1)
+    assert outcomes["t2"].corrupt_frames == 0  # the damaged piece never went further
+    assert any("asked for again from s0" in e for e in t1.errors), t1.errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, Route, RouteMode, ScaleOut,
@@ -39,6 +41,22 @@ def test_the_plan_multicasts_from_the_sources_and_loads_local_targets_locally() 
     # Two sources with rotated orders: the network targets together hold every block after
     # ceil(6 / 2) = 3 steps.
     assert plan.first_complete_union_step() == 2
+
+
+def test_a_model_in_pieces_is_planned_as_rotated_chains() -> None:
+    """Agents that cut through (the manifest lists pieces) relay in chains: r1 -> t1 -> t2 from
+    block 0 and r2 -> t3 from block 3; the union is complete as early as with pipelines."""
+    holders = (Holder("r1", HolderKind.REPLICA), Holder("r2", HolderKind.REPLICA))
+    req = request(("t1", "t2", "t3"), holders)
+    plan = plan_scale_out(dataclasses.replace(req, cut_through=True))
+    plan.validate()
+    assert plan.algorithm == "pipecast-k2-chain"
+    upstream = {t.dst: t.src for t in plan.transfers}
+    assert upstream == {"t1": "r1", "t2": "t1", "t3": "r2"}
+    first = {t.dst: t.block for t in plan.transfers if t.step == min(
+        x.step for x in plan.transfers if x.dst == t.dst)}
+    assert first == {"t1": 0, "t2": 0, "t3": 3}
+    assert plan.first_complete_union_step() == plan_scale_out(req).first_complete_union_step()
 
 
 def feed(scale: ScaleOut, until_s: float | None = None) -> float:
@@ -105,6 +123,26 @@ def test_a_dead_source_is_noticed_and_repaired_from_targets_and_the_store() -> N
     assert scale.done
 
 
+def test_a_stalled_live_target_is_replanned_with_what_it_lacks_and_stays_a_target() -> None:
+    """A target whose receive stalled while everyone lives (no block for a while): ``replan``
+    sends it only what it lacks, from the holders (the source and the other targets), and
+    marks nobody dead; delivering that plan finishes the scale-out."""
+    req = request(("t1", "t2"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
+    scale = ScaleOut(req, now_s=0.0)
+    for b in range(4):
+        scale.block_arrived("t1", b, 1.0 + b)
+    for b in (1, 2, 3):  # block 0 never comes to t2
+        scale.block_arrived("t2", b, 1.5 + b)
+    assert scale.stalled(now_s=70.0, timeout_s=60.0) == ["t2"]
+    plan = scale.replan(now_s=70.0)
+    plan.validate()
+    assert [(t.dst, t.block) for t in plan.transfers] == [("t2", 0)]
+    assert plan.transfers[0].src in ("r1", "t1") and not scale.dead
+    assert scale.stalled(now_s=71.0, timeout_s=60.0) == []  # its clock restarts
+    scale.block_arrived("t2", 0, 72.0)
+    assert scale.done
+
+
 def test_a_dead_target_leaves_its_pipeline_and_is_not_waited_for() -> None:
     req = request(("t1", "t2"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
     scale = ScaleOut(req, now_s=0.0)
@@ -162,3 +200,51 @@ def test_bad_requests_are_typed_errors() -> None:
         ScaleOutRequest("m", 1, (1,), ())
     with pytest.raises(ValueError, match="are not targets"):
         ScaleOutRequest("m", 1, (1,), ("t",), local=frozenset({"x"}))
+
+
+def test_targets_that_hold_blocks_already_are_planned_with_them() -> None:
+    """A member that rejoined a restarted coordinator (or kept what a cut-short plan brought) is
+    sent only what it lacks; what the targets hold together may serve at once."""
+    req = ScaleOutRequest("m-1", 6, (100 * MB,) * 6, ("t1", "t2", "t3"),
+                          (Holder("r1", HolderKind.REPLICA),),
+                          held={"t1": frozenset({0, 1, 2}), "t2": frozenset({3, 4, 5})})
+    plan = plan_scale_out(req)
+    plan.validate()  # every target ends with every block, none twice
+    to = {t: sorted(x.block for x in plan.transfers if x.dst == t) for t in req.targets}
+    assert to == {"t1": [3, 4, 5], "t2": [0, 1, 2], "t3": [0, 1, 2, 3, 4, 5]}
+    so = ScaleOut(req, now_s=0.0)
+    assert so.holdings["t1"] == {0, 1, 2} and so.holdings["t3"] == set()
+    assert so.route("t1").mode is RouteMode.PIPELINE  # t1 + t2 cover the model before any move
+    assert so.record[0].detail["held"] == {"t1": 3, "t2": 3}
+    # the blocks they hold are not "arrivals" of this scale-out
+    assert so.block_arrived("t1", 0, 1.0) is None
+
+
+def test_held_blocks_of_strangers_or_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="not targets"):
+        ScaleOutRequest("m", 2, (1, 1), ("t",), held={"x": frozenset({0})})
+    with pytest.raises(ValueError, match="outside"):
+        ScaleOutRequest("m", 2, (1, 1), ("t",), held={"t": frozenset({2})})
+
+
+def test_partial_targets_beside_local_loaders() -> None:
+    req = ScaleOutRequest("m-1", 4, (MB,) * 4, ("t1", "t2"), (Holder("r1", HolderKind.REPLICA),),
+                          local=frozenset({"t2"}), held={"t1": frozenset({1})})
+    plan = plan_scale_out(req)
+    plan.validate()
+    assert sorted(x.block for x in plan.transfers if x.dst == "t1") == [0, 2, 3]
+    assert sorted(x.block for x in plan.local_loads if x.node == "t2") == [0, 1, 2, 3]
+
+
+def test_from_zero_the_targets_load_different_parts_from_the_store_and_serve_together() -> None:
+    req = ScaleOutRequest("m-1", 8, (MB,) * 8, ("t1", "t2", "t3", "t4"))
+    plan = plan_scale_out(req)
+    plan.validate()
+    store_bytes = {t: sum(x.dst == t for x in plan.transfers if x.src == STORE) for t in req.targets}
+    assert store_bytes == dict.fromkeys(req.targets, 2)  # <= 1/2 of each one's 8 blocks: 1/4
+    so = ScaleOut(req, now_s=0.0)
+    for x in plan.transfers:  # the first two steps: each target holds its own quarter
+        if x.step <= 1:
+            so.block_arrived(x.dst, x.block, 1.0 + x.step)
+    assert all(len(so.holdings[t]) == 2 for t in req.targets)
+    assert {so.route(t).mode for t in req.targets} == {RouteMode.PIPELINE}  # serve before any is full

@@ -96,6 +96,109 @@ def test_one_replica_scales_to_four_and_every_one_serves_the_model(
     assert kinds[0] == "planned" and kinds.count("full") == 3 and kinds.count("block") == 12
 
 
+def test_a_member_holding_part_of_the_model_is_sent_only_the_rest(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """What a rejoining member does (join with the blocks it holds), from its first join: the
+    plan brings it only the blocks it lacks."""
+    import shutil
+
+    manifest = read_manifest(tiny_packed)
+    members("r0", tiny_packed)
+    part = tmp_path / "part"
+    part.mkdir()
+    for b in manifest.blocks[:2]:
+        shutil.copy(tiny_packed / b.file, part / b.file)
+    coordinator.expect(manifest.model_id, 1)
+    m = members("r1", part)
+    assert m.wait_servable(60)
+    wait_for(lambda: m.full)
+    wait_for(lambda: coordinator.progress()[manifest.model_id]["finished"])
+    done = coordinator.progress()[manifest.model_id]["finished"][0]
+    planned = done["record"][0]
+    assert planned["kind"] == "planned" and planned["detail"]["held"] == {"r1": 2}
+    arrived = sorted(e["detail"]["block"] for e in done["record"] if e["kind"] == "block")
+    assert arrived == [2, 3]  # blocks 0 and 1 were not sent again
+    got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
+           if o.token_id is not None]
+    assert got == reference(tiny_packed, "hi")
+
+
+def test_tier_copies_are_sources_host_before_disk(tiny_packed: Path, tmp_path: Path,
+                                                 coordinator: Coordinator, members) -> None:
+    """No replica serves the model, but two nodes' tiers hold it (HOST and DISK): they join as
+    sources, the wave is planned from them (HOST first; both for two targets), the bytes come
+    from them, and the new replicas serve the model's tokens."""
+    import shutil
+
+    from faascale.pipecast.source import TierSource
+
+    manifest = read_manifest(tiny_packed)
+    sources = [TierSource(f"n{i}-{kind.lower()}", manifest, tiny_packed, kind, secret=SECRET,
+                          coordinator=coordinator.address) for i, kind in ((1, "DISK"), (2, "HOST"))]
+    try:
+        wait_for(lambda: len(coordinator.progress().get(manifest.model_id, {})
+                             .get("members", {})) == 2)
+        assert {v["route"] for v in coordinator.progress()[manifest.model_id]["members"].values()} \
+            == {"source"}
+        coordinator.expect(manifest.model_id, 1)
+        one = members("r1", tmp_path / "r1")
+        assert one.wait_servable(60)
+        wait_for(lambda: coordinator.progress()[manifest.model_id]["finished"])
+        first = coordinator.progress()[manifest.model_id]["finished"][0]
+        assert first["record"][0]["detail"]["sources"] == ["n2-host"]  # HOST before DISK
+        wait_for(lambda: one.full)
+        coordinator.expect(manifest.model_id, 2)
+        two = [members(f"r{i}", tmp_path / f"r{i}") for i in (2, 3)]
+        wait_for(lambda: len(coordinator.progress()[manifest.model_id]["finished"]) == 2)
+        second = coordinator.progress()[manifest.model_id]["finished"][1]
+        # r1 serves now: the replica first, then the HOST copy (one source per target)
+        assert second["record"][0]["detail"]["sources"] == ["r1", "n2-host"]
+        for m in (one, *two):
+            wait_for(lambda m=m: m.full)
+            got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
+                   if o.token_id is not None]
+            assert got == reference(tiny_packed, "hi")
+        partial = tmp_path / "partial"
+        partial.mkdir()
+        shutil.copy(tiny_packed / manifest.blocks[0].file, partial / manifest.blocks[0].file)
+        with pytest.raises(ValueError, match="lacks blocks"):
+            TierSource("n3-host", manifest, partial, "HOST", secret=SECRET,
+                       coordinator=coordinator.address)
+    finally:
+        for src in sources:
+            src.close()
+
+
+def test_from_zero_members_that_can_read_the_store_share_its_load(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """Nobody holds the model; two new replicas whose agents can load from the object store (the
+    node's block store fetches for them; here a directory of verified files) are planned
+    together: each loads half from the store, the other half from the other one."""
+    manifest = read_manifest(tiny_packed)
+    loaded: dict[str, list[int]] = {"s1": [], "s2": []}
+
+    def loader(name: str):
+        def load(i: int) -> Path:
+            loaded[name].append(i)
+            return tiny_packed / manifest.blocks[i].file
+        return load
+
+    coordinator.expect(manifest.model_id, 2)
+    both = [members(n, tmp_path / n, store_loader=loader(n)) for n in ("s1", "s2")]
+    for m in both:
+        assert m.wait_servable(60)
+        wait_for(lambda m=m: m.full)
+    assert sorted(loaded["s1"] + loaded["s2"]) == list(range(manifest.num_blocks))
+    assert len(loaded["s1"]) == len(loaded["s2"]) == manifest.num_blocks // 2
+    wait_for(lambda: coordinator.progress()[manifest.model_id]["finished"])
+    done = coordinator.progress()[manifest.model_id]["finished"][0]
+    assert done["algorithm"] == "repair" and done["record"][0]["detail"]["sources"] == ["store"]
+    for m in both:
+        got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
+               if o.token_id is not None]
+        assert got == reference(tiny_packed, "hi")
+
+
 def test_with_no_holder_the_members_are_told_to_load_from_the_store(
         tiny_packed: Path, tmp_path: Path, members) -> None:
     m = members("lonely", tmp_path / "lonely")

@@ -50,6 +50,11 @@ def check_step_model(plan: MulticastPlan) -> dict[tuple[str, int], int]:
 
 # -- binomial pipeline ------------------------------------------------------------------------
 
+def at_step(plan, step: int) -> tuple[Transfer, ...]:
+    """The plan's transfers of one step."""
+    return tuple(t for t in plan.transfers if t.step == step)
+
+
 @pytest.mark.parametrize("num_nodes", range(2, 41))
 def test_binomial_reaches_the_optimal_step_count_for_every_n(num_nodes: int) -> None:
     for num_blocks in range(1, 25):
@@ -75,7 +80,7 @@ def test_binomial_four_nodes_three_blocks_by_hand() -> None:
     assert [plan.arrival_step("b", b) for b in range(3)] == [2, 1, 3]
     assert [plan.arrival_step("c", b) for b in range(3)] == [1, 2, 3]
     assert plan.arrival_step("s", 2) == -1
-    assert plan.transfers_at(1) == (Transfer(1, "a", "c", 0), Transfer(1, "s", "b", 1))
+    assert at_step(plan, 1) == (Transfer(1, "a", "c", 0), Transfer(1, "s", "b", 1))
 
 
 def test_binomial_three_nodes_twins_swap_in_one_extra_step() -> None:
@@ -133,10 +138,37 @@ def test_k_way_union_is_complete_after_ceil_b_over_k_steps(num_sources: int) -> 
             assert plan.algorithm == f"pipecast-k{num_sources}"
 
 
+@pytest.mark.parametrize("num_sources", [1, 2, 3])
+def test_k_way_chains_every_target_receives_once_in_its_groups_rotated_order(
+        num_sources: int) -> None:
+    """``relay="chain"``: each group is a relay; every target gets every block exactly once,
+    from the node before it in its chain, in its group's rotated order, and the union is still
+    complete after ceil(b/G) steps."""
+    for num_targets in range(1, 10):
+        for num_blocks in range(1, 9):
+            plan = k_way(names("s", num_sources), names("t", num_targets), num_blocks,
+                         relay="chain")
+            plan.validate()
+            check_step_model(plan)
+            groups = min(num_sources, num_targets)
+            assert plan.algorithm == f"pipecast-k{num_sources}-chain"
+            assert plan.first_complete_union_step() == math.ceil(num_blocks / groups) - 1
+            incoming: dict[str, list[Transfer]] = {}
+            for t in plan.transfers:
+                incoming.setdefault(t.dst, []).append(t)
+            for target, ts in incoming.items():
+                assert sorted(t.block for t in ts) == list(range(num_blocks)), target
+                assert len({t.src for t in ts}) == 1, target  # one upstream: a chain
+                order = [t.block for t in sorted(ts, key=lambda t: t.step)]
+                assert order == list(rotated(num_blocks, order[0])), target
+    with pytest.raises(PlanError, match="relay"):
+        k_way(["s0"], ["t0"], 2, relay="tree")
+
+
 def test_k_way_groups_and_rotation_starts() -> None:
     # 3 sources, 5 targets: groups [t0 t1] [t2 t3] [t4]; b=10 starts at 0, 10//3=3, 20//3=6.
     plan = k_way(["s0", "s1", "s2"], names("t", 5), 10)
-    first = {t.src: t.block for t in plan.transfers_at(0)}
+    first = {t.src: t.block for t in at_step(plan, 0)}
     assert first == {"s0": 0, "s1": 3, "s2": 6}
     group = {"s0": 0, "t0": 0, "t1": 0, "s1": 1, "t2": 1, "t3": 1, "s2": 2, "t4": 2}
     assert all(group[t.src] == group[t.dst] for t in plan.transfers)
@@ -155,7 +187,7 @@ def test_k_way_local_targets_load_locally_and_receive_nothing() -> None:
     assert [x.block for x in plan.local_loads if x.node == "e"] == [3, 4, 5, 0, 1, 2]
     # Network targets a, c, d: groups [a c] from s0 (start 0) and [d] from s1 (start 3).
     assert {t.dst for t in plan.transfers if t.src == "s1"} == {"d"}
-    assert plan.transfers_at(0) == (Transfer(0, "s0", "a", 0), Transfer(0, "s1", "d", 3))
+    assert at_step(plan, 0) == (Transfer(0, "s0", "a", 0), Transfer(0, "s1", "d", 3))
 
 
 def test_k_way_only_local_targets_and_bad_input() -> None:
@@ -353,3 +385,15 @@ def test_validate_honours_initial_holdings() -> None:
     with pytest.raises(PlanError, match="twice"):
         MulticastPlan("x", ("a",), ("t",), 2, (Transfer(0, "a", "t", 0), Transfer(1, "a", "t", 1)),
                       initial={"t": {0}}).validate()
+
+
+def test_repair_from_zero_loads_distinct_parts_from_the_store_then_shares_them() -> None:
+    """Four targets, nobody holds the model: each loads a different quarter from the store (in
+    parallel), and the rest from the others; the union covers the model after b/N steps."""
+    plan = repair({}, ["t1", "t2", "t3", "t4"], 8, store="s3")
+    plan.validate()
+    from_store = [t for t in plan.transfers if t.src == "s3"]
+    assert sorted(t.block for t in from_store) == list(range(8))  # every block leaves it once
+    per_target = {d: sum(t.dst == d for t in from_store) for d in ("t1", "t2", "t3", "t4")}
+    assert per_target == dict.fromkeys(per_target, 2)  # a quarter each
+    assert plan.first_complete_union_step() == 1  # 8 blocks / 4 targets: after steps 0 and 1

@@ -37,9 +37,14 @@ class Platform:
                     "RAY_USAGE_STATS_ENABLED": "0"}
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "faascale.cli", *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        r = subprocess.run([sys.executable, "-m", "faascale.cli", *args], cwd=ROOT, env=self.env,
+                           capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        if "see the platform log" in r.stderr:  # a 500: the failing assertion shows its cause
+            log = self.home / "logs" / "platform.log"
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+            r.stderr += f"\n--- {log} (tail) ---\n{tail}"
+        return r
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -241,6 +246,10 @@ def test_bad_input_gets_clear_4xx(platform: Platform, tiny_deployed: str) -> Non
         assert r.status_code == 404 and "'nope' is not deployed" in r.json()["error"]["message"]
         r = h.post(url, json={"prompt": "x" * 5000})
         assert r.status_code == 400 and "does not fit the context" in r.json()["error"]["message"]
+        r = h.post(url, json={"prompt": "x", "max_tokens": 100_000_000})  # as vLLM: not a cut
+        assert r.status_code == 400 and r.json()["error"]["type"] == "context_length_exceeded"
+        assert re.search(r"max_tokens: this model's maximum context length is \d+ tokens; the "
+                         r"request asks for 100000001 \(1 in the prompt", r.json()["error"]["message"])
         r = h.post(url, json={"prompt": "x", "temperature": 7})
         assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
         r = h.post(url, content=b"{not json")
@@ -318,7 +327,9 @@ def test_handler_preprocesses_requests(platform: Platform) -> None:
 
 def test_retired_replica_leaves_its_model_warm_in_host(platform: Platform) -> None:
     name = "tiny-warm"
-    doc = tiny_doc(name, keep_alive_s=2, downscale_delay_s=1)
+    # keep_alive_s is also how long HOST keeps the retired replica's blocks: long enough that
+    # the tier's sweep (every 30 s) cannot drop them between the retirement and the next start
+    doc = tiny_doc(name, keep_alive_s=10, downscale_delay_s=1)
     doc["model"]["seed"] = 7  # weights no other test deploys: this node has never seen them
     platform.deploy(doc)
     invoke = {"prompt": "hi", "max_tokens": 2}

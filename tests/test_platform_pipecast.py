@@ -157,3 +157,42 @@ def test_scaling_pipecast_false_loads_through_the_tiers(platform: Platform) -> N
     colds = s["cold_starts"][:3]
     assert all("PEER" not in c["sources"] and c["chosen_source"] == "" for c in colds), colds
     assert {k for c in colds for k in c["sources"]} <= {"HOST", "DISK", "REMOTE"}
+
+
+def _tier_sources(platform: Platform, name: str) -> list[str]:
+    pc = platform.status(name).get("pipecast") or {}
+    return sorted(m for m, v in (pc.get("members") or {}).items() if v["route"] == "source")
+
+
+def _wait(pred: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.25)
+
+
+def test_a_retired_replicas_host_copy_feeds_the_next_start(platform: Platform) -> None:
+    """Every holder is a source: once the function scaled to zero, no replica serves it, but the
+    node's HOST tier holds it; that copy joins PipeCast (``tier_sources.py``) and the next start
+    (from zero) copies it from there, as a peer. A replica mapping it again takes it back."""
+    name = "tiny-src"
+    doc = tiny_doc(name, keep_alive_s=3, downscale_delay_s=1)
+    doc["model"]["seed"] = 11  # weights no other test deploys
+    platform.deploy(doc)
+    body = {"prompt": "hello source", "max_tokens": 6, "temperature": 0}
+    with platform.http() as h:
+        first = h.post(f"/v1/functions/{name}/invoke", json=body)
+        assert first.status_code == 200, first.text
+        assert platform.status(name)["cold_starts"][0]["sources"] == {"REMOTE": 4}
+        assert _tier_sources(platform, name) == []  # the serving replica maps it: not offered
+        platform.wait_replicas(name, lambda r: r["running"] == 0 and r["starting"] == 0, 60)
+        _wait(lambda: len(_tier_sources(platform, name)) == 1, 30,
+              "the HOST copy never joined PipeCast as a source")
+        assert re.fullmatch(r"tier-\w{8}-host-.+", _tier_sources(platform, name)[0])
+        again = h.post(f"/v1/functions/{name}/invoke", json=body)
+        assert again.status_code == 200, again.text
+        assert again.json()["text"] == first.json()["text"]  # the same model, greedy
+    newest = platform.status(name)["cold_starts"][0]
+    assert newest["sources"] == {"PEER": 4}, newest  # from the tier copy: nobody else held it
+    _wait(lambda: _tier_sources(platform, name) == [], 30,
+          "the source stayed while a replica maps the copy again")

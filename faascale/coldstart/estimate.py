@@ -21,31 +21,37 @@ import dataclasses
 import statistics
 from collections.abc import Mapping, Sequence
 
-from faascale.coldstart.model import (FeatureError, ModelFeatures, Observation, StartSetting,
+from faascale.coldstart.model import (OFFSET_PREFIX, FeatureError, ModelFeatures, Observation, StartSetting,
                                       StartupModelSpec, StepSpec, fit)
 from faascale.platform.autoscale import SOURCES, ColdStartEstimate, choose_source
 
 # The steps of one of our replica starts (``profile.STEPS``, without ``first_token``, which comes
 # after the replica is ready and is not part of the time to add capacity).
-ENGINE_STEPS = ("process", "imports", "spec_tokenizer", "weight_fetch", "materialize",
+ENGINE_STEPS = ("process", "imports", "kernel_warmup", "spec_tokenizer", "weight_fetch", "materialize",
                 "kv_cache", "warmup", "cuda_graphs")
 # Nominal bandwidths for the prior (bytes/s): /dev/shm mapping with checksums, a SATA-class disk
 # read, an object-store GET stream, a 10 Gbit/s link between GPU nodes (PipeCast from peers).
 PRIOR_BANDWIDTH_B_S = {"HOST": 4e9, "DISK": 0.5e9, "REMOTE": 0.2e9, "PEER": 1.25e9}
 PINNED = "pinned"
 PRIOR_OVERHEAD_S = 2.0
+PRIOR_WARM_OVERHEAD_S = 0.5  # on a warm runtime: no process, imports or kernel warm-up
+# The start setting of a start on a cold runtime and on a warm one (warm_runtime.py): the fit
+# gives each its own offsets, so the estimate for the next start follows the pool's state.
+COLD, WARM = "faascale", "faascale-warm"
 MEASURED_WINDOW = 5
 
 
-def _c(m: ModelFeatures, s: StartSetting) -> dict[str, float]:
-    return {"1": 1.0}
+def _warm_or_cold(m: ModelFeatures, s: StartSetting) -> dict[str, float]:
+    """A constant with an offset per setting: a warm runtime has no process or imports step."""
+    return {"1": 1.0, f"{OFFSET_PREFIX}{s.setting}": 1.0}
 
 
 OUR_ENGINE = StartupModelSpec(
     name="faascale",
     steps=(
-        StepSpec("process", _c),
-        StepSpec("imports", _c),
+        StepSpec("process", _warm_or_cold),
+        StepSpec("imports", _warm_or_cold),
+        StepSpec("kernel_warmup", _warm_or_cold),
         StepSpec("spec_tokenizer", lambda m, s: {"1": 1.0, "tokenizer_mb": m.tokenizer_mb}),
         StepSpec("weight_fetch", lambda m, s: {f"1@{s.weights_source}": 1.0,
                                                f"gb@{s.weights_source}": m.weight_bytes / 1e9}),
@@ -94,31 +100,38 @@ def manifest_features(manifest: object, tokenizer_bytes: int = 0) -> ModelFeatur
 
 
 def engine_observation(model: ModelFeatures, machine: str, source: str,
-                       steps_s: Mapping[str, float], capture_sizes: int = 0) -> Observation:
-    """One measured start of ours, as an observation of ``OUR_ENGINE``."""
-    setting = StartSetting(machine=machine, setting="faascale", weights_source=source,
+                       steps_s: Mapping[str, float], capture_sizes: int = 0,
+                       warm: bool = False) -> Observation:
+    """One measured start of ours, as an observation of ``OUR_ENGINE`` (``warm``: on a warm
+    runtime, setting ``WARM``)."""
+    setting = StartSetting(machine=machine, setting=WARM if warm else COLD, weights_source=source,
                            compile_cache="none", capture_sizes=capture_sizes)
     return Observation(model, setting, {s: float(steps_s.get(s, 0.0)) for s in ENGINE_STEPS})
 
 
 def estimates_for(model: ModelFeatures, machine: str, observations: Sequence[Observation],
-                  available: Mapping[str, bool]) -> list[ColdStartEstimate]:
+                  available: Mapping[str, bool], warm: bool = False) -> list[ColdStartEstimate]:
     """One estimate per source in ``SOURCES`` (``available`` says which exist now; missing
-    keys count as unavailable, except REMOTE, which always is)."""
+    keys count as unavailable, except REMOTE, which always is). ``warm``: the next start will find
+    a warm runtime (the pool has one), so it is estimated from warm starts (cold ones when no warm
+    start was measured yet, the fit's setting offset otherwise)."""
+    setting = WARM if warm else COLD
     here = [o for o in observations if o.setting.machine == machine]
+    same = [o for o in here if o.setting.setting == setting]
     fitted = None
     if len({o.model.name for o in here}) >= 2 or len(here) >= 3:
         try:
             fitted = fit(OUR_ENGINE, here, machine)
         except FeatureError:
             fitted = None
-    non_weight = [o.total_s - o.steps_s.get("weight_fetch", 0.0) for o in here]
-    overhead_s = statistics.median(non_weight) if non_weight else PRIOR_OVERHEAD_S
+    non_weight = [o.total_s - o.steps_s.get("weight_fetch", 0.0) for o in same]
+    overhead_s = (statistics.median(non_weight) if non_weight
+                  else PRIOR_WARM_OVERHEAD_S if warm else PRIOR_OVERHEAD_S)
     out = []
     for source in SOURCES:
         is_there = source == "REMOTE" or bool(available.get(source, False))
-        own = [o.total_s for o in here
-               if o.model.name == model.name and o.setting.weights_source == source]
+        mine = [o for o in here if o.model.name == model.name and o.setting.weights_source == source]
+        own = [o.total_s for o in mine if o.setting.setting == setting]
         if own:
             recent = own[-MEASURED_WINDOW:]
             out.append(ColdStartEstimate(source, statistics.median(recent), is_there,
@@ -126,7 +139,7 @@ def estimates_for(model: ModelFeatures, machine: str, observations: Sequence[Obs
             continue
         if fitted is not None:
             try:
-                p = fitted.predict(model, StartSetting(machine, "faascale", source, "none", 0))
+                p = fitted.predict(model, StartSetting(machine, setting, source, "none", 0))
             except FeatureError:
                 pass
             else:

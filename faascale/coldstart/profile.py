@@ -8,9 +8,12 @@ which travels as JSON (``to_dict``/``from_dict``) to the platform's registry, ``
 The steps of one of our starts, in order (``STEPS``):
 
 - ``process``: from the process's creation to the replica's constructor (interpreter and Ray
-  worker start, the actor's creation);
+  worker start, the actor's creation); 0 on a warm runtime (``runtime["warm"]``: a pooled Ray
+  worker that had started, imported and warmed up its kernels before the replica was ordered);
 - ``imports``: importing the engine and platform modules (measured when this process imported them;
-  0 when they were already imported);
+  0 when they were already imported, as on a warm runtime);
+- ``kernel_warmup``: a cold runtime's model-independent warm-up (``warm_runtime.py``), when the
+  worker ran it on this start's path;
 - ``spec_tokenizer``: the function spec, the manifest and the tokenizer;
 - ``weight_fetch``: making every block local (attrs: ``tier`` per block counts, ``bytes``);
 - ``materialize``: block files to tensors and the engine's shards;
@@ -22,7 +25,6 @@ The steps of one of our starts, in order (``STEPS``):
 
 from __future__ import annotations
 
-import math
 import os
 import platform as _platform
 import socket
@@ -32,10 +34,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-STEPS = ("process", "imports", "spec_tokenizer", "weight_fetch", "materialize", "kv_cache",
+from faascale.stats import percentile
+
+STEPS = ("process", "imports", "kernel_warmup", "spec_tokenizer", "weight_fetch", "materialize", "kv_cache",
          "warmup", "cuda_graphs", "first_token")
 START_STEPS = STEPS[:-1]  # what adding a replica costs; the first token comes after ready
 SOURCES = ("HOST", "DISK", "REMOTE", "PEER", "MIXED")
+FIXED_STEPS = ("process", "imports", "kernel_warmup", "spec_tokenizer", "warmup")  # not bytes
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,16 @@ class StartupProfile:
     model: Mapping[str, Any] = field(default_factory=dict)
     ok: bool = True
     error: str | None = None
+    runtime: Mapping[str, Any] = field(default_factory=dict)  # warm or cold, idle_s (warm_runtime)
+
+    @property
+    def warm(self) -> bool:
+        return bool(self.runtime.get("warm"))
+
+    @property
+    def fixed_s(self) -> float:
+        """The part of the start that is not moving or mapping the weights (``FIXED_STEPS``)."""
+        return sum(self.step_s(n) for n in FIXED_STEPS)
 
     @property
     def total_s(self) -> float:
@@ -93,14 +108,11 @@ class StartupProfile:
         names += sorted({s.name for s in self.spans} - set(STEPS))
         return {n: self.step_s(n) for n in names}
 
-    def with_span(self, span: Span) -> StartupProfile:
-        return StartupProfile(**{**{f.name: getattr(self, f.name) for f in fields(self)},
-                                 "spans": (*self.spans, span)})
-
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["spans"] = [s.to_dict() for s in self.spans]
         out["machine"], out["model"] = dict(self.machine), dict(self.model)
+        out["runtime"] = dict(self.runtime)
         out["total_s"] = self.total_s
         return out
 
@@ -111,6 +123,7 @@ class StartupProfile:
         values["spans"] = tuple(Span.from_dict(s) for s in data.get("spans") or ())
         values.setdefault("machine", {})
         values.setdefault("model", {})
+        values.setdefault("runtime", {})
         return cls(**values)
 
 
@@ -139,28 +152,20 @@ class StartupRecorder:
     def finish(self, *, function: str, replica: str, model_id: str, source: str,
                weight_bytes: int, machine: Mapping[str, Any] | None = None,
                model: Mapping[str, Any] | None = None, ok: bool = True,
-               error: str | None = None) -> StartupProfile:
+               error: str | None = None,
+               runtime: Mapping[str, Any] | None = None) -> StartupProfile:
         spans = tuple(sorted(self.spans, key=lambda s: s.start_s))
         started = spans[0].start_s if spans else self.clock()
         return StartupProfile(function=function, replica=replica, model_id=model_id,
                               started_at_s=started, source=source, weight_bytes=weight_bytes,
                               spans=spans, machine=dict(machine or {}), model=dict(model or {}),
-                              ok=ok, error=error)
+                              ok=ok, error=error, runtime=dict(runtime or {}))
 
 
 def source_of(blocks_by_tier: Mapping[str, int]) -> str:
     """The profile's ``source`` from blocks per tier: the one tier, or MIXED."""
     used = [t for t, n in blocks_by_tier.items() if n]
     return used[0] if len(used) == 1 else ("MIXED" if used else "REMOTE")
-
-
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return math.nan
-    k = (len(ordered) - 1) * 0.9
-    lo, hi = math.floor(k), math.ceil(k)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,7 @@ def summarize(profiles: Iterable[StartupProfile]) -> list[StepSummary]:
         values = [p.total_s if name == "total" else p.steps()[name] for p in ok
                   if name == "total" or name in p.steps()]
         if values:
-            out.append(StepSummary(name, len(values), sum(values) / len(values), _p90(values)))
+            out.append(StepSummary(name, len(values), sum(values) / len(values), percentile(values, 90)))
     return out
 
 

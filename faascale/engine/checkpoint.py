@@ -21,17 +21,22 @@ import re
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from faascale.engine.blockio import algorithm_of, checksum, hasher_for, matches
+from faascale.engine.blockio import (DEFAULT_PIECE_BYTES, algorithm_of, checksum, hasher_for,
+                                    matches, piece_checksums, piece_spans)
 from faascale.engine.config import ConfigError, ModelConfig, dtype_name, parse_dtype
 
 FORMAT = "faascale-blocks"
-FORMAT_VERSION = 2  # 2: blake3 checksums ("blake3:<hex>"); 1 (sha256 fields) is still read
-READABLE_VERSIONS = (1, 2)
+# 3: each block also lists its pieces' blake3 (``piece_bytes``, ``pieces``), so PipeCast forwards
+# a verified piece before its block is complete; 2: blake3 checksums ("blake3:<hex>"); 1: sha256.
+# All three are read (a block without pieces moves as one piece).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 ALIGN_BYTES = 64
@@ -77,6 +82,15 @@ class BlockInfo:
     size_bytes: int
     checksum: str  # "blake3:<hex>" (or "sha256:<hex>" in format 1)
     tensors: dict[str, TensorInfo]
+    piece_bytes: int = 0  # format 3: the block moves as pieces of this size (the last shorter)
+    pieces: tuple[str, ...] = ()  # their tagged blake3, in order; () = one piece, the block
+
+    def __post_init__(self) -> None:
+        if self.pieces and len(self.pieces) != len(piece_spans(self.size_bytes, self.piece_bytes)):
+            raise ValueError(f"block {self.index}: {len(self.pieces)} piece checksums for "
+                             f"{self.size_bytes} bytes in pieces of {self.piece_bytes}")
+        if any(algorithm_of(c) != "blake3" for c in self.pieces):
+            raise ValueError(f"block {self.index}: piece checksums must be blake3")
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,8 @@ def _manifest_to_dict(m: ModelManifest) -> dict[str, Any]:
         "config": m.config.to_dict(),
         "tokenizer": {**m.tokenizer.__dict__, "eos_token_ids": list(m.tokenizer.eos_token_ids)},
         "blocks": [
-            {**{k: v for k, v in b.__dict__.items() if k != "tensors"},
+            {**{k: v for k, v in b.__dict__.items() if k not in ("tensors", "pieces")},
+             "pieces": list(b.pieces),
              "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
                              "nbytes": t.nbytes} for n, t in b.tensors.items()}}
             for b in m.blocks
@@ -158,6 +173,7 @@ def _manifest_from_dict(d: dict[str, Any]) -> ModelManifest:
     tok["eos_token_ids"] = tuple(tok.get("eos_token_ids") or ())
     blocks = tuple(
         BlockInfo(**{**{k: v for k, v in _v1_checksum(b).items() if k != "tensors"},
+                     "pieces": tuple(b.get("pieces") or ()),
                      "tensors": {n: TensorInfo(t["dtype"], tuple(t["shape"]), t["offset"], t["nbytes"])
                                  for n, t in b["tensors"].items()}})
         for b in d["blocks"]
@@ -273,9 +289,12 @@ def _write_block(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
 def pack(out_dir: str | os.PathLike, *, name: str, config: ModelConfig, tensors: TensorSource,
          tokenizer_json: str, num_blocks: int, dtype: str = "float32", chat_template: str | None = None,
          bos_token: str | None = None, eos_token: str | None = None, add_bos_token: bool = False,
-         source: str = "", progress: Callable[[int, int], None] | None = None) -> ModelManifest:
+         source: str = "", progress: Callable[[int, int], None] | None = None,
+         piece_bytes: int = DEFAULT_PIECE_BYTES) -> ModelManifest:
     """Write a packed model into ``out_dir`` (created; must be empty or absent).
 
+    Each block's pieces of ``piece_bytes`` get their own checksum (0: none; the block then moves
+    between nodes whole).
     ``tensors`` is read one block at a time, so peak memory is about one block. The manifest is
     written last and atomically: a directory with a manifest is a complete model.
     Raises ConfigError for a bad ``num_blocks``/``dtype`` and CheckpointError for missing tensors.
@@ -298,7 +317,7 @@ def pack(out_dir: str | os.PathLike, *, name: str, config: ModelConfig, tensors:
         fname = f"block-{idx:04d}.bin"
         size, sha, index = _write_block(out / fname, block, torch_dtype)
         blocks.append(BlockInfo(idx, fname, start, end, idx == 0, idx == num_blocks - 1,
-                                size, sha, index))
+                                size, sha, index, *_pieces_of(out / fname, piece_bytes)))
         if progress:
             progress(idx + 1, num_blocks)
     ident = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
@@ -316,6 +335,35 @@ def pack(out_dir: str | os.PathLike, *, name: str, config: ModelConfig, tensors:
     tmp.write_text(manifest.to_json())
     os.replace(tmp, out / MANIFEST_FILE)
     return manifest
+
+
+def _pieces_of(path: Path, piece_bytes: int) -> tuple[int, tuple[str, ...]]:
+    """(piece_bytes, piece checksums) of a block file; (0, ()) for no pieces."""
+    if piece_bytes < 0:
+        raise ConfigError(f"piece_bytes must be >= 0, got {piece_bytes}")
+    size = path.stat().st_size
+    if piece_bytes == 0 or size == 0:
+        return 0, ()
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return piece_bytes, piece_checksums(mm, piece_bytes)
+
+
+def with_pieces(packed_dir: str | os.PathLike, piece_bytes: int = DEFAULT_PIECE_BYTES
+                ) -> ModelManifest:
+    """Rewrite a packed model's manifest with piece checksums of ``piece_bytes`` (0: none),
+    hashing its block files (each first verified against its block checksum). The model id and
+    the blocks stay as they are. Raises CheckpointError, CorruptBlockError."""
+    manifest = read_manifest(packed_dir)
+    blocks = []
+    for b in manifest.blocks:
+        map_block_file(packed_dir, manifest, b.index).close()  # verified before it is trusted
+        size_pieces = _pieces_of(Path(packed_dir) / b.file, piece_bytes)
+        blocks.append(dataclass_replace(b, piece_bytes=size_pieces[0], pieces=size_pieces[1]))
+    out = dataclass_replace(manifest, blocks=tuple(blocks), format_version=FORMAT_VERSION)
+    tmp = Path(packed_dir) / (MANIFEST_FILE + ".tmp")
+    tmp.write_text(out.to_json())
+    os.replace(tmp, Path(packed_dir) / MANIFEST_FILE)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,10 +77,6 @@ class SlotAllocator:
     def __init__(self, num_slots: int) -> None:
         self._free = list(range(num_slots))
 
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
     def allocate(self) -> int:
         """Take the lowest free slot; raises RuntimeError if none is free (a scheduler bug)."""
         if not self._free:

@@ -41,10 +41,6 @@ class ForwardBatch:
         assert len(self.slots) == len(self.start_positions) and self.slots, self
         assert self.num_tokens >= 1 and (self.num_tokens == 1 or len(self.slots) == 1), self
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.slots)
-
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies, with Llama 3 or linear scaling applied (fp32, [head_dim/2])."""

@@ -45,13 +45,18 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def compile_chat_template(self) -> None:
+        """Compile the chat template now (else on the first chat request); a no-op without one
+        or once compiled. Raises ChatTemplateError for a template that does not compile."""
+        if self._template is None and self.info.chat_template:
+            self._template = _compile_template(self.info.chat_template)
+
     def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             add_generation_prompt: bool = True) -> str:
         """Render ``messages`` ([{role, content}]) with the model's Jinja chat template."""
         if not self.info.chat_template:
             raise ChatTemplateError("this model has no chat template; use a plain completion")
-        if self._template is None:
-            self._template = _compile_template(self.info.chat_template)
+        self.compile_chat_template()
         try:
             return self._template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,

@@ -60,6 +60,15 @@ class FetchResult:
     path: Path
 
 
+@dataclass(frozen=True)
+class ModelCopy:
+    """A complete copy of a model in one tier of this node (``BlockStore.model_copy``)."""
+
+    tier: str  # HOST or DISK
+    directory: Path  # block-NNNN.bin files
+    pinned: bool  # a replica on this node maps it
+
+
 @dataclass
 class TierStats:
     capacity_bytes: int
@@ -134,6 +143,19 @@ class BlockStore:
         with self._lock:
             meta = self._meta[tier].get(block)
             return meta is not None and meta.ready
+
+    def model_copy(self, manifest: ModelManifest) -> ModelCopy | None:
+        """Where this node holds a complete copy of the model: one tier holding every block
+        (HOST first), its directory (files named as the packed model names them) and whether a
+        replica maps it now (a block pinned). None without a complete copy in one tier."""
+        with self._lock:
+            for tier in (Tier.HOST, Tier.DISK):
+                metas = [self._meta[tier].get(manifest.block_id(i))
+                         for i in range(manifest.num_blocks)]
+                if all(m is not None and m.ready for m in metas):
+                    return ModelCopy(tier.name, self.dirs[tier] / manifest.model_id,
+                                     any(m.pins > 0 for m in metas if m is not None))
+        return None
 
     def stats(self) -> StoreStats:
         with self._lock:

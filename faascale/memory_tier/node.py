@@ -9,6 +9,7 @@ releases them, and they stay warm in HOST for the function's keep-alive.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import threading
 import time
@@ -46,6 +47,10 @@ class TierConfig:
     disk_dir: str
     host_capacity_bytes: int = 4 << 30
     disk_capacity_bytes: int = 32 << 30
+    # "module:function" the node's actor calls with itself once it is up (the platform's PipeCast
+    # tier sources: ``platform/tier_sources.py``); imported by name, so this layer depends on
+    # nothing above it. "" for none.
+    companion: str = ""
 
     @classmethod
     def for_state_dir(cls, state_root: Path) -> "TierConfig":
@@ -77,7 +82,14 @@ class NodeBlocks:
         self.store = BlockStore(Path(self.config.host_dir), Path(self.config.disk_dir),
                                 self.config.host_capacity_bytes, self.config.disk_capacity_bytes,
                                 remote)
+        self._manifests: dict[str, str] = {}  # model id -> manifest JSON of every model seen
         threading.Thread(target=self._sweep_forever, name="tier-sweep", daemon=True).start()
+        if self.config.companion:
+            try:
+                module, _, fn = self.config.companion.partition(":")
+                getattr(importlib.import_module(module), fn)(self)
+            except Exception:  # noqa: BLE001 - the block store serves without its companion
+                log.exception("tier companion %s did not start", self.config.companion)
 
     def _sweep_forever(self) -> None:
         while True:  # free HOST blocks whose keep-alive ran out; the actor's life bounds this
@@ -101,8 +113,20 @@ class NodeBlocks:
         block order. Pins them. Raises the store's errors and CorruptBlockError."""
         manifest = ModelManifest.from_json(manifest_json)
         self._location[manifest.model_id] = location
+        self._manifests[manifest.model_id] = manifest_json
         results = self.store.fetch_model(manifest, keep_alive_s, FETCH_PARALLEL_BLOCKS)
         return [(str(r.path), r.source.name) for r in results]
+
+    def fetch_block(self, manifest_json: str, location: str, index: int,
+                    keep_alive_s: float) -> str:
+        """Make block ``index`` of the model at ``location`` local (HOST, from DISK or the
+        store, verified) without pinning it: a PipeCast member loading its part of a scale from
+        zero links it into its own directory, and pins it with the rest when it is full
+        (``adopt_model``). Returns the file. Raises the store's errors and CorruptBlockError."""
+        manifest = ModelManifest.from_json(manifest_json)
+        self._location[manifest.model_id] = location
+        self._manifests[manifest.model_id] = manifest_json
+        return str(self.store.fetch(manifest, index, keep_alive_s, pin=False).path)
 
     def local_blocks(self, manifest_json: str) -> int:
         """How many of the model's blocks this node's HOST or DISK tier holds."""
@@ -122,6 +146,7 @@ class NodeBlocks:
         """A replica got the model by PipeCast into ``paths`` (block order, on this node's HOST
         file system): keep them in HOST too (pinned like a fetch). Returns blocks adopted."""
         manifest = ModelManifest.from_json(manifest_json)
+        self._manifests[manifest.model_id] = manifest_json
         return sum(self.store.adopt(manifest, i, Path(p), keep_alive_s)
                    for i, p in enumerate(paths))
 
@@ -139,6 +164,7 @@ class NodeBlocks:
 
         manifest = ModelManifest.from_json(manifest_json)
         self._location[manifest.model_id] = location
+        self._manifests[manifest.model_id] = manifest_json
         self.store.fetch_model(manifest, 0.0, FETCH_PARALLEL_BLOCKS)
         self.store.wait_idle()  # the DISK copies are made behind the fetch
         self.store.demote(manifest, 0.0)
@@ -147,6 +173,18 @@ class NodeBlocks:
                 if self.store.holds(manifest.block_id(i), Tier.DISK):
                     self.store.evict(manifest.block_id(i), Tier.HOST)
         return self.model_tiers(manifest_json)
+
+    def held_models(self) -> list[dict[str, Any]]:
+        """Every model seen here with a complete copy in one tier: ``{model_id, manifest_json,
+        tier, directory, pinned}`` (``BlockStore.model_copy``)."""
+        out = []
+        for model_id, manifest_json in list(self._manifests.items()):
+            copy = self.store.model_copy(ModelManifest.from_json(manifest_json))
+            if copy is not None:
+                out.append({"model_id": model_id, "manifest_json": manifest_json,
+                            "tier": copy.tier, "directory": str(copy.directory),
+                            "pinned": copy.pinned})
+        return out
 
     def sweep(self) -> int:
         return len(self.store.sweep())

@@ -11,8 +11,10 @@ through a pipeline before any new replica held the whole model").
 
 Sources, fastest first: replicas already serving the model (their blocks are in memory), nodes
 whose HOST tier holds it, nodes whose DISK tier holds it; at most ``max_sources`` of them, one
-binomial pipeline each (``k_way``). A new replica whose own node holds the model loads locally.
-No holder at all: the object store is the one source.
+chain each with rotated block orders when the agents cut through (the model's blocks move in
+pieces), else one binomial pipeline each (``k_way``). A new replica whose own node holds the model loads locally.
+No holder at all: the object store is the one source. A target that holds some blocks already (a
+member rejoining a restarted coordinator) is planned with them (``ScaleOutRequest.held``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ class Holder:
 @dataclass(frozen=True)
 class ScaleOutRequest:
     """What the coordinator plans from. ``targets``: the nodes of the new replicas (one replica
-    per node in this model of the cluster); ``local``: targets whose own tier holds the model."""
+    per node in this model of the cluster); ``local``: targets whose own tier holds the model;
+    ``held``: blocks some targets hold already (a member that rejoined a restarted coordinator,
+    or one that loaded part of the model before its plan was cut short). ``cut_through``: the
+    model's manifest lists pieces, so the agents forward each piece as it lands; the plan then
+    relays in rotated chains (about one unicast to all) instead of binomial pipelines."""
 
     model_id: str
     num_blocks: int
@@ -52,6 +58,8 @@ class ScaleOutRequest:
     targets: tuple[str, ...]
     holders: tuple[Holder, ...] = ()
     local: frozenset[str] = frozenset()
+    held: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    cut_through: bool = False  # blocks move in pieces, each forwarded as it lands: chains
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or len(self.block_bytes) != self.num_blocks:
@@ -61,6 +69,14 @@ class ScaleOutRequest:
         if not self.local <= set(self.targets):
             raise ValueError(f"{self.model_id}: local targets {sorted(self.local - set(self.targets))} "
                              "are not targets")
+        object.__setattr__(self, "held", {t: frozenset(b) for t, b in dict(self.held).items() if b})
+        strangers = sorted(set(self.held) - set(self.targets))
+        if strangers:
+            raise ValueError(f"{self.model_id}: held blocks of nodes that are not targets: {strangers}")
+        bad = sorted((t, b) for t, bs in self.held.items() for b in bs
+                     if not 0 <= b < self.num_blocks)
+        if bad:
+            raise ValueError(f"{self.model_id}: held blocks outside 0..{self.num_blocks - 1}: {bad[:5]}")
 
 
 def choose_sources(request: ScaleOutRequest, max_sources: int = 4) -> tuple[str, ...]:
@@ -79,10 +95,31 @@ def choose_sources(request: ScaleOutRequest, max_sources: int = 4) -> tuple[str,
 
 
 def plan_scale_out(request: ScaleOutRequest, max_sources: int = 4) -> MulticastPlan:
-    """PipeCast's plan: k binomial pipelines with rotated block orders from the chosen sources,
-    local loads (rotated) for targets that hold the model themselves."""
+    """PipeCast's plan: k chains (``request.cut_through``) or k binomial pipelines, with rotated
+    block orders, from the chosen sources,
+    local loads (rotated) for targets that hold the model themselves. Network targets that hold
+    some blocks already are planned with them (``repair``'s greedy plan from the chosen sources
+    and every target's holdings: nothing a target holds is sent to it again). With nobody holding
+    the model, the same greedy plan from the store: each target loads a different part of it,
+    and the rest from the others (a pipeline can serve once their parts cover the model)."""
     sources = choose_sources(request, max_sources) or (STORE,)  # () when every target is local
-    return k_way(sources, request.targets, request.num_blocks, local=request.local)
+    partial = {t: b for t, b in request.held.items() if t not in request.local}
+    if not partial and sources != (STORE,):
+        return k_way(sources, request.targets, request.num_blocks, local=request.local,
+                     relay="chain" if request.cut_through else "binomial")
+    # From zero (only the store holds it) or with partial targets: ``repair``'s plan, where
+    # targets that start with nothing each load a different part from the store, then share.
+    network = [t for t in request.targets if t not in request.local]
+    everything = frozenset(range(request.num_blocks))
+    holdings = {**{s: everything for s in sources if s != STORE}, **partial}
+    plan = repair(holdings, network, request.num_blocks,
+                  store=STORE if STORE in sources else None)
+    if request.local:  # local loaders keep their rotated loads beside the repair's transfers
+        loads = k_way(sources, request.targets, request.num_blocks, local=request.local).local_loads
+        plan = MulticastPlan(plan.algorithm, plan.sources, request.targets, plan.num_blocks,
+                             plan.transfers, loads, plan.unlimited_senders, plan.initial)
+        plan.validate()
+    return plan
 
 
 class RouteMode(enum.Enum):
@@ -121,13 +158,16 @@ class ScaleOut:
         self.plan = plan_scale_out(request, max_sources)
         self.block_cost = block_cost
         self.started_s = now_s
-        self.holdings: dict[str, set[int]] = {t: set() for t in request.targets}
+        self.holdings: dict[str, set[int]] = {t: set(request.held.get(t, ())) for t in request.targets}
         self.last_progress_s: dict[str, float] = dict.fromkeys(request.targets, now_s)
         self.dead: set[str] = set()
         self.pipelines = Pipelines()
         self.record: list[Event] = [Event(now_s, "planned", {
             "algorithm": self.plan.algorithm, "sources": self.plan.sources,
-            "targets": request.targets, "steps": self.plan.num_steps})]
+            "targets": request.targets, "steps": self.plan.num_steps,
+            "held": {t: len(b) for t, b in request.held.items()}})]
+        if request.held:  # what the targets hold already may form pipelines at once
+            self._reform(now_s)
 
     # ------------------------------------------------------------------ events
 
@@ -180,6 +220,12 @@ class ScaleOut:
         through the node dissolve. Returns the repair plan to run."""
         self.dead.add(node)
         self.record.append(Event(now_s, "stalled", {"node": node}))
+        return self.replan(now_s)
+
+    def replan(self, now_s: float) -> MulticastPlan:
+        """Re-plan what every live target still lacks from the live holders (and the store for
+        blocks nobody live holds): after a death, or when targets stalled while their senders
+        live (``stalled``). Returns the plan to run (it replaces the running one)."""
         self._reform(now_s)
         holders = {h.node: set(range(self.request.num_blocks)) for h in self.request.holders
                    if h.node not in self.dead}

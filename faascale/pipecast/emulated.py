@@ -60,10 +60,6 @@ class ClusterConfigError(EmulatedClusterError, ValueError):
     """A ``ClusterConfig`` field is invalid (host count, rate, prefix) or a host index is out of range."""
 
 
-class ClusterUnavailableError(EmulatedClusterError):
-    """This machine cannot run the cluster (not root, no iproute2, kernel lacks netns/veth/bridge/htb)."""
-
-
 def rate_bits_per_s(rate: str) -> float:
     """Parse a tc rate (``"100mbit"``, ``"1gbit"``, ``"10mbps"`` = bytes/s) into bits per second.
 

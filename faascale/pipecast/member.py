@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -48,16 +47,13 @@ from faascale.engine.engine import Engine, NoRunner, ShardChain
 from faascale.engine.loop import EngineLoop
 from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
 from faascale.engine.tokenizer import Tokenizer
-from faascale.memory_tier.block_store import map_block
-from faascale.pipecast.agent import (AgentConfigError, MulticastError, NodeAgent, plan_from_json,
-                                     write_json)
+from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block
+from faascale.pipecast.agent import write_json
+from faascale.pipecast.participant import Participant
 from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
-from faascale.pipecast.transport import Header, TransportError, ZmqTransport
+from faascale.pipecast.transport import TransportError, ZmqTransport
 
 log = logging.getLogger(__name__)
-HEARTBEAT_S = 1.0
-POLL_S = 0.2
-PLAN_TIMEOUT_S = 600.0
 STAGE_MAX_HEADS = 64
 
 
@@ -102,41 +98,34 @@ class _Reporting:
         return out
 
 
-class Member:
+class Member(Participant):
     """See the module docstring. ``holdings_dir``: where this replica's block files are (or land;
     a source's may be a packed model directory). ``local_dir``: the node's own tier holding the
-    model, if any (the plan then loads from it). Threads: control, stage server, heartbeat, the
-    agent's, the engine loop's. ``close()`` stops them all."""
+    model, if any (the plan then loads from it). ``store_loader(i)``: a verified local file of
+    block i fetched from the object store (the node's block store), for plans that load from it
+    (a scale from zero shared with other members, a repair of blocks nobody holds). Threads: control, plans, heartbeat (the
+    ``Participant``'s), stage server, the agent's, the engine loop's. ``close()`` stops them all."""
 
     def __init__(self, name: str, manifest: ModelManifest, tokenizer: Tokenizer,
                  holdings_dir: str | os.PathLike, cfg: EngineConfig, *, secret: bytes,
                  coordinator: str, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
                  local_dir: str | os.PathLike | None = None, stage_timeout_s: float = 30.0,
-                 function: str = "", on_full: Callable[[Member], None] | None = None) -> None:
-        self.name, self.manifest, self.cfg = name, manifest, cfg
-        self.function = function or manifest.name
-        self.coordinator = coordinator
-        self.holdings_dir = Path(holdings_dir)
-        self.local_dir = None if local_dir is None else Path(local_dir)
+                 function: str = "", on_full: Callable[[Member], None] | None = None,
+                 store_loader: Callable[[int], Path] | None = None, pieces: bool = True) -> None:
+        super().__init__(name, manifest, holdings_dir, secret=secret, coordinator=coordinator,
+                         bind_host=bind_host, advertise_host=advertise_host, local_dir=local_dir,
+                         function=function or manifest.name, store_loader=store_loader, pieces=pieces)
+        self.cfg = cfg
         self.stage_timeout_s = stage_timeout_s
         self._on_full = on_full  # called once (control thread) when it switches to its full copy
-        tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
-        self.blocks_tx = ZmqTransport(name=name, **tx)
-        self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **tx)
-        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **tx)
-        self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **tx)
-        self.agent = NodeAgent(name, self.blocks_tx, manifest, self.holdings_dir,
-                               local_dir=self.local_dir, on_block=self._landed)
-        self._lock = threading.Lock()
-        self.held: set[int] = set(self.agent.held())
+        self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **self._tx)
+        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **self._tx)
         self._shards: dict[tuple[int, int], ModelShard] = {}
         self._route_key: tuple[Any, ...] | None = None
         self.route = MemberRoute("loading")
         self.servable = threading.Event()
         self.error: str | None = None
         self.served: list[dict[str, Any]] = []  # the routes this member made tokens on
-        self._stop = threading.Event()
-        self._plans: queue.SimpleQueue[tuple[Any, dict[str, str], str]] = queue.SimpleQueue()
         full = len(self.held) == manifest.num_blocks
         runner = self._full_chain() if full else NoRunner(manifest.config, cfg.max_batch_size)
         if full:
@@ -148,23 +137,12 @@ class Member:
         # scale-out: room for that many KV caches (each grows in chunks only as it is used).
         self.stage_server = StageServer(self._shard, self.stage_tx, cfg.max_batch_size,
                                         cfg.kv_block_tokens, max_heads=STAGE_MAX_HEADS)
-        self._threads = [threading.Thread(target=f, name=f"member-{name}-{f.__name__}", daemon=True)
-                         for f in (self._control_loop, self._plan_loop, self._heartbeat_loop)]
         self._threads.append(threading.Thread(target=self.stage_server.serve, daemon=True,
                                               name=f"member-{name}-stage"))
-        for t in self._threads:
-            t.start()
-        self._join()
+        self._start()
 
-    def _join(self) -> None:
-        with self._lock:
-            held = sorted(self.held)
-        self._tell("join", model_id=self.manifest.model_id, function=self.function,
-                   num_blocks=self.manifest.num_blocks,
-                   block_bytes=[b.size_bytes for b in self.manifest.blocks],
-                   held=held, local=self.local_dir is not None,
-                   blocks=self.blocks_tx.address, stage=self.stage_tx.address,
-                   ctl=self.ctl_tx.address)
+    def _join_meta(self) -> dict[str, Any]:
+        return {"stage": self.stage_tx.address}
 
     # ------------------------------------------------------------------ the owner's side
 
@@ -192,26 +170,12 @@ class Member:
         if leave and not self._stop.is_set():
             self._tell("leave")
         self._stop.set()
-        self.agent.cancel()
         self.stage_server.stop()
         self.loop.stop(timeout_s=2.0)
-        stuck = []
-        for t in self._threads:
-            t.join(5.0)
-            stuck += [t.name] if t.is_alive() else []
-        if stuck:  # a send to a dead peer, bounded by its timeout: its transport closes with us
-            log.warning("%s: threads %s still busy; leaving their sockets to the process", self.name,
-                        stuck)
-        for tx in (self.stage_tx, self.head_tx, self.ctl_tx,
-                   *(() if stuck else (self.blocks_tx,))):
-            tx.close()
+        stuck = self._stop_threads(leave=False)
+        self._close_transports(stuck, self.stage_tx, self.head_tx)
 
     # ------------------------------------------------------------------ blocks and shards
-
-    def _landed(self, block: int) -> None:  # agent threads
-        with self._lock:
-            self.held.add(block)
-        self._tell("block", block=block)
 
     def _layers(self, first_block: int, last_block: int) -> tuple[int, int]:
         return (self.manifest.blocks[first_block].layer_start,
@@ -278,64 +242,31 @@ class Member:
             self._route_key = None  # the same route, sent again, is a retry: apply it
         self._tell("stage_failed", why=str(exc)[:500])
 
-    # ------------------------------------------------------------------ threads
+    # ------------------------------------------------------------------ control
 
-    def _tell(self, op: str, **meta: Any) -> None:
-        try:
-            self.ctl_tx.send(self.coordinator, "control", {"op": op, "node": self.name, **meta},
-                             timeout_s=5.0)
-        except TransportError as e:
-            log.warning("%s: could not tell the coordinator %s: %s", self.name, op, e)
-
-    def _control_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                msg = self.ctl_tx.recv(POLL_S)
-            except TransportError:
-                continue
-            try:
-                self._on_control(msg.header, msg.payload)
-            except Exception:
-                log.exception("%s: control frame %s failed", self.name, msg.header.meta.get("op"))
-
-    def _on_control(self, header: Header, payload: Any) -> None:
-        meta, op = dict(header.meta), header.meta.get("op")
-        if header.kind != "control":
-            return
+    def _on_op(self, op: str, meta: dict[str, Any], payload: Any) -> None:
         if op == "route":
             self._apply_route(MemberRoute.from_meta(meta))
-        elif op == "plan":
-            self.agent.cancel()  # a new plan (a repair) replaces the one running
-            self._plans.put((plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
-                             str(meta.get("plan_id", ""))))
-        elif op == "rejoin":  # the coordinator restarted and does not know us
-            self._join()
         elif op == "error":
             self.error = str(meta.get("why", "the coordinator refused"))
             self.servable.set()
 
-    def _plan_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                plan, peers, plan_id = self._plans.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            try:
-                report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
-                self._tell("agent_done", ok=True, received=len(report.arrival_s))
-            except MulticastError as e:
-                self._tell("agent_done", ok=False, why=str(e)[:1000],
-                           missing=list(e.missing_blocks), stalled=list(e.stalled_peers))
-            except AgentConfigError as e:
-                self._tell("agent_done", ok=False, why=str(e)[:1000], missing=[], stalled=[])
-
-    def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address)
-
 
 # ---------------------------------------------------------------------------------------------
 # Process entry point (emulated cluster, benchmarks)
+
+
+def store_loader(location: str, manifest: Any, tier_dir: Path) -> Callable[[int], Path]:
+    """A member's store loader outside the platform: blocks of the model at ``location`` fetched
+    (verified) through a block store of its own under ``tier_dir``; returns their files."""
+    from faascale.memory_tier.node import split_location
+    from faascale.memory_tier.object_store import open_store
+
+    uri, prefix = split_location(location)
+    store = open_store(uri)
+    blocks = BlockStore(tier_dir / "host", tier_dir / "disk", 1 << 40, 1 << 40,
+                        remote=RemoteBlocks(lambda _manifest: (store, prefix)))
+    return lambda index: blocks.fetch(manifest, index, pin=False).path
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -345,6 +276,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-dir", type=Path, required=True, help="packed model: manifest, tokenizer")
     p.add_argument("--holdings-dir", type=Path, required=True)
     p.add_argument("--local-dir", type=Path)
+    p.add_argument("--store", help="the packed model's location in an object store (a directory "
+                                   "or s3://bucket/prefix): this member may load its part of a "
+                                   "scale from zero from it (through a block store of its own)")
     p.add_argument("--bind", default="127.0.0.1", help="host to bind the transports on")
     p.add_argument("--coordinator", required=True, help="the coordinator's tcp:// address")
     p.add_argument("--secret-file", type=Path, required=True)
@@ -369,10 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         manifest = read_manifest(args.model_dir)
         tokenizer = Tokenizer(read_tokenizer_json(args.model_dir, manifest), manifest.tokenizer)
+        loader = None if args.store is None else store_loader(
+            args.store, manifest, args.holdings_dir.with_name(args.holdings_dir.name + "-tiers"))
         member = Member(args.name, manifest, tokenizer, args.holdings_dir,
                         EngineConfig(max_batch_size=4, max_seq_len=1024),
                         secret=args.secret_file.read_bytes(), coordinator=args.coordinator,
-                        bind_host=args.bind, local_dir=args.local_dir)
+                        bind_host=args.bind, local_dir=args.local_dir, store_loader=loader)
     except (OSError, ValueError, TransportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -94,10 +94,6 @@ class MulticastPlan:
         last = [t.step for t in self.transfers[-1:]] + [x.step for x in self.local_loads[-1:]]
         return max(last) + 1 if last else 0
 
-    def transfers_at(self, step: int) -> tuple[Transfer, ...]:
-        """The transfers of one step (empty outside the plan)."""
-        return tuple(t for t in self.transfers if t.step == step)
-
     @functools.cached_property
     def _arrivals(self) -> dict[tuple[str, int], int]:
         arrivals = {(n, b): -1 for n in (*self.sources, *self.targets) for b in self._held_before(n)}
@@ -312,8 +308,12 @@ def _unfold_twins(members: list[tuple[str, ...]],
 
 
 def k_way(sources: Sequence[str], targets: Sequence[str], num_blocks: int,
-          local: Iterable[str] = frozenset()) -> MulticastPlan:
+          local: Iterable[str] = frozenset(), relay: str = "binomial") -> MulticastPlan:
     """PipeCast: one binomial pipeline per source, rotated so the targets soon hold every block.
+
+    ``relay="chain"``: each group is a pipelined chain instead (same rotation), the plan for
+    agents that cut through: a chain then delivers the model to all of its targets in about one
+    unicast, where a binomial pipeline still pays a block per extra step.
 
     Targets in ``local`` load from their own tier, one block per step, the j-th of L starting at
     block j*b//L. The other targets are cut, in the given order, into G = min(K, their number)
@@ -328,6 +328,8 @@ def k_way(sources: Sequence[str], targets: Sequence[str], num_blocks: int,
     _check_num_blocks(num_blocks)
     if not sources:
         raise PlanError("k_way needs at least one source")
+    if relay not in ("binomial", "chain"):
+        raise PlanError(f"relay is 'binomial' or 'chain', not {relay!r}")
     if not local <= set(targets):
         raise PlanError(f"local nodes {sorted(local - set(targets))} are not targets")
     network = [t for t in targets if t not in local]
@@ -337,23 +339,29 @@ def k_way(sources: Sequence[str], targets: Sequence[str], num_blocks: int,
     for k in range(num_groups):
         size = len(network) // num_groups + (k < len(network) % num_groups)
         order = rotated(num_blocks, k * num_blocks // num_groups)
-        transfers += binomial_pipeline(sources[k], network[begin:begin + size], num_blocks,
-                                       order).transfers
+        relayed = chain if relay == "chain" else binomial_pipeline
+        transfers += relayed(sources[k], network[begin:begin + size], num_blocks,
+                             order).transfers
         begin += size
     loaders = [t for t in targets if t in local]
     loads = [LocalLoad(step, node, block) for j, node in enumerate(loaders)
              for step, block in enumerate(rotated(num_blocks, j * num_blocks // len(loaders)))]
-    return MulticastPlan(f"pipecast-k{len(sources)}", sources, targets, num_blocks,
-                         tuple(transfers), tuple(loads))
+    name = f"pipecast-k{len(sources)}" + ("-chain" if relay == "chain" else "")
+    return MulticastPlan(name, sources, targets, num_blocks, tuple(transfers), tuple(loads))
 
 
-def chain(source: str, targets: Sequence[str], num_blocks: int) -> MulticastPlan:
-    """Pipelined relay source -> t0 -> t1 -> ...: block i reaches target j at step i + j, so
-    b + n - 2 steps. Raises PlanError as ``binomial_pipeline``."""
+def chain(source: str, targets: Sequence[str], num_blocks: int,
+          block_order: Sequence[int] | None = None) -> MulticastPlan:
+    """Pipelined relay source -> t0 -> t1 -> ...: the i-th block of ``block_order`` (default
+    0..b-1) reaches target j at step i + j, so b + n - 2 steps. With agents that cut through
+    (blocks in pieces, each forwarded as it lands) a hop costs a piece, not a step: every target
+    holds the model about one unicast after the start. Raises PlanError as
+    ``binomial_pipeline``."""
     targets = _checked(source, targets, num_blocks)
+    order = _check_order(block_order, num_blocks)
     path = (source, *targets)
     return MulticastPlan("chain", (source,), targets, num_blocks, tuple(
-        Transfer(i + j, path[j], path[j + 1], i)
+        Transfer(i + j, path[j], path[j + 1], order[i])
         for j in range(len(targets)) for i in range(num_blocks)))
 
 
@@ -405,9 +413,13 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
     holds every block and serves any number of readers per step) is used only for blocks no
     live node can give. Greedy, step by step in the step model: targets missing the most go
     first, each takes the rarest block it needs from the first idle holder (peers before the
-    store). Not optimal, but every step moves at least one block, so it ends within
-    (missing blocks) steps. Raises PlanError if a needed block is held by nobody and there is
-    no store, or for a target or block not in range.
+    store), in the target's own rotated order. A block the store sends in a step is not
+    fetched from it again in that step: the others take it from that target later, so targets
+    that start with nothing (a scale from zero) each load a different contiguous part from the
+    store, and then fill in from each other (every block leaves the store about once per step it is needed, not once per target).
+    Not optimal, but every step moves at least one block, so it ends within (missing blocks)
+    steps. Raises PlanError if a needed block is held by nobody and there is no store, or for
+    a target or block not in range.
     """
     targets = tuple(targets)
     _check_num_blocks(num_blocks)
@@ -428,18 +440,26 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
     initial = {n: frozenset(held[n]) for n in (*helpers, *targets) if n != store}
     senders_in_order = [n for n in sorted(held) if n != store] + ([store] if store else [])
     transfers: list[Transfer] = []
+    # Each target takes blocks in its own rotated order (the j-th of N from block j*b/N on): from
+    # zero, every target then loads one contiguous part from the store, which a pipeline can use.
+    start = {t: j * num_blocks // len(targets) for j, t in enumerate(targets)}
     step = 0
     while any(len(held[t]) < num_blocks for t in targets):
         rarity = {b: sum(b in bs for n, bs in held.items() if n != store) for b in range(num_blocks)}
         busy: set[str] = set()
+        from_store: set[int] = set()  # blocks the store sends this step (to one target each)
         arrived: list[tuple[str, int]] = []
         for dst in sorted((t for t in targets if len(held[t]) < num_blocks),
                           key=lambda t: (len(held[t]), t)):
-            for block in sorted(set(range(num_blocks)) - held[dst], key=lambda b: (rarity[b], b)):
+            for block in sorted(set(range(num_blocks)) - held[dst],
+                                key=lambda b: (rarity[b], (b - start[dst]) % num_blocks)):
+                if block in from_store:  # another target brings it now: take it from them later
+                    continue
                 src = next((n for n in senders_in_order if n != dst and block in held[n]
                             and n != store and n not in busy), None)
                 if src is None and rarity[block] == 0:  # no live peer has it: the store does
                     src = store
+                    from_store.add(block)
                 if src is not None:
                     if src != store:
                         busy.add(src)

@@ -7,10 +7,14 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
 
 - ``expect(model_id, n)``: the autoscaler's ``ScaleIntent`` — n new replicas are coming. Members
   that join while loading are gathered into one wave until n have joined (and a source is known)
-  or ``join_window_s`` passed since the first; then the wave is planned (sources: members that hold the whole model,
-  then targets whose own tier holds it load locally) and every node of the plan gets its part.
-  With nobody to copy from, the loading members are told so (``error``): they load from the
-  object store the usual way. One wave at a time per model; later joiners form the next.
+  or ``join_window_s`` passed since the first; then the wave is planned (sources: members that
+  hold the whole model, then nodes' tier copies that joined as sources (``source.py``: HOST,
+  then DISK); targets whose own tier holds it load locally) and every node of the plan gets its
+  part.
+  With nobody to copy from, members that can load from the object store inside a plan (two or
+  more) share the load: each loads a different part from the store, then the rest from each
+  other, serving through a pipeline once their parts cover the model; the others are told so
+  (``error``) and load from the object store the usual way. One wave at a time per model; later joiners form the next.
 - ``block`` reports feed ``ScaleOut.block_arrived``; every member whose route changed gets its
   new route (``full``, ``pipeline`` with its stages' addresses, ``loading``).
 - Faults: a member silent for ``dead_after_s`` (no heartbeat) is dead: ``ScaleOut.node_failed``
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -50,6 +55,13 @@ from faascale.pipecast.transport import Header, Transport, TransportError, ZmqTr
 log = logging.getLogger(__name__)
 JOIN_WINDOW_S = 1.0
 DEAD_AFTER_S = 5.0
+# A target of a running scale-out that got no block for this long, its members all alive, is
+# re-planned (a receive that stalled would otherwise wait for the agents' plan timeout).
+STALL_AFTER_S = 60.0
+# How plans relay a model in pieces: "chain" (rotated chains: about one unicast to all, each
+# node receiving and forwarding at once), "binomial" (binomial pipelines, as for whole blocks),
+# or "auto" (chain). Models without pieces always relay in binomial pipelines.
+RELAY_ENV = "FAASCALE_PIPECAST_RELAY"
 RETRY_ROUTE_S = 1.0
 POLL_S = 0.1
 CONTROL_SEND_S = 0.25  # a live member's control queue takes a frame at once; never block long
@@ -65,6 +77,16 @@ class _Node:
     held: set[int]
     local: bool
     last_seen_s: float
+    source: str | None = None  # HOST or DISK: a node's tier copy (``source.py``), never routed to
+    store: bool = False  # its agent can load blocks from the object store inside a plan
+
+
+def _relay() -> str:
+    value = os.environ.get(RELAY_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "chain", "binomial"):
+        log.warning("%s=%r: expected auto, chain or binomial; using auto", RELAY_ENV, value)
+        value = "auto"
+    return "chain" if value == "auto" else value
 
 
 @dataclass
@@ -73,6 +95,7 @@ class _Model:
     function: str
     num_blocks: int
     block_bytes: tuple[int, ...]
+    cut_through: bool = False  # every member's manifest lists pieces: plans relay in chains
     nodes: dict[str, _Node] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
     first_pending_s: float | None = None
@@ -228,15 +251,25 @@ class Coordinator:
             m = self.models[model_id] = _Model(model_id, str(meta.get("function", model_id)),
                                               int(meta["num_blocks"]),
                                               tuple(int(b) for b in meta["block_bytes"]),
+                                              cut_through=meta.get("pieces") is True,
                                               expected=self._expected.pop(model_id, 0))
             m.expected += self._expected.pop(m.function, 0)
+        m.cut_through = m.cut_through and meta.get("pieces") is True
+        source = meta.get("source") if meta.get("source") in ("HOST", "DISK") else None
+        function = str(meta.get("function") or "")
+        if source is None and function and function != m.function:  # a tier source named it
+            m.function = function
+            m.expected += self._expected.pop(function, 0)
         old = self._model_of(name)
         if old is not None:  # a member that restarted under its name: forget the old one
             self._forget(old, name, now)
-        m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta["stage"]),
-                              {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now)
-        log.info("%s joined %s with %d/%d blocks", name, model_id, len(m.nodes[name].held),
-                 m.num_blocks)
+        m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta.get("stage", "")),
+                              {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now,
+                              source, bool(meta.get("store")))
+        log.info("%s joined %s with %d/%d blocks%s", name, model_id, len(m.nodes[name].held),
+                 m.num_blocks, f" (a {source} source)" if source else "")
+        if source is not None:  # a source only: planned from, never a target, never routed
+            return
         if m.full(name):
             self._send(m, name, "route", {"mode": "full"})
             return
@@ -256,6 +289,16 @@ class Coordinator:
                     del m.retry_at_s[name]
                     m.sent.pop(name, None)  # send it again even if unchanged
                     self._send_routes(m)
+            so = m.active
+            stalled = so.stalled(now, STALL_AFTER_S) if so is not None else []
+            if so is not None and stalled:
+                log.warning("%s: %s got no block for %.0f s: re-planning", m.model_id, stalled,
+                            STALL_AFTER_S)
+                so.record.append(Event(now, "stall_replan", {"targets": stalled}))
+                try:
+                    self._dispatch(m, so.replan(now))
+                except PlanError as e:
+                    self._give_up(m, stalled, str(e))
             if m.active is None and m.pending and (
                     (len(m.pending) >= max(1, m.expected) and self._holders(m))
                     or now - (m.first_pending_s or now) >= self.join_window_s):
@@ -279,24 +322,31 @@ class Coordinator:
         if so.done:
             self._finish(m, now)
             return
-        store_fed = sorted({t.dst for t in plan.transfers if t.src == STORE})
-        if store_fed:  # members cannot read the object store in a plan: they load it themselves
+        store_fed = sorted({t.dst for t in plan.transfers if t.src == STORE
+                            and not (t.dst in m.nodes and m.nodes[t.dst].store)})
+        if store_fed:  # members that cannot read the object store in a plan load it themselves
             self._give_up(m, store_fed, f"blocks of {m.model_id} are held by no live node")
         self._dispatch(m, plan)
 
     def _start_wave(self, m: _Model, now: float) -> None:
-        targets = tuple(n for n in m.pending if n in m.nodes)
+        targets = tuple(sorted(n for n in m.pending if n in m.nodes))  # plans by name, not race
         m.pending, m.first_pending_s = [], None
         m.expected = max(0, m.expected - len(targets))
         holders = self._holders(m)
         local = frozenset(t for t in targets if m.nodes[t].local)
-        if not holders:
-            self._give_up(m, [t for t in targets if t not in local],
+        if not holders:  # from zero: members that can load from the store share the load
+            from_store = [t for t in targets if t not in local and m.nodes[t].store]
+            if len(from_store) < 2:  # alone it would only load from the store: let it
+                from_store = []
+            self._give_up(m, [t for t in targets if t not in local and t not in from_store],
                           f"no replica holds {m.model_id}")
-            targets = tuple(t for t in targets if t in local)
+            targets = tuple(t for t in targets if t in local or t in from_store)
         if not targets:
             return
-        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, holders, local)
+        held = {t: frozenset(m.nodes[t].held) for t in targets if m.nodes[t].held}
+        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, holders, local,
+                                  held,  # a rejoined member is planned with what it holds
+                                  cut_through=m.cut_through and _relay() == "chain")
         m.active = so = ScaleOut(request, now, self.max_sources)
         log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
                  so.plan.sources, targets, so.plan.num_steps)
@@ -304,8 +354,11 @@ class Coordinator:
 
     @staticmethod
     def _holders(m: _Model) -> tuple[Holder, ...]:
-        return tuple(Holder(n, HolderKind.REPLICA) for n in sorted(m.nodes)
-                     if n not in m.pending and m.full(n))
+        """Every node holding the whole model: serving replicas, then tier sources (HOST, DISK);
+        ``choose_sources`` ranks them by kind."""
+        return tuple(Holder(n, HolderKind[m.nodes[n].source] if m.nodes[n].source
+                            else HolderKind.REPLICA)
+                     for n in sorted(m.nodes) if n not in m.pending and m.full(n))
 
     def _dispatch(self, m: _Model, plan: MulticastPlan) -> None:
         nodes = [n for n in (*plan.sources, *plan.targets) if n in m.nodes]
@@ -334,6 +387,8 @@ class Coordinator:
     # ------------------------------------------------------------------ routes
 
     def _mode(self, m: _Model, name: str) -> str:
+        if m.nodes[name].source is not None:
+            return "source"
         so = m.active
         if so is not None and name in so.holdings:
             return so.route(name).mode.value

@@ -290,7 +290,9 @@ class ZmqTransport:
             self._pull = self._ctx.socket(zmq.PULL)
             self._pull.setsockopt(zmq.LINGER, 0)
             self._pull.setsockopt(zmq.RCVHWM, recv_hwm)
-            self._pull.setsockopt(zmq.MAXMSGSIZE, max_payload_bytes + MAX_HEADER_BYTES)
+            # Per message part (libzmq checks each frame): the header part is at most
+            # MAX_HEADER_BYTES, the payload part at most max_payload_bytes.
+            self._pull.setsockopt(zmq.MAXMSGSIZE, max(max_payload_bytes, MAX_HEADER_BYTES))
             self._pull.bind(endpoint)
             bound_port = self._pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
         except zmq.ZMQError as e:

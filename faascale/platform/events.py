@@ -36,6 +36,8 @@ class EventSink:
         self._pins: dict[str, list[dict[str, Any]]] = {}
         self._features: dict[str, Any] = {}  # model id -> ModelFeatures from its manifest
         self._manifests: dict[str, str] = {}  # model id -> manifest JSON
+        self._warm_idle = 0  # warm runtimes waiting in the pools (the platform's WarmPool says)
+        self._last_scale_up_s: dict[str, float] = {}  # function -> when a replica was last ordered
         # Import what the estimates need now, at platform start, not on the first status call.
         import faascale.coldstart.estimate  # noqa: F401
         import faascale.coldstart.profile  # noqa: F401
@@ -48,6 +50,8 @@ class EventSink:
         at_s = float(event.pop("at_s", None) or time.time())
         self.registry.add_event(function, kind, event, at_s)
         more = int(event.get("to_replicas", 0) or 0) - int(event.get("from_replicas", 0) or 0)
+        if kind == "scale_intent" and more > 0:
+            self._last_scale_up_s[function] = max(at_s, self._last_scale_up_s.get(function, 0.0))
         if kind == "scale_intent" and more > 0:  # PipeCast plans before the replicas exist
             from faascale.platform.pipecast_actor import pipecast_actor
 
@@ -55,7 +59,18 @@ class EventSink:
             if coordinator is not None:
                 coordinator.expect.remote(function, more)
 
+    def last_scale_up_s(self, function: str) -> float | None:
+        """When a replica of ``function`` was last ordered (its scale-up intent), or None: a
+        starting replica tells from it whether its runtime was ready before it was ordered."""
+        return self._last_scale_up_s.get(function)
+
     # --- cold-start estimates ------------------------------------------------------------------
+
+    def set_warm_pool(self, idle: int) -> None:
+        """Warm runtimes now idle across the nodes: the next start is estimated warm while > 0."""
+        if (idle > 0) != (self._warm_idle > 0):
+            self._estimates.clear()
+        self._warm_idle = int(idle)
 
     def pin_estimates(self, function: str, estimates: list[dict[str, Any]] | None) -> None:
         """Replace the function's estimates with literal ones (an operator forcing a source, or
@@ -111,7 +126,8 @@ class EventSink:
         machines = [o.setting.machine for o in observations]
         machine = max(set(machines), key=machines.count) if machines else socket.gethostname()
         available = _available_sources(record.model_id, manifest_json)
-        return [e.to_dict() for e in estimates_for(features, machine, observations, available)]
+        return [e.to_dict() for e in estimates_for(features, machine, observations, available,
+                                                   warm=self._warm_idle > 0)]
 
 
 def profile_observations(profiles: list[Any]) -> list[Any]:
@@ -129,7 +145,7 @@ def profile_observations(profiles: list[Any]) -> list[Any]:
         except ValueError:
             continue
         machine = str((p.machine or {}).get("hostname") or "?")
-        out.append(engine_observation(model, machine, p.source, p.steps()))
+        out.append(engine_observation(model, machine, p.source, p.steps(), warm=p.warm))
     return out
 
 
@@ -176,6 +192,17 @@ def start_event_sink(registry_path: Path) -> Any:
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
         max_concurrency=1, get_if_exists=True,
     ).remote(str(registry_path))
+
+
+def last_scale_up_ref(function: str) -> Any:
+    """``EventSink.last_scale_up_s`` as an ObjectRef (None without a sink); never raises."""
+    try:
+        if not ray.is_initialized():
+            return None
+        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).last_scale_up_s.remote(function)
+    except Exception as exc:  # no sink: the runtime is judged by its idle time alone
+        log.debug("no last scale-up for %s: %s", function, exc)
+        return None
 
 
 def report(event: dict[str, Any]) -> None:

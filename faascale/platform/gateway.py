@@ -69,6 +69,7 @@ class GatewayContext:
     logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
     tier_stats: Callable[[], dict[str, Any]] = dict  # node -> its block store's occupancy and hits
     pipecast: Callable[[], dict[str, Any]] = dict  # model id -> PipeCast members, pipelines, record
+    warm_pool: Callable[[], list[dict[str, Any]]] = list  # per node: warm runtimes (warm_pool.py)
     estimates: Callable[[str], list[dict[str, Any]]] = lambda name: []  # cold-start estimates
     pin_estimates: Callable[[str, list[dict[str, Any]] | None], None] | None = None
     metrics: Metrics = field(default_factory=Metrics)
@@ -222,7 +223,8 @@ def _coldstart_summary(profiles: list[StartupProfile]) -> dict[str, Any]:
     last = ok[0] if ok else None
     return {"last": None if last is None else {
                 "replica": last.replica, "source": last.source, "total_s": last.total_s,
-                "steps_s": last.steps(), "at_s": last.started_at_s},
+                "steps_s": last.steps(), "at_s": last.started_at_s, "warm": last.warm,
+                "fixed_s": last.fixed_s},
             "starts": len(ok), "failed": len(profiles) - len(ok),
             "summary": [dataclasses.asdict(x) for x in summarize(ok)]}
 
@@ -308,6 +310,10 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 m.tier_capacity.labels(node, tier).set(t["capacity_bytes"])
             for tier, hits in stats["hits"].items():
                 m.tier_hits.labels(node, tier).set(hits)
+        for pool in ctx.warm_pool():
+            m.warm_idle.labels(pool["node"]).set(pool["idle"])
+            m.warm_target.labels(pool["node"]).set(pool["target"])
+            m.warm_taken.labels(pool["node"]).set(pool["taken_total"])
         m.pipecast_blocks.clear()
         for model in (await pipecast_progress()).values():
             fn = model["function"]
@@ -475,6 +481,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             "gateway": {"in_flight": st.in_flight[record.name],
                         "waiting_first_token": st.waiting[record.name]},
             "nodes": await run_in_threadpool(ctx.tier_stats),
+            "warm_pool": ctx.warm_pool(),
             "pipecast": _pipecast_summary((await pipecast_progress()).get(record.model_id)),
             "estimates": await cold_start_estimates(record.name),
             "coldstart": _coldstart_summary(await stored_profiles(record.name, 20)),
@@ -663,7 +670,8 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 prompt = body.single_prompt()
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
-            payload = {"params": body.params(16)}  # OpenAI's default max_tokens for completions
+            payload = {"params": body.params(16),  # OpenAI's default max_tokens for completions
+                       "max_tokens_requested": body.max_tokens is not None}
             payload["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
             stream = await chunks(name, payload)
             rid = oa.new_id("cmpl")
@@ -697,7 +705,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
             params = body.params(max_tokens_default(name))
             if body.max_completion_tokens:
                 params["max_tokens"] = body.max_completion_tokens
-            stream = await chunks(name, {"messages": messages, "params": params})
+            stream = await chunks(name, {"messages": messages, "params": params,
+                                         "max_tokens_requested": bool(body.max_tokens
+                                                                      or body.max_completion_tokens)})
             rid = oa.new_id("chatcmpl")
             if body.stream:
                 async def events() -> AsyncIterator[dict[str, Any]]:

@@ -47,6 +47,15 @@ class Metrics:
         self.tier_hits = Gauge("faascale_tier_hits", "Block fetches served per node and source "
                                "tier, since the node's store started", ["node", "tier"], registry=r)
 
+        self.warm_idle = Gauge("faascale_warm_runtimes_idle", "Warm runtimes (pooled Ray workers "
+                               "with torch and the engine imported) waiting per node", ["node"],
+                               registry=r)
+        self.warm_target = Gauge("faascale_warm_runtimes_target", "Warm runtimes each node keeps",
+                                 ["node"], registry=r)
+        self.warm_taken = Gauge("faascale_warm_runtimes_taken", "Warm runtimes that left a node's "
+                                "pool (taken by a replica or another actor), since the platform "
+                                "started", ["node"], registry=r)
+
         self.pipecast_blocks = Gauge("faascale_pipecast_blocks", "Blocks each PipeCast member "
                                      "(replica) holds, by function", ["function", "replica"],
                                      registry=r)

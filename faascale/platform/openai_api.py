@@ -127,7 +127,8 @@ class InvokeRequest(_Sampling):
     def payload(self, default_max_tokens: int) -> dict[str, Any]:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
-        out: dict[str, Any] = {"params": self.params(default_max_tokens)}
+        out: dict[str, Any] = {"params": self.params(default_max_tokens),
+                               "max_tokens_requested": self.max_tokens is not None}
         if self.messages is not None:
             out["messages"] = [{"role": m.role, "content": m.text()} for m in self.messages]
         else:

@@ -34,8 +34,8 @@ from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
 from faascale.memory_tier.object_store import download_packed, open_store, read_packed_metadata
 from faascale.pipecast.member import Member, MemberError
-from faascale.platform import events
-from faascale.platform.pipecast_actor import pipecast_actor
+from faascale.platform import events, model_prep
+from faascale.platform.pipecast_actor import pipecast_actor, use_pieces
 from faascale.platform.registry import STARTUP_PROFILE
 from faascale.platform.spec import parse_function_spec
 
@@ -79,7 +79,10 @@ class FunctionReplica:
                  tiers: dict[str, Any] | None = None) -> None:
         t0 = time.time()
         rec = self._rec = StartupRecorder()
-        process_spans(rec, t0)
+        self._t0 = t0
+        self._ordered_ref = events.last_scale_up_ref(str(spec_doc.get("name") or ""))
+        self.runtime: dict[str, Any] = {}
+        apply_thread_count()
         with rec.span("spec_tokenizer"):  # the rest of this step is in _start_with_tiers
             self.spec = parse_function_spec(spec_doc, base_dir)
             self.handler = load_handler(self.spec.handler, base_dir)
@@ -107,18 +110,20 @@ class FunctionReplica:
             raise
         t_loaded = time.time()
         self._ready_s = t_loaded
-        events.report({"function": self.spec.name, "kind": "cold_start", "at_s": time.time(),
+        self._report_profile(self.llm.manifest, sources)  # also judges the runtime
+        events.report({"function": self.spec.name, "kind": "cold_start", "at_s": t_loaded,
                        "replica": self.replica_id, "load_s": t_loaded - t0,
-                       "total_s": time.time() - t0, "model_id": self.llm.manifest.model_id,
+                       "total_s": t_loaded - t0, "model_id": self.llm.manifest.model_id,
                        "bytes": self.llm.manifest.total_bytes, "sources": sources,
                        "chosen_source": self.chosen_source,
-                       "pid": os.getpid()})
-        self._report_profile(self.llm.manifest, sources)
+                       "warm_runtime": bool(self.runtime.get("warm")), "pid": os.getpid()})
 
     def _report_profile(self, manifest: Any, sources: dict[str, int], ok: bool = True,
                         error: str | None = None) -> None:
-        """The start's ``StartupProfile`` to the events actor (stored in the registry)."""
+        """The start's ``StartupProfile`` to the events actor (stored in the registry), with the
+        spans before the constructor and the runtime it found (warm or cold, ``process_spans``)."""
         try:
+            self.runtime = process_spans(self._rec, self._t0, _resolve(self._ordered_ref))
             tokenizer_bytes = getattr(self, "_tokenizer_bytes", 0)
             self.profile = self._rec.finish(
                 function=self.spec.name, replica=getattr(self, "replica_id", "?"),
@@ -126,7 +131,7 @@ class FunctionReplica:
                 source=source_of(sources), weight_bytes=manifest.total_bytes if manifest else 0,
                 machine=machine_facts(),
                 model=model_facts(manifest, tokenizer_bytes) if manifest is not None else {},
-                ok=ok, error=error)
+                ok=ok, error=error, runtime=getattr(self, "runtime", {}))
             events.report({"function": self.spec.name, "kind": STARTUP_PROFILE,
                            "at_s": time.time(), "profile": self.profile.to_dict()})
         except Exception as exc:  # a profile must never fail a start
@@ -144,12 +149,18 @@ class FunctionReplica:
 
         rec = self._rec
         t_spec = time.time()
-        store_uri, prefix = split_location(location)
-        store = open_store(store_uri)
-        manifest, tokenizer_json = read_packed_metadata(store, prefix)
+        prepared = model_prep.take(location)  # a warm runtime read and parsed it while idle
+        if prepared is not None:
+            store, prefix = prepared.store, prepared.prefix
+            manifest, tokenizer_json = prepared.manifest, prepared.tokenizer_json
+        else:
+            store_uri, prefix = split_location(location)
+            store = open_store(store_uri)
+            manifest, tokenizer_json = read_packed_metadata(store, prefix)
         self._tokenizer_bytes = len(tokenizer_json.encode())
         if self.spec.scaling.load_from == "store":
             return self._start_from_store(store, prefix, manifest, tiers, t_spec)
+        t_meta = time.time()
         self._node_blocks = node_blocks_actor(tiers)
         self._manifest_json = manifest.to_json()
         # ``scaling.pipecast: false`` (or FAASCALE_PIPECAST=0): plain tier loads, no multicast
@@ -163,10 +174,19 @@ class FunctionReplica:
         estimates = _estimates_ref(self.spec.name) if coordinator is not None else None
         held = (self._node_blocks.model_tiers.remote(self._manifest_json)
                 if coordinator is not None else None)
-        tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)  # parsed while Ray answers
+        t_actors = time.time()
+        tokenizer = (prepared.tokenizer if prepared is not None  # else parsed while Ray answers
+                     else Tokenizer(tokenizer_json, manifest.tokenizer))
         cfg = self.spec.engine_config()
         self.llm = LLM(manifest, tokenizer, [], cfg)  # prompts and the manifest; shards below
-        rec.add("spec_tokenizer", t_spec, time.time())
+        t_end = time.time()
+        # where this step's time goes: the model's metadata from the store, the actor handles
+        # and the questions sent to them, the tokenizer's parse
+        rec.add("spec_tokenizer", t_spec, t_end, metadata_s=round(t_meta - t_spec, 4),
+                actors_s=round(t_actors - t_meta, 4), tokenizer_s=round(t_end - t_actors, 4),
+                prepared_ahead=prepared is not None,
+                **({"prepared_before_s": round(t_spec - prepared.prepared_at_s, 3)}
+                   if prepared is not None else {}))
         self.chosen_source = (_chosen_source(estimates, held, peers_first)
                               if coordinator is not None else "")
         # The estimates pick the source (the same comparison the autoscaler made, with HOST and
@@ -177,7 +197,7 @@ class FunctionReplica:
         if use_peers and ray.get(has_source):
             t_fetch = time.time()
             member = self._join(coordinator, manifest, tokenizer, tiers, [],
-                                on_full=self._adopt)
+                                on_full=self._adopt, store_loader=self._store_loader(location))
             try:
                 member.wait_servable(MEMBER_SERVABLE_TIMEOUT_S)
             except MemberError as exc:  # the sources went away: load the usual way
@@ -229,8 +249,19 @@ class FunctionReplica:
         self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}")
         return {"REMOTE": manifest.num_blocks}
 
+    def _store_loader(self, location: str) -> Callable[[int], Path]:
+        """How this replica's PipeCast agent loads a block from the object store in a plan (a
+        scale from zero shared with other new replicas): through the node's block store."""
+        import ray
+
+        def load(index: int) -> Path:
+            return Path(ray.get(self._node_blocks.fetch_block.remote(
+                self._manifest_json, location, index, self.spec.scaling.keep_alive_s)))
+        return load
+
     def _join(self, coordinator: Any, manifest: Any, tokenizer: Tokenizer, tiers: TierConfig,
-              held_paths: list[str], on_full: Callable[[Member], None] | None = None) -> Member:
+              held_paths: list[str], on_full: Callable[[Member], None] | None = None,
+              store_loader: Callable[[int], Path] | None = None) -> Member:
         """Join PipeCast as ``self.replica_id``: with ``held_paths`` (the block files this
         replica mapped) as a holder, else as a new replica with an empty directory."""
         import ray
@@ -244,7 +275,7 @@ class FunctionReplica:
         return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
                       self.spec.engine_config(), secret=secret, coordinator=address,
                       bind_host=ray.util.get_node_ip_address(), function=self.spec.name,
-                      on_full=on_full)
+                      on_full=on_full, store_loader=store_loader, pieces=use_pieces())
 
     def _adopt(self, member: Member) -> None:
         """PipeCast brought every block: keep them in the node's HOST tier too (warm for the
@@ -288,6 +319,13 @@ class FunctionReplica:
             ids = self.llm.prompt_ids([int(t) for t in request["prompt_ids"]])
         else:
             ids = self.llm.prompt_ids(str(request.get("prompt", "")))
+        limit = self.spec.engine.max_seq_len
+        if request.get("max_tokens_requested") and len(ids) + params.max_tokens > limit:
+            # as vLLM: a max_tokens the context cannot hold is the client's error, not a cut
+            raise PromptTooLongError(
+                f"max_tokens: this model's maximum context length is {limit} tokens; the request "
+                f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the prompt, "
+                f"{params.max_tokens} in the completion): lower max_tokens or shorten the prompt")
         return ids, params
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -338,6 +376,21 @@ class FunctionReplica:
                 pass
 
 
+def apply_thread_count() -> None:
+    """torch's CPU threads as Ray assigned them (``OMP_NUM_THREADS``, set per actor from its
+    ``num_cpus``). A cold worker imports torch after Ray set it; a warm runtime imported torch
+    before, so without this the two would compute with different thread counts. A function's
+    ``engine.num_threads`` still wins (``LLM``)."""
+    import torch
+
+    try:
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        return
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def warm_up(loop: EngineLoop, llm: LLM) -> None:
     """One short greedy request through the engine (a prefill and a decode step), so the first
     user request does not pay for the first forward's allocations and kernel selection."""
@@ -356,15 +409,48 @@ def build_engine_loop(llm: LLM, rec: StartupRecorder, name: str,
     return loop
 
 
-def process_spans(rec: StartupRecorder, constructor_s: float) -> None:
-    """``process`` (creation to the constructor, imports excluded) and ``imports`` spans, when
-    this process made them for this start (a worker reused after minutes is not a start)."""
+def _resolve(ref: Any, timeout_s: float = 0.5) -> Any:
+    """An ObjectRef's value, or None if there is none or it does not come in time (asked at the
+    constructor's start, it has had the whole start to arrive; the start must not wait on it)."""
+    if ref is None:
+        return None
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except Exception as exc:  # the sink is busy or gone: judge the runtime without it
+        log.debug("no answer from the events actor: %s", exc)
+        return None
+
+
+def process_spans(rec: StartupRecorder, constructor_s: float,
+                  ordered_s: float | None = None) -> dict[str, Any]:
+    """The spans of this start before the constructor, and the runtime it found (the profile's
+    ``runtime``). A warm runtime (a pooled worker that started, imported and warmed its kernels
+    before this replica was ordered, ``warm_runtime.py``) contributes zero-length ``process`` and
+    ``imports`` spans: none of that was on this start's path. A cold one contributes ``process``
+    (creation to the imports), ``imports`` and, when the worker ran it, ``kernel_warmup``; a
+    worker reused after minutes is not a start, so spans older than PROCESS_SPAN_MAX_S are left
+    out."""
     born = process_started_at_s()
-    imports = (_IMPORTS_STARTED_S, _IMPORTS_DONE_S)
+    runtime_mod = sys.modules.get("faascale.platform.warm_runtime")
+    if runtime_mod is not None:  # preloaded by Ray (the pool is on), warm or started on demand
+        runtime = {"preloaded": True, **runtime_mod.runtime_state(constructor_s, ordered_s)}
+        if runtime["warm"]:
+            rec.add("process", constructor_s, constructor_s, warm=True)
+            rec.add("imports", constructor_s, constructor_s, warm=True)
+            return runtime
+        imports = (runtime_mod.STARTED_S, runtime_mod.IMPORTED_S)
+        if 0 <= constructor_s - runtime_mod.READY_S < PROCESS_SPAN_MAX_S:
+            rec.add("kernel_warmup", runtime_mod.IMPORTED_S, runtime_mod.READY_S)
+    else:
+        runtime = {"preloaded": False, "warm": False}
+        imports = (_IMPORTS_STARTED_S, _IMPORTS_DONE_S)
     if born is not None and 0 <= constructor_s - born < PROCESS_SPAN_MAX_S:
         rec.add("process", born, min(imports[0], constructor_s))
     if 0 <= constructor_s - imports[1] < PROCESS_SPAN_MAX_S:
         rec.add("imports", imports[0], imports[1])
+    return runtime
 
 
 def _estimates_ref(function: str) -> Any:

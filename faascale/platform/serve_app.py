@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 
 from faascale.memory_tier.node import TierConfig
+from faascale.platform import model_prep
 from faascale.platform.autoscale import ScalingConfig
 from faascale.platform.registry import FunctionRecord
 from faascale.platform.replica import FunctionReplica
@@ -77,9 +78,11 @@ class ServeBackend:
         )
         app = deployment.bind(spec.to_document(), spec.base_dir, record.model_dir,
                               self.tiers.to_dict() if self.tiers else None)
+        model_prep.publish(spec.name, record.model_dir)  # idle runtimes prepare it ahead
         serve.run(app, name=spec.name, route_prefix=None)
 
     def delete(self, name: str) -> None:
+        model_prep.unpublish(name)
         serve.delete(name, _blocking=False)
 
     def handle(self, name: str) -> Any:

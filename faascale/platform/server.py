@@ -75,20 +75,29 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     from faascale.platform.registry import Registry
     from faascale.platform.serve_app import ServeBackend
     from faascale.platform.state import PlatformInfo, StateDir
+    from faascale.platform.warm_pool import WarmPool, ray_system_config, setting_from_env
 
     state = StateDir(home).ensure()
     tokens = load_or_create_tokens(state.tokens_file)
     registry = Registry(state.registry_db)
-    if address:
+    pool_setting = setting_from_env()
+    if address:  # the head's --system-config decides the preload (warm_pool.head_system_config_args)
         ray.init(address=address, namespace="faascale", log_to_driver=False)
     else:  # embedded: a local Ray instance owned by this process (Ray's token auth stays on)
         ray.init(address="local", namespace="faascale", include_dashboard=False,
-                 log_to_driver=False)
+                 log_to_driver=False, _system_config=ray_system_config(pool_setting))
     serve.start(proxy_location="HeadOnly",
                 http_options={"host": "127.0.0.1", "port": free_port()})
     sink = start_event_sink(state.registry_db)
+    warm = WarmPool(pool_setting, on_idle_change=lambda n: sink.set_warm_pool.remote(n)).start()
     pipecast = start_pipecast()
     tiers = TierConfig.for_state_dir(state.root)
+    if pipecast is not None:  # every node's complete tier copies join PipeCast as sources
+        from dataclasses import replace
+
+        from faascale.platform.tier_sources import COMPANION
+
+        tiers = replace(tiers, companion=COMPANION)
     backend = ServeBackend(tiers)
     threading.Thread(target=_keep_node_blocks, args=(tiers,), daemon=True,
                      name="node-blocks").start()
@@ -121,6 +130,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
                                     resolve_model=resolve_model, report=report,
                                     logs=replica_logs, tier_stats=all_node_stats,
+                                    warm_pool=warm.status,
                                     pipecast=lambda: ray.get(pipecast.progress.remote(),
                                                              timeout=2.0),
                                     estimates=lambda name: ray.get(sink.estimates.remote(name),
@@ -138,6 +148,7 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
                     timeout_graceful_shutdown=5)
     finally:
         state.clear_platform(os.getpid())
+        warm.stop()
         try:
             serve.shutdown()
         finally:

@@ -1,0 +1,176 @@
+"""What every PipeCast node process shares: the control link to the coordinator and the multicast.
+
+A ``Participant`` binds two transports, ``blocks`` (its ``NodeAgent``: the plans' transfers) and
+``ctl`` (the coordinator's control frames), joins the coordinator (``service.py``) with the blocks
+it holds, runs every ``plan`` it is sent (a new one cancels the one running), reports each block
+that lands (``block``) and how each plan ended (``agent_done``), heartbeats every ``HEARTBEAT_S``,
+and joins again when a restarted coordinator asks (``rejoin``). Two kinds:
+
+- ``Member`` (``member.py``): a replica's part, with an engine, stage server and routes;
+- ``TierSource`` (``source.py``): a node's HOST or DISK tier copy of a model, a source only.
+
+Control frames carry small JSON in their meta: ``{op, node, ...}``; a plan rides as the payload.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from faascale.pipecast.agent import (AgentConfigError, BlockCatalog, MulticastError, NodeAgent,
+                                     plan_from_json)
+from faascale.pipecast.transport import Header, TransportError, ZmqTransport
+
+log = logging.getLogger(__name__)
+HEARTBEAT_S = 1.0
+POLL_S = 0.2
+PLAN_TIMEOUT_S = 600.0
+
+
+class Participant:
+    """See the module docstring. Subclasses add what they join with (``_join_meta``), the control
+    operations beyond plan and rejoin (``_on_op``), and their own threads (``_threads``) before
+    calling ``_start``."""
+
+    def __init__(self, name: str, manifest: Any, holdings_dir: str | os.PathLike, *,
+                 secret: bytes, coordinator: str, bind_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, local_dir: str | os.PathLike | None = None,
+                 function: str = "", store_loader: Callable[[int], Path] | None = None,
+                 pieces: bool = True) -> None:
+        self.name, self.manifest = name, manifest
+        # ``pieces=False``: move whole blocks (one frame each) even if the manifest lists
+        # pieces; every participant of a model must agree (the platform's setting is one).
+        catalog = BlockCatalog.of(manifest)
+        if not pieces:
+            catalog = BlockCatalog(catalog.model_id, tuple(
+                dataclasses.replace(b, pieces=(), piece_bytes=0) for b in catalog.blocks))
+        self._pieces = all(b.pieces for b in catalog.blocks if b.size_bytes)
+        self.function = function or getattr(manifest, "name", "") or manifest.model_id
+        self.coordinator = coordinator
+        self.holdings_dir = Path(holdings_dir)
+        self.local_dir = None if local_dir is None else Path(local_dir)
+        self._tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
+        # No block frame of this model is larger than a piece: nothing larger is buffered.
+        self.blocks_tx = ZmqTransport(name=name, **self._tx,
+                                      max_payload_bytes=catalog.max_frame_bytes)
+        self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **self._tx)
+        self._can_load_from_store = store_loader is not None
+        self.agent = NodeAgent(name, self.blocks_tx, catalog, self.holdings_dir,
+                               local_dir=self.local_dir, on_block=self._landed,
+                               store_loader=store_loader)
+        self._lock = threading.Lock()
+        self.held: set[int] = set(self.agent.held())
+        self._stop = threading.Event()
+        self._plans: queue.SimpleQueue[tuple[Any, dict[str, str], str]] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=f, name=f"pipecast-{name}-{f.__name__}",
+                                          daemon=True)
+                         for f in (self._control_loop, self._plan_loop, self._heartbeat_loop)]
+
+    def _start(self) -> None:
+        for t in self._threads:
+            t.start()
+        self._join()
+
+    # ------------------------------------------------------------------ for subclasses
+
+    def _join_meta(self) -> dict[str, Any]:
+        return {}
+
+    def _on_op(self, op: str, meta: dict[str, Any], payload: Any) -> None:
+        """A control operation other than plan and rejoin (control thread)."""
+
+    def _landed(self, block: int) -> None:  # agent threads
+        with self._lock:
+            self.held.add(block)
+        self._tell("block", block=block)
+
+    # ------------------------------------------------------------------ the coordinator link
+
+    def _join(self) -> None:
+        with self._lock:
+            held = sorted(self.held)
+        self._tell("join", model_id=self.manifest.model_id, function=self.function,
+                   num_blocks=self.manifest.num_blocks,
+                   block_bytes=[b.size_bytes for b in self.manifest.blocks],
+                   pieces=self._pieces,
+                   held=held, local=self.local_dir is not None, blocks=self.blocks_tx.address,
+                   ctl=self.ctl_tx.address, store=self._can_load_from_store, **self._join_meta())
+
+    def _tell(self, op: str, **meta: Any) -> None:
+        try:
+            self.ctl_tx.send(self.coordinator, "control", {"op": op, "node": self.name, **meta},
+                             timeout_s=5.0)
+        except TransportError as e:
+            log.warning("%s: could not tell the coordinator %s: %s", self.name, op, e)
+
+    def _control_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msg = self.ctl_tx.recv(POLL_S)
+            except TransportError:
+                continue
+            try:
+                self._on_control(msg.header, msg.payload)
+            except Exception:
+                log.exception("%s: control frame %s failed", self.name, msg.header.meta.get("op"))
+
+    def _on_control(self, header: Header, payload: Any) -> None:
+        meta, op = dict(header.meta), header.meta.get("op")
+        if header.kind != "control":
+            return
+        if op == "plan":
+            self.agent.cancel()  # a new plan (a repair) replaces the one running
+            self._plans.put((plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
+                             str(meta.get("plan_id", ""))))
+        elif op == "rejoin":  # the coordinator restarted and does not know us
+            self._join()
+        else:
+            self._on_op(str(op), meta, payload)
+
+    def _plan_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                plan, peers, plan_id = self._plans.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            try:
+                report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
+                self._tell("agent_done", ok=True, received=len(report.arrival_s))
+            except MulticastError as e:
+                self._tell("agent_done", ok=False, why=str(e)[:1000],
+                           missing=list(e.missing_blocks), stalled=list(e.stalled_peers))
+            except AgentConfigError as e:
+                self._tell("agent_done", ok=False, why=str(e)[:1000], missing=[], stalled=[])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _stop_threads(self, leave: bool) -> list[str]:
+        """Leave the coordinator (unless ``leave`` is False: silence, as a crash), stop the agent
+        and join every thread; returns the names of threads still busy."""
+        if leave and not self._stop.is_set():
+            self._tell("leave")
+        self._stop.set()
+        self.agent.cancel()
+        stuck = []
+        for t in self._threads:
+            t.join(5.0)
+            stuck += [t.name] if t.is_alive() else []
+        if stuck:  # a send to a dead peer, bounded by its timeout: its transport closes with us
+            log.warning("%s: threads %s still busy; leaving their sockets to the process",
+                        self.name, stuck)
+        return stuck
+
+    def _close_transports(self, stuck: list[str], *others: ZmqTransport) -> None:
+        for tx in (*others, self.ctl_tx, *(() if stuck else (self.blocks_tx,))):
+            tx.close()
