@@ -30,7 +30,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 @pytest.fixture()
 def coordinator() -> Iterator[Coordinator]:
     with ZmqTransport(secret=SECRET, name="coordinator", recv_hwm=64) as t:
-        coord = Coordinator(t, join_window_s=0.5, dead_after_s=2.0)
+        coord = Coordinator(t, join_window_s=0.5, dead_after_s=2.0, hung_after_s=6.0)
         thread = threading.Thread(target=coord.run, daemon=True)
         thread.start()
         yield coord
@@ -223,6 +223,32 @@ def test_a_member_that_dies_is_forgotten_and_the_rest_finish(
     assert "r2" not in progress["members"]
     record = (progress["finished"] or [progress["active"]])[-1]["record"]
     assert any(e["kind"] == "stalled" and e["detail"]["node"] == "r2" for e in record)
+
+
+def test_a_silent_member_whose_socket_answers_is_waited_for_then_dropped(
+        tiny_packed: Path, coordinator: Coordinator, members) -> None:
+    """Two members stop heartbeating at the same moment. One crashed (its sockets closed): it
+    is dead after ``dead_after_s``. The other is only silent, as a process starved of CPU is (its
+    sockets stay open and libzmq answers the transport's heartbeats): it is still a member then,
+    and is dropped only after ``hung_after_s``."""
+    model_id = read_manifest(tiny_packed).model_id
+
+    def present() -> set[str]:
+        return set(coordinator.progress()[model_id]["members"])
+
+    quiet, gone = members("quiet", tiny_packed), members("gone", tiny_packed)
+    wait_for(lambda: model_id in coordinator.progress() and present() == {"quiet", "gone"})
+    time.sleep(1.0)  # the coordinator's connections to both are up
+    tell = quiet._tell
+    quiet._tell = lambda op, **meta: None if op == "heartbeat" else tell(op, **meta)
+    gone.close(leave=False)
+    silent_from = time.monotonic()
+    wait_for(lambda: "gone" not in present(), timeout_s=8)
+    assert "quiet" in present()
+    time.sleep(max(0.0, silent_from + 4.0 - time.monotonic()))
+    assert "quiet" in present(), "a silent member with a live socket was dropped before 6 s"
+    wait_for(lambda: "quiet" not in present(), timeout_s=10)
+    assert time.monotonic() - silent_from >= 4.9  # hung_after_s 6 s less one heartbeat period
 
 
 def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(

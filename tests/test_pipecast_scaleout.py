@@ -58,7 +58,8 @@ def finish_scale_out(answer: Path, record: Path, until: Path, procs: list[subpro
             progress = json.loads(record.read_text())[model_id] if record.exists() else {}
             if progress.get("finished"):
                 return progress
-            assert time.monotonic() < deadline, f"scale-out did not finish: {progress}"
+            assert time.monotonic() < deadline, (f"scale-out did not finish: {progress}\n"
+                                                 f"{log_tails(logs)}")
             time.sleep(0.3)
     finally:
         until.touch()
@@ -69,6 +70,15 @@ def finish_scale_out(answer: Path, record: Path, until: Path, procs: list[subpro
                 pass
         for f in logs:
             f.close()
+
+
+def log_tails(logs: list, lines: int = 25) -> str:
+    """The last lines of every process's log (for assertion messages: CI shows no files)."""
+    out = []
+    for f in logs:
+        text = Path(f.name).read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {Path(f.name).name}\n" + "\n".join(text))
+    return "\n".join(out)
 
 
 def wait_line(path: Path, start: str, procs: list[subprocess.Popen], timeout_s: float) -> None:
@@ -128,7 +138,8 @@ def test_scale_up_2_to_5_serves_through_a_pipeline_then_switches_without_a_break
     # replica got every block.
     assert events[0]["detail"]["sources"] == ["r0", "r0b"]
     assert done["algorithm"] == "pipecast-k2-chain"
-    assert done["blocks"] == {"r1": 6, "r2": 6, "r3": 6} and done["dead"] == []
+    assert done["dead"] == [], f"declared dead: {done['dead']}\n{log_tails(logs)}"
+    assert done["blocks"] == {"r1": 6, "r2": 6, "r3": 6}, f"{done['blocks']}\n{log_tails(logs)}"
     assert done["bytes_moved"] == 3 * manifest.total_bytes
     assert {n: m["route"] for n, m in progress["members"].items()} == dict.fromkeys(
         ["r0", "r0b", "r1", "r2", "r3"], "full")
@@ -199,7 +210,8 @@ def test_from_zero_4_replicas_load_parts_from_the_store_and_serve_through_a_pipe
     events = done["record"]
     kinds = [e["kind"] for e in events]
     assert events[0]["detail"]["sources"] == ["store"], events[0]
-    assert done["blocks"] == dict.fromkeys(names, 6) and done["dead"] == []
+    assert done["dead"] == [], f"declared dead: {done['dead']}\n{log_tails(logs)}"
+    assert done["blocks"] == dict.fromkeys(names, 6), f"{done['blocks']}\n{log_tails(logs)}"
 
     # What came from the store: the blocks each member's own block store fetched (in its HOST
     # or DISK directory, whichever it kept them in at exit).

@@ -407,3 +407,47 @@ def test_a_known_digest_skips_the_senders_hash_and_a_wrong_one_is_caught() -> No
             b.recv(5)
         with pytest.raises(HeaderError, match="32 bytes"):
             a.send(b.address, "block", {"i": 3}, data, timeout_s=5, digest=b"short")
+
+
+_IDLE_PEER = """
+import sys, time
+from faascale.pipecast.transport import ZmqTransport
+t = ZmqTransport(secret=b"reachable-test-secret-0123", name="idle")
+print(t.address, flush=True)
+time.sleep(120)  # never reads, never sends: only libzmq's I/O thread answers
+"""
+
+
+def test_reachable_follows_the_peers_process_not_its_python() -> None:
+    """A peer whose Python never touches its socket stays reachable (libzmq answers the
+    heartbeats); stopped (SIGSTOP), it is unreachable within the heartbeat timeout, reachable
+    again when it continues, and unreachable once killed."""
+    import signal
+    import subprocess
+    import sys
+
+    def settles(want: bool, within_s: float) -> float:
+        start = time.monotonic()
+        while t.reachable(address) is not want:
+            assert time.monotonic() - start < within_s, f"reachable stayed {not want}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    proc = subprocess.Popen([sys.executable, "-c", _IDLE_PEER], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        address = proc.stdout.readline().strip()
+        with ZmqTransport(secret=b"reachable-test-secret-0123", name="watcher") as t:
+            settles(True, 10)
+            time.sleep(4.5)  # longer than the heartbeat timeout: a silent Python is not a death
+            assert t.reachable(address)
+            proc.send_signal(signal.SIGSTOP)
+            assert settles(False, 6) > 0.5  # seen through missed heartbeats, not at once
+            proc.send_signal(signal.SIGCONT)
+            settles(True, 10)
+            proc.kill()
+            proc.wait(10)
+            settles(False, 5)
+    finally:
+        proc.kill()
+        proc.wait(10)

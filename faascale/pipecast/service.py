@@ -17,7 +17,9 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
   (``error``) and load from the object store the usual way. One wave at a time per model; later joiners form the next.
 - ``block`` reports feed ``ScaleOut.block_arrived``; every member whose route changed gets its
   new route (``full``, ``pipeline`` with its stages' addresses, ``loading``).
-- Faults: a member silent for ``dead_after_s`` (no heartbeat) is dead: ``ScaleOut.node_failed``
+- Faults: a member silent for ``dead_after_s`` (no heartbeat) whose control socket does not
+  answer the transport's own heartbeats (dead, stopped, cut off), or silent for
+  ``hung_after_s`` (stuck), is dead; one merely starved of CPU is not: ``ScaleOut.node_failed``
   dissolves its pipelines (their heads get new routes; their requests wait, then resume) and
   re-plans what is missing from the live holders; nodes of the repair plan get it (a member
   cancels the plan it was running). Blocks nobody live holds: those members are told to load
@@ -54,7 +56,8 @@ from faascale.pipecast.transport import Header, Transport, TransportError, ZmqTr
 
 log = logging.getLogger(__name__)
 JOIN_WINDOW_S = 1.0
-DEAD_AFTER_S = 5.0
+DEAD_AFTER_S = 5.0  # silent this long and its control socket unreachable: dead
+HUNG_AFTER_S = 30.0  # silent this long: dead even if its socket answers (its Python is stuck)
 # A target of a running scale-out that got no block for this long, its members all alive, is
 # re-planned (a receive that stalled would otherwise wait for the agents' plan timeout).
 STALL_AFTER_S = 60.0
@@ -79,6 +82,7 @@ class _Node:
     last_seen_s: float
     source: str | None = None  # HOST or DISK: a node's tier copy (``source.py``), never routed to
     store: bool = False  # its agent can load blocks from the object store inside a plan
+    suspected: bool = False  # silent past dead_after_s, its socket still answering
 
 
 def _relay() -> str:
@@ -117,10 +121,11 @@ class Coordinator:
 
     def __init__(self, transport: Transport, *, clock: Callable[[], float] = time.monotonic,
                  join_window_s: float = JOIN_WINDOW_S, dead_after_s: float = DEAD_AFTER_S,
-                 max_sources: int = 4) -> None:
+                 hung_after_s: float = HUNG_AFTER_S, max_sources: int = 4) -> None:
         self.transport, self.clock = transport, clock
         self.join_window_s, self.dead_after_s, self.max_sources = (join_window_s, dead_after_s,
                                                                    max_sources)
+        self.hung_after_s = max(hung_after_s, dead_after_s)
         self.models: dict[str, _Model] = {}
         self._expected: dict[str, int] = {}  # intents for models nobody joined for yet
         self._lock = threading.Lock()
@@ -266,6 +271,7 @@ class Coordinator:
         m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta.get("stage", "")),
                               {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now,
                               source, bool(meta.get("store")))
+        self._watch(m.nodes[name].ctl)
         log.info("%s joined %s with %d/%d blocks%s", name, model_id, len(m.nodes[name].held),
                  m.num_blocks, f" (a {source} source)" if source else "")
         if source is not None:  # a source only: planned from, never a target, never routed
@@ -280,9 +286,7 @@ class Coordinator:
 
     def _tick(self, now: float) -> None:
         for m in list(self.models.values()):
-            for name in [n for n, node in m.nodes.items()
-                         if now - node.last_seen_s > self.dead_after_s]:
-                log.warning("%s: no heartbeat for %.1f s: dead", name, self.dead_after_s)
+            for name in [n for n, node in m.nodes.items() if self._dead(node, now)]:
                 self._forget(m, name, now)
             for name, at in list(m.retry_at_s.items()):
                 if now >= at:
@@ -303,6 +307,41 @@ class Coordinator:
                     (len(m.pending) >= max(1, m.expected) and self._holders(m))
                     or now - (m.first_pending_s or now) >= self.join_window_s):
                 self._start_wave(m, now)  # all that were expected and a source, or waited enough
+
+    def _watch(self, ctl: str) -> None:
+        """Connect to a member's control socket now, so its liveness is known before the first
+        frame to it (``_dead``)."""
+        reachable = getattr(self.transport, "reachable", None)
+        if reachable is not None and ctl:
+            try:
+                reachable(ctl)
+            except TransportError as e:
+                log.warning("cannot watch %s: %s", ctl, e)
+
+    def _dead(self, node: _Node, now: float) -> bool:
+        """Silent for ``dead_after_s`` and its control socket unreachable (the process died,
+        stopped or is cut off), or silent for ``hung_after_s`` whatever its socket says (its
+        Python is stuck). A member that only missed heartbeats because it is starved of CPU
+        still answers the transport's own heartbeats (``ZmqTransport.reachable``)."""
+        silent_s = now - node.last_seen_s
+        if silent_s <= self.dead_after_s:
+            node.suspected = False
+            return False
+        reachable = getattr(self.transport, "reachable", None)
+        if silent_s <= self.hung_after_s and reachable is not None and node.ctl:
+            try:
+                up = reachable(node.ctl)
+            except TransportError:
+                up = False
+            if up:
+                if not node.suspected:
+                    node.suspected = True
+                    log.warning("%s: no heartbeat for %.1f s but its socket answers: waiting "
+                                "up to %.0f s", node.name, silent_s, self.hung_after_s)
+                return False
+        log.warning("%s: no heartbeat for %.1f s%s: dead", node.name, silent_s,
+                    "" if silent_s > self.hung_after_s else " and its socket does not answer")
+        return True
 
     def _forget(self, m: _Model, name: str, now: float) -> None:
         m.nodes.pop(name, None)
@@ -444,6 +483,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="a scale intent: N new replicas of MODEL_ID are coming")
     p.add_argument("--join-window-s", type=float, default=JOIN_WINDOW_S)
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S)
+    p.add_argument("--hung-after-s", type=float, default=HUNG_AFTER_S)
     p.add_argument("--epoch-clock", action="store_true",
                    help="time the record in epoch seconds (to compare with other processes)")
     p.add_argument("--record", type=Path, help="write progress() here (JSON) as it changes")
@@ -466,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with transport:
         coord = Coordinator(transport, join_window_s=args.join_window_s,
-                            dead_after_s=args.dead_after_s,
+                            dead_after_s=args.dead_after_s, hung_after_s=args.hung_after_s,
                             clock=time.time if args.epoch_clock else time.monotonic)
         for model_id, n in intents:
             coord.expect(model_id, n)

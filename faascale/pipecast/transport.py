@@ -384,6 +384,23 @@ class ZmqTransport:
                 if time.monotonic() >= deadline:
                     raise TransportTimeout(f"no valid frame within {timeout_s} s")
 
+    def reachable(self, peer_address: str) -> bool:
+        """Whether a live connection to ``peer_address`` is up now, as libzmq sees it: its
+        ZMTP heartbeats (every second, dropped after 3 s without an answer) are answered by the
+        peer's I/O thread, which needs no Python lock, so a peer whose Python is busy or
+        starved stays reachable while a dead, stopped or partitioned one does not. Connects on
+        the first call (asynchronously: that call may still say False). Never blocks."""
+        _check_address(peer_address)
+        peer = self._peer(peer_address)
+        if not peer.lock.acquire(blocking=False):
+            return True  # a send to it is under way right now: it is being talked to
+        try:
+            self._check_open()
+            sock = peer.socket if peer.socket is not None else self._connect(peer, peer_address)
+            return bool(sock.poll(0, zmq.POLLOUT))  # IMMEDIATE: only a live pipe is writable
+        finally:
+            peer.lock.release()
+
     def close(self) -> None:
         """Idempotent. Waits for in-flight send/recv calls (each bounded by its timeout)."""
         with self._peers_lock:
