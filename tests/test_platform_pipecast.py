@@ -137,7 +137,7 @@ def test_replicas_load_from_the_source_the_estimates_pick(platform: Platform) ->
                                         ("spec_tokenizer", "weight_fetch")) > 0
     metrics = httpx.get(platform.url + "/metrics").text
     assert re.search(rf'faascale_startup_step_seconds_count{{function="{name}",source="HOST",'
-                     rf'step="warmup"}} 2', metrics), metrics[-3000:]
+                     rf'step="weight_fetch"}} 2', metrics), metrics[-3000:]
     table = platform.cli("coldstart", "profiles", name, "--last", "4")
     assert table.returncode == 0 and "weight_fetch" in table.stdout
     assert table.stdout.count("PEER") >= 1 and table.stdout.count("HOST") >= 2

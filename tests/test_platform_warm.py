@@ -105,6 +105,8 @@ def test_scale_out_on_warm_runtimes_and_cold_without_the_pool(tmp_path_factory: 
             assert prof["runtime"]["warm"] is True, prof["runtime"]
             assert steps["process"] + steps["imports"] <= 0.1, steps
             assert "kernel_warmup" not in steps, steps
+            # the model's warm-up request runs after ready, while Serve routes to the replica
+            assert "warmup" not in steps and prof["runtime"]["warmup"] == "background", prof
             # the metadata and the parsed tokenizer came from the runtime, read while it waited
             assert _spec_step(prof)["prepared_ahead"] is True, _spec_step(prof)
         status = warm.cli("status", "tiny-pool")
@@ -126,7 +128,8 @@ def test_scale_out_on_warm_runtimes_and_cold_without_the_pool(tmp_path_factory: 
         assert cold.status("tiny-nopool")["warm_pool"] == []
         for prof in _scale_out_profiles(cold, "tiny-nopool"):
             steps = _steps(prof)
-            assert prof["runtime"] == {"preloaded": False, "warm": False}, prof["runtime"]
+            assert prof["runtime"] == {"preloaded": False, "warm": False,
+                                       "warmup": "background"}, prof["runtime"]
             # the worker's start and the imports (torch, the engine: where Ray's worker start
             # ends and the replica module's imports begin varies) were on this start's path
             assert steps.get("process", 0.0) + steps.get("imports", 0.0) > 0.5, steps

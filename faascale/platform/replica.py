@@ -99,7 +99,8 @@ class FunctionReplica:
                 with rec.span("weight_fetch", tier="DISK"):
                     self.llm = LLM.load(model_dir, self.spec.engine_config())
                 sources = {"DISK": self.llm.manifest.num_blocks}
-                self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}")
+                self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
+                                          background_warmup=True)
         except Exception as exc:
             # Serve retries the start; the gateway answers waiting requests with this reason
             # instead of holding them until the cold-start timeout.
@@ -123,7 +124,8 @@ class FunctionReplica:
         """The start's ``StartupProfile`` to the events actor (stored in the registry), with the
         spans before the constructor and the runtime it found (warm or cold, ``process_spans``)."""
         try:
-            self.runtime = process_spans(self._rec, self._t0, _resolve(self._ordered_ref))
+            self.runtime = {**process_spans(self._rec, self._t0, _resolve(self._ordered_ref)),
+                            "warmup": "background"}  # started as the start ends
             tokenizer_bytes = getattr(self, "_tokenizer_bytes", 0)
             self.profile = self._rec.finish(
                 function=self.spec.name, replica=getattr(self, "replica_id", "?"),
@@ -220,15 +222,14 @@ class FunctionReplica:
                                          [path for path, _ in placed])
             self.loop = self.member.loop
             if self.member.full:  # a holder serves its own copy at once
-                with rec.span("warmup"):
-                    warm_up(self.loop, self.llm)
+                warm_up(self.loop, self.llm, wait=False)
         else:
             with rec.span("materialize"):
                 blocks = [block_tensors(info, map_block(Path(path)))
                           for info, (path, _) in zip(manifest.blocks, placed)]
                 self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
             self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
-                                          materialized=True)
+                                          materialized=True, background_warmup=True)
         return sources
 
     def _start_from_store(self, store: Any, prefix: str, manifest: Any, tiers: TierConfig,
@@ -246,7 +247,8 @@ class FunctionReplica:
             download_packed(store, prefix, self._private)
         with rec.span("materialize"):
             self.llm = LLM.load(self._private, self.spec.engine_config(), verify=False)  # verified
-        self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}")
+        self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
+                                          background_warmup=True)
         return {"REMOTE": manifest.num_blocks}
 
     def _store_loader(self, location: str) -> Callable[[int], Path]:
@@ -391,21 +393,32 @@ def apply_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
-def warm_up(loop: EngineLoop, llm: LLM) -> None:
+def warm_up(loop: EngineLoop, llm: LLM, wait: bool = True) -> None:
     """One short greedy request through the engine (a prefill and a decode step), so the first
-    user request does not pay for the first forward's allocations and kernel selection."""
+    user request does not pay for the first forward's allocations and kernel selection.
+
+    ``wait=False``: submitted, not waited for. A replica starts it as its constructor returns:
+    it runs while Serve marks the replica running and tells the routers (a control-loop tick and
+    a broadcast, at least as long as the warm-up here), so it is off the start's path; a request
+    that does come first is batched with it."""
     ids = llm.prompt_ids("Hello")[:8] or [0]
-    for _ in loop.submit(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
-        pass
+    stream = loop.submit(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    if wait:
+        for _ in stream:
+            pass
 
 
-def build_engine_loop(llm: LLM, rec: StartupRecorder, name: str,
-                      materialized: bool = True) -> EngineLoop:
-    """The engine (its KV caches) and its loop, then the warm-up, each timed in ``rec``."""
+def build_engine_loop(llm: LLM, rec: StartupRecorder, name: str, materialized: bool = True,
+                      background_warmup: bool = False) -> EngineLoop:
+    """The engine (its KV caches) and its loop, then the warm-up, each timed in ``rec`` (with
+    ``background_warmup``, the warm-up is started and not waited for: no ``warmup`` span)."""
     with rec.span("kv_cache"):
         loop = EngineLoop(llm.new_engine(), name=name)
-    with rec.span("warmup"):
-        warm_up(loop, llm)
+    if background_warmup:
+        warm_up(loop, llm, wait=False)
+    else:
+        with rec.span("warmup"):
+            warm_up(loop, llm)
     return loop
 
 
