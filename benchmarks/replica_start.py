@@ -159,14 +159,17 @@ def measure(home: Path, reps: int, warm: bool, since_s: float) -> list[dict[str,
         t_load = time.time()
         stop = threading.Event()
 
-        def call(i: int) -> int:
+        def call(i: int) -> list[str]:
+            """Requests until ``stop``; the failures, each as ``status: body`` (the first ends
+            the loop)."""
             body = {"model": NAME, "messages": [{"role": "user", "content": f"count {i}"}],
                     "max_tokens": 48, "ignore_eos": True, "temperature": 0}
             with httpx.Client(timeout=300, headers={"Authorization": f"Bearer {token}"}) as h:
                 while not stop.is_set():
-                    if h.post(f"{url}/v1/chat/completions", json=body).status_code != 200:
-                        return 1
-            return 0
+                    r = h.post(f"{url}/v1/chat/completions", json=body)
+                    if r.status_code != 200:
+                        return [f"{r.status_code}: {r.text[:300]}"]
+            return []
 
         with cf.ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(call, i) for i in range(3)]
@@ -180,7 +183,8 @@ def measure(home: Path, reps: int, warm: bool, since_s: float) -> list[dict[str,
                               120, "the new replica's first token")
             finally:
                 stop.set()
-            failed = sum(f.result() for f in futures)
+            failures = [x for f in futures for x in f.result()]
+            failed = len(failures)
         intents = [e for e in client.status(NAME)["scale_events"]
                    if e["at_s"] >= t_load and e.get("to_replicas", 0) > e.get("from_replicas", 0)]
         intent_s = min(e["at_s"] for e in intents) if intents else t_load
@@ -197,6 +201,7 @@ def measure(home: Path, reps: int, warm: bool, since_s: float) -> list[dict[str,
                     "spans_from_intent_s": [(s["name"], round(s["start_s"] - intent_s, 4),
                                              round(s["end_s"] - intent_s, 4)) for s in spans],
                     "weight_bytes": prof["weight_bytes"], "failed_requests": failed,
+                    "failures": failures,
                     "idle_runtime_rss_mb": rss})
     return out
 
@@ -398,6 +403,8 @@ def main() -> None:
     res["idle_runtime_rss_mb"] = median([x["VmRSS"] for x in rss])
     res["idle_runtime_rss_anon_mb"] = median([x["RssAnon"] for x in rss])
     res["failed_requests"] = sum(r["failed_requests"] for runs in cases.values() for r in runs)
+    res["failures"] = {key: [x for r in runs for x in r.get("failures", [])]
+                       for key, runs in cases.items() if any(r.get("failures") for r in runs)}
     res["mislabelled_starts"] = sum(len(w) for *_, w in rows)
     if not args.no_report and not args.quick:
         report(rows, limits, weight_bytes, res)
@@ -408,6 +415,14 @@ def constructor_s(run: dict[str, Any]) -> float:
     """Intent to the replica's constructor (its first step, ``spec_tokenizer``): Ray Serve's
     part (the controller's ticks, the actor placed on a worker, its init call)."""
     return min(start for name, start, _ in run["spans_from_intent_s"] if name == "spec_tokenizer")
+
+
+def failure_text(failures: dict[str, list[str]]) -> str:
+    """`` (case: the first failure's status and body; ...)``, or nothing."""
+    if not failures:
+        return ""
+    return " (" + "; ".join(f"{key.replace('_', ' ')} × {len(xs)}: {xs[0][:160]}"
+                            for key, xs in failures.items()) + ")"
 
 
 def report(rows: list[Any], limits: dict[str, float], weight_bytes: int, res: dict[str, Any]) -> None:
@@ -461,7 +476,7 @@ loopback TCP (PEER), measured in the same run; fixed part = intent to ready − 
 {chr(10).join(lines)}
 
 {' '.join(reading)}
-Failed requests during the runs: {res['failed_requests']}. Machine: {machine()}.
+Failed requests during the runs: {res['failed_requests']}{failure_text(res['failures'])}. Machine: {machine()}.
 Command: `{command_line()}`; commit {git_rev()}.
 """
     write_section("replica_start", body)
