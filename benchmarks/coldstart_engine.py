@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -46,6 +45,7 @@ from faascale.coldstart.estimate import ENGINE_STEPS, OUR_ENGINE, engine_feature
 from faascale.coldstart.model import Observation, fit
 from faascale.coldstart.probe import run_profiles
 from faascale.coldstart.profile import StartupProfile
+from faascale.platform.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("HOST", "DISK", "REMOTE")
@@ -66,12 +66,6 @@ class Rgw:
         """What a process needs to reach this S3 through ``object_store.open_store``."""
         return {"FAASCALE_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": RGW_ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": RGW_SECRET_KEY, "AWS_DEFAULT_REGION": RGW_REGION}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(endpoint: str) -> Any:
@@ -100,7 +94,7 @@ def ceph_rgw(work: Path) -> Iterator[Rgw]:
             d = work / f"ceph-rgw-{attempt}"
             d.mkdir(parents=True)
             started.append(d)  # before `up`: a boot that fails half-way is stopped too
-            up = subprocess.run(["bash", str(script), "up", str(d), str(_free_port())], env=env,
+            up = subprocess.run(["bash", str(script), "up", str(d), str(free_port())], env=env,
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                 timeout=RGW_BOOT_TIMEOUT_S)
             if up.returncode == 0:

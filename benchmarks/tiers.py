@@ -45,7 +45,6 @@ import io
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -78,6 +77,7 @@ from faascale.engine.tokenizer import Tokenizer  # noqa: E402
 from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS  # noqa: E402
 from faascale.memory_tier.object_store import S3Store, upload_packed  # noqa: E402
 from faascale.memory_tier.policy import Tier  # noqa: E402
+from faascale.platform.server import free_port  # noqa: E402
 
 MiB = 1 << 20
 GB = 1e9
@@ -180,12 +180,6 @@ def drop_caches() -> bool:
         return True
     except (OSError, subprocess.SubprocessError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fs_of(path: Path) -> str:

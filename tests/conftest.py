@@ -5,7 +5,6 @@ a real S3 server (Ceph RGW) started once per session. Applies the ``requires`` m
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support import ceph_prerequisite, fail_unmet, require, skip_unmet
+from faascale.platform.server import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -76,12 +76,6 @@ class CephRGW:
     region: str = "us-east-1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _s3_answers(rgw: CephRGW, timeout_s: float) -> None:
     """Wait until an authenticated ListBuckets succeeds, or raise the last error."""
     import boto3
@@ -119,7 +113,7 @@ def ceph_rgw(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
         # Registered before `up`: a boot that fails or is interrupted half-way is stopped too.
         request.addfinalizer(lambda d=d: subprocess.run(["bash", str(script), "down", str(d)],
                                                         capture_output=True, timeout=120))
-        port = _free_port()
+        port = free_port()
         t0 = time.monotonic()
         try:
             up = subprocess.run(["bash", str(script), "up", str(d), str(port)], env=env,

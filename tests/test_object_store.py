@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +30,7 @@ from faascale.memory_tier.object_store import (BucketNotFound, InvalidKey, Local
                                                S3Store, StoreAuthError, StoreError,
                                                StoreUnavailable, download_packed, open_store,
                                                upload_packed)
+from faascale.platform.server import free_port
 
 MiB = 1 << 20
 CREDS = {"region": "us-east-1", "access_key": "testing", "secret_key": "testing"}
@@ -38,17 +38,11 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 PROMPT = "The quick brown fox"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Any:
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -374,7 +368,7 @@ def test_s3_multipart_upload(s3_server: tuple[str, dict[str, str]], tmp_path: Pa
 
 
 def test_s3_endpoint_down_is_unavailable_quickly() -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     store = S3Store("bucket", endpoint_url=endpoint, max_attempts=2, connect_timeout_s=0.5,
                     read_timeout_s=1, **CREDS)
     for call in (lambda: store.get("k"), lambda: store.get_into("k", memoryview(bytearray(10))),

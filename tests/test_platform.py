@@ -9,7 +9,6 @@ import concurrent.futures as cf
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from faascale.platform.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Platform:
@@ -238,10 +232,16 @@ def test_bad_input_gets_clear_4xx(platform: Platform, tiny_deployed: str) -> Non
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         r = anon.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and "invalid bearer token" in r.json()["error"]["message"]
+        r = anon.post(url, json={"prompt": "x"}, headers={"Authorization": b"Bearer caf\xe9"})
+        assert r.status_code == 401, r.text  # a non-ASCII byte is an unknown token, not a 500
         assert anon.get("/healthz").status_code == 200
     with platform.http("invoke") as h:
         r = h.post("/v1/functions", json=tiny_doc("x"))
         assert r.status_code == 403 and "admin token" in r.json()["error"]["message"]
+        r = h.post("/v1/chat/completions", content=b'{"model": "\\ud800", "messages": '
+                   b'[{"role": "user", "content": "hi"}]}',
+                   headers={"Content-Type": "application/json"})  # a lone surrogate
+        assert r.status_code == 404 and "DNS labels" in r.json()["error"]["message"], r.text
         r = h.post("/v1/functions/nope/invoke", json={"prompt": "x"})
         assert r.status_code == 404 and "'nope' is not deployed" in r.json()["error"]["message"]
         r = h.post(url, json={"prompt": "x" * 5000})

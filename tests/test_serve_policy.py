@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import socket
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from faascale.platform.autoscale import ColdStartEstimate, PolicyState, ScalingConfig
 from faascale.platform.serve_policy import FaascalePolicy, autoscaling_config, policy_kwargs
+from faascale.platform.server import free_port
 
 CFG = ScalingConfig(min_replicas=0, max_replicas=3, target_ongoing_per_replica=1.0,
                     keep_alive_s=3.0, downscale_delay_s=1.0)
@@ -190,19 +190,13 @@ def test_serve_wrapping_skips_us_from_zero_and_floors_downscale_at_one() -> None
 
 # --- one real Serve run ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def serve_instance():
     from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(proxy_location="HeadOnly", http_options={"port": _free_port()})
+        serve.start(proxy_location="HeadOnly", http_options={"port": free_port()})
         yield serve
     finally:
         try:

@@ -29,9 +29,12 @@ class Tokens:
         """The role a presented token grants, or None for a missing or unknown token."""
         if not token:
             return None
-        if hmac.compare_digest(token, self.admin):
+        # as bytes: compare_digest refuses str with non-ASCII characters (a header byte >= 0x80
+        # arrives as one), which must be an unknown token (401), not a crash
+        presented = token.encode("utf-8", "surrogateescape")
+        if hmac.compare_digest(presented, self.admin.encode()):
             return Role.ADMIN
-        if hmac.compare_digest(token, self.invoke):
+        if hmac.compare_digest(presented, self.invoke.encode()):
             return Role.INVOKE
         return None
 

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -34,8 +35,9 @@ from faascale.platform import openai_api as oa
 from faascale.platform.auth import Role, Tokens, bearer
 from faascale.platform.metrics import Metrics
 from faascale.platform.registry import STARTUP_PROFILE, FunctionRecord, Registry
-from faascale.platform.spec import SpecError, parse_function_spec
+from faascale.platform.spec import DNS_LABEL, SpecError, parse_function_spec
 
+_DNS_LABEL = re.compile(DNS_LABEL)
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 
@@ -97,6 +99,9 @@ class _State:
 
     def record(self, name: str) -> FunctionRecord:
         rec = self.records.get(name)
+        if rec is None and not _DNS_LABEL.match(name):  # never deployable: never looked up
+            raise ApiError(404, f"function {name.encode('ascii', 'backslashreplace').decode()!r} "
+                           "is not deployed (names are DNS labels)", "not_found")
         if rec is None:
             rec = self.ctx.registry.get(name)
             if rec is None:
