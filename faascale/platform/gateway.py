@@ -151,6 +151,17 @@ class _State:
         return self.counts
 
 
+REPLICA_DIED = ("the replica serving this request stopped before it finished (it retired or "
+                "failed); retry")
+
+
+def _replica_died(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray's word that the replica's actor died under a call."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
+
+
 def _err(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
                         status_code=status, headers=headers)
@@ -258,6 +269,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _replica_died(exc):  # nothing of this response was sent yet: safe to retry
+            log.warning("a replica died under a request: %s", str(exc).splitlines()[0])
+            return _err(503, REPLICA_DIED, "replica_unavailable", {"Retry-After": "1"})
         log.exception("unexpected gateway error")
         return _err(500, "internal error; see the platform log", "internal_error")
 
@@ -610,8 +624,17 @@ def create_app(ctx: GatewayContext) -> FastAPI:
 
     def sse(events: AsyncIterator[dict[str, Any]], done: bool = True) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
-            async for e in events:
-                yield b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
+            try:
+                async for e in events:
+                    yield b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
+            except Exception as exc:
+                if not _replica_died(exc):
+                    raise
+                log.warning("a replica died under a stream: %s", str(exc).splitlines()[0])
+                error = {"error": {"message": REPLICA_DIED, "type": "replica_unavailable",
+                                   "code": 503}}  # the stream ends with it, typed, not cut
+                yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
+                return
             if done:
                 yield b"data: [DONE]\n\n"
 
