@@ -235,6 +235,8 @@ def test_bad_input_gets_clear_4xx(platform: Platform, tiny_deployed: str) -> Non
         r = anon.post(url, json={"prompt": "x"}, headers={"Authorization": b"Bearer caf\xe9"})
         assert r.status_code == 401, r.text  # a non-ASCII byte is an unknown token, not a 500
         assert anon.get("/healthz").status_code == 200
+        health = anon.get("/health")  # vLLM's probe, as guidellm sends it before a run
+        assert health.status_code == 200 and health.content == b""
     with platform.http("invoke") as h:
         r = h.post("/v1/functions", json=tiny_doc("x"))
         assert r.status_code == 403 and "admin token" in r.json()["error"]["message"]

@@ -298,6 +298,12 @@ def create_app(ctx: GatewayContext) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "functions": len(await run_in_threadpool(ctx.registry.list))}
 
+    @app.get("/health")
+    async def health() -> Response:
+        """vLLM's liveness probe (200, empty body): what OpenAI-server clients such as guidellm
+        check before they start."""
+        return Response(status_code=200)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         counts = await st.refresh_counts(force=True)
