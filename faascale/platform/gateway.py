@@ -162,9 +162,12 @@ def _replica_died(exc: BaseException) -> bool:
     return isinstance(exc, RayActorError)
 
 
+def _error_body(status: int, message: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
 def _err(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
-                        status_code=status, headers=headers)
+    return JSONResponse(_error_body(status, message, kind), status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -637,8 +640,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                 if not _replica_died(exc):
                     raise
                 log.warning("a replica died under a stream: %s", str(exc).splitlines()[0])
-                error = {"error": {"message": REPLICA_DIED, "type": "replica_unavailable",
-                                   "code": 503}}  # the stream ends with it, typed, not cut
+                error = _error_body(503, REPLICA_DIED, "replica_unavailable")  # typed, not cut
                 yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
                 return
             if done:

@@ -100,7 +100,7 @@ class FunctionReplica:
                     self.llm = LLM.load(model_dir, self.spec.engine_config())
                 sources = {"DISK": self.llm.manifest.num_blocks}
                 self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
-                                          background_warmup=True)
+                                              background_warmup=True)
         except Exception as exc:
             # Serve retries the start; the gateway answers waiting requests with this reason
             # instead of holding them until the cold-start timeout.
@@ -124,8 +124,10 @@ class FunctionReplica:
         """The start's ``StartupProfile`` to the events actor (stored in the registry), with the
         spans before the constructor and the runtime it found (warm or cold, ``process_spans``)."""
         try:
+            # every path but a PipeCast join (which serves as its blocks come) starts the
+            # model's warm-up as the start ends
             self.runtime = {**process_spans(self._rec, self._t0, _resolve(self._ordered_ref)),
-                            "warmup": "background"}  # started as the start ends
+                            "warmup": "none" if "PEER" in sources else "background"}
             tokenizer_bytes = getattr(self, "_tokenizer_bytes", 0)
             self.profile = self._rec.finish(
                 function=self.spec.name, replica=getattr(self, "replica_id", "?"),
@@ -248,7 +250,7 @@ class FunctionReplica:
         with rec.span("materialize"):
             self.llm = LLM.load(self._private, self.spec.engine_config(), verify=False)  # verified
         self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
-                                          background_warmup=True)
+                                      background_warmup=True)
         return {"REMOTE": manifest.num_blocks}
 
     def _store_loader(self, location: str) -> Callable[[int], Path]:
