@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import threading
 import time
 from typing import Any
 
@@ -286,3 +287,62 @@ def test_real_serve_bursts_up_through_our_policy_and_back_to_zero(serve_instance
     print(f"\nreplicas>1 after {up_s:.1f} s; burst done in {burst_s:.1f} s; "
           f"zero {zero_s:.1f} s after the burst; intents: "
           f"{[(e['from_replicas'], e['to_replicas'], e['reason']) for e in intents()]}")
+
+
+@pytest.mark.timeout(120)
+def test_reading_counts_while_a_deploy_builds_its_config_does_not_collide(serve_instance,
+                                                                          monkeypatch) -> None:
+    """Serve registers a module with cloudpickle's process-wide pickle-by-value set while it
+    builds a config (a deployment's, and each one inside ``serve.status()``), then unregisters it;
+    the poller's ``serve.status()`` unregistering it first made a ``scale`` fail with HTTP 500.
+    The deploy's window is widened here, so without the backend's lock the poller's status reads
+    land inside it."""
+    from ray import cloudpickle
+
+    from faascale.platform.registry import FunctionRecord
+    from faascale.platform.serve_app import DEPLOYMENT, ServeBackend
+    from faascale.platform.spec import parse_function_spec
+
+    serve = serve_instance
+
+    @serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 0})
+    class Echo:
+        def __call__(self) -> str:
+            return "ok"
+
+    serve.run(Echo.bind(), name="echo", route_prefix=None)  # status() then builds its config
+    backend = ServeBackend()
+    spec = parse_function_spec({"name": "fn", "model": {"source": "random://tiny-llama"},
+                                "resources": {"num_cpus": 0}})
+    record = FunctionRecord(spec, "/nonexistent", "m", 0.0, 0.0)
+    register = cloudpickle.register_pickle_by_value
+    builder = threading.Thread(target=lambda: None)  # replaced below; its registrations are slow
+
+    def slow_register(module) -> None:
+        register(module)
+        if threading.current_thread() is builder:
+            time.sleep(0.05)
+
+    monkeypatch.setattr(cloudpickle, "register_pickle_by_value", slow_register)
+    errors: list[BaseException] = []
+    reads = []
+
+    def build() -> None:
+        for _ in range(5):
+            try:
+                backend.application(record)
+            except Exception as e:  # noqa: BLE001 - the test reports whatever was raised
+                errors.append(e)
+
+    def poll() -> None:
+        while builder.is_alive():
+            reads.append(backend.counts()["echo"].running)
+
+    builder = threading.Thread(target=build)
+    poller = threading.Thread(target=poll)
+    builder.start()
+    poller.start()
+    builder.join(60)
+    poller.join(60)
+    assert errors == []
+    assert len(reads) >= 2 and set(reads) == {1}

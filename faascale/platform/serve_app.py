@@ -7,6 +7,7 @@ can be tested against a fake, and this module is tested for real against a local
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,13 @@ def _autoscaling(spec: FunctionSpec) -> Any:
 # before Serve kills it: 5 s cut 48-token answers on a 0.35-core node (they were 500s).
 DRAIN_TIMEOUT_S = 60.0
 
+# Serve builds its config models (a deployment's, and every one inside ``serve.status()``) by
+# registering a module with cloudpickle's process-wide pickle-by-value set, pickling, and
+# unregistering it. Two threads doing that at once make the second unregister raise ValueError
+# ("... is not registered for pickle by value"): a `scale` failed with HTTP 500 while the
+# gateway's poller read the counts. Every config construction in this process takes this lock.
+_SERVE_CONFIG_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True)
 class ReplicaCounts:
@@ -68,23 +76,28 @@ class ServeBackend:
     def deploy(self, record: FunctionRecord) -> None:
         """Create or update the function's application; returns once Serve accepted it (with
         ``min_replicas: 0`` no replica starts). Blocking: call it from a worker thread."""
+        app = self.application(record)
+        model_prep.publish(record.name, record.model_dir)  # idle runtimes prepare it ahead
+        serve.run(app, name=record.name, route_prefix=None)
+
+    def application(self, record: FunctionRecord) -> Any:
+        """The function's Serve application, built under the config lock."""
         spec = record.spec
-        deployment = serve.deployment(FunctionReplica).options(
-            name=DEPLOYMENT,
-            autoscaling_config=_autoscaling(spec),
-            max_ongoing_requests=2 * spec.target_concurrency,
-            # The handler module is imported from the function's directory on the replica's node
-            # (embedded: this machine; a cluster: a shared volume or the image). Serve's config
-            # path accepts only remote URIs for working_dir, so it is not shipped.
-            ray_actor_options={"num_cpus": spec.resources.num_cpus,
-                               "num_gpus": spec.resources.num_gpus},
-            graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
-            health_check_period_s=5,
-        )
-        app = deployment.bind(spec.to_document(), spec.base_dir, record.model_dir,
-                              self.tiers.to_dict() if self.tiers else None)
-        model_prep.publish(spec.name, record.model_dir)  # idle runtimes prepare it ahead
-        serve.run(app, name=spec.name, route_prefix=None)
+        with _SERVE_CONFIG_LOCK:
+            deployment = serve.deployment(FunctionReplica).options(
+                name=DEPLOYMENT,
+                autoscaling_config=_autoscaling(spec),
+                max_ongoing_requests=2 * spec.target_concurrency,
+                # The handler module is imported from the function's directory on the replica's
+                # node (embedded: this machine; a cluster: a shared volume or the image). Serve's
+                # config path accepts only remote URIs for working_dir, so it is not shipped.
+                ray_actor_options={"num_cpus": spec.resources.num_cpus,
+                                   "num_gpus": spec.resources.num_gpus},
+                graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+                health_check_period_s=5,
+            )
+            return deployment.bind(spec.to_document(), spec.base_dir, record.model_dir,
+                                   self.tiers.to_dict() if self.tiers else None)
 
     def delete(self, name: str) -> None:
         model_prep.unpublish(name)
@@ -96,7 +109,9 @@ class ServeBackend:
     def counts(self) -> dict[str, ReplicaCounts]:
         """Replica counts of every application, from one controller call."""
         out = {}
-        for name, app in serve.status().applications.items():
+        with _SERVE_CONFIG_LOCK:
+            status = serve.status()
+        for name, app in status.applications.items():
             dep = app.deployments.get(DEPLOYMENT)
             states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
             out[name] = ReplicaCounts(running=states.get("RUNNING", 0),
