@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from faascale.engine.checkpoint import (ALIGN_BYTES, CheckpointError, CorruptBlockError,
-                                        load_block, map_block_file, pack_hf_dir, read_manifest,
-                                        split_layers)
+                                        load_block, manifest_problem, map_block_file, pack_hf_dir,
+                                        read_manifest, split_layers)
 from faascale.engine.config import ConfigError, EngineConfig
 from faascale.engine.llm import LLM
 from faascale.engine.random_model import (byte_tokenizer_json, pack_random, random_hf_state_dict,
@@ -245,3 +246,61 @@ def test_corrupt_block_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(CorruptBlockError(BlockId("m-1", 3), "sha256 mismatch")))
     assert isinstance(err, CorruptBlockError) and err.block_id == BlockId("m-1", 3)
     assert str(err) == "block 3 of model 'm-1' is corrupt: sha256 mismatch"
+
+
+def _tampered(packed: Path, tmp_path: Path, edit) -> Path:
+    """A copy of ``packed`` whose manifest.json ``edit(doc)`` changed."""
+    out = tmp_path / "tampered"
+    shutil.copytree(packed, out)
+    doc = json.loads((out / "manifest.json").read_text())
+    edit(doc)
+    (out / "manifest.json").write_text(json.dumps(doc))
+    return out
+
+
+def _set(path: str, value):
+    def edit(doc: dict) -> None:
+        *parents, last = path.split(".")
+        node = doc
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        node[int(last) if last.isdigit() else last] = value
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (_set("model_id", "../../escaped"), "model_id"),
+    (_set("model_id", ".hidden"), "model_id"),
+    (_set("blocks.1.file", "../block-0001.bin"), "blocks[1].file"),
+    (_set("blocks.0.file", "/etc/passwd"), "blocks[0].file"),
+    (_set("tokenizer.file", "sub/tokenizer.json"), "tokenizer.file"),
+    (_set("blocks.1.file", "block-0000.bin"), "one name"),
+    (_set("blocks.1.file", "manifest.json"), "one name"),
+    (_set("blocks.1.index", 7), "blocks[1]: index is 7"),
+    (_set("blocks.1.layer_start", 0), "do not follow layer"),
+    (_set("blocks.0.size_bytes", 0), "out of range"),
+    (lambda d: d["blocks"][0].update(size_bytes=1 << 50, pieces=[], piece_bytes=0),
+     "out of range"),
+    (_set("blocks.0.size_bytes", True), "must be integers"),
+    (lambda d: d["blocks"].pop(), "the blocks cover"),
+    (lambda d: d["blocks"][0]["tensors"]["embed.weight"].update(offset=1 << 30), "does not fit"),
+    (lambda d: d["blocks"][0]["tensors"]["embed.weight"].update(nbytes=8), "does not fit"),
+    (lambda d: d["blocks"][0]["tensors"]["embed.weight"].update(offset=-64), "bad dtype"),
+    (lambda d: d["blocks"][0]["tensors"]["embed.weight"].update(dtype="int64"), "bad dtype"),
+])
+def test_a_manifest_that_could_reach_outside_its_directory_is_refused(
+        tiny_packed: Path, tmp_path: Path, edit, named: str) -> None:
+    bad = _tampered(tiny_packed, tmp_path, edit)
+    with pytest.raises(CheckpointError, match="not a valid packed model") as err:
+        read_manifest(bad)
+    assert named in str(err.value)
+    with pytest.raises(CheckpointError):
+        LLM.load(bad)
+    assert not (tmp_path / "escaped").exists()
+
+
+def test_the_packed_manifest_itself_is_valid(tiny_packed: Path) -> None:
+    m = read_manifest(tiny_packed)
+    assert manifest_problem(m) is None
+    assert manifest_problem(dataclass_replace(m, dtype="int4")) == \
+        "dtype 'int4' is not one of ['bfloat16', 'float16', 'float32']"

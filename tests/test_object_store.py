@@ -10,6 +10,7 @@ once per session, is ~15-30 s); without Ceph they skip, and fail under CI=true (
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -415,3 +416,18 @@ def test_s3_get_into_throughput(moto_endpoint: str) -> None:
         print(f"\n64 MiB from in-process moto: get {64 / (t1 - t0):.0f} MiB/s, "
               f"get_into ({store.max_concurrency} x {store.part_size_bytes // MiB} MiB parts) "
               f"{64 / (t2 - t1):.0f} MiB/s")
+
+
+def test_a_store_manifest_naming_files_outside_the_model_is_refused_and_writes_nothing(
+        store: ObjectStore, tiny_packed: Path, tmp_path: Path) -> None:
+    """Whoever can write the bucket can write manifest.json: a block named ``../../x`` must not
+    make a download write beside (or above) its destination."""
+    upload_packed(store, tiny_packed, "m")
+    doc = json.loads(store.get("m/manifest.json"))
+    doc["blocks"][1]["file"] = "../../escaped.bin"
+    store.put("m/manifest.json", json.dumps(doc).encode())
+    dest = tmp_path / "a" / "b" / "dl" / "tiny"
+    with pytest.raises(CheckpointError, match=r"blocks\[1\]\.file '\.\./\.\./escaped\.bin'"):
+        download_packed(store, "m", dest)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                  if "store" not in p.parts) == []

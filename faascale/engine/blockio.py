@@ -58,6 +58,14 @@ def matches(expected: str, data: Any) -> tuple[bool, str]:
     return actual == expected, actual
 
 
+def piece_count(size_bytes: int, piece_bytes: int) -> int:
+    """``len(piece_spans(size_bytes, piece_bytes))`` without listing them (a manifest's size is
+    checked against its piece checksums before it is trusted)."""
+    if piece_bytes <= 0 or size_bytes <= piece_bytes:
+        return 1
+    return -(-size_bytes // piece_bytes)
+
+
 def piece_spans(size_bytes: int, piece_bytes: int) -> list[tuple[int, int]]:
     """(offset, length) of each piece of a ``size_bytes`` block; one piece when ``piece_bytes``
     is 0 (a manifest without pieces) or the block is empty."""

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 import torch
 
 from faascale.engine.blockio import (DEFAULT_PIECE_BYTES, algorithm_of, checksum, hasher_for,
-                                    matches, piece_checksums, piece_spans)
-from faascale.engine.config import ConfigError, ModelConfig, dtype_name, parse_dtype
+                                    matches, piece_checksums, piece_count)
+from faascale.engine.config import DTYPES, ConfigError, ModelConfig, dtype_name, parse_dtype
 
 FORMAT = "faascale-blocks"
 # 3: each block also lists its pieces' blake3 (``piece_bytes``, ``pieces``), so PipeCast forwards
@@ -86,7 +86,7 @@ class BlockInfo:
     pieces: tuple[str, ...] = ()  # their tagged blake3, in order; () = one piece, the block
 
     def __post_init__(self) -> None:
-        if self.pieces and len(self.pieces) != len(piece_spans(self.size_bytes, self.piece_bytes)):
+        if self.pieces and len(self.pieces) != piece_count(self.size_bytes, self.piece_bytes):
             raise ValueError(f"block {self.index}: {len(self.pieces)} piece checksums for "
                              f"{self.size_bytes} bytes in pieces of {self.piece_bytes}")
         if any(algorithm_of(c) != "blake3" for c in self.pieces):
@@ -178,10 +178,72 @@ def _manifest_from_dict(d: dict[str, Any]) -> ModelManifest:
                                  for n, t in b["tensors"].items()}})
         for b in d["blocks"]
     )
-    return ModelManifest(
+    manifest = ModelManifest(
         model_id=d["model_id"], name=d["name"], config=ModelConfig.from_dict(d["config"]),
         dtype=d["dtype"], blocks=blocks, tokenizer=TokenizerInfo(**tok), source=d.get("source", ""),
     )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"manifest.json is not a valid packed model: {problem}")
+    return manifest
+
+
+# A name the manifest gives a file or directory: one path component that cannot climb out of
+# (``..``), hide in (``.x``) or reach outside (``/``) the directory it is joined to.
+SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+MAX_BLOCK_BYTES = 1 << 40
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def manifest_problem(m: ModelManifest) -> str | None:
+    """Why ``m`` cannot be trusted as a packed model (None if it can): every name a manifest
+    joins to a tier or cache directory must be a safe path component; files distinct; blocks
+    numbered in order, covering the model's layers once; every tensor inside its block, with the
+    byte count its dtype and shape imply. A manifest comes from disk, the object store or a peer:
+    a crafted one must not write, map or link anything outside the directory it describes."""
+    names = {"model_id": m.model_id, "name": m.name, "tokenizer.file": m.tokenizer.file}
+    names |= {f"blocks[{i}].file": b.file for i, b in enumerate(m.blocks)}
+    for field, value in names.items():
+        if not isinstance(value, str) or not SAFE_COMPONENT.fullmatch(value):
+            return f"{field} {str(value)[:80]!r} is not a plain file name ([A-Za-z0-9._-], " \
+                   "starting with a letter or digit, at most 200)"
+    files = [m.tokenizer.file] + [b.file for b in m.blocks]
+    if len(set(files)) != len(files) or MANIFEST_FILE in files:
+        return "two files of the model have one name (or one is named manifest.json)"
+    if m.dtype not in DTYPES:
+        return f"dtype {m.dtype!r} is not one of {sorted(DTYPES)}"
+    if not m.blocks:
+        return "no blocks"
+    layer = 0
+    for i, b in enumerate(m.blocks):
+        where = f"blocks[{i}]"
+        if not all(_int(v) for v in (b.index, b.layer_start, b.layer_end, b.size_bytes,
+                                     b.piece_bytes)):
+            return f"{where}: index, layers, size_bytes and piece_bytes must be integers"
+        if b.index != i:
+            return f"{where}: index is {b.index}"
+        if (b.layer_start, b.layer_end >= b.layer_start) != (layer, True):
+            return f"{where}: layers [{b.layer_start}, {b.layer_end}) do not follow layer {layer}"
+        layer = b.layer_end
+        if not 0 < b.size_bytes <= MAX_BLOCK_BYTES or b.piece_bytes < 0:
+            return f"{where}: size_bytes {b.size_bytes} (or piece_bytes {b.piece_bytes}) is out " \
+                   f"of range"
+        for name, t in b.tensors.items():
+            if t.dtype not in DTYPES or not all(_int(v) and v >= 0
+                                                for v in (t.offset, t.nbytes, *t.shape)):
+                return f"{where}: tensor {name[:80]!r} has a bad dtype, shape or range"
+            count = 1
+            for dim in t.shape:
+                count *= dim
+            if t.nbytes != count * DTYPES[t.dtype].itemsize or t.offset + t.nbytes > b.size_bytes:
+                return f"{where}: tensor {name[:80]!r} ({t.nbytes} bytes at {t.offset}) does " \
+                       f"not fit its shape or the block's {b.size_bytes} bytes"
+    if layer != m.config.num_layers:
+        return f"the blocks cover {layer} layers, the model has {m.config.num_layers}"
+    return None
 
 
 def _v1_checksum(d: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -36,6 +36,7 @@ from faascale.platform.auth import Role, Tokens, bearer
 from faascale.platform.metrics import Metrics
 from faascale.platform.registry import STARTUP_PROFILE, FunctionRecord, Registry
 from faascale.platform.spec import DNS_LABEL, SpecError, parse_function_spec
+from faascale.platform.streams import StreamStalled, TokenStream, sse
 
 _DNS_LABEL = re.compile(DNS_LABEL)
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class _State:
 
 REPLICA_DIED = ("the replica serving this request stopped before it finished (it retired or "
                 "failed); retry")
+STALLED = "the replica stopped producing tokens; the stream was ended (retry)"
 
 
 def _replica_died(exc: BaseException) -> bool:
@@ -576,9 +578,9 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                   "reason": "request at zero", "at_s": now, "ongoing_requests": st.in_flight[name] + 1}
         ctx.report(intent)
 
-    async def chunks(name: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Token chunks with metrics; the first chunk is fetched before any response is sent, so
-        a rejected request still gets its 4xx status."""
+    async def chunks(name: str, payload: dict[str, Any]) -> TokenStream:
+        """The request's token stream, holding one in-flight slot until it is closed. Its first
+        chunk is fetched before any response is sent, so a rejected request still gets its 4xx."""
         t0 = time.perf_counter()
         spec = st.record(name).spec
         # Replicas take 2x their target concurrency (Serve's max_ongoing_requests); beyond what
@@ -590,64 +592,57 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                            f"(limit {capacity}); retry later", "rate_limited", {"Retry-After": "1"})
         st.in_flight[name] += 1
         m.in_flight.labels(name).set(st.in_flight[name])
-        opened = False
+
+        def release() -> None:
+            st.in_flight[name] -= 1
+            m.in_flight.labels(name).set(st.in_flight[name])
+
         try:
             first, gen = await open_stream(name, payload)
-            opened = True
-        finally:
-            if not opened:
-                st.in_flight[name] -= 1
-                m.in_flight.labels(name).set(st.in_flight[name])
+        except BaseException:
+            release()
+            raise
+        last = time.perf_counter()
+        m.ttft.labels(name).observe(last - t0)
 
-        async def rest() -> AsyncIterator[dict[str, Any]]:
-            last = time.perf_counter()
-            m.ttft.labels(name).observe(last - t0)
-            item = first
-            try:
-                while True:
-                    yield item
-                    if item.get("finished"):
-                        m.tokens.labels(name, "prompt").inc(item["num_prompt_tokens"])
-                        m.tokens.labels(name, "completion").inc(item["num_output_tokens"])
-                        return
-                    item = await gen.__anext__()
-                    now = time.perf_counter()
-                    m.itl.labels(name).observe(now - last)
-                    last = now
-            except StopAsyncIteration:
-                return
-            finally:
-                gen.cancel()  # no-op when finished; frees the replica's slot if the client left
-                st.in_flight[name] -= 1
-                m.in_flight.labels(name).set(st.in_flight[name])
-                m.e2e.labels(name).observe(time.perf_counter() - t0)
+        def on_item(item: dict[str, Any]) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            if item is not first:
+                m.itl.labels(name).observe(now - last)
+            last = now
+            if item.get("finished"):
+                m.tokens.labels(name, "prompt").inc(item["num_prompt_tokens"])
+                m.tokens.labels(name, "completion").inc(item["num_output_tokens"])
 
-        return rest()
+        def on_close() -> None:
+            release()
+            m.e2e.labels(name).observe(time.perf_counter() - t0)
 
-    async def collect(stream: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+        return TokenStream(first, gen, stall_timeout_s=spec.scaling.stall_timeout_s,
+                           on_item=on_item, on_close=on_close)
+
+    async def collect(stream: TokenStream) -> tuple[str, dict[str, Any]]:
         text, last = [], {}
-        async for c in stream:
-            text.append(c["text"])
-            last = c
+        try:
+            async for c in stream:
+                text.append(c["text"])
+                last = c
+        except StreamStalled as exc:
+            raise ApiError(504, f"{STALLED}: {exc}", "stream_stalled") from None
+        finally:
+            stream.close()
         return "".join(text), last
 
-    def sse(events: AsyncIterator[dict[str, Any]], done: bool = True) -> StreamingResponse:
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for e in events:
-                    yield b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n"
-            except Exception as exc:
-                if not _replica_died(exc):
-                    raise
-                log.warning("a replica died under a stream: %s", str(exc).splitlines()[0])
-                error = _error_body(503, REPLICA_DIED, "replica_unavailable")  # typed, not cut
-                yield b"data: " + json.dumps(error, separators=(",", ":")).encode() + b"\n\n"
-                return
-            if done:
-                yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def stream_error(exc: BaseException) -> dict[str, Any] | None:
+        """The SSE error event that ends a stream for ``exc`` (None: not ours to type)."""
+        if isinstance(exc, StreamStalled):
+            log.warning("a stream stalled: %s", exc)
+            return _error_body(504, f"{STALLED}: {exc}", "stream_stalled")
+        if _replica_died(exc):
+            log.warning("a replica died under a stream: %s", str(exc).splitlines()[0])
+            return _error_body(503, REPLICA_DIED, "replica_unavailable")  # typed, not cut
+        return None
 
     def counted(endpoint: str, name: str, code: int) -> None:
         m.requests.labels(name, endpoint, str(code)).inc()
@@ -680,7 +675,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                     async for c in stream:
                         yield {"text": c["text"], "finished": c["finished"],
                                "finish_reason": c["finish_reason"]}
-                return sse(events())
+                return sse(events(), stream, stream_error)
             text, last = await collect(stream)
             return {"function": name, "text": text, "finish_reason": last.get("finish_reason"),
                     "usage": oa.usage_of(last)}
@@ -719,7 +714,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                         if c["finished"] and body.include_usage:
                             yield oa.usage_chunk(rid, name, "text_completion",
                                                  oa.usage_of(c))
-                return sse(events())
+                return sse(events(), stream, stream_error)
             text, last = await collect(stream)
             return oa.completion_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
                                           oa.usage_of(last))
@@ -756,7 +751,7 @@ def create_app(ctx: GatewayContext) -> FastAPI:
                             if body.include_usage:
                                 yield oa.usage_chunk(rid, name, "chat.completion.chunk",
                                                      oa.usage_of(c))
-                return sse(events())
+                return sse(events(), stream, stream_error)
             text, last = await collect(stream)
             return oa.chat_response(rid, name, text, oa.openai_finish(last.get("finish_reason")),
                                     oa.usage_of(last))

@@ -78,6 +78,9 @@ class ScalingSpec(_Strict):
         "down after keep_alive_s without a new request")
     cold_start_timeout_s: float = Field(default=180.0, gt=0,
                                         description="how long a request waits for a replica")
+    stall_timeout_s: float = Field(
+        default=60.0, gt=0, description="longest wait for a started stream's next token; then "
+        "it ends with an error (504; an SSE error event when streaming) and frees its slot")
     max_queued_requests: int = Field(default=256, ge=0,
                                      description="requests waiting beyond capacity before 429")
 
