@@ -48,6 +48,27 @@ def stream_lines(platform: Platform, url: str, body: dict[str, Any], into: list[
         into.extend(ln for ln in r.iter_lines() if ln.startswith("data: "))
 
 
+def two_requests_then(platform: Platform, name: str, sig: int) -> tuple[Any, list[str], float]:
+    """Run a plain and a streamed long request on ``name``'s only replica; once both run (the
+    stream has 3 lines), send it ``sig``. Returns the plain response, the stream's data lines and
+    the seconds from the signal to both ends."""
+    pid = platform.status(name)["cold_starts"][0]["pid"]
+    url = f"/v1/functions/{name}/invoke"
+    streamed: list[str] = []
+    with cf.ThreadPoolExecutor(2) as pool:
+        plain = pool.submit(platform.http().post, url, json=LONG)
+        streaming = pool.submit(stream_lines, platform, url, LONG, streamed)
+        deadline = time.monotonic() + 60
+        while platform.status(name)["gateway"]["in_flight"] < 2 or len(streamed) < 3:
+            assert time.monotonic() < deadline, "the two requests never ran"
+            time.sleep(0.05)
+        os.kill(pid, sig)
+        sent = time.monotonic()
+        r = plain.result(timeout=30)
+        streaming.result(timeout=30)
+        return r, streamed, time.monotonic() - sent
+
+
 def events_of(lines: list[str]) -> list[dict[str, Any]]:
     return [json.loads(ln[6:]) for ln in lines if ln != "data: [DONE]"]
 
@@ -94,24 +115,11 @@ def test_a_stopped_replica_ends_its_requests_with_a_stall_error(platform: Platfo
     doc["scaling"]["stall_timeout_s"] = 2
     platform.deploy(doc)
     pid = platform.status(name)["cold_starts"][0]["pid"]
-    url = f"/v1/functions/{name}/invoke"
-    streamed: list[str] = []
-    with cf.ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(platform.http().post, url, json=LONG)
-        streaming = pool.submit(stream_lines, platform, url, LONG, streamed)
-        deadline = time.monotonic() + 60
-        while platform.status(name)["gateway"]["in_flight"] < 2 or len(streamed) < 3:
-            assert time.monotonic() < deadline, "the two requests never ran"
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGSTOP)
-        stopped = time.monotonic()
-        try:
-            r = plain.result(timeout=30)
-            streaming.result(timeout=30)
-            ended_s = time.monotonic() - stopped
-            assert platform.status(name)["gateway"]["in_flight"] == 0
-        finally:
-            os.kill(pid, signal.SIGCONT)
+    try:
+        r, streamed, ended_s = two_requests_then(platform, name, signal.SIGSTOP)
+        assert platform.status(name)["gateway"]["in_flight"] == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
     assert r.status_code == 504 and r.json()["error"]["type"] == "stream_stalled", r.text
     events = events_of(streamed)
     assert "data: [DONE]" not in streamed
@@ -119,7 +127,7 @@ def test_a_stopped_replica_ends_its_requests_with_a_stall_error(platform: Platfo
     assert events[-1]["error"]["code"] == 504
     assert all("error" not in e and not e["finished"] for e in events[:-1])
     assert 1 <= ended_s < 6, ended_s  # the 2 s count from the last token, just before the stop
-    again = platform.http().post(url, json={**LONG, "max_tokens": 4})
+    again = platform.http().post(f"/v1/functions/{name}/invoke", json={**LONG, "max_tokens": 4})
     assert again.status_code == 200, again.text
     platform.cli("delete", name)
 
@@ -132,21 +140,7 @@ def test_a_replica_killed_mid_request_ends_both_requests_with_a_typed_503(
     end within 5 s of the kill. Sent 2, failed with a clear error 2, lost 0, duplicated 0."""
     name = "tiny-doomed"
     platform.deploy(tiny_doc(name, min_replicas=1, max_replicas=1))
-    pid = platform.status(name)["cold_starts"][0]["pid"]
-    url = f"/v1/functions/{name}/invoke"
-    streamed: list[str] = []
-    with cf.ThreadPoolExecutor(2) as pool:
-        plain = pool.submit(platform.http().post, url, json=LONG)
-        streaming = pool.submit(stream_lines, platform, url, LONG, streamed)
-        deadline = time.monotonic() + 60
-        while platform.status(name)["gateway"]["in_flight"] < 2 or len(streamed) < 3:
-            assert time.monotonic() < deadline, "the two requests never ran"
-            time.sleep(0.05)
-        os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        r = plain.result(timeout=30)
-        streaming.result(timeout=30)
-        ended_s = time.monotonic() - killed
+    r, streamed, ended_s = two_requests_then(platform, name, signal.SIGKILL)
     assert r.status_code == 503 and r.json()["error"]["type"] == "replica_unavailable", r.text
     assert r.headers["retry-after"] == "1"
     events = events_of(streamed)

@@ -316,11 +316,9 @@ def test_reading_counts_while_a_deploy_builds_its_config_does_not_collide(serve_
                                 "resources": {"num_cpus": 0}})
     record = FunctionRecord(spec, "/nonexistent", "m", 0.0, 0.0)
     register = cloudpickle.register_pickle_by_value
-    builder = threading.Thread(target=lambda: None)  # replaced below; its registrations are slow
-
     def slow_register(module) -> None:
         register(module)
-        if threading.current_thread() is builder:
+        if threading.current_thread().name == "builder":  # only the deploy's window is widened
             time.sleep(0.05)
 
     monkeypatch.setattr(cloudpickle, "register_pickle_by_value", slow_register)
@@ -338,7 +336,7 @@ def test_reading_counts_while_a_deploy_builds_its_config_does_not_collide(serve_
         while builder.is_alive():
             reads.append(backend.counts()["echo"].running)
 
-    builder = threading.Thread(target=build)
+    builder = threading.Thread(target=build, name="builder")
     poller = threading.Thread(target=poll)
     builder.start()
     poller.start()

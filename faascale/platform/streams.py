@@ -48,8 +48,9 @@ class TokenStream:
             item, self._next = self._next, None
         else:
             try:
-                item = await asyncio.wait_for(self._gen.__anext__(), self.stall_timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.stall_timeout_s):  # no task per token
+                    item = await self._gen.__anext__()
+            except TimeoutError:
                 self.close()
                 raise StreamStalled(f"no token for {self.stall_timeout_s:g} s") from None
             except BaseException:  # the end, a dead replica, the client's cancellation
