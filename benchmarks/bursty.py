@@ -311,7 +311,8 @@ import json, os, sys
 from pathlib import Path
 import ray
 from faascale.memory_tier.node import TierConfig, split_location, stage_everywhere
-from faascale.memory_tier.object_store import open_store, read_packed_metadata
+from faascale.memory_tier.packed import read_packed_metadata
+from faascale.memory_tier.store import open_store
 ray.init(address=sys.argv[1], namespace="faascale", logging_level="ERROR")
 location = sys.argv[2]
 store_uri, prefix = split_location(location)

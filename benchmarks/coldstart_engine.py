@@ -63,7 +63,7 @@ class Rgw:
     dir: Path
 
     def env(self) -> dict[str, str]:
-        """What a process needs to reach this S3 through ``object_store.open_store``."""
+        """What a process needs to reach this S3 through ``store.open_store``."""
         return {"FAASCALE_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": RGW_ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": RGW_SECRET_KEY, "AWS_DEFAULT_REGION": RGW_REGION}
 
@@ -136,7 +136,8 @@ def _models(work: Path) -> list[tuple[str, Path]]:
 
 def _upload(rgw: Rgw, models: list[tuple[str, Path]]) -> dict[str, str]:
     """Every model into one new bucket; label -> its ``s3://`` location."""
-    from faascale.memory_tier.object_store import S3Store, upload_packed
+    from faascale.memory_tier.packed import upload_packed
+    from faascale.memory_tier.s3_store import S3Store
 
     bucket = f"coldstart-{uuid.uuid4().hex[:8]}"
     _client(rgw.endpoint).create_bucket(Bucket=bucket)

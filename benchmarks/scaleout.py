@@ -333,11 +333,12 @@ class Bench:
                               piece_bytes_of(name))
         timeout_s = 30.0 + 4 * link_s + 2 * limit_s
         go = run_dir / "go"
+        plan_id = secrets.token_hex(8)  # the run's epoch: every agent of it the same
         procs = {}
         for h in nodes:
             procs[h] = cluster.run(index[h], [
                 sys.executable, "-m", "faascale.pipecast.agent",
-                "--plan", str(run_dir / "plan.json"),
+                "--plan", str(run_dir / "plan.json"), "--plan-id", plan_id,
                 "--name", h, "--bind", f"{cluster.host_address(index[h])}:{port}",
                 "--peers", str(run_dir / "peers.json"),
                 "--blocks-dir", str(model.shm if h in plan.sources else shm_run / h),

@@ -75,8 +75,9 @@ from faascale.engine.sources import resolve_packed  # noqa: E402
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block  # noqa: E402
 from faascale.engine.tokenizer import Tokenizer  # noqa: E402
 from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS  # noqa: E402
-from faascale.memory_tier.object_store import S3Store, upload_packed  # noqa: E402
+from faascale.memory_tier.packed import upload_packed  # noqa: E402
 from faascale.memory_tier.policy import Tier  # noqa: E402
+from faascale.memory_tier.s3_store import S3Store  # noqa: E402
 from faascale.platform.server import free_port  # noqa: E402
 
 MiB = 1 << 20

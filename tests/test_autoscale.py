@@ -12,14 +12,13 @@ import random
 
 import pytest
 
+from faascale.coldstart.start_source import ColdStartEstimate, choose_source
 from faascale.platform.autoscale import (
-    ColdStartEstimate,
     PolicyState,
     ScaleDecision,
     ScaleIntent,
     ScalingConfig,
     ScalingSnapshot,
-    choose_source,
     decide,
     load_trend_per_s,
 )

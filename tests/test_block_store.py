@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 from support import FakeClock as Clock
 
-from faascale.engine.checkpoint import BlockId, CorruptBlockError, read_manifest
+from faascale.engine.blockio import BlockId
+from faascale.engine.checkpoint import CorruptBlockError, read_manifest
 from faascale.memory_tier import block_store
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
-from faascale.memory_tier.object_store import LocalDirStore, upload_packed
+from faascale.memory_tier.local_store import LocalDirStore
+from faascale.memory_tier.packed import upload_packed
 from faascale.memory_tier.policy import (Resident, Tier, TierFullError, choose_evictions,
                                          eviction_order)
 

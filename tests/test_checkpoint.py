@@ -241,7 +241,7 @@ def test_pack_hf_dir_errors(tmp_path: Path) -> None:
 def test_corrupt_block_error_survives_pickling() -> None:
     import pickle
 
-    from faascale.engine.checkpoint import BlockId
+    from faascale.engine.blockio import BlockId
 
     err = pickle.loads(pickle.dumps(CorruptBlockError(BlockId("m-1", 3), "sha256 mismatch")))
     assert isinstance(err, CorruptBlockError) and err.block_id == BlockId("m-1", 3)

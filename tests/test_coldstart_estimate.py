@@ -11,8 +11,8 @@ from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, PRIOR_
                                          engine_features, engine_observation, estimates_for, manifest_features,
                                          source_for_replica)
 from faascale.coldstart.model import ModelFeatures, fit, loo_by_model, accuracy
+from faascale.coldstart.start_source import ColdStartEstimate, choose_source
 from faascale.engine.checkpoint import read_manifest
-from faascale.platform.autoscale import ColdStartEstimate, choose_source
 
 GB = 1e9
 STEPS_FIXED = {"process": 1.0, "imports": 0.8, "spec_tokenizer": 0.1, "materialize": 0.2,

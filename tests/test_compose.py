@@ -60,12 +60,17 @@ def argv_of(service: dict[str, Any]) -> list[str]:
     return words(service.get("entrypoint")) + words(service.get("command"))
 
 
+REDIRECTION = re.compile(r"^\d*[<>]")  # >/dev/null, 2>&1, <in: the shell's, not the program's
+
+
 def simple_commands(argv: list[str]) -> list[list[str]]:
-    """``sh -c SCRIPT`` becomes the commands of SCRIPT (split on && || ; |, ``exec`` dropped)."""
+    """``sh -c SCRIPT`` becomes the commands of SCRIPT (split on && || ; |, ``exec`` and
+    redirections dropped)."""
     if argv[:2] != ["sh", "-c"]:
         return [argv]
     assert len(argv) == 3, f"sh -c takes one script: {argv}"
-    parts = [shlex.split(p) for p in re.split(r"&&|\|\||;|\|", argv[2]) if p.strip()]
+    parts = [[w for w in shlex.split(p) if not REDIRECTION.match(w)]
+             for p in re.split(r"&&|\|\||;|\|", argv[2]) if p.strip()]
     return [p[1:] if p[0] == "exec" else p for p in parts]
 
 
@@ -109,8 +114,10 @@ def option(args: list[str], name: str) -> str:
 
 
 def command_of(services: dict[str, Any], service: str, program: str) -> list[str]:
-    """The one simple command of a service that runs ``program``."""
-    found = [c for c in simple_commands(argv_of(services[service])) if c[0] == program]
+    """The one simple command of a service that runs ``program`` ("ray start": that
+    subcommand of it)."""
+    words = program.split()
+    found = [c for c in simple_commands(argv_of(services[service])) if c[:len(words)] == words]
     assert len(found) == 1, f"{service} should run {program} once: {argv_of(services[service])}"
     return found[0]
 
@@ -182,7 +189,7 @@ def test_every_command_exists_in_its_image_and_cli(services: dict[str, Any]) -> 
 
 
 def test_the_head_runs_ray_and_the_gateway_in_the_foreground(services: dict[str, Any]) -> None:
-    ray = command_of(services, "ray-head", "ray")
+    ray = command_of(services, "ray-head", "ray start")
     up = command_of(services, "ray-head", "faascale")
     assert ray[1] == "start" and "--head" in ray and "--block" not in ray  # faascale holds PID 1
     assert up[1] == "up" and "--foreground" in up
@@ -196,15 +203,64 @@ def test_the_gateway_port_is_published(services: dict[str, Any]) -> None:
     assert f"{port}:{port}" in services["ray-head"]["ports"]
 
 
+# ---------------------------------------------------------------------- closed by default
+
+def ray_nodes(services: dict[str, Any]) -> list[str]:
+    """Services of our image: Ray nodes (the head runs the gateway, a Ray client, too)."""
+    return [n for n, s in services.items() if image_of(s) == "faascale"]
+
+
+def test_only_the_gateway_and_the_store_are_published(services: dict[str, Any]) -> None:
+    """Ray's GCS and dashboard are not reachable from outside the compose network: whoever can
+    reach them can submit a job, i.e. run code as root on every node. The dashboard listens on
+    the head's loopback (it is not even reachable from the other containers)."""
+    gateway = option(command_of(services, "ray-head", "faascale"), "--port")
+    store = option(command_of(services, "s3", "weed"), "-s3.port")
+    published = {(n, str(p)) for n, s in services.items() for p in s.get("ports", [])}
+    assert published == {("ray-head", f"{gateway}:{gateway}"), ("s3", f"{store}:{store}")}
+    ray = command_of(services, "ray-head", "ray start")
+    assert option(ray, "--dashboard-host") in ("127.0.0.1", "localhost")
+    for name in ray_nodes(services):
+        assert "network_mode" not in services[name], f"{name} must stay on the compose network"
+
+
+def test_ray_token_auth_is_on_for_every_node_with_one_token(services: dict[str, Any],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray 2.60's token auth (``RAY_AUTH_MODE=token``): every node and client needs the
+    cluster's token, read from ``~/.ray/auth_token`` (or RAY_AUTH_TOKEN[_PATH]). The head
+    generates it once, quietly, before Ray starts; every node mounts the one volume holding it
+    at the path Ray reads (the image runs as root)."""
+    from ray._private.authentication.authentication_token_setup import (
+        AUTH_MODE_ENV_VAR, _get_default_token_path)
+
+    monkeypatch.setenv("HOME", "/root")
+    token_dir = str(_get_default_token_path().parent)
+    assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE" and token_dir == "/root/.ray"
+    sources = set()
+    for name in ray_nodes(services):
+        env = services[name]["environment"]
+        assert env[AUTH_MODE_ENV_VAR] == "token", name
+        assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(env), name
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name].get("volumes", [])}
+        assert token_dir in mounts, f"{name} does not mount the token at {token_dir}"
+        sources.add(mounts[token_dir])
+    assert len(sources) == 1, f"the nodes must share one token volume: {sources}"
+    script = argv_of(services["ray-head"])[2]
+    generate, start = script.index("ray get-auth-token --generate"), script.index("ray start")
+    assert generate < start, "the token must exist before Ray starts"
+    assert re.match(r"ray get-auth-token --generate >/dev/null 2>&1 &&", script[generate:]), \
+        "the token must not be printed to the container's log"
+
+
 # ----------------------------------------------------------------------------------- the workers
 
 def test_gpu_workers_join_the_head_each_with_its_own_nvidia_gpu(services: dict[str, Any]) -> None:
     workers = gpu_workers(services)
     assert workers
-    head_port = option(command_of(services, "ray-head", "ray"), "--port")
+    head_port = option(command_of(services, "ray-head", "ray start"), "--port")
     gpus = []
     for name, worker in workers.items():
-        ray = command_of(services, name, "ray")
+        ray = command_of(services, name, "ray start")
         assert ray[1] == "start" and "--block" in ray, name
         assert option(ray, "--address") == f"ray-head:{head_port}", name
         devices = worker["deploy"]["resources"]["reservations"]["devices"]

@@ -150,7 +150,7 @@ def test_time_to_replicas_waits_for_replicas_that_hold_the_whole_model() -> None
 
 
 def test_full_replicas_leaves_out_members_serving_through_a_pipeline() -> None:
-    from faascale.cli import full_replicas
+    from faascale.cli.loadtest import full_replicas
 
     pipecast = {"blocks_needed": 6, "members": {
         "a": {"blocks": 6, "route": "full"}, "b": {"blocks": 3, "route": "pipeline"},

@@ -29,7 +29,7 @@ def test_prepare_reads_the_metadata_and_parses_the_tokenizer(tiny_packed: Path) 
 
 
 def test_prepare_of_a_missing_model_raises(tmp_path: Path) -> None:
-    from faascale.memory_tier.object_store import ObjectNotFound
+    from faascale.memory_tier.store import ObjectNotFound
 
     with pytest.raises(ObjectNotFound):
         model_prep.prepare(str(tmp_path / "nothing-here"))

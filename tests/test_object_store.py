@@ -26,11 +26,12 @@ from faascale.engine.checkpoint import CheckpointError, CorruptBlockError, read_
 from faascale.engine.llm import LLM
 from faascale.engine.random_model import pack_random
 from faascale.engine.sampling import SamplingParams
-from faascale.memory_tier.object_store import (BucketNotFound, InvalidKey, LocalDirStore,
-                                               ObjectNotFound, ObjectSizeMismatch, ObjectStore,
-                                               S3Store, StoreAuthError, StoreError,
-                                               StoreUnavailable, download_packed, open_store,
-                                               upload_packed)
+from faascale.memory_tier.local_store import LocalDirStore
+from faascale.memory_tier.packed import download_packed, upload_packed
+from faascale.memory_tier.s3_store import S3Store
+from faascale.memory_tier.store import (BucketNotFound, InvalidKey, ObjectNotFound,
+                                        ObjectSizeMismatch, ObjectStore, StoreAuthError, StoreError,
+                                        StoreUnavailable, open_store)
 from faascale.platform.server import free_port
 
 MiB = 1 << 20

@@ -8,17 +8,19 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import secrets
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 import zmq
+from support import require
 
 from faascale.engine.checkpoint import ModelManifest, read_manifest
 from faascale.engine.random_model import pack_random, tiny_config
@@ -36,6 +38,7 @@ from faascale.pipecast.agent import (
 )
 from faascale.pipecast.schedule import (
     MulticastPlan,
+    Transfer,
     binomial_pipeline,
     chain,
     k_way,
@@ -280,6 +283,48 @@ def test_a_format_1_manifest_is_verified_by_hashing_the_landed_blocks(model, tmp
         assert_identical_blocks(tmp_path / t, model)
 
 
+@contextmanager
+def small_tmpfs(path: Path, pages: int) -> Iterator[Path]:
+    """A real tmpfs of ``pages`` 4 KiB pages at ``path`` (a full /dev/shm in miniature)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={pages * 4096}", "tmpfs",
+                              str(path)], capture_output=True, text=True)
+    require(mounted.returncode == 0, f"cannot mount a tmpfs (needs root): {mounted.stderr}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_block_with_no_room_is_lost_alone_and_the_receive_goes_on(model, tmp_path) -> None:
+    """The target's holdings are on a tmpfs with room for blocks 1, 2, 3 and 4 but not 5 after
+    them (nor 0 after those): its part file fails with ENOSPC. That block is given up at once
+    (its part file removed), the receive thread goes on (block 4, after it, lands), and the
+    execute ends well before its deadline naming exactly the blocks that did not fit."""
+    model_dir, manifest = model
+    order = [1, 2, 3, 5, 4, 0]
+    pages = [-(-b.size_bytes // 4096) for b in manifest.blocks]
+    room = pages[1] + pages[2] + pages[3] + (pages[4] + pages[5]) // 2  # 4 fits after 5, not 5
+    assert pages[4] <= room - sum(pages[1:4]) < pages[5] and pages[0] > room - sum(pages[1:5])
+    plan = MulticastPlan("naive", ("s0",), ("t1",), NUM_BLOCKS,
+                         tuple(Transfer(step, "s0", "t1", b) for step, b in enumerate(order)))
+    with small_tmpfs(tmp_path / "shm", room) as shm, \
+            ZmqTransport(secret=SECRET, name="s0") as s0, ZmqTransport(secret=SECRET, name="t1") as t1:
+        agents = {"s0": NodeAgent("s0", s0, manifest, model_dir),
+                  "t1": NodeAgent("t1", t1, manifest, shm / "t1")}
+        start = time.monotonic()
+        outcome = execute_all(agents, plan, {"s0": s0.address, "t1": t1.address}, TIMEOUT_S)
+        took_s = time.monotonic() - start
+        err = outcome["t1"]
+        assert isinstance(err, MulticastError), err
+        assert err.missing_blocks == (0, 5) and took_s < TIMEOUT_S / 2
+        assert "No space left on device" in str(err) and "part file" in str(err)
+        assert_identical_blocks(shm / "t1", model, [1, 2, 3, 4])  # and no part file left
+        assert sorted(p.name for p in (shm / "t1").iterdir()) == sorted(
+            manifest.blocks[b].file for b in (1, 2, 3, 4))
+        assert isinstance(outcome["s0"], AgentReport)  # the sender was not held up
+
+
 def test_corrupt_frames_are_dropped_and_counted(model, tmp_path) -> None:
     """A forged sender. Block 4: the manifest's digest in the (MAC'd) header, a flipped byte in
     the payload (corrupted in flight): the transport's check fails. Block 1: a flipped byte and
@@ -369,12 +414,13 @@ def test_the_process_entry_point_runs_a_plan_with_its_peers(model, tmp_path) -> 
     ports = dict(zip(["s0", "t1", "t2"], _free_ports(3)))  # not fixed ones: those can be taken
     peers = {n: f"tcp://127.0.0.1:{p}" for n, p in ports.items()}
     (tmp_path / "peers.json").write_text(json.dumps(peers))
+    plan_id = secrets.token_hex(8)  # the run's epoch, one for all three
     start_at = time.time() + 3.0  # s0 and t1 are told the time; t2 waits for a file with it
     start = {"s0": ["--start-at", str(start_at)], "t1": ["--start-at", str(start_at)],
              "t2": ["--start-file", str(tmp_path / "go")]}
     procs = {n: subprocess.Popen(
         [sys.executable, "-m", "faascale.pipecast.agent", "--plan", str(tmp_path / "plan.json"),
-         "--name", n, "--bind", f"127.0.0.1:{ports[n]}", "--peers", str(tmp_path / "peers.json"),
+         "--plan-id", plan_id, "--name", n, "--bind", f"127.0.0.1:{ports[n]}", "--peers", str(tmp_path / "peers.json"),
          "--blocks-dir", str(model[0] if n == "s0" else tmp_path / n), "--model-dir",
          str(model[0]), "--secret-file", str(tmp_path / "secret"), *start[n],
          "--timeout-s", "20", "--report", str(tmp_path / f"{n}.json")],
@@ -459,7 +505,7 @@ class PacedTransport:
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
-    def send(self, address, kind, meta, payload=None, *, timeout_s, digest=None):
+    def send(self, address, kind, meta, payload=None, *, timeout_s, digest=None, epoch=""):
         if kind == "block":
             time.sleep(self._pace_s)
             if self._corrupt == (meta["index"], meta.get("piece", 0)):
@@ -467,9 +513,9 @@ class PacedTransport:
                 damaged = bytearray(payload)
                 damaged[len(damaged) // 2] ^= 0x40
                 return self._inner.send(address, kind, meta, damaged, timeout_s=timeout_s,
-                                        digest=digest or payload_digest(payload))
+                                        digest=digest or payload_digest(payload), epoch=epoch)
         return self._inner.send(address, kind, meta, payload, timeout_s=timeout_s,
-                                digest=digest)
+                                digest=digest, epoch=epoch)
 
 
 def run_paced_chain(pieced, tmp_path: Path, corrupt: tuple[int, int] | None = None

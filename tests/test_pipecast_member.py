@@ -6,12 +6,15 @@ The emulated-cluster end-to-end test (shaped links, real SmolLM2) is in
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import zmq
 
 from faascale.engine.checkpoint import read_manifest, read_tokenizer_json
 from faascale.engine.config import EngineConfig
@@ -20,7 +23,7 @@ from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer
 from faascale.pipecast.member import Member, MemberError
 from faascale.pipecast.service import Coordinator
-from faascale.pipecast.transport import ZmqTransport
+from faascale.pipecast.transport import TransportTimeout, ZmqTransport, encode_header, mac_key
 
 SECRET = b"member-test-secret-0123456789"
 CFG = EngineConfig(max_batch_size=4, max_seq_len=256)
@@ -121,6 +124,76 @@ def test_a_member_holding_part_of_the_model_is_sent_only_the_rest(
     got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
            if o.token_id is not None]
     assert got == reference(tiny_packed, "hi")
+
+
+def test_frames_captured_before_a_member_restarted_are_refused_by_the_new_one(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every frame to r1 while it loaded (the coordinator's plan and routes, r0's blocks) is
+    captured off the wire; r1 restarts under its name with nothing held and loads again (a new
+    plan: normal traffic works); every captured frame replayed to the new r1's sockets is
+    refused (its control session and the old plan's epoch are not open there) and counted,
+    and r1 keeps serving the model's tokens."""
+    manifest = read_manifest(tiny_packed)
+    members("r0", tiny_packed)
+    captured: list[tuple[str, list[bytes]]] = []
+    real_send = ZmqTransport.send
+
+    def tap(self, peer_address, kind, meta, payload=None, **kw):
+        header = real_send(self, peer_address, kind, meta, payload, **kw)
+        data = b"" if payload is None else bytes(memoryview(payload).cast("B"))
+        captured.append((peer_address, [encode_header(header, mac_key(SECRET)), data]))
+        return header
+
+    monkeypatch.setattr(ZmqTransport, "send", tap)
+    coordinator.expect(manifest.model_id, 1)
+    first = members("r1", tmp_path / "r1")
+    wait_for(lambda: first.full)
+    monkeypatch.undo()
+    to_first = {first.ctl_tx.address: "ctl", first.blocks_tx.address: "blocks"}
+    frames = [(to_first[a], f) for a, f in captured if a in to_first]
+    ops = {json.loads(f[0][32:])["meta"].get("op") for kind, f in frames if kind == "ctl"}
+    assert {"plan", "route"} <= ops and sum(kind == "blocks" for kind, _ in frames) >= 4
+    first.close()
+
+    coordinator.expect(manifest.model_id, 1)
+    again = members("r1", tmp_path / "r1-again")
+    wait_for(lambda: again.full)
+    before = {"ctl": again.ctl_tx.stats, "blocks": again.blocks_tx.stats}
+    count = {kind: sum(k == kind for k, _ in frames) for kind in ("ctl", "blocks")}
+    with _raw_push(again.ctl_tx.address) as ctl, _raw_push(again.blocks_tx.address) as blocks:
+        for kind, frame in frames:
+            (ctl if kind == "ctl" else blocks).send_multipart(frame)
+        # The blocks socket is read only while a plan runs; here the test reads it, as the
+        # next plan would: none of them is delivered.
+        with pytest.raises(TransportTimeout):
+            again.blocks_tx.recv(2.0)
+
+    def refused(kind: str) -> int:
+        now = getattr(again, f"{kind}_tx").stats
+        return now.rejected_frames - before[kind].rejected_frames
+
+    wait_for(lambda: refused("ctl") == count["ctl"], timeout_s=10)
+    assert refused("blocks") == count["blocks"]
+    assert again.blocks_tx.stats.frames_received == before["blocks"].frames_received
+    assert again.full and again.held == set(range(manifest.num_blocks))
+    got = [o.token_id for o in again.loop.submit(again.loop.engine.tokenizer.encode("hi"), GREEDY)
+           if o.token_id is not None]
+    assert got == reference(tiny_packed, "hi")
+
+
+@contextmanager
+def _raw_push(address: str) -> Iterator[zmq.Socket]:
+    """An intruder's socket: sends whatever bytes it was given, as they were captured."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
 
 
 def test_tier_copies_are_sources_host_before_disk(tiny_packed: Path, tmp_path: Path,
@@ -292,6 +365,84 @@ def test_a_restarted_coordinator_gets_its_members_back(tiny_packed: Path, tmp_pa
         coordinator.models.clear()
     wait_for(lambda: sorted(coordinator.progress().get(model_id, {}).get("members", {}))
              == ["a", "b"], timeout_s=10)
-    assert coordinator.progress()[model_id]["members"]["a"] == {"blocks": 4, "route": "full"}
+    a = coordinator.progress()[model_id]["members"]["a"]
+    assert (a["blocks"], a["route"], len(a["listen"])) == (4, "full", 3)
     b.close()
     wait_for(lambda: list(coordinator.progress()[model_id]["members"]) == ["a"], timeout_s=1.5)
+
+
+def test_a_block_lost_to_a_full_disk_is_replanned_and_the_member_gets_it(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """r1's part file for block 2 fails once with ENOSPC (a full /dev/shm): its agent gives the
+    block up (no part file left) and the receive thread goes on; the member reports its part
+    failed, and the coordinator re-plans block 2 at once (not at the 60 s stall timeout), so r1
+    ends with the whole model and serves it."""
+    import errno
+
+    from faascale.pipecast.landing import PART_SUFFIX, Landing
+
+    manifest = read_manifest(tiny_packed)
+    real_prepare, failed = Landing.prepare, []
+
+    def prepare(self, block: int):
+        if block == 2 and not failed:
+            failed.append(self.part_path(block))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_prepare(self, block)
+
+    monkeypatch.setattr(Landing, "prepare", prepare)
+    members("r0", tiny_packed)
+    coordinator.expect(manifest.model_id, 1)
+    start = time.monotonic()
+    r1 = members("r1", tmp_path / "r1")
+    wait_for(lambda: r1.full, timeout_s=30)
+    assert time.monotonic() - start < 20 and failed and not failed[0].exists()
+    assert r1.held == set(range(manifest.num_blocks))
+    assert not list((tmp_path / "r1").glob(f"*{PART_SUFFIX}"))
+    wait_for(lambda: coordinator.progress()[manifest.model_id]["finished"])
+    record = coordinator.progress()[manifest.model_id]["finished"][0]["record"]
+    kinds = [e["kind"] for e in record]
+    assert "agent_failed" in kinds and kinds.count("agent_replan") == 1, kinds
+    got = [o.token_id for o in r1.loop.submit(r1.loop.engine.tokenizer.encode("hi"), GREEDY)
+           if o.token_id is not None]
+    assert got == reference(tiny_packed, "hi")
+
+
+def test_a_tick_that_raises_is_counted_and_the_coordinator_goes_on(
+        tiny_packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in one model's timers (here: the liveness check raises for its member) is logged
+    and counted for that model; the coordinator thread lives, the other model's timers run (its
+    crashed member is forgotten), and once the fault is gone the first model's run too."""
+    from faascale.pipecast.service import Coordinator as Service
+
+    real_dead = Service._dead
+
+    def dead(self, node, now):
+        if node.name == "x-bad":
+            raise RuntimeError("injected: a tick bug")
+        return real_dead(self, node, now)
+
+    monkeypatch.setattr(Service, "_dead", dead)
+    with ZmqTransport(secret=SECRET, name="gone") as gone:
+        dead_ctl = gone.address  # bound, then closed: nothing answers there
+    with ZmqTransport(secret=SECRET, name="coordinator") as t:
+        coord = Service(t, join_window_s=0.1, dead_after_s=0.3, hung_after_s=0.6)
+        thread = threading.Thread(target=coord.run, daemon=True)
+        thread.start()
+        try:
+            for model, node in (("model-bad", "x-bad"), ("model-good", "x-good")):
+                with coord._lock:  # two full members whose processes are gone
+                    coord._join({"model_id": model, "node": node, "num_blocks": 1,
+                                 "block_bytes": [8], "held": [0], "ctl": dead_ctl,
+                                 "blocks": dead_ctl, "session": "s"}, time.monotonic())
+            wait_for(lambda: "x-good" not in coord.progress()["model-good"]["members"], 10)
+            errors = coord.progress()["model-bad"]["tick_errors"]
+            assert errors >= 1 and thread.is_alive()
+            assert list(coord.progress()["model-bad"]["members"]) == ["x-bad"]
+            monkeypatch.undo()
+            wait_for(lambda: not coord.progress()["model-bad"]["members"], 10)
+            assert thread.is_alive() and coord.progress()["model-bad"]["tick_errors"] >= errors
+        finally:
+            coord.stop()
+            thread.join(5)

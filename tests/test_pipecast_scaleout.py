@@ -170,7 +170,8 @@ def test_from_zero_4_replicas_load_parts_from_the_store_and_serve_through_a_pipe
     request through a temporary pipeline as soon as their parts cover the model (before any
     holds all of it), and get the rest from each other over the shaped links: at most half of
     any replica's bytes come from the store."""
-    from faascale.memory_tier.object_store import LocalDirStore, upload_packed
+    from faascale.memory_tier.local_store import LocalDirStore
+    from faascale.memory_tier.packed import upload_packed
 
     manifest = read_manifest(smollm2_packed)
     upload_packed(LocalDirStore(tmp_path / "objects"), smollm2_packed, "smollm2")

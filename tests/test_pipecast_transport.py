@@ -18,6 +18,7 @@ import zmq
 from faascale.pipecast.transport import (MAX_META_BYTES, CorruptFrameError, Header, HeaderError,
                                          TransportError, TransportTimeout, ZmqTransport,
                                          decode_header, encode_header, mac_key, payload_digest)
+from faascale.platform.server import free_port
 
 SECRET = b"faascale-test-cluster-secret-32b!"
 MiB = 1 << 20
@@ -150,6 +151,50 @@ def test_a_replayed_frame_is_rejected(pair) -> None:
         with pytest.raises(TransportTimeout):
             b.recv(0.5)
     assert (b.stats.rejected_frames, b.stats.frames_received) == (1, 1)
+
+
+def test_a_frame_captured_before_a_receiver_restart_is_refused_after_it() -> None:
+    """Epoch + counter: a receiver takes frames of the epochs (plans) it has open, each above
+    its sender's last number in that epoch. A frame captured off the wire (its exact bytes) and
+    replayed to the same receiver is refused by its number; replayed to the receiver restarted
+    on the same port (a new transport, running a new plan) by its epoch, where an in-memory
+    check alone would have taken it. Normal traffic of the open epoch still flows."""
+    port = free_port()
+    plan_1, plan_2 = "m/1/" + "a" * 16, "m/2/" + "b" * 16
+    with ZmqTransport(secret=SECRET, name="src") as a:
+        with ZmqTransport(secret=SECRET, name="dst", port=port, epochs_only=True) as b:
+            b.open_epoch(plan_1)
+            header = a.send(b.address, "block", {"index": 1}, b"piece one", timeout_s=5,
+                            epoch=plan_1)
+            assert b.recv(5).header == header and header.epoch == plan_1
+            captured = [encode_header(header, mac_key(SECRET)), b"piece one"]  # the wire bytes
+            with raw_push(b.address) as sock:
+                sock.send_multipart(captured)
+                with pytest.raises(TransportTimeout):
+                    b.recv(0.5)
+            assert (b.stats.rejected_frames, b.stats.frames_received) == (1, 1)
+            address = b.address
+        with ZmqTransport(secret=SECRET, name="dst", port=port, epochs_only=True) as b2:
+            assert b2.address == address  # the restarted receiver, where the frame went
+            b2.open_epoch(plan_2)
+            with raw_push(b2.address) as sock:
+                sock.send_multipart(captured)
+                with pytest.raises(TransportTimeout):
+                    b2.recv(0.5)
+            assert (b2.stats.rejected_frames, b2.stats.frames_received) == (1, 0)
+            a.send(b2.address, "block", {"index": 1}, b"piece two", timeout_s=5, epoch=plan_2)
+            assert bytes(b2.recv(5).payload) == b"piece two"
+            for epoch in (plan_1, ""):  # a closed plan's frame, a frame of no plan: refused
+                a.send(b2.address, "control", {"credit_step": 3}, timeout_s=5, epoch=epoch)
+            b2.close_epoch(plan_2)  # the plan ended: its frames no longer count
+            a.send(b2.address, "block", {"index": 2}, b"late", timeout_s=5, epoch=plan_2)
+            with pytest.raises(TransportTimeout):
+                b2.recv(0.5)
+            assert (b2.stats.rejected_frames, b2.stats.frames_received) == (4, 1)
+        with pytest.raises(TransportError, match="empty epoch"):
+            a.open_epoch("")
+        with pytest.raises(HeaderError, match="epoch"):
+            a.send(address, "control", {}, timeout_s=1, epoch="x" * 129)
 
 
 @pytest.mark.parametrize("into_buffer", [True, False], ids=["into", "no-into"])
@@ -296,7 +341,7 @@ def test_bad_construction_is_a_typed_error() -> None:
 def test_header_codec_round_trips_and_its_mac_covers_every_byte() -> None:
     key = mac_key(SECRET)
     header = Header("hidden", "node-a", 42, {"request_id": "r", "shape": [1, 576]}, 4608,
-                    payload_digest(b"\x01" * 4608))
+                    payload_digest(b"\x01" * 4608), "m/7/2f1c")
     frame = encode_header(header, key)
     assert decode_header(frame, key) == header
     for i in range(0, len(frame), 7):

@@ -173,8 +173,13 @@ def test_openai_client(platform: Platform, tiny_deployed: str) -> None:
         client.completions.create(model="no-such-function", prompt="x")
     with pytest.raises(BadRequestError, match="does not fit the context of 512 tokens"):
         client.completions.create(model=tiny_deployed, prompt="x" * 5000)
-    with pytest.raises(BadRequestError, match="n: only n=1"):
-        client.completions.create(model=tiny_deployed, prompt="x", n=2)
+    two = client.completions.create(model=tiny_deployed, prompt="abc", n=2, max_tokens=5,
+                                    temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert {c.text for c in two.choices} == {comp.choices[0].text}  # greedy: both the same
+    with pytest.raises(BadRequestError, match="tools: tool and function calling"):
+        client.chat.completions.create(model=tiny_deployed, messages=messages, tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {}}}])
 
 
 def test_scale_from_zero_and_back_to_zero(platform: Platform) -> None:

@@ -8,7 +8,10 @@ the member's engine). Real platform, real Serve replicas, real sockets on loopba
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,50 @@ def test_a_second_replica_gets_the_model_from_the_first(platform: Platform) -> N
     assert moved and float(moved.group(1)) == 2 * last["bytes_moved"]  # two replicas, one model each
     assert len(re.findall(rf'faascale_pipecast_blocks{{function="{name}",replica="[^"]+"}} 4',
                           metrics)) == 2
+
+
+def _coordinator_address(platform: Platform) -> str:
+    """The coordinator actor's address, asked of it by a Ray driver of the platform's cluster."""
+    ray_address = json.loads((platform.home / "platform.json").read_text())["ray_address"]
+    code = ("import sys, ray\n"
+            "ray.init(address=sys.argv[1], namespace='faascale', logging_level='ERROR')\n"
+            "from faascale.platform.pipecast_actor import pipecast_actor\n"
+            "print('address', ray.get(pipecast_actor().contact.remote(), timeout=30).address)\n")
+    r = subprocess.run([sys.executable, "-c", code, ray_address], env=platform.env,
+                       capture_output=True, text=True, timeout=120)
+    found = re.findall(r"^address (tcp://\S+)$", r.stdout, re.M)
+    assert r.returncode == 0 and found, r.stdout + r.stderr
+    return found[-1]
+
+
+def _listening() -> dict[int, set[str]]:
+    """Every listening TCP socket on this machine: port -> the local addresses it listens on."""
+    out = subprocess.run(["ss", "-Htln"], capture_output=True, text=True, check=True).stdout
+    ports: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        host, _, port = line.split()[3].rpartition(":")
+        ports.setdefault(int(port), set()).add(host)
+    return ports
+
+
+def test_an_embedded_platform_listens_for_pipecast_on_loopback_only(platform: Platform) -> None:
+    """``faascale up`` without ``--address`` runs its own Ray on this machine: the coordinator and
+    every member's control, block and stage sockets listen on 127.0.0.1 and nowhere else (not
+    on the node IP Ray reports, not on 0.0.0.0)."""
+    name = "tiny-bind"
+    platform.deploy(tiny_doc(name, min_replicas=1))
+    platform.wait_replicas(name, lambda r: r["running"] == 1, 120)
+    _wait(lambda: (platform.status(name).get("pipecast") or {}).get("members"), 30,
+          "the replica never joined PipeCast")
+    members = platform.status(name)["pipecast"]["members"]
+    addresses = [a for m in members.values() for a in m["listen"]]
+    assert len(addresses) == 3 * len(members), members  # control, blocks, stage
+    addresses.append(_coordinator_address(platform))
+    listening = _listening()
+    for address in addresses:
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        assert host == "127.0.0.1", address
+        assert listening.get(int(port)) == {"127.0.0.1"}, (address, listening.get(int(port)))
 
 
 def _packed(platform: Platform, model_id: str) -> Path:

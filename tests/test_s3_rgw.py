@@ -15,8 +15,9 @@ import pytest
 from faascale.engine.checkpoint import MANIFEST_FILE, read_manifest
 from faascale.engine.llm import LLM
 from faascale.engine.sampling import SamplingParams
-from faascale.memory_tier.object_store import (BucketNotFound, ObjectNotFound, S3Store, StoreAuthError,
-                                               download_packed, upload_packed)
+from faascale.memory_tier.packed import download_packed, upload_packed
+from faascale.memory_tier.s3_store import S3Store
+from faascale.memory_tier.store import BucketNotFound, ObjectNotFound, StoreAuthError
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from faascale.platform.autoscale import ColdStartEstimate, PolicyState, ScalingConfig
+from faascale.coldstart.start_source import ColdStartEstimate
+from faascale.platform.autoscale import PolicyState, ScalingConfig
 from faascale.platform.serve_policy import FaascalePolicy, autoscaling_config, policy_kwargs
 from faascale.platform.server import free_port
 

@@ -56,3 +56,17 @@ def test_the_keeper_starts_and_closes_sources_and_survives_a_failed_start() -> N
     assert sorted(keeper.running) == ["b"] and made[0].closed
     keeper.stop()
     assert keeper.running == {} and all(s.closed for s in made)
+
+
+def test_pipecast_listens_where_the_contact_says() -> None:
+    """An embedded platform's contact binds PipeCast to loopback; a joined one to this node's Ray
+    IP (the interface the cluster's nodes reach each other on). The secret is never printed."""
+    import ray
+
+    from faascale.platform.pipecast_actor import Contact
+
+    embedded = Contact("tcp://127.0.0.1:5000", b"s" * 32, loopback=True)
+    joined = Contact("tcp://10.0.0.7:5000", b"s" * 32, loopback=False)
+    assert embedded.bind_host() == "127.0.0.1"
+    assert joined.bind_host() == ray.util.get_node_ip_address()
+    assert "sss" not in repr(embedded)

@@ -11,8 +11,8 @@ the estimate rests, in this order of trust, on
 3. **a prior**: the weight bytes over a nominal bandwidth of the source plus the median of the
    non-weight steps measured here (or a fixed 2 s), flagged ``basis="prior"``.
 
-``estimates_for`` returns one ``autoscale.ColdStartEstimate`` per source, which the autoscaling
-policy compares (``autoscale.choose_source``).
+``estimates_for`` returns one ``start_source.ColdStartEstimate`` per source, which the autoscaling
+policy compares (``start_source.choose_source``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from faascale.coldstart.model import (OFFSET_PREFIX, FeatureError, ModelFeatures, Observation, StartSetting,
                                       StartupModelSpec, StepSpec, fit)
-from faascale.platform.autoscale import SOURCES, ColdStartEstimate, choose_source
+from faascale.coldstart.start_source import SOURCES, ColdStartEstimate, choose_source
 
 # The steps of one of our replica starts (``profile.STEPS``, without ``first_token``, which comes
 # after the replica is ready and is not part of the time to add capacity).

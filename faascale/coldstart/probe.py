@@ -6,11 +6,14 @@ empty tiers) and starts ``python -m faascale.coldstart.probe`` once per run. The
 model's manifest and tokenizer, and for REMOTE its blocks, from the object store at
 ``location``: by default the packed directory itself (a local store, its files evicted from the
 page cache too), or ``s3://bucket/prefix`` where the same packed model was uploaded
-(``object_store.upload_packed``), e.g. a Ceph RGW; the probe's ``env`` then carries the endpoint
-(``FAASCALE_S3_ENDPOINT``) and the credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). A probe does what a replica's start does through its
-node's block store (``platform.replica``: the same imports, spec and tokenizer, ``BlockStore``
-fetch, materialization, engine, warm-up), then serves one real request for its first token, and
-prints its ``StartupProfile`` as JSON on the last line of stdout.
+(``memory_tier.packed.upload_packed``), e.g. a Ceph RGW; the probe's ``env`` then carries the
+endpoint (``FAASCALE_S3_ENDPOINT``) and the credentials (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``). A probe does what a replica's start does through its node's block
+store (``platform.replica``: spec and tokenizer, ``BlockStore`` fetch, materialization, and the
+engine and warm-up of ``start_steps``), then serves one real request for its first token, and
+prints its ``StartupProfile`` as JSON on the last line of stdout. It runs without Ray or Serve
+(coldstart never imports the platform): its ``imports`` step is the engine's and the tiers'
+imports (torch dominates), not PipeCast's or the platform's, which a replica also imports.
 """
 
 from __future__ import annotations
@@ -141,10 +144,10 @@ def run_profiles(model_dir: str | Path, tier: str, runs: int, work_dir: str | Pa
 # --- the probe process -------------------------------------------------------------------------
 
 def _probe(args: argparse.Namespace) -> dict[str, Any]:
-    t_main = time.time()
-    import faascale.platform.replica as replica  # the replica's imports, timed by its module
+    imports_started_s = time.time()  # the heavy imports (torch, the engine, the tiers) below
     from faascale.coldstart.profile import (StartupRecorder, machine_facts, model_facts,
                                             source_of)
+    from faascale.coldstart.start_steps import build_engine_loop, cold_process_spans
     from faascale.engine.checkpoint import block_tensors
     from faascale.engine.config import EngineConfig
     from faascale.engine.llm import LLM
@@ -152,11 +155,12 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     from faascale.engine.tokenizer import Tokenizer
     from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block
     from faascale.memory_tier.node import split_location
-    from faascale.memory_tier.object_store import open_store, read_packed_metadata
+    from faascale.memory_tier.packed import read_packed_metadata
+    from faascale.memory_tier.store import open_store
 
+    imports_s = (imports_started_s, time.time())
     rec = StartupRecorder()
-    t0 = time.time()
-    replica.process_spans(rec, max(t0, t_main))
+    cold_process_spans(rec, time.time(), imports_s)
     with rec.span("spec_tokenizer"):
         store_uri, prefix = split_location(args.model_dir)
         store = open_store(store_uri)
@@ -175,7 +179,7 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         llm = LLM.from_blocks(manifest, tokenizer,
                               [block_tensors(info, map_block(Path(r.path)))
                                for info, r in zip(manifest.blocks, placed)], cfg)
-    loop = replica.build_engine_loop(llm, rec, "engine-probe")
+    loop = build_engine_loop(llm, rec, "engine-probe")
     ready = time.time()
     first = None
     for _ in loop.submit(llm.prompt_ids("What is a cold start?"),

@@ -1,7 +1,8 @@
-"""Block files without torch: tagged checksums and space preallocation.
+"""Block files without torch: block ids, tagged checksums and space preallocation.
 
-Shared by the engine's checkpoints, the node's block store, the object store and the PipeCast
-agent, which starts in a fresh process per host and must not import torch (2.4 s here).
+Shared by the engine's checkpoints, the node's block store and its eviction policy, the object
+store and the PipeCast agent, which starts in a fresh process per host and must not import torch
+(2.4 s here).
 
 A checksum is ``"<algorithm>:<hex>"``: ``blake3`` (format 2; all cores, 7.9 GB/s on this 2-core
 VM against 1.8 GB/s for sha256, so verifying a block as it crosses a tier costs a fraction of
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import blake3
@@ -22,6 +24,15 @@ ALGORITHMS = ("blake3", "sha256")
 # node forwards a piece as soon as it has it: a hop costs a piece, not a block. 4 MiB is 34 ms at
 # 1 Gbit/s; the scale-out benchmark's piece-size sweep is where it was chosen.
 DEFAULT_PIECE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, order=True)
+class BlockId:
+    """One block of a packed model: ``index`` 0 holds the embeddings, the last the final norm and
+    LM head (``checkpoint.ModelManifest.block_id``)."""
+
+    model_id: str
+    index: int
 
 
 def algorithm_of(tagged: str) -> str:

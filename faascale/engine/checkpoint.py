@@ -27,8 +27,8 @@ from typing import Any, Protocol
 
 import torch
 
-from faascale.engine.blockio import (DEFAULT_PIECE_BYTES, algorithm_of, checksum, hasher_for,
-                                    matches, piece_checksums, piece_count)
+from faascale.engine.blockio import (DEFAULT_PIECE_BYTES, BlockId, algorithm_of, checksum,
+                                    hasher_for, matches, piece_checksums, piece_count)
 from faascale.engine.config import DTYPES, ConfigError, ModelConfig, dtype_name, parse_dtype
 
 FORMAT = "faascale-blocks"
@@ -49,18 +49,12 @@ class CheckpointError(Exception):
 class CorruptBlockError(CheckpointError):
     """A block's bytes do not match the manifest (checksum or size)."""
 
-    def __init__(self, block_id: "BlockId", reason: str) -> None:
+    def __init__(self, block_id: BlockId, reason: str) -> None:
         self.block_id, self.reason = block_id, reason
         super().__init__(f"block {block_id.index} of model {block_id.model_id!r} is corrupt: {reason}")
 
     def __reduce__(self) -> tuple:  # Ray ships exceptions between processes
         return (CorruptBlockError, (self.block_id, self.reason))
-
-
-@dataclass(frozen=True, order=True)
-class BlockId:
-    model_id: str
-    index: int
 
 
 @dataclass(frozen=True)
@@ -603,7 +597,7 @@ def copy_packed(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "BlockId", "BlockInfo", "CheckpointError", "CorruptBlockError", "ModelManifest", "TensorInfo",
+    "BlockInfo", "CheckpointError", "CorruptBlockError", "ModelManifest", "TensorInfo",
     "TokenizerInfo", "block_tensors", "copy_packed", "is_packed", "load_block", "map_block_file",
     "pack", "pack_hf_dir", "read_manifest", "read_tokenizer_json", "split_layers", "verify_block",
 ]

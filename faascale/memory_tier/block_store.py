@@ -22,8 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faascale.engine.blockio import hasher_for, preallocate, tagged
-from faascale.engine.checkpoint import BlockId, CorruptBlockError, ModelManifest, block_problem
+from faascale.engine.blockio import BlockId, hasher_for, preallocate, tagged
+from faascale.engine.checkpoint import CorruptBlockError, ModelManifest, block_problem
 from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_evictions, expired_blocks
 
 log = logging.getLogger(__name__)

@@ -100,7 +100,7 @@ class NodeBlocks:
                 log.exception("tier sweep failed")
 
     def _locate(self, manifest: ModelManifest) -> tuple[Any, str]:
-        from faascale.memory_tier.object_store import open_store
+        from faascale.memory_tier.store import open_store
 
         store_uri, prefix = split_location(self._location[manifest.model_id])
         if store_uri not in self._stores:

@@ -12,7 +12,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from faascale.engine.checkpoint import BlockId
+from faascale.engine.blockio import BlockId
 
 
 class Tier(enum.IntEnum):

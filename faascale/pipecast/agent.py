@@ -50,14 +50,16 @@ deadline ``timeout_s``, a block the plan brings has not arrived (its planned sen
 or sent it corrupt), or a send failed (the peer did not take it in time, or the node never got the
 block to forward). A corrupt frame is dropped and counted, its block never renamed into place; the
 plan sends each block once, so a block lost that way is given up at once rather than at the
-deadline.
+deadline. So is a block whose part file cannot be made (the disk or ``/dev/shm`` is full: ENOSPC,
+or any OSError): nothing of it is left, its later pieces are refused, the other blocks go on, and
+the coordinator re-plans the lost one (``service.py``).
 
 Its parts: ``plan_io`` (catalog, roles, plans as JSON), ``progress`` (one execute's state and
 report), ``admission`` (credits), ``landing`` (block files), ``agent_cli`` (the process).
 
 Process entry point, one agent per host (``agent_cli.main``)::
 
-    python -m faascale.pipecast.agent --plan plan.json --name N --bind HOST:PORT \\
+    python -m faascale.pipecast.agent --plan plan.json --plan-id ID --name N --bind HOST:PORT \\
         --peers peers.json --blocks-dir DIR --model-dir PACKED --secret-file F \\
         [--local-dir DIR] [--start-at EPOCH_S | --start-file F] [--timeout-s S] \\
         --report out.json
@@ -75,8 +77,8 @@ from typing import Any
 
 from faascale.engine.blockio import hasher_for
 from faascale.pipecast.admission import Admission
-from faascale.pipecast.landing import (PART_SUFFIX, Landing, PieceRef, Refused, copy_verified,
-                                       file_size, mapped)
+from faascale.pipecast.landing import (PART_SUFFIX, Landing, PieceRef, Refused, Unlanded,
+                                       copy_verified, file_size, mapped)
 from faascale.pipecast.plan_io import (AgentConfigError, AgentError, BlockCatalog, BlockFile,
                                        NodeRole, plan_from_json, plan_to_json, role_of, write_json)
 from faascale.pipecast.progress import POLL_S, AgentReport, MulticastError, Progress, SendRecord
@@ -149,6 +151,12 @@ class NodeAgent:
         return frozenset(i for i, b in enumerate(self._catalog.blocks)
                          if file_size(self._dir / b.file) == b.size_bytes)
 
+    def expect(self, plan_id: str) -> None:
+        """Take frames of plan ``plan_id`` from now on, before ``execute`` runs it (a peer that
+        started it first sends credits early: kept for it). "" (frames of no epoch) is a no-op."""
+        if plan_id:
+            self._transport.open_epoch(plan_id)
+
     def prepare(self, plan: MulticastPlan) -> None:
         """Optional, before ``execute``: create the part files of the blocks ``plan`` brings this
         node over the network, preallocated and with their pages faulted in, so that landing a
@@ -173,12 +181,20 @@ class NodeAgent:
 
         ``peers``: transport address of every node this one sends to (required) or receives
         from (its credits go there; a sender without an address is not asked to wait for
-        one). Transport names must be the plan's node names. Mutates ``holdings_dir``
-        (block files appear; nothing else is left). Raises AgentConfigError before any I/O for a
+        one). Transport names must be the plan's node names. ``plan_id``: the plan's epoch
+        (issued by the coordinator, never reused): every frame of the plan carries it, and the
+        transport takes frames of it only while this runs (or since ``expect``); after, none.
+        Mutates ``holdings_dir`` (block files appear; nothing else is left). Raises
+        AgentConfigError before any I/O for a
         node not in the plan, a plan for another model size, a missing peer address or a block
         to send that the node neither holds nor gets; MulticastError if the part did not
         complete (see the class)."""
-        role = self._check(plan, peers)
+        self.expect(plan_id)
+        try:
+            role = self._check(plan, peers)
+        except AgentConfigError:
+            self._end_plan(plan_id)
+            raise
         self._dir.mkdir(parents=True, exist_ok=True)
         expected = set(role.receives) | {x.block for x in role.loads}
         progress = Progress(self.held(), self._clock, expected, self._on_block, plan_id)
@@ -229,10 +245,16 @@ class NodeAgent:
             self._running = None
             for w in workers:
                 w.join()
+            self._end_plan(plan_id)
             landing.close()
             for part in self._dir.glob(f"*{PART_SUFFIX}"):
                 part.unlink(missing_ok=True)
         return progress.finish(self.name, role)
+
+    def _end_plan(self, plan_id: str) -> None:
+        """Refuse the plan's frames from now on (a straggler's, a replay of one)."""
+        if plan_id:
+            self._transport.close_epoch(plan_id)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -289,12 +311,13 @@ class NodeAgent:
         info = self._catalog.blocks[block]
         offset, length = info.span(piece)
         algorithm, _, hexdigest = info.piece_checksum(piece).partition(":")
-        meta = {"plan": plan_id, "model_id": self._catalog.model_id, "index": block}
+        meta = {"model_id": self._catalog.model_id, "index": block}
         if info.pieces:
             meta["piece"] = piece
         self._transport.send(address, "block", meta, view[offset:offset + length],
                              timeout_s=max(0.0, deadline - self._clock()),
-                             digest=bytes.fromhex(hexdigest) if algorithm == "blake3" else None)
+                             digest=bytes.fromhex(hexdigest) if algorithm == "blake3" else None,
+                             epoch=plan_id)
 
     def _sources(self, block: int, progress: Progress) -> tuple[Path, ...]:
         """Where to read ``block`` from: its file once held, else its part file (or the file,
@@ -322,8 +345,8 @@ class NodeAgent:
                         progress.note(f"{receiver} got a corrupt piece {piece} of block {block}"
                                       " and this node's copy of it is corrupt too")
                         self._transport.send(address, "control", {
-                            "plan": progress.plan_id, "model_id": self._catalog.model_id,
-                            "bad_copy": block}, timeout_s=ASK_SEND_S)
+                            "model_id": self._catalog.model_id, "bad_copy": block},
+                            timeout_s=ASK_SEND_S, epoch=progress.plan_id)
                         continue
                     self._send_piece(address, block, piece, view, deadline, progress.plan_id)
             except (TransportError, OSError) as e:
@@ -343,10 +366,10 @@ class NodeAgent:
     def _cancel(self, send: Transfer, address: str, progress: Progress) -> None:
         """Tell the receiver that ``send`` will not come, so that it admits its next sender."""
         try:
-            self._transport.send(address, "control", {"plan": progress.plan_id,
-                                                      "model_id": self._catalog.model_id,
+            self._transport.send(address, "control", {"model_id": self._catalog.model_id,
                                                       "cancel_step": send.step,
-                                                      "index": send.block}, timeout_s=POLL_S)
+                                                      "index": send.block}, timeout_s=POLL_S,
+                                 epoch=progress.plan_id)
         except TransportError as e:
             progress.note(f"could not tell {send.dst} that block {send.block} will not come: {e}")
 
@@ -355,13 +378,16 @@ class NodeAgent:
     def _receive_loop(self, progress: Progress, landing: Landing, admission: Admission,
                       role: NodeRole, peers: Mapping[str, str]) -> None:
         def into(header: Header) -> Any:  # the frame is here: admit the next sender at once
-            if header.kind == "block" and header.meta.get("plan", "") != progress.plan_id:
+            if header.kind == "block" and header.epoch != progress.plan_id:
                 raise Refused(f"dropped block {header.meta.get('index')} of another plan "
                                f"from {header.sender}")
+            ref = PieceRef.of(header)
             try:
+                if ref.block is not None and progress.is_lost(ref.block):
+                    raise Refused(f"dropped piece {ref.piece} of block {ref.block} from "
+                                   f"{header.sender}: the block was given up here")
                 return landing.open(header)
             finally:
-                ref = PieceRef.of(header)
                 if header.meta.get("model_id") == self._catalog.model_id \
                         and ref.block is not None and 0 <= ref.block < self._catalog.num_blocks \
                         and ref.piece == self._catalog.blocks[ref.block].num_pieces - 1:
@@ -383,6 +409,10 @@ class NodeAgent:
                                   e.piece)
                 else:
                     progress.note(str(e))
+                continue
+            except Unlanded as e:  # no room for its part file (ENOSPC...): this block only
+                landing.drop(e.block)
+                progress.lose(e.block, str(e))
                 continue
             except CorruptFrameError as e:  # handled below, once the traceback (and with it
                 bad = (e.header, str(e))  # a view of the mapping) is gone
@@ -430,8 +460,8 @@ class NodeAgent:
                 and planned.src == sender and progress.ask_again(block, piece, MAX_REFETCHES):
             try:
                 self._transport.send(address, "control", {
-                    "plan": progress.plan_id, "model_id": self._catalog.model_id,
-                    "refetch": block, "piece": piece}, timeout_s=ASK_SEND_S)
+                    "model_id": self._catalog.model_id, "refetch": block, "piece": piece},
+                    timeout_s=ASK_SEND_S, epoch=progress.plan_id)
                 progress.note(f"corrupt frame dropped, piece {piece} of block {block} asked for "
                               f"again from {sender}: {why}")
                 return
@@ -445,8 +475,8 @@ class NodeAgent:
         meta = header.meta
         if meta.get("model_id") != self._catalog.model_id:
             progress.note(f"dropped a control frame from {header.sender!r} for another model")
-        elif meta.get("plan", "") != progress.plan_id:  # a repair plan a peer already started
-            early = self._early.setdefault(str(meta.get("plan")), [])
+        elif header.epoch != progress.plan_id:  # a repair plan a peer already started
+            early = self._early.setdefault(header.epoch, [])
             if len(early) < MAX_EARLY_FRAMES:
                 early.append(header)
         elif type(meta.get("credit_step")) is int:
@@ -473,11 +503,11 @@ class NodeAgent:
             if address is None:  # a sender we cannot reach does not wait for credits
                 continue
             try:
-                self._transport.send(address, "control", {"plan": progress.plan_id,
-                                                          "model_id": self._catalog.model_id,
+                self._transport.send(address, "control", {"model_id": self._catalog.model_id,
                                                           "credit_step": receive.step},
                                      timeout_s=min(CREDIT_SEND_S,
-                                                   max(0.0, deadline - self._clock())))
+                                                   max(0.0, deadline - self._clock())),
+                                     epoch=progress.plan_id)
             except TransportError as e:
                 progress.note(f"could not admit {receive.src} (block {receive.block}): {e}")
 

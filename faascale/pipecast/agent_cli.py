@@ -25,6 +25,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m faascale.pipecast.agent",
                                  description="Run one node's part of a PipeCast multicast plan.")
     ap.add_argument("--plan", required=True, type=Path, help="plan JSON (plan_to_json)")
+    ap.add_argument("--plan-id", required=True,
+                    help="the run's epoch, the same for every agent of it and never reused "
+                         "(e.g. random): frames of other runs, a replay of one, are refused")
     ap.add_argument("--name", required=True, help="this node's name in the plan")
     ap.add_argument("--bind", required=True, help="HOST:PORT the transport listens on")
     ap.add_argument("--peers", required=True, type=Path, help="JSON {node: tcp://host:port}")
@@ -58,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalog = BlockCatalog.read(args.model_dir)
         host, _, port = args.bind.rpartition(":")
         transport = ZmqTransport(secret=args.secret_file.read_bytes(), name=args.name,
-                                 bind_host=host, port=int(port),
+                                 bind_host=host, port=int(port), epochs_only=True,
                                  max_payload_bytes=catalog.max_frame_bytes)
+        transport.open_epoch(args.plan_id)  # before ready: a faster peer's credits are taken
     except (AgentConfigError, OSError, ValueError, TransportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_epoch_s, cpu0 = time.time(), _cpu_s()
         error = None
         try:
-            report = agent.execute(plan, peers, args.timeout_s)
+            report = agent.execute(plan, peers, args.timeout_s, args.plan_id)
         except MulticastError as e:
             report, error = e.report, str(e)
         except AgentConfigError as e:

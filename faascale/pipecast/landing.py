@@ -30,6 +30,15 @@ class Refused(Exception):
         self.block, self.sender, self.corrupt, self.piece = block, sender, corrupt, piece
 
 
+class Unlanded(Exception):
+    """Block ``block``'s part file could not be made (ENOSPC, EDQUOT, EIO...): the block is lost
+    on this node (nothing of it is left behind); the receive goes on with the others."""
+
+    def __init__(self, why: str, block: int) -> None:
+        super().__init__(why)
+        self.block = block
+
+
 @dataclass
 class Landing:
     """Part files of blocks being received: preallocated, mapped, filled piece by piece (each
@@ -49,7 +58,8 @@ class Landing:
         """``recv``'s ``into``: where piece ``header.meta['piece']`` (0 if absent) of block
         ``header.meta['index']`` goes, a view of the block's part file. Raises Refused for a
         frame that is not a piece of this model (``corrupt``: its size or digest is not the
-        manifest's, so its bytes would not be the piece)."""
+        manifest's, so its bytes would not be the piece); Unlanded if its part file cannot be
+        made (removed again)."""
         index, model = header.meta.get("index"), header.meta.get("model_id")
         piece = header.meta.get("piece", 0)
         if header.kind != "block" or model != self.catalog.model_id or type(index) is not int \
@@ -67,7 +77,13 @@ class Landing:
                            f"{header.payload_bytes} bytes, digest {header.digest.hex()[:16]}… "
                            f"(manifest: {length} bytes, {info.piece_checksum(piece)[:23]}…)",
                            index, header.sender, corrupt=True, piece=piece)
-        part = self.parts.get(index) or self.prepare(index)  # a prepared (or earlier) part
+        part = self.parts.get(index)  # a prepared (or earlier) part
+        if part is None:
+            try:
+                part = self.prepare(index)
+            except OSError as e:
+                raise Unlanded(f"block {index} from {header.sender!r}: cannot make its part "
+                               f"file: {e}", index) from e
         return memoryview(part)[offset:offset + length]
 
     def prepare(self, block: int) -> mmap.mmap:
@@ -121,7 +137,11 @@ class Landing:
         finally:
             if part is not None:
                 close_mapping(part)
-        os.replace(self.part_path(block), self.dir / info.file)
+        try:
+            os.replace(self.part_path(block), self.dir / info.file)
+        except OSError:
+            self.part_path(block).unlink(missing_ok=True)
+            raise
 
     def drop(self, block: int) -> None:
         """Give block ``block``'s part file up (its receive failed)."""

@@ -90,8 +90,8 @@ class _Reporting:
         self.runner, self._on_first, self._told = runner, on_first, False
         self.config, self.max_batch_size = runner.config, runner.max_batch_size
 
-    def forward(self, tokens: Any, batch: ForwardBatch) -> Any:
-        out = self.runner.forward(tokens, batch)
+    def forward(self, tokens: Any, batch: ForwardBatch, all_logits: bool = False) -> Any:
+        out = self.runner.forward(tokens, batch, all_logits)
         if not self._told:
             self._told = True
             self._on_first()
@@ -260,7 +260,7 @@ def store_loader(location: str, manifest: Any, tier_dir: Path) -> Callable[[int]
     """A member's store loader outside the platform: blocks of the model at ``location`` fetched
     (verified) through a block store of its own under ``tier_dir``; returns their files."""
     from faascale.memory_tier.node import split_location
-    from faascale.memory_tier.object_store import open_store
+    from faascale.memory_tier.store import open_store
 
     uri, prefix = split_location(location)
     store = open_store(uri)

@@ -89,12 +89,13 @@ class NcclTransport:
                        send_timeouts=c.send_timeouts + t.send_timeouts)
 
     def send(self, peer_address: str, kind: str, meta: Mapping[str, Any], payload: Any = None,
-             *, timeout_s: float) -> Header:
+             *, timeout_s: float, epoch: str = "") -> Header:
         """See ``Transport.send``. A CUDA tensor goes by NCCL: send returns when the NCCL send
         has completed on the GPU, so the tensor may then be reused. Other payloads go over the
         control channel. Raises ``TransportError`` for a peer without a known rank."""
         if not (isinstance(payload, torch.Tensor) and payload.is_cuda):
-            return self._control.send(peer_address, kind, meta, payload, timeout_s=timeout_s)
+            return self._control.send(peer_address, kind, meta, payload, timeout_s=timeout_s,
+                                      epoch=epoch)
         if TENSOR_META_KEY in meta:
             raise HeaderError(f"meta key {TENSOR_META_KEY!r} is reserved for the NCCL transport")
         if payload.device != self._device:
@@ -111,7 +112,8 @@ class NcclTransport:
             "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
             "nbytes": flat.numel(), "src_rank": self._rank, "digest": digest.hex()}}
         with self._send_lock:
-            header = self._control.send(peer_address, kind, described, None, timeout_s=timeout_s)
+            header = self._control.send(peer_address, kind, described, None, timeout_s=timeout_s,
+                                        epoch=epoch)
             work = dist.isend(flat, dst=dst, group=self._group)
         try:
             _wait(work, deadline, f"NCCL send of {flat.numel()} bytes to rank {dst}")
@@ -120,6 +122,13 @@ class NcclTransport:
             raise
         self._count(bytes_sent=flat.numel())
         return _tensor_header(header)
+
+    def open_epoch(self, epoch: str) -> None:
+        """See ``Transport.open_epoch`` (the control channel's: headers carry the epoch)."""
+        self._control.open_epoch(epoch)
+
+    def close_epoch(self, epoch: str) -> None:
+        self._control.close_epoch(epoch)
 
     def recv(self, timeout_s: float,
              into: Callable[[Header], Any] | None = None) -> Message:

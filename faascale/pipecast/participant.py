@@ -10,6 +10,12 @@ and joins again when a restarted coordinator asks (``rejoin``). Two kinds:
 - ``TierSource`` (``source.py``): a node's HOST or DISK tier copy of a model, a source only.
 
 Control frames carry small JSON in their meta: ``{op, node, ...}``; a plan rides as the payload.
+
+Replays (``transport.py``): both transports take frames of open epochs only. The control one has
+one, the participant's *session*: a random id it joins (and heartbeats) with, which the
+coordinator stamps on every frame to it; a restarted participant has a new one, so a control
+frame captured before (a plan, a route) is refused. The blocks one opens each plan's id (random,
+from the coordinator) when the plan comes and closes it when the plan ends.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import logging
 import os
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +65,12 @@ class Participant:
         self.local_dir = None if local_dir is None else Path(local_dir)
         self._tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
         # No block frame of this model is larger than a piece: nothing larger is buffered.
-        self.blocks_tx = ZmqTransport(name=name, **self._tx,
+        self.blocks_tx = ZmqTransport(name=name, **self._tx, epochs_only=True,
                                       max_payload_bytes=catalog.max_frame_bytes)
-        self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **self._tx)
+        self.session = secrets.token_hex(16)  # this incarnation's control epoch
+        self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **self._tx,
+                                   epochs_only=True)
+        self.ctl_tx.open_epoch(self.session)
         self._can_load_from_store = store_loader is not None
         self.agent = NodeAgent(name, self.blocks_tx, catalog, self.holdings_dir,
                                local_dir=self.local_dir, on_block=self._landed,
@@ -101,7 +111,8 @@ class Participant:
                    block_bytes=[b.size_bytes for b in self.manifest.blocks],
                    pieces=self._pieces,
                    held=held, local=self.local_dir is not None, blocks=self.blocks_tx.address,
-                   ctl=self.ctl_tx.address, store=self._can_load_from_store, **self._join_meta())
+                   ctl=self.ctl_tx.address, session=self.session,
+                   store=self._can_load_from_store, **self._join_meta())
 
     def _tell(self, op: str, **meta: Any) -> None:
         try:
@@ -126,9 +137,11 @@ class Participant:
         if header.kind != "control":
             return
         if op == "plan":
+            plan, peers, plan_id = (plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
+                                    str(meta["plan_id"]))
+            self.agent.expect(plan_id)  # its peers' early frames are taken from now on
             self.agent.cancel()  # a new plan (a repair) replaces the one running
-            self._plans.put((plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
-                             str(meta.get("plan_id", ""))))
+            self._plans.put((plan, peers, plan_id))
         elif op == "rejoin":  # the coordinator restarted and does not know us
             self._join()
         else:
@@ -142,16 +155,19 @@ class Participant:
                 continue
             try:
                 report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
-                self._tell("agent_done", ok=True, received=len(report.arrival_s))
+                self._tell("agent_done", ok=True, received=len(report.arrival_s),
+                           plan_id=plan_id)
             except MulticastError as e:
-                self._tell("agent_done", ok=False, why=str(e)[:1000],
+                self._tell("agent_done", ok=False, why=str(e)[:1000], plan_id=plan_id,
                            missing=list(e.missing_blocks), stalled=list(e.stalled_peers))
             except AgentConfigError as e:
-                self._tell("agent_done", ok=False, why=str(e)[:1000], missing=[], stalled=[])
+                self._tell("agent_done", ok=False, why=str(e)[:1000], plan_id=plan_id,
+                           missing=[], stalled=[])
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address)
+            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address,
+                       session=self.session)
 
     # ------------------------------------------------------------------ stopping
 

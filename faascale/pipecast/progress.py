@@ -233,6 +233,11 @@ class Progress:
             except Exception:  # the caller's bug must not lose the block or stall the plan
                 log.exception("on_block(%d) failed", block)
 
+    def is_lost(self, block: int) -> bool:
+        """Whether ``block`` was given up in this execute (its later pieces are refused)."""
+        with self._cond:
+            return block in self._lost
+
     def lose(self, block: int | None, why: str) -> None:
         with self._cond:
             self._errors.append(why)

@@ -27,6 +27,14 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
   ``RETRY_ROUTE_S`` (a transient failure heals; a dead stage is caught by the heartbeat rule).
 - A member that leaves (``leave``: its replica retires) is forgotten at once, as a dead one
   is; a heartbeat from a member it does not know (the coordinator restarted) gets ``rejoin``.
+- A target whose part of the current plan failed with blocks missing (``agent_done``: a block
+  lost to a full disk or ``/dev/shm``, corrupt past its refetches) gets what it lacks re-planned
+  at once, not at the stall timeout; after ``MAX_AGENT_REPLANS`` such failures in one scale-out
+  it is told to load the model another way (``error``).
+- A timer tick that raises (a bug, a state it did not expect) is logged and counted per model
+  (``progress()[model]["tick_errors"]``); the other models' ticks and the loop go on.
+- Replays: every frame to a member carries the session it joined with (its transport takes no
+  other), and every plan gets a random id, its epoch (``transport.py``).
 - ``progress()``: per model, blocks per member, routes, pipelines, bytes moved, the record of the
   current and finished scale-outs (``status`` and ``/metrics`` read it; tests assert on it).
 
@@ -39,7 +47,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import secrets
 import sys
 import threading
 import time
@@ -69,6 +79,8 @@ RETRY_ROUTE_S = 1.0
 POLL_S = 0.1
 CONTROL_SEND_S = 0.25  # a live member's control queue takes a frame at once; never block long
 MAX_FINISHED = 20  # finished scale-outs kept per model for progress()
+MAX_AGENT_REPLANS = 3  # failed plan parts of one target re-planned per scale-out, then it gives up
+TICK_ERROR_LOG_S = 30.0  # a tick failing every poll (10 a second) logs its traceback this often
 
 
 @dataclass
@@ -80,6 +92,7 @@ class _Node:
     held: set[int]
     local: bool
     last_seen_s: float
+    session: str = ""  # the epoch of its control frames (``participant.py``)
     source: str | None = None  # HOST or DISK: a node's tier copy (``source.py``), never routed to
     store: bool = False  # its agent can load blocks from the object store inside a plan
     suspected: bool = False  # silent past dead_after_s, its socket still answering
@@ -110,6 +123,10 @@ class _Model:
     finished: list[dict[str, Any]] = field(default_factory=list)
     pipeline_serves: int = 0
     plans_sent: int = 0
+    plan_id: str = ""  # the last plan dispatched (its epoch)
+    agent_replans: dict[str, int] = field(default_factory=dict)  # per target, this scale-out
+    tick_errors: int = 0
+    tick_error_logged_s: float = -math.inf
 
     def full(self, name: str) -> bool:
         return len(self.nodes[name].held) == self.num_blocks
@@ -178,7 +195,7 @@ class Coordinator:
             self._tick(self.clock())
 
     def progress(self) -> dict[str, Any]:
-        """Per model: members (blocks, route), pending joiners, the running scale-out's progress
+        """Per model: members (blocks, route, the addresses they listen on), pending joiners, the running scale-out's progress
         and record, finished scale-outs. Plain data (JSON-able)."""
         with self._lock:
             out = {}
@@ -186,10 +203,11 @@ class Coordinator:
                 active = m.active
                 out[m.model_id] = {
                     "function": m.function, "blocks_needed": m.num_blocks,
-                    "members": {n.name: {"blocks": len(n.held), "route": self._mode(m, n.name)}
+                    "members": {n.name: {"blocks": len(n.held), "route": self._mode(m, n.name),
+                                         "listen": [a for a in (n.ctl, n.blocks, n.stage) if a]}
                                 for n in m.nodes.values()},
                     "pending": list(m.pending), "expected": m.expected,
-                    "pipeline_serves": m.pipeline_serves,
+                    "pipeline_serves": m.pipeline_serves, "tick_errors": m.tick_errors,
                     "active": None if active is None else {
                         **active.progress(), "record": _record(active.record)},
                     "finished": list(m.finished)}
@@ -210,7 +228,8 @@ class Coordinator:
             if op == "heartbeat" and isinstance(meta.get("ctl"), str):
                 try:
                     self.transport.send(meta["ctl"], "control", {"op": "rejoin"},
-                                        timeout_s=CONTROL_SEND_S)
+                                        timeout_s=CONTROL_SEND_S,
+                                        epoch=str(meta.get("session", "")))
                 except TransportError as e:
                     log.warning("could not ask %s to rejoin: %s", name, e)
             return
@@ -245,6 +264,9 @@ class Coordinator:
                 so.record.append(Event(now, "agent_failed", {"node": name,
                                                              "why": meta.get("why"),
                                                              "stalled": meta.get("stalled")}))
+                if meta.get("plan_id") == m.plan_id and meta.get("missing") \
+                        and name in so.holdings and not m.full(name):
+                    self._replan_failed(m, so, name, str(meta.get("why")), now)
 
     def _model_of(self, name: str) -> _Model | None:
         return next((m for m in self.models.values() if name in m.nodes), None)
@@ -270,7 +292,7 @@ class Coordinator:
             self._forget(old, name, now)
         m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta.get("stage", "")),
                               {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now,
-                              source, bool(meta.get("store")))
+                              str(meta.get("session", "")), source, bool(meta.get("store")))
         self._watch(m.nodes[name].ctl)
         log.info("%s joined %s with %d/%d blocks%s", name, model_id, len(m.nodes[name].held),
                  m.num_blocks, f" (a {source} source)" if source else "")
@@ -284,29 +306,53 @@ class Coordinator:
 
     # ------------------------------------------------------------------ timers
 
+    def _replan_failed(self, m: _Model, so: ScaleOut, name: str, why: str, now: float) -> None:
+        """``name``'s part of the current plan ended with blocks missing: re-plan what every
+        target lacks now (a plan a newer one cancelled reports an older id: not this)."""
+        tries = m.agent_replans[name] = m.agent_replans.get(name, 0) + 1
+        if tries > MAX_AGENT_REPLANS:
+            self._give_up(m, [name], f"its part of {tries} plans failed, the last: {why}")
+            return
+        so.record.append(Event(now, "agent_replan", {"node": name, "try": tries}))
+        try:
+            self._dispatch(m, so.replan(now))
+        except PlanError as e:
+            self._give_up(m, [name], str(e))
+
     def _tick(self, now: float) -> None:
         for m in list(self.models.values()):
-            for name in [n for n, node in m.nodes.items() if self._dead(node, now)]:
-                self._forget(m, name, now)
-            for name, at in list(m.retry_at_s.items()):
-                if now >= at:
-                    del m.retry_at_s[name]
-                    m.sent.pop(name, None)  # send it again even if unchanged
-                    self._send_routes(m)
-            so = m.active
-            stalled = so.stalled(now, STALL_AFTER_S) if so is not None else []
-            if so is not None and stalled:
-                log.warning("%s: %s got no block for %.0f s: re-planning", m.model_id, stalled,
-                            STALL_AFTER_S)
-                so.record.append(Event(now, "stall_replan", {"targets": stalled}))
-                try:
-                    self._dispatch(m, so.replan(now))
-                except PlanError as e:
-                    self._give_up(m, stalled, str(e))
-            if m.active is None and m.pending and (
-                    (len(m.pending) >= max(1, m.expected) and self._holders(m))
-                    or now - (m.first_pending_s or now) >= self.join_window_s):
-                self._start_wave(m, now)  # all that were expected and a source, or waited enough
+            try:
+                self._tick_model(m, now)
+            except Exception:  # noqa: BLE001 - one model's broken state must not stop the rest
+                m.tick_errors += 1
+                if now - m.tick_error_logged_s >= TICK_ERROR_LOG_S:
+                    m.tick_error_logged_s = now
+                    log.exception("%s: a coordinator tick failed (%d so far); going on",
+                                  m.model_id, m.tick_errors)
+
+    def _tick_model(self, m: _Model, now: float) -> None:
+        """One model's timers: dead members, route retries, stalls, a wave to start."""
+        for name in [n for n, node in m.nodes.items() if self._dead(node, now)]:
+            self._forget(m, name, now)
+        for name, at in list(m.retry_at_s.items()):
+            if now >= at:
+                del m.retry_at_s[name]
+                m.sent.pop(name, None)  # send it again even if unchanged
+                self._send_routes(m)
+        so = m.active
+        stalled = so.stalled(now, STALL_AFTER_S) if so is not None else []
+        if so is not None and stalled:
+            log.warning("%s: %s got no block for %.0f s: re-planning", m.model_id, stalled,
+                        STALL_AFTER_S)
+            so.record.append(Event(now, "stall_replan", {"targets": stalled}))
+            try:
+                self._dispatch(m, so.replan(now))
+            except PlanError as e:
+                self._give_up(m, stalled, str(e))
+        if m.active is None and m.pending and (
+                (len(m.pending) >= max(1, m.expected) and self._holders(m))
+                or now - (m.first_pending_s or now) >= self.join_window_s):
+            self._start_wave(m, now)  # all that were expected and a source, or waited enough
 
     def _watch(self, ctl: str) -> None:
         """Connect to a member's control socket now, so its liveness is known before the first
@@ -369,7 +415,7 @@ class Coordinator:
 
     def _start_wave(self, m: _Model, now: float) -> None:
         targets = tuple(sorted(n for n in m.pending if n in m.nodes))  # plans by name, not race
-        m.pending, m.first_pending_s = [], None
+        m.pending, m.first_pending_s, m.agent_replans = [], None, {}
         m.expected = max(0, m.expected - len(targets))
         holders = self._holders(m)
         local = frozenset(t for t in targets if m.nodes[t].local)
@@ -404,7 +450,9 @@ class Coordinator:
         peers = {n: m.nodes[n].blocks for n in nodes}
         body = plan_to_json(plan).encode()
         m.plans_sent += 1
-        plan_id = f"{m.model_id[:40]}/{m.plans_sent}"
+        # The plan's epoch: unique, also across coordinator restarts (a replayed frame of an
+        # earlier plan is refused by every agent; ``transport.py``).
+        plan_id = m.plan_id = f"{m.model_id[:40]}/{m.plans_sent}/{secrets.token_hex(8)}"
         for n in nodes:
             if any(t.src == n or t.dst == n for t in plan.transfers) or any(
                     x.node == n for x in plan.local_loads):
@@ -455,8 +503,9 @@ class Coordinator:
     def _send(self, m: _Model, name: str, op: str, meta: dict[str, Any],
               payload: bytes | None = None) -> bool:
         try:
-            self.transport.send(m.nodes[name].ctl, "control", {"op": op, **meta}, payload,
-                                timeout_s=CONTROL_SEND_S)
+            node = m.nodes[name]
+            self.transport.send(node.ctl, "control", {"op": op, **meta}, payload,
+                                timeout_s=CONTROL_SEND_S, epoch=node.session)
             return True
         except (TransportError, KeyError) as e:
             log.warning("could not send %s to %s: %s", op, name, e)

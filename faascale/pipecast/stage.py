@@ -67,8 +67,8 @@ class _Local:
         self.cache: KVCache = shard.new_kv_cache(max_batch_size, kv_chunk_tokens)
         self.layer_start, self.layer_end = shard.layer_start, shard.layer_end
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.shard.forward(x, batch, self.cache)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
+        return self.shard.forward(x, batch, self.cache, all_logits)
 
 
 class RemoteStage:
@@ -143,10 +143,13 @@ class StageChain:
     def config(self) -> Any:
         return self._config
 
-    def forward(self, tokens: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, batch: ForwardBatch,
+                all_logits: bool = False) -> torch.Tensor:
+        """Token ids [b, T] -> fp32 logits [b, vocab] of each sequence's last new token ([b, T,
+        vocab] with ``all_logits``: a prompt's log-probabilities)."""
         x = tokens
         for stage in self.stages:
-            x = stage.forward(x, batch)
+            x = stage.forward(x, batch, all_logits)
         return x
 
 

@@ -8,11 +8,22 @@ it is one two-part ZeroMQ message::
     part 1: payload (payload_bytes bytes, possibly empty)
 
 Trust: every node holds the cluster secret; the MAC key is derived from it. The header carries the
-payload's blake3 digest, so the MAC covers the payload too. A frame whose MAC fails (wrong secret,
-tampered, malformed) or whose sequence number is not above the last one seen from its sender
-(a replay) is dropped and counted in ``stats.rejected_frames``, never delivered. An authenticated
-frame whose payload does not match its digest raises ``CorruptFrameError``. The secret is shared,
-so any holder can claim any sender name: the MAC proves "a cluster member", not "that node".
+payload's blake3 digest, so the MAC covers the payload too. An authenticated frame whose payload
+does not match its digest raises ``CorruptFrameError``. The secret is shared, so any holder can
+claim any sender name: the MAC proves "a cluster member", not "that node".
+
+Replays: the header also carries an *epoch* and a sequence number, both under the MAC. An epoch
+names what a frame belongs to, issued by whoever set up the exchange and never reused (a
+multicast plan: a random id from the coordinator; a member's control session: a random id it
+joined with), and a receiver accepts a frame of an epoch only while it has that epoch open
+(``open_epoch``: the plans it is executing). The sequence number grows with every frame a sender
+sends, and a receiver accepts it only above the last one it took from that sender in that epoch.
+So a captured frame replayed later is refused: within its epoch by its number, after the epoch
+closed (or the receiver restarted: a new incarnation opens only new epochs) by its epoch. A
+transport made with ``epochs_only`` takes nothing else; others also take frames of the empty
+epoch, checked by sequence number alone (in memory: a restarted receiver forgets it). A frame
+whose MAC fails (wrong secret, tampered, malformed), of an epoch not open, or not above its
+sender's last number is dropped and counted in ``stats.rejected_frames``, never delivered.
 
 Delivery is at most once and unacknowledged: ``send`` returning means the frame left the caller's
 hands (small frames: queued in a bounded queue; large ones: written to the kernel), not that the
@@ -47,11 +58,12 @@ MAC_BYTES = 32  # keyed blake3
 MAX_META_BYTES = 4096  # encoded JSON: ids, indices, shapes; data goes in the payload
 MAX_HEADER_BYTES = MAC_BYTES + MAX_META_BYTES + 1024  # meta + the fixed fields (~250 B) + MAC
 MAX_NAME_CHARS = 128
+MAX_EPOCH_CHARS = 128
 MIN_SECRET_BYTES = 16
 ZERO_COPY_MIN_BYTES = 64 << 10  # below this a copy is cheaper than tracking (pyzmq's threshold)
 PARALLEL_HASH_MIN_BYTES = 1 << 20  # blake3 threads pay off from ~1 MiB; below, startup dominates
 _MAC_CONTEXT = "faascale pipecast transport 2026 header MAC v1"
-_WIRE_VERSION = 1
+_WIRE_VERSION = 2  # 2: the epoch
 _RELEASE_WAIT_S = 1.0  # after a reset, how long send waits for ZeroMQ to drop the payload
 _HEARTBEAT_IVL_MS, _HEARTBEAT_TIMEOUT_MS = 1000, 3000  # a dead peer's connection drops in ~3 s
 
@@ -94,7 +106,8 @@ class CorruptFrameError(TransportError):
 
 @dataclass(frozen=True)
 class Header:
-    """What a frame is. ``send`` fills ``sender``, ``seq``, ``payload_bytes`` and ``digest``.
+    """What a frame is. ``send`` fills ``sender``, ``seq``, ``payload_bytes``, ``digest`` and
+    ``epoch`` (its argument; "" for a frame of no epoch).
 
     ``meta`` is a small JSON object (``model_id``, block ``index``, ``request_id``, ``step``…),
     stored as a read-only deep copy that equals what the receiver decodes. Construction validates
@@ -106,11 +119,13 @@ class Header:
     meta: Mapping[str, Any] = field(hash=False)
     payload_bytes: int
     digest: bytes  # blake3 of the payload
+    epoch: str = ""  # what the frame belongs to (a plan, a session); the receiver must have it open
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise HeaderError(f"unknown frame kind {self.kind!r}; expected one of {sorted(KINDS)}")
         _check_name(self.sender, HeaderError)
+        _check_epoch(self.epoch, HeaderError)
         for name in ("seq", "payload_bytes"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -137,7 +152,7 @@ class TransportStats:
     bytes_sent: int = 0
     frames_received: int = 0
     bytes_received: int = 0
-    rejected_frames: int = 0  # bad MAC, malformed, replayed: dropped, never delivered
+    rejected_frames: int = 0  # bad MAC, malformed, epoch not open, replayed: never delivered
     corrupt_frames: int = 0  # authenticated, payload mismatch: raised as CorruptFrameError
     send_timeouts: int = 0
 
@@ -155,11 +170,21 @@ class Transport(Protocol):
     def stats(self) -> TransportStats: ...
 
     def send(self, peer_address: str, kind: str, meta: Mapping[str, Any], payload: Any = None,
-             *, timeout_s: float, digest: bytes | None = None) -> Header:
+             *, timeout_s: float, digest: bytes | None = None, epoch: str = "") -> Header:
         """Send one frame; return its header. The caller must not mutate ``payload`` until send
         returns (or raises). ``digest``: the payload's blake3 if the caller knows it (skips a
-        hash). Raises ``HeaderError`` before any I/O, ``TransportTimeout`` if the peer does not
+        hash). ``epoch``: what the frame belongs to (the peer drops it unless it has the epoch
+        open). Raises ``HeaderError`` before any I/O, ``TransportTimeout`` if the peer does not
         take the frame in time, ``TransportError`` otherwise."""
+        ...
+
+    def open_epoch(self, epoch: str) -> None:
+        """Accept frames of ``epoch`` from now on (idempotent). Raises ``TransportError`` for an
+        empty or oversize epoch."""
+        ...
+
+    def close_epoch(self, epoch: str) -> None:
+        """Drop every later frame of ``epoch``, and forget its senders' numbers (idempotent)."""
         ...
 
     def recv(self, timeout_s: float,
@@ -198,7 +223,7 @@ def payload_digest(data: Any) -> bytes:
 def encode_header(header: Header, key: bytes) -> bytes:
     """The wire form: MAC || canonical JSON."""
     body = json.dumps({"v": _WIRE_VERSION, "kind": header.kind, "sender": header.sender,
-                       "seq": header.seq, "meta": dict(header.meta),
+                       "seq": header.seq, "epoch": header.epoch, "meta": dict(header.meta),
                        "payload_bytes": header.payload_bytes, "digest": header.digest.hex()},
                       sort_keys=True, separators=(",", ":")).encode()
     return blake3.blake3(body, key=key).digest() + body
@@ -218,7 +243,7 @@ def decode_header(frame: bytes, key: bytes) -> Header:
             raise HeaderError(f"wire version {fields!r}")
         return Header(kind=fields["kind"], sender=fields["sender"], seq=fields["seq"],
                       meta=fields["meta"], payload_bytes=fields["payload_bytes"],
-                      digest=bytes.fromhex(fields["digest"]))
+                      digest=bytes.fromhex(fields["digest"]), epoch=fields["epoch"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # HeaderError is a ValueError
         raise HeaderError(f"malformed header: {e}") from e
 
@@ -239,6 +264,12 @@ def _encode_meta(meta: Any) -> str:
 def _check_name(name: Any, error: type[Exception]) -> None:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
         raise error(f"a sender name is 1..{MAX_NAME_CHARS} characters, got {name!r}")
+
+
+def _check_epoch(epoch: Any, error: type[Exception]) -> None:
+    if not isinstance(epoch, str) or len(epoch) > MAX_EPOCH_CHARS:
+        raise error(f"an epoch is a string of at most {MAX_EPOCH_CHARS} characters, got "
+                    f"{epoch!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,11 +293,13 @@ class ZmqTransport:
     go into the ``into`` buffer with one copy (libzmq reads the socket into its own message, then
     ``recv_into`` copies it to the caller), or with no copy into a view of ZeroMQ's message.
     A payload part larger than ``max_payload_bytes`` drops the sender's connection unbuffered.
+    ``epochs_only``: accept only frames of the epochs open (see the module docstring).
     ``close`` returns within about ``linger_s``; frames still queued then are dropped."""
 
     def __init__(self, *, secret: bytes, name: str, bind_host: str = "127.0.0.1", port: int = 0,
                  advertise_host: str | None = None, send_hwm: int = 2, recv_hwm: int = 2,
-                 max_payload_bytes: int = 1 << 30, linger_s: float = 0.5) -> None:
+                 max_payload_bytes: int = 1 << 30, linger_s: float = 0.5,
+                 epochs_only: bool = False) -> None:
         _check_name(name, TransportError)
         if bind_host in ("0.0.0.0", "*") and not advertise_host:
             raise TransportError(f"binding {bind_host} needs advertise_host (the peers' view)")
@@ -277,7 +310,10 @@ class ZmqTransport:
         self._send_hwm = send_hwm
         self._linger_ms = int(_check_timeout(linger_s) * 1000)
         self._seq = itertools.count(time.time_ns())  # above any seq of an earlier incarnation
-        self._last_seq: dict[str, int] = {}
+        self._epochs_only = epochs_only
+        self._epochs: set[str] = set()  # open: frames of these are accepted
+        self._last_seq: dict[tuple[str, str], int] = {}  # (epoch, sender) -> its last seq taken
+        self._epochs_lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
         self._recv_lock = threading.Lock()
@@ -314,7 +350,7 @@ class ZmqTransport:
             return self._stats
 
     def send(self, peer_address: str, kind: str, meta: Mapping[str, Any], payload: Any = None,
-             *, timeout_s: float, digest: bytes | None = None) -> Header:
+             *, timeout_s: float, digest: bytes | None = None, epoch: str = "") -> Header:
         """See ``Transport.send``. A timeout while a large payload is going out resets the
         connection to that peer: the frame then arrives whole or not at all (never half), and
         frames already queued to that peer may be dropped. ``digest``: the payload's blake3, when
@@ -329,7 +365,7 @@ class ZmqTransport:
         _check_address(peer_address)
         peer = self._peer(peer_address)
         with peer.lock:  # seq is taken under the lock, so per-peer send order == seq order
-            header = Header(kind, self._name, next(self._seq), meta, data.nbytes, digest)
+            header = Header(kind, self._name, next(self._seq), meta, data.nbytes, digest, epoch)
             self._check_open()
             sock = peer.socket if peer.socket is not None else self._connect(peer, peer_address)
             head = encode_header(header, self._key)
@@ -401,6 +437,21 @@ class ZmqTransport:
         finally:
             peer.lock.release()
 
+    def open_epoch(self, epoch: str) -> None:
+        """See ``Transport.open_epoch``."""
+        _check_epoch(epoch, TransportError)
+        if not epoch:
+            raise TransportError("the empty epoch is not opened: it is open unless epochs_only")
+        with self._epochs_lock:
+            self._epochs.add(epoch)
+
+    def close_epoch(self, epoch: str) -> None:
+        """See ``Transport.close_epoch``."""
+        with self._epochs_lock:
+            self._epochs.discard(epoch)
+            for key in [k for k in self._last_seq if k[0] == epoch]:
+                del self._last_seq[key]
+
     def close(self) -> None:
         """Idempotent. Waits for in-flight send/recv calls (each bounded by its timeout)."""
         with self._peers_lock:
@@ -436,10 +487,9 @@ class ZmqTransport:
             header = decode_header(frame.bytes, self._key)
         except HeaderError as e:
             return self._reject(str(e))
-        last = self._last_seq.get(header.sender, -1)
-        if header.seq <= last:
-            return self._reject(f"stale seq {header.seq} from {header.sender!r} (last {last})")
-        self._last_seq[header.sender] = header.seq
+        stale = self._take(header)
+        if stale is not None:
+            return self._reject(stale)
         n = header.payload_bytes
         if n == 0:
             view, size = None, len(self._pull.recv(zmq.NOBLOCK, copy=False))
@@ -455,6 +505,20 @@ class ZmqTransport:
             self._corrupt(header, f"payload digest mismatch ({n} bytes)")
         self._count(frames_received=1, bytes_received=n)
         return Message(header, view)
+
+    def _take(self, header: Header) -> str | None:
+        """Record ``header``'s number if its epoch is open and the number is above its sender's
+        last one in that epoch; else why not."""
+        key = (header.epoch, header.sender)
+        with self._epochs_lock:
+            if header.epoch not in self._epochs and (header.epoch or self._epochs_only):
+                return (f"{header.kind} frame of epoch {header.epoch!r} from {header.sender!r}, "
+                        "not open here (a replay, or a plan that ended)")
+            last = self._last_seq.get(key, -1)
+            if header.seq <= last:
+                return f"stale seq {header.seq} from {header.sender!r} (last {last})"
+            self._last_seq[key] = header.seq
+        return None
 
     def _reject(self, why: str) -> None:
         log.warning("%s: dropped a frame: %s", self._name, why)

@@ -1,7 +1,8 @@
 """Bearer tokens: an admin token (deploy, delete, scale) and an invoke token (requests).
 
 Created at ``faascale up`` and stored in the state directory with mode 0600. The admin token may
-also invoke. Comparisons are constant-time.
+also invoke. An optional metrics token (``$FAASCALE_METRICS_TOKEN``, set by the operator) guards
+``/metrics``. Comparisons are constant-time.
 """
 
 from __future__ import annotations
@@ -29,14 +30,32 @@ class Tokens:
         """The role a presented token grants, or None for a missing or unknown token."""
         if not token:
             return None
-        # as bytes: compare_digest refuses str with non-ASCII characters (a header byte >= 0x80
-        # arrives as one), which must be an unknown token (401), not a crash
-        presented = token.encode("utf-8", "surrogateescape")
-        if hmac.compare_digest(presented, self.admin.encode()):
+        if same_token(token, self.admin):
             return Role.ADMIN
-        if hmac.compare_digest(presented, self.invoke.encode()):
+        if same_token(token, self.invoke):
             return Role.INVOKE
         return None
+
+
+def same_token(presented: str, expected: str) -> bool:
+    """Constant-time comparison of a presented token with the expected one."""
+    # as bytes: compare_digest refuses str with non-ASCII characters (a header byte >= 0x80
+    # arrives as one), which must be an unknown token (401), not a crash
+    return hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), expected.encode())
+
+
+METRICS_TOKEN_ENV = "FAASCALE_METRICS_TOKEN"
+
+
+def metrics_token_from_env() -> str | None:
+    """``$FAASCALE_METRICS_TOKEN``: the bearer token ``/metrics`` then needs (unset or empty:
+    ``/metrics`` is open). Raises ValueError naming the variable for a token no header can carry."""
+    token = os.environ.get(METRICS_TOKEN_ENV, "")
+    if not token:
+        return None
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise ValueError(f"{METRICS_TOKEN_ENV}: the token must be printable ASCII without spaces")
+    return token
 
 
 def load_or_create_tokens(path: Path) -> Tokens:

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from faascale.coldstart.start_source import ColdStartEstimate, choose_source
+
 # Elapsed-time comparisons tolerate float drift: 0.1 + 0.2 s of fake clock is 0.30000000000000004.
 _EPS_S = 1e-6
 # Serve's aggregated load is a float (a window mean or peak); 2.0000001 requests is 2, not 3.
@@ -27,12 +29,6 @@ REASON_PENDING = "downscale pending"  # no change yet: load is lower, the delay 
 REASON_WARM = "keep-alive"           # no change: idle, but the last replica is kept warm
 REASON_PREDICTED = "predicted"       # up: the load trend crosses capacity within the cold start
 
-# Where a new replica's weights can come from (``ColdStartEstimate.source``).
-SOURCE_PEER = "PEER"      # PipeCast: multicast from replicas that hold the model, serving while loading
-SOURCE_HOST = "HOST"      # a node's host-memory tier holds the model
-SOURCE_DISK = "DISK"      # a node's disk tier holds it
-SOURCE_REMOTE = "REMOTE"  # the object store (always there)
-SOURCES = (SOURCE_PEER, SOURCE_HOST, SOURCE_DISK, SOURCE_REMOTE)
 MAX_HISTORY = 64
 
 
@@ -89,47 +85,6 @@ def _check_number(name: str, value: object, low: float, inclusive: bool = True) 
         raise ValueError(f"{name}: must be a finite number, got {value!r}")
     if value < low or (value == low and not inclusive):
         raise ValueError(f"{name}: must be {'>=' if inclusive else '>'} {low}, got {value}")
-
-
-@dataclass(frozen=True)
-class ColdStartEstimate:
-    """How long adding one replica of the function takes from one source, predicted.
-
-    ``ready_s``: from the order to the replica serving (for PEER, serving through a temporary
-    pipeline counts). ``available``: the source exists now (a peer or a node's tier holds the
-    model; REMOTE always). ``high_s``: the pessimistic end of the estimate's band. ``basis``
-    says what it rests on (measured starts of this function, the fitted model, or a prior).
-    """
-
-    source: str
-    ready_s: float
-    available: bool = True
-    high_s: float | None = None
-    basis: str = ""
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"source: must be one of {', '.join(SOURCES)}, got {self.source!r}")
-        _check_number("ready_s", self.ready_s, 0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ColdStartEstimate:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def choose_source(estimates: tuple[ColdStartEstimate, ...] | list[ColdStartEstimate]
-                  ) -> ColdStartEstimate | None:
-    """The fastest available way to add a replica: least ``ready_s``; on a tie the narrower
-    band, then the order of ``SOURCES`` (a peer before a tier before the store)."""
-    usable = [e for e in estimates if e.available]
-    if not usable:
-        return None
-    return min(usable, key=lambda e: (e.ready_s, e.high_s if e.high_s is not None else e.ready_s,
-                                      SOURCES.index(e.source)))
 
 
 def load_trend_per_s(history: tuple[tuple[float, float], ...]) -> float:

@@ -41,7 +41,7 @@ class EventSink:
         # Import what the estimates need now, at platform start, not on the first status call.
         import faascale.coldstart.estimate  # noqa: F401
         import faascale.coldstart.profile  # noqa: F401
-        import faascale.memory_tier.object_store  # noqa: F401
+        import faascale.memory_tier.packed  # noqa: F401
 
     def record(self, event: dict[str, Any]) -> None:
         event = dict(event)
@@ -75,7 +75,7 @@ class EventSink:
     def pin_estimates(self, function: str, estimates: list[dict[str, Any]] | None) -> None:
         """Replace the function's estimates with literal ones (an operator forcing a source, or
         a test); ``None`` unpins. Each dict is a ``ColdStartEstimate``'s fields."""
-        from faascale.platform.autoscale import ColdStartEstimate
+        from faascale.coldstart.start_source import ColdStartEstimate
 
         if estimates is None:
             self._pins.pop(function, None)
@@ -106,7 +106,8 @@ class EventSink:
         from faascale.coldstart.estimate import estimates_for, manifest_features
         from faascale.coldstart.profile import StartupProfile
         from faascale.memory_tier.node import split_location
-        from faascale.memory_tier.object_store import open_store, read_packed_metadata
+        from faascale.memory_tier.packed import read_packed_metadata
+        from faascale.memory_tier.store import open_store
 
         record = self.registry.get(function)
         if record is None:
@@ -134,7 +135,7 @@ def profile_observations(profiles: list[Any]) -> list[Any]:
     """Measured starts (``StartupProfile``s that succeeded, from a known source) as observations
     of our engine's startup model."""
     from faascale.coldstart.estimate import engine_features, engine_observation
-    from faascale.platform.autoscale import SOURCES
+    from faascale.coldstart.start_source import SOURCES
 
     out = []
     for p in profiles:

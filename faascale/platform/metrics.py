@@ -9,6 +9,9 @@ disable_created_metrics()  # the *_created series double the output and nobody g
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+# The ``function`` label of a request that names no deployed function: clients choose names, and
+# a label value per made-up name would grow the series without bound.
+UNKNOWN_FUNCTION = "_unknown"
 
 
 class Metrics:
@@ -67,6 +70,10 @@ class Metrics:
         self.pipecast_serves = Gauge("faascale_pipecast_pipeline_serves", "Requests that made "
                                      "tokens through a temporary pipeline", ["function"],
                                      registry=r)
+
+        self.metrics_age = Gauge("faascale_metrics_age_seconds", "Age of each view /metrics "
+                                 "fetches from elsewhere (replicas, events, tiers, warm_pool, "
+                                 "pipecast); +Inf: never fetched", ["source"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -61,7 +61,8 @@ def prepare(location: str) -> PreparedModel:
     chat template. Raises what the store or the checkpoint raise."""
     from faascale.engine.tokenizer import Tokenizer
     from faascale.memory_tier.node import split_location
-    from faascale.memory_tier.object_store import open_store, read_packed_metadata
+    from faascale.memory_tier.packed import read_packed_metadata
+    from faascale.memory_tier.store import open_store
 
     t0 = time.time()
     store_uri, prefix = split_location(location)

@@ -1,8 +1,10 @@
 """Request bodies (validated at the edge) and response shapes of the HTTP API.
 
 OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` accept the fields the official
-client sends; ones faascale cannot honour (``n > 1``, logprobs, penalties) are refused with a 400
-naming them rather than silently ignored. Unknown extra fields are ignored, as OpenAI does.
+client sends. ``n``, batched prompts, ``logprobs``/``top_logprobs`` and ``echo`` are served (each
+choice its own engine request); fields faascale cannot honour (penalties, ``logit_bias``, ``tools``
+and function calling, ``response_format`` other than text, ``suffix``, ``best_of``) are refused with
+a 400 naming them rather than silently ignored. Unknown extra fields are ignored, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# OpenAI's top_logprobs bound; for legacy completions vLLM allows its max_logprobs (20), not
+# OpenAI's 5, and so do we (lm-eval asks for 1). The engine checks its own bound again.
+MAX_LOGPROBS = 20
+MAX_N = 128
+# Every choice of a request is an engine request held for its whole stream: a bound keeps one
+# request from taking a replica's whole batch (vLLM bounds it by max_num_seqs).
+MAX_CHOICES = 256
 
 
 class UnsupportedParameter(ValueError):
@@ -29,10 +39,10 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = 1
-    logprobs: Any = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -47,12 +57,10 @@ class _Sampling(BaseModel):
         return stops
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise UnsupportedParameter("n: only n=1 is supported")
-        if self.logprobs not in (None, False, 0):
-            raise UnsupportedParameter("logprobs: not supported")
         if self.presence_penalty or self.frequency_penalty:
             raise UnsupportedParameter("presence_penalty/frequency_penalty: not supported")
+        if self.logit_bias:
+            raise UnsupportedParameter("logit_bias: not supported")
 
     def params(self, default_max_tokens: int) -> dict[str, Any]:
         """Engine sampling parameters (SamplingParams fields) for the replica."""
@@ -70,18 +78,42 @@ class CompletionRequest(_Sampling):
     model: str
     prompt: str | list[int] | list[str] | list[list[int]]
     stream_options: StreamOptions | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def single_prompt(self) -> str | list[int]:
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.suffix:
+            raise UnsupportedParameter("suffix: not supported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise UnsupportedParameter("best_of: only best_of = n is supported")
+        num = len(self.prompts()) * self.n
+        if num > MAX_CHOICES:
+            raise UnsupportedParameter(f"n: {len(self.prompts())} prompts x n={self.n} is {num} "
+                                       f"choices; at most {MAX_CHOICES} per request")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: one, or a batch (each its own group of n choices)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise UnsupportedParameter("prompt: batches of prompts are not supported; send one")
-            return p[0]
-        return p
+            return list(p)
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt: must not be empty")
+        return [p]
+
+    def params(self, default_max_tokens: int) -> dict[str, Any]:
+        out = super().params(default_max_tokens)
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+            if self.echo:
+                out["prompt_logprobs"] = self.logprobs
+        return out
 
 
 class ChatMessage(BaseModel):
@@ -103,15 +135,49 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class ChatRequest(_Sampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameter(f"response_format: type {self.response_format.type!r} is "
+                                       "not supported (no constrained decoding; only 'text')")
+        if self.tools or self.functions:
+            raise UnsupportedParameter(f"{'tools' if self.tools else 'functions'}: tool and "
+                                       "function calling are not supported")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise UnsupportedParameter(f"{name}: tool and function calling are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise UnsupportedParameter("top_logprobs: requires logprobs: true")
+
+    def params(self, default_max_tokens: int) -> dict[str, Any]:
+        out = super().params(default_max_tokens)
+        if self.max_completion_tokens:
+            out["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            out["logprobs"] = self.top_logprobs or 0
+        return out
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -123,6 +189,11 @@ class InvokeRequest(_Sampling):
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.n != 1:
+            raise UnsupportedParameter("n: invoke returns one text; use /v1/completions for n > 1")
 
     def payload(self, default_max_tokens: int) -> dict[str, Any]:
         if (self.prompt is None) == (self.messages is None):
@@ -143,7 +214,7 @@ class DeployScale(BaseModel):
 
 
 class EstimateBody(BaseModel):
-    """One pinned cold-start estimate (``autoscale.ColdStartEstimate``)."""
+    """One pinned cold-start estimate (``coldstart.start_source.ColdStartEstimate``)."""
     model_config = ConfigDict(extra="forbid")
     source: Literal["PEER", "HOST", "DISK", "REMOTE"]
     ready_s: float = Field(ge=0, le=86400)
@@ -207,35 +278,119 @@ def usage_of(chunk: dict[str, Any]) -> dict[str, int]:
     return usage(chunk.get("num_prompt_tokens", 0), chunk.get("num_output_tokens", 0))
 
 
-def completion_response(rid: str, model: str, text: str, finish: str | None,
+def usage_of_choices(lasts: dict[int, dict[str, Any]], n: int) -> dict[str, int]:
+    """The usage of a request's choices (their last chunks, by index): each prompt's tokens
+    counted once (its first choice, index % n == 0), every choice's completion tokens summed."""
+    return usage(sum(c.get("num_prompt_tokens", 0) for i, c in lasts.items() if i % n == 0),
+                 sum(c.get("num_output_tokens", 0) for c in lasts.values()))
+
+
+class ChoiceText:
+    """One choice's text and log-probability entries as its chunks arrive (echo: the prompt's
+    text and entries come first, on its first chunk)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.entries: list[list[Any]] = []
+        self.last: dict[str, Any] = {}
+        self.chars = 0  # text so far (legacy logprobs' text_offset)
+
+    def add(self, chunk: dict[str, Any]) -> tuple[str, list[list[Any]]]:
+        """Fold in ``chunk``; returns the text and entries it adds."""
+        text = chunk.get("prompt_text", "") + chunk["text"]
+        entries = [*chunk.get("prompt_logprobs", ()), *chunk.get("logprobs", ())]
+        self.parts.append(text)
+        self.entries.extend(entries)
+        self.last = chunk
+        self.chars += len(text)
+        return text, entries
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def finish(self) -> str | None:
+        return openai_finish(self.last.get("finish_reason"))
+
+
+def fold_choices(items: list[dict[str, Any]]) -> dict[int, ChoiceText]:
+    """A whole answer's items (any order of choices) to each choice's text, by index."""
+    out: dict[int, ChoiceText] = {}
+    for c in items:
+        out.setdefault(int(c.get("index", 0)), ChoiceText()).add(c)
+    return out
+
+
+def completion_choice(index: int, text: str, finish: str | None,
+                      logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def completion_response(rid: str, model: str, choices: list[dict[str, Any]],
                         use: dict[str, int]) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": use}
+            "choices": choices, "usage": use}
 
 
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, choice: dict[str, Any]) -> dict[str, Any]:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [choice]}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str | None,
+def chat_choice(index: int, text: str, finish: str | None,
+                logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "finish_reason": finish, "logprobs": logprobs}
+
+
+def chat_response(rid: str, model: str, choices: list[dict[str, Any]],
                   use: dict[str, int]) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish, "logprobs": None}],
-            "usage": use}
+            "choices": choices, "usage": use}
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, delta: dict[str, Any], finish: str | None, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                         "logprobs": logprobs}]}
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict[str, int]) -> dict[str, Any]:
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
             "usage": use}
+
+
+def completion_logprobs(entries: list[list[Any]], text_offset: int = 0) -> dict[str, Any]:
+    """Legacy completions' ``logprobs`` for ``entries`` (the replica's ``[token_id, token,
+    logprob, top]``; a prompt's first token has a null logprob): ``tokens``, ``token_logprobs``,
+    ``top_logprobs`` (token -> logprob, the chosen token included, as vLLM answers) and
+    ``text_offset`` (each token's start in the choice's text, counting from ``text_offset``)."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}
+    for _, token, logprob, top in entries:
+        out["tokens"].append(token)
+        out["token_logprobs"].append(logprob)
+        if logprob is None:
+            out["top_logprobs"].append(None)
+        else:
+            alts: dict[str, float] = {}
+            for _, t, v in [[None, token, logprob], *top]:
+                alts[t] = max(v, alts.get(t, v))  # two ids may decode to the same text
+            out["top_logprobs"].append(alts)
+        out["text_offset"].append(text_offset)
+        text_offset += len(token)
+    return out
+
+
+def chat_logprobs(entries: list[list[Any]]) -> dict[str, Any]:
+    """Chat's ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``."""
+    def one(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**one(token, logprob), "top_logprobs": [one(t, v) for _, t, v in top]}
+                        for _, token, logprob, top in entries]}
 
 
 def openai_finish(reason: str | None) -> str | None:

@@ -1,9 +1,10 @@
 """The replica: one Serve deployment replica serving one function's model with continuous batching.
 
 Its contract with the gateway is ``generate(request) -> async stream of dicts``: token chunks
-``{"text", "token_id", "finished", "finish_reason", "num_prompt_tokens", "num_output_tokens"}``,
-or a single ``{"error": {"status", "type", "message"}}`` item for a request it rejects (prompt too
-long, bad sampling parameters, a handler that raises), sent before any token.
+``{"index", "text", "token_id", "finished", "finish_reason", "num_prompt_tokens",
+"num_output_tokens"}`` (with log-probabilities when asked; every choice of a request merged:
+``generation``), or a single ``{"error": {"status", "type", "message"}}`` item for a request it
+rejects (prompt too long, bad sampling parameters, a handler that raises), sent before any token.
 """
 
 # ruff: noqa: E402 - the heavy imports are timed (the ``imports`` step of a start)
@@ -22,36 +23,30 @@ from typing import Any
 
 _IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the engine) below
 
-from faascale.coldstart.profile import (StartupRecorder, machine_facts, model_facts,
-                                        process_started_at_s, source_of)
+from faascale.coldstart.profile import StartupRecorder, machine_facts, model_facts, source_of
+from faascale.coldstart.start_steps import (PROCESS_SPAN_MAX_S, build_engine_loop,
+                                            cold_process_spans, warm_up)
 from faascale.engine.checkpoint import block_tensors
-from faascale.engine.engine import PromptTooLongError
 from faascale.engine.llm import LLM
-from faascale.engine.loop import EngineLoop
-from faascale.engine.sampling import SamplingParams, SamplingParamsError
-from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
+from faascale.engine.tokenizer import Tokenizer
 from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
-from faascale.memory_tier.object_store import download_packed, open_store, read_packed_metadata
+from faascale.memory_tier.packed import download_packed, read_packed_metadata
+from faascale.memory_tier.store import open_store
 from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events, model_prep
+from faascale.platform.generation import Generation, Handler
 from faascale.platform.pipecast_actor import pipecast_actor, use_pieces
 from faascale.platform.registry import STARTUP_PROFILE
 from faascale.platform.spec import parse_function_spec
 
 _IMPORTS_DONE_S = time.time()
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
 log = logging.getLogger(__name__)
 PIPECAST_ENABLED = os.environ.get("FAASCALE_PIPECAST", "1") != "0"
 # "1": copy from peers even when this node's tiers hold the model (a node whose disk is slower
 # than its network; and how a one-node test makes a replica take the PipeCast path).
 PREFER_PEERS_ENV = "FAASCALE_PIPECAST_PREFER_PEERS"
 MEMBER_SERVABLE_TIMEOUT_S = 120.0
-PROCESS_SPAN_MAX_S = 120.0
-
-
-class HandlerError(Exception):
-    """The function's handler raised or returned something that is not a request."""
 
 
 def load_handler(ref: str | None, base_dir: str) -> Handler | None:
@@ -66,10 +61,6 @@ def load_handler(ref: str | None, base_dir: str) -> Handler | None:
     if not callable(fn):
         raise TypeError(f"handler {ref} is not callable")
     return fn
-
-
-def _error(status: int, kind: str, message: str) -> dict[str, Any]:
-    return {"error": {"status": status, "type": kind, "message": message}}
 
 
 class FunctionReplica:
@@ -231,7 +222,7 @@ class FunctionReplica:
                           for info, (path, _) in zip(manifest.blocks, placed)]
                 self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
             self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
-                                          materialized=True, background_warmup=True)
+                                          background_warmup=True)
         return sources
 
     def _start_from_store(self, store: Any, prefix: str, manifest: Any, tiers: TierConfig,
@@ -270,15 +261,16 @@ class FunctionReplica:
         replica mapped) as a holder, else as a new replica with an empty directory."""
         import ray
 
-        address, secret = ray.get(coordinator.contact.remote())
+        contact = ray.get(coordinator.contact.remote())
         self._holdings = Path(f"{tiers.host_dir}-pipecast") / _safe(self.replica_id)
         shutil.rmtree(self._holdings, ignore_errors=True)
         self._holdings.mkdir(parents=True)
         for info, path in zip(manifest.blocks, held_paths):
             (self._holdings / info.file).symlink_to(path)
         return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
-                      self.spec.engine_config(), secret=secret, coordinator=address,
-                      bind_host=ray.util.get_node_ip_address(), function=self.spec.name,
+                      self.spec.engine_config(), secret=contact.secret,
+                      coordinator=contact.address, bind_host=contact.bind_host(),
+                      function=self.spec.name,
                       on_full=on_full, store_loader=store_loader, pieces=use_pieces())
 
     def _adopt(self, member: Member) -> None:
@@ -307,50 +299,15 @@ class FunctionReplica:
                 "route": progress["mode"], "running": engine.num_running,
                 "waiting": engine.num_waiting}
 
-    def _prepare(self, request: dict[str, Any]) -> tuple[list[int], SamplingParams]:
-        if self.handler is not None:
-            try:
-                request = self.handler(dict(request))
-            except Exception as exc:
-                raise HandlerError(f"handler {self.spec.handler} failed: {exc}") from None
-            if not isinstance(request, dict):
-                raise HandlerError(f"handler {self.spec.handler} must return a dict")
-        params = SamplingParams(**{**request.get("params", {}),
-                                   "stop": tuple(request.get("params", {}).get("stop") or ())})
-        if request.get("messages") is not None:
-            ids = self.llm.prompt_ids(request["messages"])
-        elif request.get("prompt_ids") is not None:
-            ids = self.llm.prompt_ids([int(t) for t in request["prompt_ids"]])
-        else:
-            ids = self.llm.prompt_ids(str(request.get("prompt", "")))
-        limit = self.spec.engine.max_seq_len
-        if request.get("max_tokens_requested") and len(ids) + params.max_tokens > limit:
-            # as vLLM: a max_tokens the context cannot hold is the client's error, not a cut
-            raise PromptTooLongError(
-                f"max_tokens: this model's maximum context length is {limit} tokens; the request "
-                f"asks for {len(ids) + params.max_tokens} ({len(ids)} in the prompt, "
-                f"{params.max_tokens} in the completion): lower max_tokens or shorten the prompt")
-        return ids, params
-
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        try:
-            ids, params = self._prepare(request)
-            stream = self.loop.asubmit(ids, params)
-        except PromptTooLongError as exc:
-            yield _error(400, "context_length_exceeded", str(exc))
-            return
-        except (SamplingParamsError, ChatTemplateError, ValueError, TypeError) as exc:
-            yield _error(400, "invalid_request", str(exc))
-            return
-        except HandlerError as exc:
-            yield _error(422, "handler_error", str(exc))
-            return
-        async for out in stream:
-            if not self._first_token_reported and self._ready_s is not None:
+        """The gateway's request: every choice's chunks, merged (``generation.Generation``)."""
+        gen = Generation(self.llm, self.loop, self.spec.engine.max_seq_len, self.handler,
+                         self.spec.handler)
+        async for chunk in gen.generate(request):
+            if (not self._first_token_reported and self._ready_s is not None
+                    and "error" not in chunk):
                 self._report_first_token()
-            yield {"text": out.text, "token_id": out.token_id, "finished": out.finished,
-                   "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
-                   "num_output_tokens": out.num_output_tokens}
+            yield chunk
 
     def _report_first_token(self) -> None:
         """The first token this replica made after it was ready: the start's last step."""
@@ -395,35 +352,6 @@ def apply_thread_count() -> None:
         torch.set_num_threads(threads)
 
 
-def warm_up(loop: EngineLoop, llm: LLM, wait: bool = True) -> None:
-    """One short greedy request through the engine (a prefill and a decode step), so the first
-    user request does not pay for the first forward's allocations and kernel selection.
-
-    ``wait=False``: submitted, not waited for. A replica starts it as its constructor returns:
-    it runs while Serve marks the replica running and tells the routers (a control-loop tick and
-    a broadcast, at least as long as the warm-up here), so it is off the start's path; a request
-    that does come first is batched with it."""
-    ids = llm.prompt_ids("Hello")[:8] or [0]
-    stream = loop.submit(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    if wait:
-        for _ in stream:
-            pass
-
-
-def build_engine_loop(llm: LLM, rec: StartupRecorder, name: str, materialized: bool = True,
-                      background_warmup: bool = False) -> EngineLoop:
-    """The engine (its KV caches) and its loop, then the warm-up, each timed in ``rec`` (with
-    ``background_warmup``, the warm-up is started and not waited for: no ``warmup`` span)."""
-    with rec.span("kv_cache"):
-        loop = EngineLoop(llm.new_engine(), name=name)
-    if background_warmup:
-        warm_up(loop, llm, wait=False)
-    else:
-        with rec.span("warmup"):
-            warm_up(loop, llm)
-    return loop
-
-
 def _resolve(ref: Any, timeout_s: float = 0.5) -> Any:
     """An ObjectRef's value, or None if there is none or it does not come in time (asked at the
     constructor's start, it has had the whole start to arrive; the start must not wait on it)."""
@@ -447,7 +375,6 @@ def process_spans(rec: StartupRecorder, constructor_s: float,
     (creation to the imports), ``imports`` and, when the worker ran it, ``kernel_warmup``; a
     worker reused after minutes is not a start, so spans older than PROCESS_SPAN_MAX_S are left
     out."""
-    born = process_started_at_s()
     runtime_mod = sys.modules.get("faascale.platform.warm_runtime")
     if runtime_mod is not None:  # preloaded by Ray (the pool is on), warm or started on demand
         runtime = {"preloaded": True, **runtime_mod.runtime_state(constructor_s, ordered_s)}
@@ -461,10 +388,7 @@ def process_spans(rec: StartupRecorder, constructor_s: float,
     else:
         runtime = {"preloaded": False, "warm": False}
         imports = (_IMPORTS_STARTED_S, _IMPORTS_DONE_S)
-    if born is not None and 0 <= constructor_s - born < PROCESS_SPAN_MAX_S:
-        rec.add("process", born, min(imports[0], constructor_s))
-    if 0 <= constructor_s - imports[1] < PROCESS_SPAN_MAX_S:
-        rec.add("imports", imports[0], imports[1])
+    cold_process_spans(rec, constructor_s, imports)
     return runtime
 
 
@@ -485,7 +409,7 @@ def _chosen_source(estimates_ref: Any, held_ref: Any, prefer_peers: bool) -> str
     import ray
 
     from faascale.coldstart.estimate import source_for_replica
-    from faascale.platform.autoscale import ColdStartEstimate
+    from faascale.coldstart.start_source import ColdStartEstimate
 
     if estimates_ref is None:
         return ""

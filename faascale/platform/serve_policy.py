@@ -48,9 +48,9 @@ from typing import Any
 
 from ray.serve.config import AutoscalingConfig, AutoscalingContext, AutoscalingPolicy
 
+from faascale.coldstart.start_source import ColdStartEstimate
 from faascale.platform import events
 from faascale.platform.autoscale import (
-    ColdStartEstimate,
     PolicyState,
     ScaleIntent,
     ScalingConfig,

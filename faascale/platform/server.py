@@ -2,7 +2,8 @@
 
 ``faascale up`` starts this as a daemon (``python -m faascale.platform.server``); ``faascale down``
 sends it SIGTERM, and it shuts down Serve and the Ray instance it started. On start it redeploys
-every function in the registry, so a restart loses nothing.
+every function in the registry, so a restart loses nothing. It holds its state directory's lock
+(``instance.py``) for its whole life and removes, at exit, only the directories it marked as its own.
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import socket
+import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from faascale.platform.instance import (Holder, PlatformLock, PlatformLockError, claim_dirs,
+                                        remove_owned)
+from faascale.platform.state import PlatformInfo, StateDir, platform_url
 
 log = logging.getLogger("faascale.platform")
 
@@ -58,7 +64,12 @@ def _keep_node_blocks(tiers: Any) -> None:
         time.sleep(NODE_SCAN_S)
 
 
-def run(home: str | None, host: str, port: int, address: str | None) -> None:
+def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
+    """Serve until SIGTERM, holding ``lock`` (its state directory's, taken by the caller before
+    anything else there was read or written)."""
+    state = lock.state.ensure()
+    me = Holder.new(platform_url(host, port))
+    lock.write(me)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     import uvicorn
@@ -67,18 +78,19 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
     from faascale.engine.checkpoint import read_manifest
     from faascale.engine.sources import resolve_packed
     from faascale.memory_tier.node import TierConfig, all_node_stats, split_location
-    from faascale.memory_tier.object_store import open_store, read_packed_metadata, upload_packed
-    from faascale.platform.auth import load_or_create_tokens
+    from faascale.memory_tier.packed import read_packed_metadata, upload_packed
+    from faascale.memory_tier.store import open_store
+    from faascale.platform.auth import load_or_create_tokens, metrics_token_from_env
     from faascale.platform.events import report, start_event_sink
     from faascale.platform.pipecast_actor import start_pipecast
-    from faascale.platform.gateway import GatewayContext, create_app
+    from faascale.platform.gateway import create_app
+    from faascale.platform.gateway_context import GatewayContext
     from faascale.platform.registry import Registry
     from faascale.platform.serve_app import ServeBackend
-    from faascale.platform.state import PlatformInfo, StateDir
     from faascale.platform.warm_pool import WarmPool, ray_system_config, setting_from_env
 
-    state = StateDir(home).ensure()
     tokens = load_or_create_tokens(state.tokens_file)
+    metrics_token = metrics_token_from_env()  # a bad one fails here, before Ray starts
     registry = Registry(state.registry_db)
     pool_setting = setting_from_env()
     if address:  # the head's --system-config decides the preload (warm_pool.head_system_config_args)
@@ -90,11 +102,15 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
                 http_options={"host": "127.0.0.1", "port": free_port()})
     sink = start_event_sink(state.registry_db)
     warm = WarmPool(pool_setting, on_idle_change=lambda n: sink.set_warm_pool.remote(n)).start()
-    pipecast = start_pipecast()
+    pipecast = start_pipecast(loopback=address is None)  # embedded: PipeCast on 127.0.0.1
     tiers = TierConfig.for_state_dir(state.root)
+    # The HOST tier lives in shared memory (RAM), beside the replicas' PipeCast and private
+    # directories: marked as this instance's before any is written, removed at exit.
+    me = replace(me, dirs=(tiers.host_dir, f"{tiers.host_dir}-pipecast",
+                           f"{tiers.host_dir}-private"))
+    claim_dirs(me, state)
+    lock.write(me)
     if pipecast is not None:  # every node's complete tier copies join PipeCast as sources
-        from dataclasses import replace
-
         from faascale.platform.tier_sources import COMPANION
 
         tiers = replace(tiers, companion=COMPANION)
@@ -136,26 +152,24 @@ def run(home: str | None, host: str, port: int, address: str | None) -> None:
                                     estimates=lambda name: ray.get(sink.estimates.remote(name),
                                                                    timeout=5.0),
                                     pin_estimates=lambda name, pins: ray.get(
-                                        sink.pin_estimates.remote(name, pins), timeout=5.0)))
-    url_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    state.write_platform(PlatformInfo(url=f"http://{url_host}:{port}", pid=os.getpid(),
+                                        sink.pin_estimates.remote(name, pins), timeout=5.0),
+                                    metrics_token=metrics_token))
+    state.write_platform(PlatformInfo(url=me.url, pid=me.pid,
                                       object_store=(f"s3://{bucket}" if bucket
                                                     else str(state.objects)),
                                       ray_address=ray.get_runtime_context().gcs_address,
-                                      started_s=time.time()))
+                                      started_s=time.time(), instance=me.instance))
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                     timeout_graceful_shutdown=5)
     finally:
-        state.clear_platform(os.getpid())
+        state.clear_platform(me.instance)
         warm.stop()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
-            # The HOST tier lives in shared memory (RAM): do not leave it behind the platform.
-            shutil.rmtree(tiers.host_dir, ignore_errors=True)
-            shutil.rmtree(f"{tiers.host_dir}-pipecast", ignore_errors=True)  # replicas' PipeCast dirs
+            remove_owned(me, state)  # shared memory: do not leave it behind the platform
 
 
 def main() -> None:
@@ -164,9 +178,18 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8080)
     ap.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
+    ap.add_argument("--lock-fd", type=int, default=None,
+                    help="the state directory's lock, taken and handed over by `faascale up`")
     args = ap.parse_args()
+    state = StateDir(args.home)
+    try:  # first: another platform here means touching nothing
+        lock = (PlatformLock.inherit(state, args.lock_fd) if args.lock_fd is not None
+                else PlatformLock.acquire(state))
+    except PlatformLockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(args.home, args.host, args.port, args.address)
+    run(lock, args.host, args.port, args.address)
 
 
 if __name__ == "__main__":

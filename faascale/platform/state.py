@@ -1,6 +1,7 @@
 """The platform's state directory (``$FAASCALE_HOME``, default ``~/.faascale``) and what lives there.
 
-    platform.json   where the running platform listens (url, pid, object store, Ray address)
+    platform.json   where the running platform listens (url, pid, instance, object store, Ray address)
+    platform.lock   held by the running platform for its lifetime; names it (``instance.py``)
     tokens.json     the admin and invoke bearer tokens (mode 0600)
     registry.db     deployed functions and their events (SQLite)
     objects/        the embedded object store: packed models under objects/models/<model_id>/
@@ -14,8 +15,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from faascale.engine.sources import faascale_home
-
 
 @dataclass(frozen=True)
 class PlatformInfo:
@@ -26,15 +25,30 @@ class PlatformInfo:
     object_store: str
     ray_address: str
     started_s: float
+    instance: str = ""  # the instance id (``instance.py``); "" in records of older versions
+
+
+def platform_url(host: str, port: int) -> str:
+    """The gateway's URL for clients on this machine (a wildcard bind is reached on loopback)."""
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
 
 class StateDir:
     def __init__(self, root: str | os.PathLike | None = None) -> None:
-        self.root = Path(root) if root else faascale_home()
+        if not root:  # imported here: the engine imports torch (seconds); the platform process,
+            # given its home, takes its lock first
+            from faascale.engine.sources import faascale_home
+
+            root = faascale_home()
+        self.root = Path(root)
 
     @property
     def platform_file(self) -> Path:
         return self.root / "platform.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "platform.lock"
 
     @property
     def tokens_file(self) -> Path:
@@ -74,7 +88,10 @@ class StateDir:
         except (OSError, ValueError, TypeError):
             return None
 
-    def clear_platform(self, pid: int) -> None:
+    def clear_platform(self, instance: str) -> bool:
+        """Remove ``platform.json`` if it names ``instance``; True if it did."""
         info = self.read_platform()
-        if info is not None and info.pid == pid:
-            self.platform_file.unlink(missing_ok=True)
+        if info is None or info.instance != instance:
+            return False
+        self.platform_file.unlink(missing_ok=True)
+        return True

@@ -26,15 +26,18 @@ class StreamStalled(Exception):
 
 class TokenStream:
     """The items of one request: ``first``, then those of ``gen`` (a Serve response generator:
-    ``__anext__`` and ``cancel``). ``on_item(item)`` sees each item as it is handed out;
+    ``__anext__`` and ``cancel``), until ``num_choices`` items said they finished (a request
+    with ``n`` choices or a batch of prompts streams them interleaved). ``on_item(item)`` sees each item as it is handed out;
     ``on_close()`` runs once, after ``gen`` was cancelled (a no-op once it finished, and what
     frees the replica's slot when the client left)."""
 
     def __init__(self, first: dict[str, Any], gen: Any, *, stall_timeout_s: float,
-                 on_item: Callable[[dict[str, Any]], None], on_close: Callable[[], None]) -> None:
+                 on_item: Callable[[dict[str, Any]], None], on_close: Callable[[], None],
+                 num_choices: int = 1) -> None:
         self._next: dict[str, Any] | None = first
         self._gen, self.stall_timeout_s = gen, stall_timeout_s
         self._on_item, self._on_close = on_item, on_close
+        self._unfinished = num_choices  # the stream ends after this many finished items
         self._finished = self.closed = False
 
     def __aiter__(self) -> TokenStream:
@@ -57,7 +60,8 @@ class TokenStream:
                 self.close()
                 raise
         self._on_item(item)
-        self._finished = bool(item.get("finished"))
+        self._unfinished -= bool(item.get("finished"))
+        self._finished = self._unfinished <= 0
         return item
 
     def close(self) -> None:

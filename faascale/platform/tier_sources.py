@@ -103,12 +103,13 @@ def _make_source(offer: Offer, manifest_json: str) -> Any:
     coordinator = pipecast_actor()
     if coordinator is None:
         raise RuntimeError("no PipeCast coordinator")
-    address, secret = ray.get(coordinator.contact.remote(), timeout=10)
+    contact = ray.get(coordinator.contact.remote(), timeout=10)
     catalog = BlockCatalog.from_json(manifest_json)
     node = ray.get_runtime_context().get_node_id()[:8]
     return TierSource(f"tier-{node}-{offer.tier.lower()}-{offer.model_id[:24]}", catalog,
-                      offer.directory, offer.tier, secret=secret, coordinator=address,
-                      bind_host=ray.util.get_node_ip_address(), pieces=use_pieces())
+                      offer.directory, offer.tier, secret=contact.secret,
+                      coordinator=contact.address, bind_host=contact.bind_host(),
+                      pieces=use_pieces())
 
 
 def start(node_blocks: Any) -> TierSources | None:

@@ -1,0 +1,5 @@
+"""``python -m faascale.cli``: the ``faascale`` command."""
+
+from faascale.cli import app
+
+app()
