@@ -107,3 +107,26 @@ def test_closing_the_stream_aborts_every_choice(gen: Generation) -> None:
             await asyncio.sleep(0.02)
         raise AssertionError("choices still running after the stream closed")
     asyncio.run(go())
+
+
+def test_a_slow_consumer_gets_the_tokens_merged_and_loses_none(gen: Generation) -> None:
+    """A stream that takes longer per chunk than the engine per token gets several tokens per
+    chunk (what keeps a stream through Serve at the engine's rate); the first token still comes
+    alone, and text, ids and log-probabilities add up to the unmerged answer."""
+    params = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
+
+    async def slow() -> list[dict]:
+        chunks = []
+        async for c in gen.generate({"prompt": "hello", "params": params}):
+            chunks.append(c)
+            await asyncio.sleep(0.05)
+        return chunks
+    chunks = asyncio.run(slow())
+    alone = gen.llm.generate("hello", SamplingParams(max_tokens=24, temperature=0.0,
+                                                     ignore_eos=True))[0]
+    assert len(chunks[0]["token_ids"]) == 1
+    assert len(chunks) < 24
+    assert [t for c in chunks for t in c["token_ids"]] == list(alone.token_ids)
+    assert "".join(c["text"] for c in chunks) == alone.text
+    assert [lp[0] for c in chunks for lp in c["logprobs"]] == list(alone.token_ids)
+    assert chunks[-1]["finished"] and chunks[-1]["num_output_tokens"] == 24

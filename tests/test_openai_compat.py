@@ -299,3 +299,33 @@ def test_model_cards_carry_the_context_and_the_source(served) -> None:
     card = client.models.list().data[0].model_dump()
     assert card["id"] == NAME and card["max_model_len"] == MAX_SEQ_LEN
     assert card["root"] == "random://tiny-llama"
+
+
+def test_metrics_under_vllms_names(served) -> None:
+    """KEDA, inference-perf and Dynamo's planner read vLLM's series: the gateway exports them."""
+    client, _, _, url = served
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics").text
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:") and f'model_name="{NAME}"' in line:
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
+    before = scrape()
+    client.completions.create(model=NAME, prompt="abcd", n=2, max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = scrape()
+
+    def grew(key: str) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    assert grew(f'vllm:prompt_tokens_total{{model_name="{NAME}"}}') == 8  # 4 per choice
+    assert grew(f'vllm:generation_tokens_total{{model_name="{NAME}"}}') == 10
+    assert grew(f'vllm:request_success_total{{finished_reason="length",model_name="{NAME}"}}') == 2
+    assert grew(f'vllm:time_to_first_token_seconds_count{{model_name="{NAME}"}}') == 1
+    assert grew(f'vllm:e2e_request_latency_seconds_count{{model_name="{NAME}"}}') == 1
+    assert after[f'vllm:num_requests_running{{model_name="{NAME}"}}'] == 0
+    assert after[f'vllm:num_requests_waiting{{model_name="{NAME}"}}'] == 0

@@ -73,6 +73,34 @@ class RequestStream:
             self.abort()  # the client went away: free the slot now
             raise
 
+    async def batches(self) -> AsyncIterator[list[StepOutput]]:
+        """Like ``async for``, but each step hands over every output already queued (at least
+        one, in order): a consumer slower than the engine (a stream whose per-item cost is more
+        than a decode step) takes several tokens at once instead of falling further behind,
+        and one that keeps up still gets each token as soon as it is made."""
+        assert self._async_q is not None, "use asubmit() for async iteration"
+        q = self._async_q
+        try:
+            while True:
+                item, batch = await q.get(), []
+                while True:
+                    if item is _END or isinstance(item, BaseException):
+                        if batch:
+                            yield batch
+                        if item is _END:
+                            return
+                        raise item
+                    batch.append(item)
+                    if item.finished or q.empty():
+                        break
+                    item = q.get_nowait()
+                yield batch
+                if batch[-1].finished:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):
+            self.abort()  # the client went away: free the slot now
+            raise
+
     def abort(self) -> None:
         self._engine_loop.abort(self.request_id)
 

@@ -206,38 +206,57 @@ class RequestContext:
             raise ApiError(429, f"function {name!r} has {self.in_flight[name]} requests in flight "
                            f"(limit {capacity}); retry later", "rate_limited", {"Retry-After": "1"})
         self.in_flight[name] += 1
-        m.in_flight.labels(name).set(self.in_flight[name])
+        self._gauges(name)
 
         def release() -> None:
             self.in_flight[name] -= 1
-            m.in_flight.labels(name).set(self.in_flight[name])
+            self._gauges(name)
 
         try:
             first, gen = await self._open(name, payload)
         except BaseException:
             release()
             raise
-        last = time.perf_counter()
-        m.ttft.labels(name).observe(last - t0)
+        last = first_s = time.perf_counter()
+        m.ttft.labels(name).observe(first_s - t0)
+        m.vllm.ttft.labels(name).observe(first_s - t0)
+        generated = 0
 
         def on_item(item: dict[str, Any]) -> None:
-            nonlocal last
+            nonlocal last, generated
             now = time.perf_counter()
-            if item is not first:
-                m.itl.labels(name).observe(now - last)
+            if item is not first:  # a chunk of k tokens (a stream behind its engine): k gaps
+                k = max(1, len(item.get("token_ids") or ()))
+                for hist in (m.itl.labels(name), m.vllm.itl.labels(name)):
+                    for _ in range(k):
+                        hist.observe((now - last) / k)
             last = now
             if item.get("finished"):
                 m.tokens.labels(name, "prompt").inc(item["num_prompt_tokens"])
                 m.tokens.labels(name, "completion").inc(item["num_output_tokens"])
+                m.vllm.finished(name, item)
+                generated += int(item["num_output_tokens"])
 
         def on_close() -> None:
             release()
-            m.e2e.labels(name).observe(time.perf_counter() - t0)
+            end_s = time.perf_counter()
+            m.e2e.labels(name).observe(end_s - t0)
+            m.vllm.e2e.labels(name).observe(end_s - t0)
+            if generated > 1:
+                m.vllm.tpot.labels(name).observe((end_s - first_s) / (generated - 1))
 
         # every choice (a batch of prompts x n) ends with its own finished item
         num_choices = len(payload.get("batch") or [None]) * int(payload.get("n", 1))
         return TokenStream(first, gen, stall_timeout_s=spec.scaling.stall_timeout_s,
                            on_item=on_item, on_close=on_close, num_choices=num_choices)
+
+    def _gauges(self, name: str) -> None:
+        """The request gauges of ``name`` after its in-flight or waiting count changed."""
+        m, in_flight, waiting = self.metrics, self.in_flight[name], self.waiting[name]
+        m.in_flight.labels(name).set(in_flight)
+        m.queue.labels(name).set(waiting)
+        m.vllm.running.labels(name).set(in_flight - waiting)
+        m.vllm.waiting.labels(name).set(waiting)
 
     async def _open(self, name: str, payload: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Send a request to the function and wait (bounded) for its first item."""
@@ -247,7 +266,7 @@ class RequestContext:
         if counts is None or counts.running + counts.starting == 0:
             self._scale_from_zero(name)
         self.waiting[name] += 1
-        self.metrics.queue.labels(name).set(self.waiting[name])
+        self._gauges(name)
         gen = self.handle(name).generate.remote(payload)
         try:
             first = await self._first_item(name, gen, spec.scaling.cold_start_timeout_s)
@@ -256,7 +275,7 @@ class RequestContext:
                            "bad_gateway") from None
         finally:
             self.waiting[name] -= 1
-            self.metrics.queue.labels(name).set(self.waiting[name])
+            self._gauges(name)
         if "error" in first:
             e = first["error"]
             raise ApiError(int(e.get("status", 400)), str(e.get("message")), str(e.get("type")))

@@ -10,8 +10,10 @@ ids, ...]`` (one choice group per prompt, replacing ``prompt``), ``"n"`` (choice
 with a seed, choice j samples with ``seed + j``) and ``"echo"`` (the first chunk of each choice
 carries ``prompt_text``). Choice ``index`` = prompt position × n + j, as OpenAI numbers them.
 
-A chunk: ``{"index", "text", "token_id", "finished", "finish_reason", "num_prompt_tokens",
-"num_output_tokens"}``, and with log-probabilities ``"logprobs": [[token_id, token, logprob,
+A chunk: ``{"index", "text", "token_id", "token_ids", "finished", "finish_reason",
+"num_prompt_tokens", "num_output_tokens"}`` — usually one token; the tokens made since the
+choice's last chunk when the stream falls behind the engine (its text, ids and log-probabilities
+concatenated; ``token_id`` the last) — and with log-probabilities ``"logprobs": [[token_id, token, logprob,
 [[id, token, logprob], ...]], ...]`` (this chunk's tokens; a request ended by EOS scores the EOS
 too) and, on a choice's first chunk, ``"prompt_logprobs"``: the same for every prompt token, the
 first with a null logprob (nothing precedes it).
@@ -139,8 +141,8 @@ class Generation:
             return
         if len(streams) == 1:
             index, stream, extra = streams[0]
-            async for out in stream:
-                yield self._chunk(index, out, extra)
+            async for outs in stream.batches():
+                yield self._chunk(index, outs, extra)
             return
         async for chunk in self._merged(streams):
             yield chunk
@@ -151,8 +153,8 @@ class Generation:
 
         async def pump(index: int, stream: RequestStream, extra: dict[str, Any]) -> None:
             try:
-                async for out in stream:
-                    queue.put_nowait((index, out, extra))
+                async for outs in stream.batches():
+                    queue.put_nowait((index, outs, extra))
             except Exception as exc:  # the engine failed this request: end the whole stream
                 queue.put_nowait((index, exc, extra))
             finally:
@@ -173,14 +175,22 @@ class Generation:
             for task in tasks:
                 task.cancel()
 
-    def _chunk(self, index: int, out: StepOutput, extra: dict[str, Any]) -> dict[str, Any]:
+    def _chunk(self, index: int, outs: list[StepOutput], extra: dict[str, Any]
+               ) -> dict[str, Any]:
+        """One chunk for a choice's outputs made since its last chunk (usually one token; more
+        when the stream fell behind the engine: ``RequestStream.batches``)."""
+        out = outs[-1]
+        ids = [o.token_id for o in outs if o.token_id is not None]
         chunk: dict[str, Any] = {
-            "index": index, "text": out.text, "token_id": out.token_id, "finished": out.finished,
-            "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
+            "index": index, "text": "".join(o.text for o in outs), "token_id": out.token_id,
+            "token_ids": ids, "finished": out.finished, "finish_reason": out.finish_reason,
+            "num_prompt_tokens": out.num_prompt_tokens,
             "num_output_tokens": out.num_output_tokens}
         tok = self.llm.tokenizer
-        if out.logprobs:
-            chunk["logprobs"] = [logprob_json(tok, lp) for lp in out.logprobs]
+        lps = [lp for o in outs for lp in o.logprobs]
+        if lps:
+            chunk["logprobs"] = [logprob_json(tok, lp) for lp in lps]
+        out = outs[0]  # the prompt's log-probabilities ride on a choice's first output
         if out.prompt_logprobs is not None:
             first = extra["first_id"]  # nothing scores the first token: its logprob is null
             chunk["prompt_logprobs"] = [

@@ -1,6 +1,13 @@
-"""Prometheus metrics of the gateway (its own registry, so tests can read them in isolation)."""
+"""Prometheus metrics of the gateway (its own registry, so tests can read them in isolation).
+
+Beside faascale's own names, the gateway exports the request metrics under vLLM's names and
+labels (``vllm:...{model_name}``; ``VllmMetrics``), which KEDA scalers, inference-perf and
+Dynamo's planner read from vLLM servers: the same series, measured at the gateway.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
@@ -12,6 +19,52 @@ TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 
 # The ``function`` label of a request that names no deployed function: clients choose names, and
 # a label value per made-up name would grow the series without bound.
 UNKNOWN_FUNCTION = "_unknown"
+
+
+REQUEST_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class VllmMetrics:
+    """vLLM's request metrics (v1 engine names, ``model_name`` = the function), measured at the
+    gateway: running = requests that have their first token and are not done, waiting = requests
+    still waiting for it (queued at the gateway or in a replica, or a replica still starting)."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        label = ["model_name"]
+        self.running = Gauge("vllm:num_requests_running", "Requests generating tokens", label,
+                             registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for their first "
+                             "token", label, registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token", label,
+                              buckets=LATENCY_BUCKETS_S, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between streamed tokens",
+                             label, buckets=TOKEN_BUCKETS_S, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Per request: (end-to-end "
+                              "- first token) / (output tokens - 1)", label,
+                              buckets=TOKEN_BUCKETS_S, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency",
+                             label, buckets=LATENCY_BUCKETS_S, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed", label,
+                                     registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens "
+                                         "processed", label, registry=r)
+        self.request_prompt = Histogram("vllm:request_prompt_tokens", "Prompt tokens per "
+                                        "request", label, buckets=REQUEST_TOKEN_BUCKETS,
+                                        registry=r)
+        self.request_generation = Histogram("vllm:request_generation_tokens", "Generation "
+                                            "tokens per request", label,
+                                            buckets=REQUEST_TOKEN_BUCKETS, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason",
+                               ["model_name", "finished_reason"], registry=r)
+
+    def finished(self, name: str, item: dict[str, Any]) -> None:
+        """One choice's last item (its token counts and finish reason)."""
+        prompt, generated = int(item["num_prompt_tokens"]), int(item["num_output_tokens"])
+        self.prompt_tokens.labels(name).inc(prompt)
+        self.generation_tokens.labels(name).inc(generated)
+        self.request_prompt.labels(name).observe(prompt)
+        self.request_generation.labels(name).observe(generated)
+        self.success.labels(name, str(item.get("finish_reason") or "stop")).inc()
 
 
 class Metrics:
@@ -74,6 +127,8 @@ class Metrics:
         self.metrics_age = Gauge("faascale_metrics_age_seconds", "Age of each view /metrics "
                                  "fetches from elsewhere (replicas, events, tiers, warm_pool, "
                                  "pipecast); +Inf: never fetched", ["source"], registry=r)
+
+        self.vllm = VllmMetrics(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
