@@ -223,3 +223,81 @@ def test_every_member_of_a_pipeline_can_head_its_own_requests(tiny_packed: Path,
                                                                  heads["C"].address])
     servers["B"].forget(heads["A"].address)
     assert [k[0] for k in servers["B"].caches] == [heads["C"].address]
+
+
+def test_a_stage_request_replayed_after_the_stage_restarted_is_refused(
+        tiny_packed: Path, model: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage and head transports take their member's session only. Every request the head sent
+    to the stage's first incarnation is captured off the wire; the stage restarts on the same
+    port with a new session: the replayed requests are refused and counted (none runs on its
+    KV cache), a head still naming the old session gets a StageError, and one naming the new
+    session gets the model's tokens."""
+    import time
+
+    import torch
+    import zmq
+
+    from faascale.engine.model import ForwardBatch
+    from faascale.pipecast.transport import encode_header, mac_key
+    from faascale.platform.server import free_port
+
+    m, _, tok = model
+    port, captured = free_port(), []
+    real_send = ZmqTransport.send
+
+    def tap(self, peer_address, kind, meta, payload=None, **kw):
+        header = real_send(self, peer_address, kind, meta, payload, **kw)
+        if "reply_to" in meta:  # a request to the stage
+            captured.append([encode_header(header, mac_key(SECRET)),
+                             bytes(memoryview(payload).cast("B"))])
+        return header
+
+    def stage(session: str) -> tuple[StageServer, ZmqTransport, threading.Thread]:
+        t = ZmqTransport(secret=SECRET, name="stage", port=port, epochs_only=True)
+        t.open_epoch(session)
+        server = StageServer(shard(model, 4, 8), t, CFG.max_batch_size)
+        thread = threading.Thread(target=server.serve, kwargs={"poll_s": 0.05}, daemon=True)
+        thread.start()
+        return server, t, thread
+
+    def chain(head_t: ZmqTransport, address: str, session: str, timeout_s: float) -> StageChain:
+        remote = RemoteStage(head_t, address, 4, 8, timeout_s=timeout_s, epoch=session,
+                             reply_epoch="head-session")
+        return StageChain([shard(model, 0, 4), remote], m.config, CFG.max_batch_size)
+
+    want = reference(tiny_packed, PROMPTS[:1])
+    with ZmqTransport(secret=SECRET, name="head", epochs_only=True) as head_t:
+        head_t.open_epoch("head-session")
+        monkeypatch.setattr(ZmqTransport, "send", tap)
+        server, t, thread = stage("stage-1")
+        assert run(chain(head_t, t.address, "stage-1", 10), tok, PROMPTS[:1]) == want
+        monkeypatch.undo()
+        server.stop()
+        thread.join(5)
+        t.close()
+        assert len(captured) == server.requests_served > 0
+
+        server, t, thread = stage("stage-2")
+        try:
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(t.address)
+            for frame in captured:
+                sock.send_multipart(frame)
+            deadline = time.monotonic() + 10
+            while t.stats.rejected_frames < len(captured) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sock.close()
+            ctx.term()
+            assert t.stats.rejected_frames == len(captured) and server.requests_served == 0
+            old = RemoteStage(head_t, t.address, 4, 8, timeout_s=0.5, epoch="stage-1",
+                              reply_epoch="head-session")
+            with pytest.raises(StageError, match="did not answer"):  # refused: never served
+                old.forward(torch.zeros(1, 1, m.config.hidden_size), ForwardBatch((0,), (0,), 1))
+            assert t.stats.rejected_frames == len(captured) + 1
+            assert run(chain(head_t, t.address, "stage-2", 10), tok, PROMPTS[:1]) == want
+        finally:
+            server.stop()
+            thread.join(5)
+            t.close()

@@ -63,12 +63,14 @@ class MemberError(RuntimeError):
 
 @dataclass(frozen=True)
 class RouteStage:
-    """A stage of the route a member was given: who, which blocks, where its stage server is."""
+    """A stage of the route a member was given: who, which blocks, where its stage server is
+    and the session its requests must carry (the stage's transport takes no other)."""
 
     replica: str
     first_block: int
     last_block: int
     address: str
+    session: str
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,8 @@ class MemberRoute:
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> MemberRoute:
-        return cls(str(meta["mode"]), tuple(RouteStage(str(r), int(a), int(b), str(addr))
-                                            for r, a, b, addr in meta.get("stages", ())))
+        return cls(str(meta["mode"]), tuple(RouteStage(str(r), int(a), int(b), str(addr), str(e))
+                                            for r, a, b, addr, e in meta.get("stages", ())))
 
 
 class _Reporting:
@@ -118,8 +120,13 @@ class Member(Participant):
         self.cfg = cfg
         self.stage_timeout_s = stage_timeout_s
         self._on_full = on_full  # called once (control thread) when it switches to its full copy
-        self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **self._tx)
-        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **self._tx)
+        # Both take frames of this member's session only (``participant.py``): a pipeline
+        # request or reply replayed after a restart is refused.
+        self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **self._tx,
+                                     epochs_only=True)
+        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **self._tx, epochs_only=True)
+        for tx in (self.stage_tx, self.head_tx):
+            tx.open_epoch(self.session)
         self._shards: dict[tuple[int, int], ModelShard] = {}
         self._route_key: tuple[Any, ...] | None = None
         self.route = MemberRoute("loading")
@@ -217,7 +224,8 @@ class Member(Participant):
             for s in route.stages:
                 start, end = self._layers(s.first_block, s.last_block)
                 parts.append(self._shard(start, end) if s.replica == self.name else
-                             RemoteStage(self.head_tx, s.address, start, end, self.stage_timeout_s))
+                             RemoteStage(self.head_tx, s.address, start, end, self.stage_timeout_s,
+                                         epoch=s.session, reply_epoch=self.session))
             stages = [(s.replica, s.first_block, s.last_block) for s in route.stages]
             runner = _Reporting(StageChain(parts, self.manifest.config, self.cfg.max_batch_size,
                                            self.cfg.kv_block_tokens),

@@ -496,8 +496,8 @@ class Coordinator:
     def _route_meta(self, m: _Model, route: Route) -> dict[str, Any]:
         if route.mode is RouteMode.PIPELINE and route.pipeline is not None:
             return {"mode": "pipeline", "stages": [
-                [s.replica, s.first_block, s.last_block, m.nodes[s.replica].stage]
-                for s in route.pipeline.stages]}
+                [s.replica, s.first_block, s.last_block, m.nodes[s.replica].stage,
+                 m.nodes[s.replica].session] for s in route.pipeline.stages]}
         return {"mode": route.mode.value}
 
     def _send(self, m: _Model, name: str, op: str, meta: dict[str, Any],

@@ -13,9 +13,11 @@ When a replica finishes loading, the head switches its engine to a local ``Shard
 uninterrupted. A stage that does not answer within ``timeout_s`` raises ``StageError`` (the
 coordinator re-forms the pipeline; the engine loop fails those requests rather than hang them).
 
-Frames (kind ``"hidden"``): request meta ``{op, reply_to, slots, starts, num_tokens, dtype,
-shape, all_logits}``, reply meta ``{op, dtype, shape}`` or ``{op, error}``; the payload is the
-tensor's bytes.
+Frames (kind ``"hidden"``): request meta ``{op, reply_to, reply_epoch, slots, starts,
+num_tokens, dtype, shape, all_logits}``, reply meta ``{op, dtype, shape}`` or ``{op, error}``;
+the payload is the tensor's bytes. A request carries the stage's epoch (its member's session),
+the reply the one the head named (``reply_epoch``, its own session): a transport that takes only
+its session's frames refuses a request or reply replayed after its owner restarted.
 """
 
 from __future__ import annotations
@@ -75,23 +77,27 @@ class RemoteStage:
     """A layer range served by a ``StageServer`` at ``address``; ``forward`` is one round trip.
 
     Not thread-safe (the head's engine thread calls it). ``transport`` must be the head's own:
-    replies come back to its address and are matched by op number.
+    replies come back to its address and are matched by op number. ``epoch``: the stage's (its
+    requests carry it); ``reply_epoch``: the head transport's, which replies must carry.
     """
 
     def __init__(self, transport: Transport, address: str, layer_start: int, layer_end: int,
-                 timeout_s: float = 30.0) -> None:
+                 timeout_s: float = 30.0, epoch: str = "", reply_epoch: str = "") -> None:
         self.transport, self.address = transport, address
         self.layer_start, self.layer_end = layer_start, layer_end
         self.timeout_s = timeout_s
+        self.epoch, self.reply_epoch = epoch, reply_epoch
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
         op = next(_OPS)  # unique in the process: a late reply to an old chain is never taken
-        meta = {"op": op, "reply_to": self.transport.address, "slots": list(batch.slots),
+        meta = {"op": op, "reply_to": self.transport.address, "reply_epoch": self.reply_epoch,
+                "slots": list(batch.slots),
                 "layers": [self.layer_start, self.layer_end],
                 "starts": list(batch.start_positions), "num_tokens": batch.num_tokens,
                 "all_logits": all_logits, **_tensor_meta(x)}
         try:
-            self.transport.send(self.address, "hidden", meta, _bytes_of(x), timeout_s=self.timeout_s)
+            self.transport.send(self.address, "hidden", meta, _bytes_of(x), timeout_s=self.timeout_s,
+                                epoch=self.epoch)
         except TransportTimeout:
             raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
                              f"did not take the request within {self.timeout_s:.0f} s") from None
@@ -225,6 +231,7 @@ class StageServer:
             return False
         meta = dict(msg.header.meta)
         reply_to, op = str(meta.get("reply_to", "")), meta.get("op")
+        reply_epoch = str(meta.get("reply_epoch", ""))
         try:
             batch = ForwardBatch(tuple(int(s) for s in meta["slots"]),
                                  tuple(int(p) for p in meta["starts"]), int(meta["num_tokens"]))
@@ -234,12 +241,12 @@ class StageServer:
             out = shard.forward(inputs["x"], batch, self._cache_of(reply_to, shard),
                                 all_logits=bool(meta.get("all_logits")))
             self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, _bytes_of(out),
-                                timeout_s=30.0)
+                                timeout_s=30.0, epoch=reply_epoch)
         except Exception as exc:  # the head must hear about it, not wait for its timeout
             log.exception("stage request %s failed", op)
             try:
                 self.transport.send(reply_to, "hidden", {"op": op, "error": f"{type(exc).__name__}: {exc}"},
-                                    None, timeout_s=5.0)
+                                    None, timeout_s=5.0, epoch=reply_epoch)
             except Exception:
                 log.warning("could not report the failure to %s", reply_to)
         self.requests_served += 1
