@@ -69,3 +69,38 @@ def test_template_errors_are_typed(tiny_packed: Path) -> None:
     broken = Tokenizer(raw, dataclasses.replace(m.tokenizer, chat_template="{% for %}"))
     with pytest.raises(ChatTemplateError, match="does not compile"):
         broken.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_stop_strings_hold_back_exactly_what_could_still_stop(tok: Tokenizer) -> None:
+    """Random texts and stops over a small alphabet: after every token, the text released is
+    the text up to the first stop, less the longest tail that is a prefix of a stop (the
+    definition, checked by brute force), and the whole stream ends where a stop begins."""
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        text = "".join(rng.choice("ab\n") for _ in range(rng.randint(1, 30)))
+        stops = tuple({"".join(rng.choice("ab\n") for _ in range(rng.randint(1, 5)))
+                       for _ in range(rng.randint(1, 3))})
+        d = IncrementalDetokenizer(tok, stops)
+        released = ""
+        for i, t in enumerate(tok.encode(text)):
+            released += d.add(t)
+            seen = text[:i + 1]
+            cuts = [seen.find(s) for s in stops if s in seen]
+            if cuts:
+                assert d.stopped and released == seen[:min(cuts)]
+                break
+            held = max((k for s in stops for k in range(1, len(s)) if seen.endswith(s[:k])),
+                       default=0)
+            assert released == seen[:len(seen) - held]
+
+
+def test_stop_strings_are_bounded(tok: Tokenizer) -> None:
+    from faascale.engine.sampling import MAX_STOP_CHARS, SamplingParams, SamplingParamsError
+
+    SamplingParams(stop=("x" * MAX_STOP_CHARS,))
+    with pytest.raises(SamplingParamsError, match="stop"):
+        SamplingParams(stop=("x" * (MAX_STOP_CHARS + 1),))
+    with pytest.raises(SamplingParamsError, match="stop"):
+        SamplingParams(stop=tuple(str(i) for i in range(17)))

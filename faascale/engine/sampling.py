@@ -16,6 +16,9 @@ class SamplingParamsError(ValueError):
 # temperature like 1e-45 overflows to inf, and softmax of inf is NaN.
 SAMPLING_EPS = 1e-5
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (unsigned 64-bit)
+# Stop strings are matched against the text at every token: bounded, so the cost per token is.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound (vLLM's default max_logprobs is 20 too)
 # A log-probability JSON can carry: -inf (a token the model rules out) and NaN are not JSON.
 MIN_LOGPROB = -9999.0
@@ -47,8 +50,10 @@ class SamplingParams:
             raise SamplingParamsError(f"seed: must be in [0, 2^64 - 1], got {self.seed}")
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop: stop strings must be non-empty")
-        if len(self.stop) > 16:
-            raise SamplingParamsError(f"stop: at most 16 stop strings, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOPS:
+            raise SamplingParamsError(f"stop: at most {MAX_STOPS} stop strings, got {len(self.stop)}")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise SamplingParamsError(f"stop: a stop string has at most {MAX_STOP_CHARS} characters")
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(self, name)
             if k is not None and not 0 <= k <= MAX_LOGPROBS:

@@ -107,6 +107,16 @@ class IncrementalDetokenizer:
     prefix_offset: int = 0
     read_offset: int = 0
     stopped: bool = False
+    # per stop string: its last-char -> the prefix lengths k (longest first) ending in that char,
+    # so the hold-back check tries only the k that can match (O(matches), not O(len(stop)^2))
+    _ends: list[tuple[str, dict[str, list[int]]]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        for s in self.stop:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(s) - 1, 0, -1):
+                ends.setdefault(s[k - 1], []).append(k)
+            self._ends.append((s, ends))
 
     def add(self, token_id: int) -> str:
         """Append one token; return the newly safe text (possibly empty)."""
@@ -143,11 +153,12 @@ class IncrementalDetokenizer:
             delta = self.text[self.emitted:]
             self.emitted = len(self.text)
             return delta
-        safe = len(self.text)
-        for s in self.stop:  # hold back a tail that is a prefix of a stop string
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
+        safe = n = len(self.text)
+        last = self.text[-1:]
+        for s, ends in self._ends:  # hold back a tail that is a prefix of a stop string
+            for k in ends.get(last, ()):
+                if k <= n and self.text.startswith(s[:k], n - k):
+                    safe = min(safe, n - k)
                     break
         safe = max(safe, self.emitted)
         delta = self.text[self.emitted:safe]

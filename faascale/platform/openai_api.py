@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # OpenAI's 5, and so do we (lm-eval asks for 1). The engine checks its own bound again.
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_STOP_CHARS = 256  # as the engine's bound (matched against the text at every token)
 # Every choice of a request is an engine request held for its whole stream: a bound keeps one
 # request from taking a replica's whole batch (vLLM bounds it by max_num_seqs).
 MAX_CHOICES = 256
@@ -54,6 +55,8 @@ class _Sampling(BaseModel):
             raise ValueError("at most 16 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters")
         return stops
 
     def check_supported(self) -> None:
