@@ -108,8 +108,8 @@ run: $(VENV)/.installed
 # datasets, pandas, scikit-learn... that faascale does not need. They import torch: the CPU build,
 # as for .venv/.torch-cpu (~1.1 GB in all, about 2 minutes here).
 CLIENTS := .venv-clients
-CLIENT_PKGS := guidellm==0.8.1 lm_eval==0.4.13 litellm==1.110.2
-$(CLIENTS)/.installed-1:
+CLIENT_PKGS := guidellm==0.8.1 "lm_eval[api]==0.4.13" litellm==1.110.2
+$(CLIENTS)/.installed-2:
 	rm -rf $(CLIENTS)
 	$(PYTHON) -m venv $(CLIENTS)
 	$(CLIENTS)/bin/python -m pip install --quiet --upgrade pip
@@ -119,7 +119,7 @@ $(CLIENTS)/.installed-1:
 	$(CLIENTS)/bin/python -m pip install --quiet $(CLIENT_PKGS)
 	touch $@
 
-test: $(VENV)/.installed-dev $(CLIENTS)/.installed-1
+test: $(VENV)/.installed-dev $(CLIENTS)/.installed-2
 	bash scripts/ensure-ceph.sh
 	@command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }

@@ -34,6 +34,14 @@ def test_multibyte_characters_are_never_split(tok: Tokenizer) -> None:
     assert "🚀" in deltas  # emitted whole once its 4th byte arrived
 
 
+def test_a_character_cut_short_by_the_end_is_released_as_a_replacement(tok: Tokenizer) -> None:
+    ids = tok.encode("ok 🚀")[:-2]  # the rocket's first two bytes of four
+    d = IncrementalDetokenizer(tok)
+    text = "".join(d.add(t) for t in ids)
+    assert text == "ok "
+    assert d.flush() == tok.decode(ids)[len("ok "):] and "\ufffd" in d.text
+
+
 def test_stop_strings(tok: Tokenizer) -> None:
     deltas, joined = _stream(tok, "answer: 42\nUser: next", stop=("\nUser:",))
     assert joined == "answer: 42"

@@ -131,9 +131,16 @@ class IncrementalDetokenizer:
         return self._release()
 
     def flush(self) -> str:
-        """At the end of generation: release held-back text (a partial stop string is just text)."""
+        """At the end of generation: release held-back text (a partial stop string is just text,
+        and the bytes of a character cut short decode to U+FFFD, as vLLM returns them)."""
         if self.stopped:
             return ""
+        if self.read_offset < len(self.ids):
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset],
+                                           self.skip_special_tokens)
+            full = self.tokenizer.decode(self.ids[self.prefix_offset:], self.skip_special_tokens)
+            self.text += full[len(prefix):]
+            self.read_offset = len(self.ids)
         delta = self.text[self.emitted:]
         self.emitted = len(self.text)
         return delta
