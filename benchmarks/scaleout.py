@@ -102,7 +102,7 @@ from benchmarks.common import (
     machine,
     write_section,
 )
-from faascale.engine.blockio import DEFAULT_PIECE_BYTES, piece_spans
+from faascale.engine.blockio import DEFAULT_PIECE_BYTES
 from faascale.engine.checkpoint import FORMAT_VERSION, read_manifest, with_pieces
 from faascale.engine.random_model import BYTE_VOCAB_SIZE, pack_random, tiny_config
 from faascale.engine.sources import faascale_home, resolve_packed
@@ -115,6 +115,7 @@ from faascale.pipecast.schedule import (
     k_way,
     naive,
 )
+from faascale.pipecast.timing import simulate
 
 GB = 1e9
 CPU_BOUND_BUSY = 0.85  # machine-wide CPU busy fraction above which a run counts as CPU-bound
@@ -261,27 +262,6 @@ def plans(n: int, num_blocks: int) -> dict[str, MulticastPlan]:
     return out
 
 
-def link_model_s(plan: MulticastPlan, block_bytes: Sequence[int], rate_bps: float,
-                 piece_bytes: int = 0) -> float:
-    """The plan's time if only the links mattered and nothing waited for a step: sends in each
-    node's plan order, each piece holding the sender's outbound and the receiver's inbound link
-    for size / rate from when both are free and the piece is there (``piece_bytes`` 0: a block
-    is one piece, forwarded once whole)."""
-    spans = [piece_spans(size, piece_bytes) for size in block_bytes]
-    held = {(s, b, p): 0.0 for s in plan.sources for b in range(plan.num_blocks)
-            for p in range(len(spans[b]))}
-    out_free: dict[str, float] = {}
-    in_free: dict[str, float] = {}
-    for t in plan.transfers:
-        for p, (_, length) in enumerate(spans[t.block]):
-            start = max(out_free.get(t.src, 0.0), in_free.get(t.dst, 0.0),
-                        held[(t.src, t.block, p)])
-            out_free[t.src] = in_free[t.dst] = held[(t.dst, t.block, p)] = \
-                start + length * 8 / rate_bps
-    return max(held[(n, b, p)] for n in plan.targets for b in range(plan.num_blocks)
-               for p in range(len(spans[b])))
-
-
 def cpu_times() -> tuple[float, float]:
     """(busy, total) jiffies of all cores since boot, from /proc/stat (iowait counts as idle)."""
     fields_ = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -329,8 +309,8 @@ class Bench:
         (run_dir / "peers.json").write_text(json.dumps(peers))
         shm_run = self.shm_root / f"run{self.count}"
         limit_s = model.nbytes * 8 / rate_bits_per_s(rate)
-        link_s = link_model_s(plan, model.block_bytes, rate_bits_per_s(rate),
-                              piece_bytes_of(name))
+        link_s = simulate(plan, model.block_bytes, rate_bits_per_s(rate) / 1e9,
+                          piece_bytes=piece_bytes_of(name)).all_done_s
         timeout_s = 30.0 + 4 * link_s + 2 * limit_s
         go = run_dir / "go"
         plan_id = secrets.token_hex(8)  # the run's epoch: every agent of it the same

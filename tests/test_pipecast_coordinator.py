@@ -8,7 +8,7 @@ import pytest
 
 from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, Route, RouteMode, ScaleOut,
                                            ScaleOutRequest, choose_sources, plan_scale_out)
-from faascale.pipecast.schedule import simulate
+from faascale.pipecast.timing import simulate
 
 MB = 1 << 20
 

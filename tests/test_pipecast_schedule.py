@@ -21,8 +21,8 @@ from faascale.pipecast.schedule import (
     naive,
     naive_parallel,
     rotated,
-    simulate,
 )
+from faascale.pipecast.timing import simulate
 
 
 def names(prefix: str, count: int) -> list[str]:
@@ -305,29 +305,46 @@ def test_plan_views_on_a_literal_plan() -> None:
 # -- simulate ---------------------------------------------------------------------------------
 
 def test_simulate_chain_by_hand() -> None:
-    # 0.001 Gbps = 125,000 bytes/s: block 0 (125 kB) takes 1 s, block 1 (250 kB) 2 s.
-    # step 0: s->a b0 (1 s) ends 1; step 1: s->a b1, a->b b0 (max 2 s) ends 3;
-    # step 2: a->b b1 (2 s) ends 5.
+    # 0.001 Gbps = 125,000 bytes/s: block 0 (125 kB) takes 1 s, block 1 (250 kB) 2 s. No barrier
+    # between steps (the runtime has none): s->a b0 [0, 1]; s->a b1 [1, 3]; a->b b0 starts as
+    # soon as a holds it [1, 2]; a->b b1 once a holds it [3, 5].
     timeline = simulate(chain("s", ["a", "b"], 2), [125_000, 250_000], link_gbps=0.001)
     assert timeline.step_end_s == pytest.approx((1.0, 3.0, 5.0))
     assert timeline.arrival_s == pytest.approx(
-        {("a", 0): 1.0, ("a", 1): 3.0, ("b", 0): 3.0, ("b", 1): 5.0})
+        {("a", 0): 1.0, ("a", 1): 3.0, ("b", 0): 2.0, ("b", 1): 5.0})
     assert timeline.node_done_s == pytest.approx({"a": 3.0, "b": 5.0})
     assert timeline.all_done_s == pytest.approx(5.0)
     assert timeline.first_union_s == pytest.approx(3.0)
 
 
+def test_simulate_pieces_cut_through_a_chain() -> None:
+    # One 250 kB block in 2 pieces of 125 kB (1 s each at 125 kB/s): a forwards piece 0 while
+    # piece 1 arrives, so b holds the block at 3 s, not 4 s as with whole blocks.
+    plan = chain("s", ["a", "b"], 1)
+    whole = simulate(plan, [250_000], link_gbps=0.001)
+    cut = simulate(plan, [250_000], link_gbps=0.001, piece_bytes=125_000)
+    assert whole.arrival_s == pytest.approx({("a", 0): 2.0, ("b", 0): 4.0})
+    assert cut.arrival_s == pytest.approx({("a", 0): 2.0, ("b", 0): 3.0})
+
+
+def test_simulate_a_shared_link_serialises_its_sends() -> None:
+    # naive: s sends both blocks to a, then to b, all on s's one outbound link
+    timeline = simulate(naive("s", ["a", "b"], 2), [125_000, 125_000], link_gbps=0.001)
+    assert timeline.all_done_s == pytest.approx(4.0)
+    assert sorted(timeline.arrival_s.values()) == pytest.approx([1.0, 2.0, 3.0, 4.0])
+
+
 def test_simulate_local_loads_use_their_own_rate() -> None:
     # Link 0.001 Gbps (125 kB/s), local 0.0005 Gbps (62.5 kB/s); blocks 125 kB and 62.5 kB.
-    # step 0: s->a b0 (1 s) and c loads b1 (1 s) -> ends 1.0;
-    # step 1: s->a b1 (0.5 s) and c loads b0 (2 s) -> ends 3.0.
+    # s->a b0 [0, 1], c loads b1 [0, 1]; s->a b1 [1, 1.5], c loads b0 [1, 3] (its reader is busy
+    # until 1).
     plan = MulticastPlan("lit", ("s",), ("a", "c"), 2,
                          (Transfer(0, "s", "a", 0), Transfer(1, "s", "a", 1)),
                          (LocalLoad(0, "c", 1), LocalLoad(1, "c", 0)))
     timeline = simulate(plan, [125_000, 62_500], link_gbps=0.001, local_gbps=0.0005)
     assert timeline.step_end_s == pytest.approx((1.0, 3.0))
     assert timeline.arrival_s[("c", 1)] == pytest.approx(1.0)
-    assert timeline.node_done_s == pytest.approx({"a": 3.0, "c": 3.0})
+    assert timeline.node_done_s == pytest.approx({"a": 1.5, "c": 3.0})
     assert timeline.first_union_s == pytest.approx(1.0)  # a holds b0, c holds b1
     with pytest.raises(PlanError, match="local_gbps"):
         simulate(plan, [125_000, 62_500], link_gbps=0.001)

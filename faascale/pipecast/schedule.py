@@ -17,14 +17,13 @@ The schedules:
   sends every block to every target in turn), ``naive_parallel`` (every target pulls from an
   object store that serves any number of targets at once).
 
-``simulate`` turns a plan into seconds for given block sizes and link rates.
+``timing.simulate`` turns a plan into seconds for given block sizes and link rates.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -475,56 +474,6 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
     return MulticastPlan("repair", sources, targets, num_blocks, tuple(transfers),
                          unlimited_senders=frozenset({store}) if store else frozenset(),
                          initial=initial)
-
-
-@dataclass(frozen=True)
-class Timeline:
-    """When a plan's blocks arrive, in seconds from its start.
-
-    ``step_end_s[s]``: when step s ends. ``arrival_s[(target, block)]``: when the target holds the
-    block (the end of the step that brought it). ``node_done_s[target]``: when it holds every
-    block. ``all_done_s``: the last of those (0.0 with no targets). ``first_union_s``: when the
-    targets together hold every block (None with no targets).
-    """
-
-    step_end_s: tuple[float, ...]
-    arrival_s: Mapping[tuple[str, int], float]
-    node_done_s: Mapping[str, float]
-    all_done_s: float
-    first_union_s: float | None
-
-
-def simulate(plan: MulticastPlan, block_bytes: Sequence[int], link_gbps: float,
-             local_gbps: float | None = None) -> Timeline:
-    """Time a plan: step s lasts as long as its largest block on a link (``link_gbps``, 1e9
-    bit/s) or its largest local load (``local_gbps``), whichever is longer; steps run back to
-    back, an empty step takes 0 s. Validates the plan first. Raises PlanError for an invalid
-    plan, ``block_bytes`` not one non-negative size per block, a rate that is not positive, or
-    local loads without ``local_gbps``.
-    """
-    plan.validate()
-    if len(block_bytes) != plan.num_blocks or any(b < 0 for b in block_bytes):
-        raise PlanError(f"block_bytes: need {plan.num_blocks} non-negative sizes, "
-                        f"got {list(block_bytes)}")
-    if plan.local_loads and local_gbps is None:
-        raise PlanError("the plan has local loads: give local_gbps")
-    for name, rate in (("link_gbps", link_gbps), ("local_gbps", local_gbps)):
-        if rate is not None and not (math.isfinite(rate) and rate > 0):
-            raise PlanError(f"{name}: must be a positive number, got {rate!r}")
-    step_s = [0.0] * plan.num_steps
-    for t in plan.transfers:
-        step_s[t.step] = max(step_s[t.step], block_bytes[t.block] * 8 / (link_gbps * 1e9))
-    for x in plan.local_loads:
-        assert local_gbps is not None
-        step_s[x.step] = max(step_s[x.step], block_bytes[x.block] * 8 / (local_gbps * 1e9))
-    step_end_s = tuple(itertools.accumulate(step_s))
-    arrival_s = {(n, b): step_end_s[plan._arrivals[(n, b)]] for n in plan.targets
-                 for b in range(plan.num_blocks)}
-    node_done_s = {n: max(arrival_s[(n, b)] for b in range(plan.num_blocks))
-                   for n in plan.targets}
-    union = plan.first_complete_union_step()
-    return Timeline(step_end_s, arrival_s, node_done_s, max(node_done_s.values(), default=0.0),
-                    None if union is None else step_end_s[union])
 
 
 def _check_num_blocks(num_blocks: int) -> None:
