@@ -10,11 +10,10 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import zmq
+from test_pipecast_transport import raw_push
 
 from faascale.engine.checkpoint import read_manifest, read_tokenizer_json
 from faascale.engine.config import EngineConfig
@@ -161,7 +160,7 @@ def test_frames_captured_before_a_member_restarted_are_refused_by_the_new_one(
     wait_for(lambda: again.full)
     before = {"ctl": again.ctl_tx.stats, "blocks": again.blocks_tx.stats}
     count = {kind: sum(k == kind for k, _ in frames) for kind in ("ctl", "blocks")}
-    with _raw_push(again.ctl_tx.address) as ctl, _raw_push(again.blocks_tx.address) as blocks:
+    with raw_push(again.ctl_tx.address) as ctl, raw_push(again.blocks_tx.address) as blocks:
         for kind, frame in frames:
             (ctl if kind == "ctl" else blocks).send_multipart(frame)
         # The blocks socket is read only while a plan runs; here the test reads it, as the
@@ -180,20 +179,6 @@ def test_frames_captured_before_a_member_restarted_are_refused_by_the_new_one(
     got = [o.token_id for o in again.loop.submit(again.loop.engine.tokenizer.encode("hi"), GREEDY)
            if o.token_id is not None]
     assert got == reference(tiny_packed, "hi")
-
-
-@contextmanager
-def _raw_push(address: str) -> Iterator[zmq.Socket]:
-    """An intruder's socket: sends whatever bytes it was given, as they were captured."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 2000)
-    sock.connect(address)
-    try:
-        yield sock
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def test_tier_copies_are_sources_host_before_disk(tiny_packed: Path, tmp_path: Path,
