@@ -1,5 +1,6 @@
 """Temporary pipelines from partial replicas: literal holdings with hand-derived answers, a
-brute-force check of optimality on small random cases, the budget fallback, and speed at 16 x 64."""
+brute-force check of optimality on small random cases, the search stopped by its step budget
+(valid, between its greedy seed and the optimum), and speed at 16 x 64."""
 
 from __future__ import annotations
 
@@ -318,7 +319,20 @@ def test_matches_brute_force_on_small_random_cases() -> None:
     assert checked_pipelines > 600  # the cases are not all trivially empty
 
 
-# --- the budget: exact at realistic sizes, greedy past it, fast either way ---------------------
+# --- the budget: exact at realistic sizes, the best found past it, fast either way ------------
+
+def _key(got: Pipelines, cost: list[float] | None = None) -> tuple:
+    """The objective, smaller better: rules b, c, d and f (nothing is kept without ``previous``)."""
+    return (-len(got.pipelines), sum(p.num_stages for p in got.pipelines),
+            tuple(sorted((p.bottleneck(cost) for p in got.pipelines), reverse=True)),
+            tuple(sorted(p.replicas for p in got.pipelines)))
+
+
+def _with_steps(monkeypatch, steps: int, held: dict, num_blocks: int, **kwargs) -> Pipelines:
+    """``form_pipelines`` with a step budget of ``steps`` (0: the greedy seed alone)."""
+    monkeypatch.setattr(pl, "_STEPS", steps)
+    return form_pipelines(held, num_blocks, **kwargs)
+
 
 def _cyclic_holdings(rng: random.Random, num_replicas: int, num_blocks: int) -> dict:
     """PipeCast's pattern: each new replica holds a prefix of its rotated block order."""
@@ -337,14 +351,47 @@ def test_realistic_sixteen_replicas_sixty_four_blocks_are_exact() -> None:
         assert got.exact and got.pipelines, seed
 
 
-def test_fallback_past_the_budget_is_valid_and_deterministic(monkeypatch) -> None:
+def test_past_its_budget_the_search_returns_its_best_packing_no_worse_than_the_seed(
+        monkeypatch) -> None:
+    # Scattered holdings at 16 x 64 have too many minimal sets to search them all.
     rng = random.Random(7)
     held = {f"r{i:02d}": {k for k in range(64) if rng.random() < 0.9} for i in range(16)}
-    monkeypatch.setattr(pl, "_STEPS", 300)
-    got = form_pipelines(held, 64)
-    assert not got.exact
+    seed = _with_steps(monkeypatch, 0, held, 64)
+    got = _with_steps(monkeypatch, 3000, held, 64)
+    assert not seed.exact and not got.exact
+    _check_rule_a(seed, held, 64)
     _check_rule_a(got, held, 64)
-    assert got.pipelines and got == form_pipelines(held, 64)
+    assert seed.pipelines and _key(got) < _key(seed)  # here one stage fewer than the seed
+    assert got == form_pipelines(dict(reversed(list(held.items()))), 64)  # deterministic
+
+
+def test_budget_limited_runs_lie_between_the_greedy_seed_and_the_optimum(monkeypatch) -> None:
+    """Property, on random cases small enough to solve: the search stopped by its budget returns a
+    valid packing, never better than the optimum, never worse than the seed (0 steps: the greedy
+    first descent alone), never worse with more steps, and the same for the same input."""
+    rng = random.Random(20250611)
+    seed_not_optimal = improved = strictly_between = 0
+    for case in range(200):
+        num_blocks, num_replicas = rng.randint(4, 10), rng.randint(5, 9)
+        held = _random_holdings(rng, num_replicas, num_blocks)
+        cost = [float(rng.randint(1, 3)) for _ in range(num_blocks)]
+        exact = _with_steps(monkeypatch, 10**7, held, num_blocks, block_cost=cost)
+        assert exact.exact, case
+        optimum, keys = _key(exact, cost), []
+        for steps in (0, 30, 100, 300, 1000):
+            got = _with_steps(monkeypatch, steps, held, num_blocks, block_cost=cost)
+            _check_rule_a(got, held, num_blocks)
+            keys.append(_key(got, cost))
+        assert keys == sorted(keys, reverse=True), (case, keys)  # more steps are never worse
+        assert optimum <= keys[-1], (case, held)
+        assert got == _with_steps(monkeypatch, 1000, dict(reversed(list(held.items()))),
+                                  num_blocks, block_cost=cost)
+        seed_not_optimal += keys[0] > optimum
+        improved += keys[-1] < keys[0]
+        strictly_between += any(optimum < k < keys[0] for k in keys)
+    # Not vacuous: the seed is often beaten, and a short budget often stops halfway.
+    assert seed_not_optimal > 30 and improved > 30 and strictly_between > 5, (
+        seed_not_optimal, improved, strictly_between)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.75, 0.9, 0.95, None])

@@ -11,10 +11,10 @@ leximax of the pipelines' bottlenecks (a bottleneck is a pipeline's costliest st
 kept exactly from ``previous``; (f) the smallest sorted tuple of pipelines' replica names.
 
 The search (``pipeline_search``) is one branch-and-bound under a step budget, ``_STEPS``: its first
-descent is the greedy seed (chains of the farthest-reaching free replicas), the rest improves on it.
-Within the budget the answer is proved optimal (``Pipelines.exact``); past it, it is the best packing
-found, never worse than the seed. tests/test_pipecast_pipelines.py checks small cases against brute
-force, and budget-limited runs against the exact answer and the seed.
+descent is a greedy seed (chains of the farthest-reaching free replicas), the rest improves on it.
+Within the budget the answer is proved optimal (``Pipelines.exact``); past it, it is the best
+packing found, never worse than the seed. tests/test_pipecast_pipelines.py checks small cases
+against brute force, and budget-limited runs against the exact answer and the seed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ import operator
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from faascale.pipecast.pipeline_search import range_cost, search
+from faascale.pipecast.pipeline_search import search
+from faascale.pipecast.pipeline_tiling import range_cost
 
 # Search steps (about 1 us each on one core) before the best packing found is returned. The
 # brief's bound is 50 ms at 16 replicas x 64 blocks; see pipeline_search for what fits in it.
