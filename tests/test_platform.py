@@ -308,15 +308,45 @@ def test_cli_management_and_errors(platform: Platform, tiny_deployed: str) -> No
 
 
 def test_restart_keeps_functions(platform: Platform, tiny_deployed: str) -> None:
+    """A restart restores every function, and one bad row (a spec that no longer parses, an
+    event whose data is not JSON) or a registry another process holds locked for a while does
+    not stop it: the platform starts, serves the rest, names the bad one, and can delete it."""
+    import sqlite3
+    import threading
+
     assert platform.cli("down").returncode == 0
     assert platform.cli("ls").returncode == 2  # not running: one clear error line
+    db_path = platform.home / "registry.db"
+    with sqlite3.connect(db_path) as db:
+        db.execute("INSERT INTO functions VALUES ('broken', ?, '/', '/nowhere', 'id', 0, 0)",
+                   ('{"name": 5}',))
+        db.execute("INSERT INTO events (function, kind, data, at_s) VALUES (?, 'cold_start', "
+                   "'{not json', 0)", (tiny_deployed,))
+    locked = threading.Event()
+
+    def hold_lock(seconds: float) -> None:
+        db = sqlite3.connect(db_path, isolation_level=None)
+        db.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        db.execute("COMMIT")
+        db.close()
+
+    holder = threading.Thread(target=hold_lock, args=(3.0,))
+    holder.start()
+    locked.wait(10)
     r = platform.cli("up", "--port", str(platform.port), timeout=240)
+    holder.join()
     assert r.returncode == 0, r.stderr
     names = {f["name"] for f in platform.http().get("/v1/functions").json()["functions"]}
-    assert tiny_deployed in names
+    assert tiny_deployed in names and "broken" not in names
     r = platform.http().post(f"/v1/functions/{tiny_deployed}/invoke",
                              json={"prompt": "again", "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert platform.status(tiny_deployed)["name"] == tiny_deployed  # its bad event left out
+    bad = platform.http().post("/v1/functions/broken/invoke", json={"prompt": "x"})
+    assert bad.status_code == 503 and "'broken'" in bad.json()["error"]["message"]
+    assert platform.http("admin").delete("/v1/functions/broken").status_code == 200
     assert platform.cli("delete", tiny_deployed).returncode == 0
     names = {f["name"] for f in platform.http().get("/v1/functions").json()["functions"]}
     assert tiny_deployed not in names and "tiny-zero" in names

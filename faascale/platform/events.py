@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from faascale.platform.registry import STARTUP_PROFILE, Registry
+from faascale.platform.registry import STARTUP_PROFILE, Registry, UnreadableRecord
 
 ACTOR_NAME = "faascale-events"
 NAMESPACE = "faascale"
@@ -109,7 +109,10 @@ class EventSink:
         from faascale.memory_tier.packed import read_packed_metadata
         from faascale.memory_tier.store import open_store
 
-        record = self.registry.get(function)
+        try:
+            record = self.registry.get(function)
+        except UnreadableRecord:  # the gateway answers for it; no estimates to give
+            return []
         if record is None:
             return []
         features = self._features.get(record.model_id)

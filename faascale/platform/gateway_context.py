@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from faascale.platform.auth import Role, Tokens, bearer
 from faascale.platform.metrics import UNKNOWN_FUNCTION, Metrics
-from faascale.platform.registry import FunctionRecord, Registry
+from faascale.platform.registry import FunctionRecord, Registry, UnreadableRecord
 from faascale.platform.spec import DNS_LABEL
 from faascale.platform.streams import StreamStalled, TokenStream
 
@@ -130,7 +130,10 @@ class RequestContext:
             raise ApiError(404, f"function {name.encode('ascii', 'backslashreplace').decode()!r} "
                            "is not deployed (names are DNS labels)", "not_found")
         if rec is None:
-            rec = self.ctx.registry.get(name)
+            try:
+                rec = self.ctx.registry.get(name)
+            except UnreadableRecord as exc:  # the others still serve
+                raise ApiError(503, str(exc), "unreadable_function") from None
             if rec is None:
                 raise ApiError(404, f"function {name!r} is not deployed", "not_found")
             self.records[name] = rec

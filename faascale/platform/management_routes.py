@@ -18,7 +18,7 @@ from faascale.memory_tier.store import StoreError, StoreUnavailable
 from faascale.platform import openai_api as oa
 from faascale.platform.gateway_context import (ApiError, Gateway, RequestContext, admin, invoker,
                                                parse_body)
-from faascale.platform.registry import STARTUP_PROFILE, FunctionRecord
+from faascale.platform.registry import STARTUP_PROFILE, FunctionRecord, UnreadableRecord
 from faascale.platform.spec import SpecError, parse_function_spec
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ async def deploy(request: Request, gw: Gateway) -> JSONResponse:
         raise ApiError(503, f"model: {exc}", "store_unavailable", {"Retry-After": "5"}) from None
     except (ValueError, OSError, StoreError, CheckpointError) as exc:  # bad or missing model
         raise ApiError(422, f"model: {exc}", "invalid_model") from None
-    existed = await run_in_threadpool(ctx.registry.get, spec.name) is not None
+    existed = await run_in_threadpool(ctx.registry.exists, spec.name)
     now = ctx.clock()
     try:  # deploy first: a function Serve refused is not registered
         await run_in_threadpool(ctx.backend.deploy, FunctionRecord(spec, model_dir, model_id, now, now))
@@ -75,7 +75,8 @@ async def get_function(name: str, gw: Gateway) -> dict[str, Any]:
 @router.delete("/v1/functions/{name}", dependencies=[admin])
 async def delete_function(name: str, gw: Gateway) -> dict[str, Any]:
     ctx = gw.ctx
-    await _deployed(gw, name)
+    if not await run_in_threadpool(ctx.registry.exists, name):  # an unreadable row is deletable
+        raise ApiError(404, f"function {name!r} is not deployed", "not_found")
     await run_in_threadpool(ctx.backend.delete, name)
     await run_in_threadpool(ctx.registry.delete, name)
     await run_in_threadpool(ctx.registry.add_event, name, "delete", {})
@@ -152,7 +153,10 @@ async def logs(name: str, gw: Gateway, tail: int = 200) -> dict[str, Any]:
 
 async def _deployed(gw: RequestContext, name: str) -> FunctionRecord:
     """The registry's record of ``name`` (not the cache: management sees every change)."""
-    record = await run_in_threadpool(gw.ctx.registry.get, name)
+    try:
+        record = await run_in_threadpool(gw.ctx.registry.get, name)
+    except UnreadableRecord as exc:
+        raise ApiError(503, str(exc), "unreadable_function") from None
     if record is None:
         raise ApiError(404, f"function {name!r} is not deployed", "not_found")
     return record

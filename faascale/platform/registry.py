@@ -1,11 +1,16 @@
 """Deployed functions and their events, persisted in SQLite (the state directory's registry.db).
 
-Safe to use from several threads (one connection per call) and processes (WAL journal).
+Safe to use from several threads (one connection per call) and processes (WAL journal); a call
+waits up to ``LOCK_WAIT_S`` for another process's write lock. A row that no longer parses (a spec
+written by another version, a hand edit, a damaged file) never takes the others down: ``list``
+and the event readers leave it out (logged once per row), ``get`` raises ``UnreadableRecord``
+naming it, and ``delete`` still removes it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +21,8 @@ from typing import Any
 
 from faascale.platform.spec import FunctionSpec, parse_function_spec
 
+log = logging.getLogger(__name__)
+LOCK_WAIT_S = 30.0
 STARTUP_PROFILE = "startup_profile"  # the event kind of a replica start's StartupProfile
 
 SCHEMA = """
@@ -39,6 +46,10 @@ CREATE INDEX IF NOT EXISTS events_by_function ON events (function, id);
 """
 
 
+class UnreadableRecord(Exception):
+    """A function's stored row does not parse; the message names the function and why."""
+
+
 @dataclass(frozen=True)
 class FunctionRecord:
     spec: FunctionSpec
@@ -56,13 +67,14 @@ class Registry:
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.clock = clock
+        self._reported: set[Any] = set()  # bad rows already logged
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        db = sqlite3.connect(self.path, timeout=LOCK_WAIT_S)
         try:
             with db:
                 yield db
@@ -84,13 +96,49 @@ class Registry:
         with self._db() as db:
             row = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s "
                              "FROM functions WHERE name = ?", (name,)).fetchone()
-        return self._record(row) if row else None
+        if row is None:
+            return None
+        try:
+            return self._record(row)
+        except Exception as exc:  # noqa: BLE001 - any parse failure of our own stored row
+            raise UnreadableRecord(f"function {name!r}: its stored record does not parse "
+                                   f"({type(exc).__name__}: {exc}); delete and redeploy it") from None
+
+    def exists(self, name: str) -> bool:
+        """Whether a row for ``name`` is stored, readable or not."""
+        with self._db() as db:
+            return db.execute("SELECT 1 FROM functions WHERE name = ?", (name,)).fetchone() is not None
 
     def list(self) -> list[FunctionRecord]:
+        """Every function whose row parses, by name (the others are logged and left out)."""
         with self._db() as db:
-            rows = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s "
-                              "FROM functions ORDER BY name").fetchall()
-        return [self._record(r) for r in rows]
+            rows = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s, "
+                              "name FROM functions ORDER BY name").fetchall()
+        out = []
+        for r in rows:
+            try:
+                out.append(self._record(r))
+            except Exception as exc:  # noqa: BLE001
+                self._bad(("function", r[6]), f"function {r[6]!r}: stored record does not "
+                          f"parse ({type(exc).__name__}: {exc}); left out")
+        return out
+
+    def _bad(self, key: Any, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            log.warning("registry %s: %s", self.path, message)
+
+    def _data(self, key: Any, text: str) -> dict[str, Any] | None:
+        """An event's JSON data, or None (logged) if it does not parse to an object."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            self._bad(key, f"event {key}: data does not parse ({exc}); left out")
+            return None
+        if not isinstance(data, dict):
+            self._bad(key, f"event {key}: data is not an object; left out")
+            return None
+        return data
 
     def delete(self, name: str) -> bool:
         with self._db() as db:
@@ -109,7 +157,7 @@ class Registry:
 
     def events(self, function: str, kind: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """The newest ``limit`` events of a function, newest first."""
-        query = "SELECT kind, data, at_s FROM events WHERE function = ?"
+        query = "SELECT kind, data, at_s, id FROM events WHERE function = ?"
         args: list[Any] = [function]
         if kind:
             query += " AND kind = ?"
@@ -118,15 +166,17 @@ class Registry:
         args.append(limit)
         with self._db() as db:
             rows = db.execute(query, args).fetchall()
-        return [{"kind": k, "at_s": at, **json.loads(d)} for k, d, at in rows]
+        return [{"kind": k, "at_s": at, **data} for k, d, at, i in rows
+                if (data := self._data(i, d)) is not None]
 
     def events_of_kind(self, kind: str, limit: int = 200) -> list[dict[str, Any]]:
         """The newest ``limit`` events of one kind over all functions, newest first (each with
         its ``function`` and ``at_s``)."""
         with self._db() as db:
-            rows = db.execute("SELECT function, data, at_s FROM events WHERE kind = ? "
+            rows = db.execute("SELECT function, data, at_s, id FROM events WHERE kind = ? "
                               "ORDER BY id DESC LIMIT ?", (kind, limit)).fetchall()
-        return [{"function": f, "kind": kind, "at_s": at, **json.loads(d)} for f, d, at in rows]
+        return [{"function": f, "kind": kind, "at_s": at, **data} for f, d, at, i in rows
+                if (data := self._data(i, d)) is not None]
 
     def events_since(self, after_id: int, kinds: tuple[str, ...] = ()) -> list[tuple[int, str, str, dict[str, Any]]]:
         """Events with id > ``after_id`` (oldest first): ``(id, function, kind, data)``; ``data``
@@ -138,4 +188,5 @@ class Registry:
             args.extend(kinds)
         with self._db() as db:
             rows = db.execute(query + " ORDER BY id", args).fetchall()
-        return [(i, f, k, {"at_s": at, **json.loads(d)}) for i, f, k, d, at in rows]
+        return [(i, f, k, {"at_s": at, **data}) for i, f, k, d, at in rows
+                if (data := self._data(i, d)) is not None]
