@@ -103,7 +103,8 @@ from benchmarks.common import (
     write_section,
 )
 from faascale.engine.blockio import DEFAULT_PIECE_BYTES
-from faascale.engine.checkpoint import FORMAT_VERSION, read_manifest, with_pieces
+from faascale.engine.checkpoint import read_manifest, with_pieces
+from faascale.engine.manifest import FORMAT_VERSION
 from faascale.engine.random_model import BYTE_VOCAB_SIZE, pack_random, tiny_config
 from faascale.engine.sources import faascale_home, resolve_packed
 from faascale.pipecast.agent import plan_to_json

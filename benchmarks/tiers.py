@@ -62,22 +62,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import faascale.memory_tier.block_store as block_store_mod  # noqa: E402
+import faascale.memory_tier.tier_files as tier_files_mod  # noqa: E402
 from benchmarks.common import (FIGURES, ROOT, command_line, emit, git_rev, machine,  # noqa: E402
                                write_section)
 from benchmarks.engine import READ_BW_BYTES, read_bw_buffer, read_bw_window  # noqa: E402
-from faascale.engine.checkpoint import (ModelManifest, block_tensors, load_block,  # noqa: E402
-                                        read_manifest, read_tokenizer_json)
+from faascale.engine.checkpoint import (block_tensors, load_block, read_manifest,  # noqa: E402
+                                        read_tokenizer_json)
 from faascale.engine.config import EngineConfig  # noqa: E402
 from faascale.engine.llm import LLM  # noqa: E402
+from faascale.engine.manifest import ModelManifest  # noqa: E402
 from faascale.engine.random_model import pack_random, random_hf_state_dict, tiny_config  # noqa: E402
 from faascale.engine.sources import resolve_packed  # noqa: E402
-from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block  # noqa: E402
+from faascale.memory_tier.block_store import BlockStore, RemoteBlocks  # noqa: E402
 from faascale.engine.tokenizer import Tokenizer  # noqa: E402
 from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS  # noqa: E402
 from faascale.memory_tier.packed import upload_packed  # noqa: E402
 from faascale.memory_tier.policy import Tier  # noqa: E402
 from faascale.memory_tier.s3_store import S3Store  # noqa: E402
+from faascale.memory_tier.tier_files import map_block  # noqa: E402
 from faascale.platform.server import free_port  # noqa: E402
 
 MiB = 1 << 20
@@ -127,11 +129,11 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def instrument_verify() -> None:
     """Time the checksums of DISK/REMOTE fetches (thread-seconds; the module's globals are wrapped).
 
-    A DISK hit is checked by ``block_store._check_file`` (the pipelined read + hash of the file:
+    A DISK hit is checked by ``tier_files.check_file`` (the pipelined read + hash of the file:
     its time is the disk read too); a REMOTE block landing in a tier file by
-    ``block_store.block_problem`` (the hash over the filled mapping)."""
-    block_store_mod._check_file = timed("verify", block_store_mod._check_file)
-    block_store_mod.block_problem = timed("verify", block_store_mod.block_problem)
+    ``tier_files.block_problem`` (the hash over the filled mapping)."""
+    tier_files_mod.check_file = timed("verify", tier_files_mod.check_file)
+    tier_files_mod.block_problem = timed("verify", tier_files_mod.block_problem)
 
 
 def instrument(store: BlockStore) -> BlockStore:

@@ -129,13 +129,38 @@ def has_attr(obj: Any, attr: str) -> bool:
     return isinstance(obj, type) and attr in instance_attrs(obj)
 
 
+@functools.cache
+def type_checking_names(module_name: str) -> dict[str, Any]:
+    """What a module imports under ``if TYPE_CHECKING:``: names its annotations use that its
+    namespace lacks at run time (``engine.manifest``'s ``ModelConfig``: it stays torch-free)."""
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return {}
+    names: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING",
+                                                                   "typing.TYPE_CHECKING"):
+            for imp in node.body:
+                if isinstance(imp, ast.ImportFrom) and imp.module and not imp.level:
+                    for alias in imp.names:
+                        try:
+                            names[alias.asname or alias.name] = getattr(
+                                importlib.import_module(imp.module), alias.name)
+                        except (ImportError, AttributeError):
+                            pass
+    return names
+
+
 def project_class(hint: Any, namespace: dict[str, Any], owner: type | None = None) -> type | None:
-    """The one project class an annotation names (``X``, ``X | None``, ``"X"``), else None."""
+    """The one project class an annotation names (``X``, ``X | None``, ``"X"``, also through a
+    ``TYPE_CHECKING`` import), else None."""
     if isinstance(hint, str):
         if hint in ("Self", "typing.Self"):
             return owner
         try:
-            hint = eval(hint, dict(namespace))  # noqa: S307 - annotations of our own code
+            hint = eval(hint, {**type_checking_names(str(namespace.get("__name__", ""))),  # noqa: S307
+                               **namespace})  # annotations of our own code
         except Exception:
             return None
         if isinstance(hint, str):  # -> "X" under `from __future__ import annotations`

@@ -9,7 +9,8 @@ import pytest
 from support import FakeClock as Clock
 
 from faascale.engine.blockio import BlockId
-from faascale.engine.checkpoint import CorruptBlockError, read_manifest
+from faascale.engine.checkpoint import read_manifest
+from faascale.engine.manifest import CorruptBlockError
 from faascale.memory_tier import block_store
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 from faascale.memory_tier.local_store import LocalDirStore

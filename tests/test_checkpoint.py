@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from faascale.engine.checkpoint import (ALIGN_BYTES, CheckpointError, CorruptBlockError,
-                                        load_block, manifest_problem, map_block_file, pack_hf_dir,
+from faascale.engine.checkpoint import (ALIGN_BYTES, load_block, map_block_file, pack_hf_dir,
                                         read_manifest, split_layers)
 from faascale.engine.config import ConfigError, EngineConfig
 from faascale.engine.llm import LLM
+from faascale.engine.manifest import CheckpointError, CorruptBlockError, manifest_problem
 from faascale.engine.random_model import (byte_tokenizer_json, pack_random, random_hf_state_dict,
                                           tiny_config)
 from faascale.engine.sampling import SamplingParams
@@ -124,7 +124,8 @@ def test_pieces_are_listed_checked_and_added_to_older_packs(tiny_packed: Path,
     without changing the model id; a piece list that does not fit the block is refused."""
     import blake3
 
-    from faascale.engine.checkpoint import FORMAT_VERSION, with_pieces
+    from faascale.engine.checkpoint import with_pieces
+    from faascale.engine.manifest import FORMAT_VERSION
 
     m = read_manifest(tiny_packed)
     assert m.format_version == FORMAT_VERSION == 3

@@ -17,13 +17,12 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 
-from faascale.engine.checkpoint import (
-    CheckpointError, load_block, read_manifest, read_tokenizer_json,
-)
+from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer_json
 from faascale.engine.config import ModelConfig
 from faascale.engine.gguf_convert import (
     GGUFSource, gguf_tokenizer_json, pack_gguf, smollm2_gguf_path,
 )
+from faascale.engine.manifest import CheckpointError
 
 NUM_BLOCKS = 6  # as functions/smollm2-135m and the conftest fixture
 

@@ -23,8 +23,9 @@ FORBIDDEN = {
     "coldstart": ("faascale.platform", "faascale.pipecast", "ray"),
 }
 # Modules a fast-starting process (a policy, an agent) imports: no torch, even indirectly.
-TORCH_FREE = ("faascale.memory_tier.policy", "faascale.engine.blockio",
-              "faascale.coldstart.start_source", "faascale.platform.autoscale")
+TORCH_FREE = ("faascale.memory_tier.policy", "faascale.engine.blockio", "faascale.engine.manifest",
+              "faascale.engine.tokenizer", "faascale.coldstart.start_source",
+              "faascale.platform.autoscale")
 
 
 def imported_modules(source: str, module: str) -> list[tuple[int, str]]:

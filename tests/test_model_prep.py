@@ -15,7 +15,7 @@ from faascale.platform.model_prep import PreparedModel, Preparer
 
 
 def test_prepare_reads_the_metadata_and_parses_the_tokenizer(tiny_packed: Path) -> None:
-    from faascale.engine.checkpoint import ModelManifest
+    from faascale.engine.manifest import ModelManifest
     from faascale.engine.tokenizer import Tokenizer
 
     got = model_prep.prepare(str(tiny_packed))

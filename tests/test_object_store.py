@@ -22,8 +22,9 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 
-from faascale.engine.checkpoint import CheckpointError, CorruptBlockError, read_manifest
+from faascale.engine.checkpoint import read_manifest
 from faascale.engine.llm import LLM
+from faascale.engine.manifest import CheckpointError, CorruptBlockError
 from faascale.engine.random_model import pack_random
 from faascale.engine.sampling import SamplingParams
 from faascale.memory_tier.local_store import LocalDirStore

@@ -22,7 +22,8 @@ import pytest
 import zmq
 from support import require
 
-from faascale.engine.checkpoint import ModelManifest, read_manifest
+from faascale.engine.checkpoint import read_manifest
+from faascale.engine.manifest import ModelManifest
 from faascale.engine.random_model import pack_random, tiny_config
 from faascale.pipecast.agent import (
     AgentConfigError,
@@ -47,11 +48,11 @@ from faascale.pipecast.schedule import (
 from faascale.pipecast.transport import (
     Header,
     TransportTimeout,
-    ZmqTransport,
     encode_header,
     mac_key,
     payload_digest,
 )
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 SECRET = b"faascale-test-cluster-secret-32b!"
 NUM_BLOCKS = 6
@@ -443,7 +444,7 @@ def test_blocks_from_the_store_are_loaded_and_forwarded(model, tmp_path: Path) -
     """A scale from zero (``repair`` with the store only): each target loads its own part through
     its store loader (the node's block store, here a directory of verified files), and gets the
     rest from the other target over the network; the store is no transport peer."""
-    from faascale.pipecast.schedule import repair
+    from faascale.pipecast.repair import repair
 
     model_dir, manifest = model
     plan = repair({}, ["a", "b"], NUM_BLOCKS, store="store")

@@ -22,7 +22,8 @@ from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer
 from faascale.pipecast.member import Member, MemberError
 from faascale.pipecast.service import Coordinator
-from faascale.pipecast.transport import TransportTimeout, ZmqTransport, encode_header, mac_key
+from faascale.pipecast.transport import TransportTimeout, encode_header, mac_key
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 SECRET = b"member-test-secret-0123456789"
 CFG = EngineConfig(max_batch_size=4, max_seq_len=256)

@@ -8,12 +8,12 @@ from collections import Counter
 
 import pytest
 
+from faascale.pipecast.repair import repair
 from faascale.pipecast.schedule import (
     LocalLoad,
     MulticastPlan,
     PlanError,
     Transfer,
-    repair,
     binary_tree,
     binomial_pipeline,
     chain,

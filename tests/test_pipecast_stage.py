@@ -18,7 +18,7 @@ from faascale.engine.model import ModelShard, merge_block_tensors
 from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer
 from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
-from faascale.pipecast.transport import ZmqTransport
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 SECRET = b"stage-test-secret-0123456789"
 CFG = EngineConfig(max_batch_size=4, max_seq_len=256)

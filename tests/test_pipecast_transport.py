@@ -16,8 +16,9 @@ import pytest
 import zmq
 
 from faascale.pipecast.transport import (MAX_META_BYTES, CorruptFrameError, Header, HeaderError,
-                                         TransportError, TransportTimeout, ZmqTransport,
-                                         decode_header, encode_header, mac_key, payload_digest)
+                                         TransportError, TransportTimeout, decode_header,
+                                         encode_header, mac_key, payload_digest)
+from faascale.pipecast.zmq_transport import ZmqTransport
 from faascale.platform.server import free_port
 
 SECRET = b"faascale-test-cluster-secret-32b!"
@@ -456,7 +457,7 @@ def test_a_known_digest_skips_the_senders_hash_and_a_wrong_one_is_caught() -> No
 
 _IDLE_PEER = """
 import sys, time
-from faascale.pipecast.transport import ZmqTransport
+from faascale.pipecast.zmq_transport import ZmqTransport
 t = ZmqTransport(secret=b"reachable-test-secret-0123", name="idle")
 print(t.address, flush=True)
 time.sleep(120)  # never reads, never sends: only libzmq's I/O thread answers

@@ -70,3 +70,12 @@ def test_readme_commands_exist() -> None:
     for path in re.findall(r"functions/[\w.-]+", readme):
         assert (ROOT / path).exists(), path
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+MAX_MODULE_LINES = 500  # a module a newcomer reads in one sitting (issue 17)
+
+
+def test_no_module_of_the_package_is_over_500_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "faascale").rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these modules (lines): {long}"

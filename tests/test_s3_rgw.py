@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from faascale.engine.checkpoint import MANIFEST_FILE, read_manifest
+from faascale.engine.checkpoint import read_manifest
 from faascale.engine.llm import LLM
+from faascale.engine.manifest import MANIFEST_FILE
 from faascale.engine.sampling import SamplingParams
 from faascale.memory_tier.packed import download_packed, upload_packed
 from faascale.memory_tier.s3_store import S3Store

@@ -11,9 +11,9 @@ import typer
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from faascale.engine.checkpoint import CheckpointError
     from faascale.engine.config import ConfigError
     from faascale.engine.engine import PromptTooLongError
+    from faascale.engine.manifest import CheckpointError
     from faascale.engine.model import ShardWeightsError
     from faascale.engine.sampling import SamplingParamsError
     from faascale.engine.sources import SourceError

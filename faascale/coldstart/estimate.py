@@ -86,7 +86,7 @@ def engine_features(name: str, model: Mapping[str, object]) -> ModelFeatures:
 
 
 def manifest_features(manifest: object, tokenizer_bytes: int = 0) -> ModelFeatures:
-    """Features of a packed model (``checkpoint.ModelManifest``) before any start was measured."""
+    """Features of a packed model (``manifest.ModelManifest``) before any start was measured."""
     cfg = manifest.config  # type: ignore[attr-defined]
     weight_bytes = float(manifest.total_bytes)  # type: ignore[attr-defined]
     per_param = {"float32": 4, "fp32": 4, "float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2}.get(

@@ -153,10 +153,11 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     from faascale.engine.llm import LLM
     from faascale.engine.sampling import SamplingParams
     from faascale.engine.tokenizer import Tokenizer
-    from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block
+    from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
     from faascale.memory_tier.node import split_location
     from faascale.memory_tier.packed import read_packed_metadata
     from faascale.memory_tier.store import open_store
+    from faascale.memory_tier.tier_files import map_block
 
     imports_s = (imports_started_s, time.time())
     rec = StartupRecorder()

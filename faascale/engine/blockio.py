@@ -29,7 +29,7 @@ DEFAULT_PIECE_BYTES = 4 << 20
 @dataclass(frozen=True, order=True)
 class BlockId:
     """One block of a packed model: ``index`` 0 holds the embeddings, the last the final norm and
-    LM head (``checkpoint.ModelManifest.block_id``)."""
+    LM head (``manifest.ModelManifest.block_id``)."""
 
     model_id: str
     index: int

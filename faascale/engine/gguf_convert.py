@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from faascale.engine.checkpoint import CheckpointError, ModelManifest, pack
+from faascale.engine.checkpoint import pack
 from faascale.engine.config import ConfigError, ModelConfig
+from faascale.engine.manifest import CheckpointError, ModelManifest
 
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

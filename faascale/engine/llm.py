@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from faascale.engine.checkpoint import (ModelManifest, load_block, read_manifest,
-                                        read_tokenizer_json)
+from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer_json
 from faascale.engine.config import EngineConfig
 from faascale.engine.engine import Engine, ShardChain, StepOutput
+from faascale.engine.manifest import ModelManifest
 from faascale.engine.model import ModelShard, merge_block_tensors
 from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer

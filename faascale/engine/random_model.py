@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from faascale.engine.checkpoint import ModelManifest, pack
+from faascale.engine.checkpoint import pack
 from faascale.engine.config import ModelConfig
+from faascale.engine.manifest import ModelManifest
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (

@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from faascale.engine.checkpoint import FORMAT_VERSION, is_packed
+from faascale.engine.checkpoint import is_packed
+from faascale.engine.manifest import FORMAT_VERSION
 
 BUNDLED = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 # (uri, cache root, progress) -> the packed directory it fetched into the cache root.

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from faascale.engine.checkpoint import TokenizerInfo
+from faascale.engine.manifest import TokenizerInfo
 
 
 class ChatTemplateError(ValueError):

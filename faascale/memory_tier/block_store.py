@@ -4,30 +4,29 @@ Every replica on a node asks this store for its blocks; the store serves each fr
 holding it, a file every replica on the node maps zero-copy, and leaves a copy in HOST (a file under
 ``/dev/shm``) behind the load, in the background. DEVICE residency is the replicas' own tensors (CPU) or device copies (GPU): the store
 tracks it as pins. Policies (keep-alive, eviction) are pure (``policy.py``); this module applies
-them to files. Thread-safe; several callers asking for one block cause one fetch.
+them to files (``tier_files.py`` writes, checks and maps each file). Thread-safe; several callers
+asking for one block cause one fetch.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import queue
 import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from faascale.engine.blockio import BlockId, hasher_for, preallocate, tagged
-from faascale.engine.checkpoint import CorruptBlockError, ModelManifest, block_problem
+from faascale.engine.blockio import BlockId
+from faascale.engine.manifest import ModelManifest
+from faascale.memory_tier import tier_files
 from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_evictions, expired_blocks
 
 log = logging.getLogger(__name__)
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
 
 
 class RemoteBlocks:
@@ -233,7 +232,7 @@ class BlockStore:
             # Verifying the DISK file reads it into the page cache (one pipelined sequential read
             # and hash): the replica then maps those pages. The HOST copy is made later from them.
             path = self._path(Tier.DISK, block)
-            problem = _check_file(manifest, index, path)
+            problem = tier_files.check_file(manifest, index, path)
             if problem is None:
                 self.hits[Tier.DISK.name] += 1
                 self._copy_later(Tier.HOST, block, path)
@@ -297,32 +296,13 @@ class BlockStore:
 
     def _land(self, tier: Tier, manifest: ModelManifest, index: int,
               fill: Callable[[memoryview], object]) -> Path:
-        """Create ``tier``'s file for a reserved block: preallocate, map, ``fill`` the mapping,
-        verify it, then rename into place and commit. Nothing is left behind on error
-        (CorruptBlockError if the bytes are not the block)."""
-        block, size = manifest.block_id(index), manifest.blocks[index].size_bytes
+        """Create ``tier``'s file for a reserved block (``tier_files.write_verified``:
+        preallocate, map, ``fill`` the mapping, verify it, rename into place), then commit it.
+        Nothing is left behind on error (CorruptBlockError if the bytes are not the block)."""
+        block = manifest.block_id(index)
         path = self._path(tier, block)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        try:
-            with open(tmp, "w+b") as f:
-                if size:
-                    preallocate(f.fileno(), size)
-                    # Pages allocated by fallocate, page tables filled in one call: writing
-                    # through a plain mapping took one fault per 4 KiB page (0.5 s per 650 MB
-                    # here, against 0.1 s to populate).
-                    with mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | _MAP_POPULATE) as mm:
-                        with memoryview(mm) as view:
-                            fill(view)
-                        problem = block_problem(manifest, index, mm)
-                else:
-                    problem = block_problem(manifest, index, b"")
-            if problem is not None:
-                raise CorruptBlockError(block, problem)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        tier_files.write_verified(path, manifest, index, fill)
         self._commit(tier, block)
         return path
 
@@ -456,79 +436,3 @@ class BlockStore:
                 self._drop(Tier.HOST, block)
             self.evictions += len(gone)
         return gone
-
-
-def _check_file(manifest: ModelManifest, index: int, path: Path) -> str | None:
-    """Why ``path`` is not block ``index`` (size, checksum), or None if it is.
-
-    One sequential pass: a reader thread ``readinto``s 8 MiB chunks (three reused buffers) while
-    this thread hashes the previous one, so the disk read and the hash overlap. The file's pages
-    stay in the page cache for the replica that maps it next. (Hashing through an mmap instead
-    let page faults drive the reads: 1.3-1.5x slower with 4 blocks in flight here.)
-    """
-    info = manifest.blocks[index]
-    try:
-        size = path.stat().st_size
-        if size != info.size_bytes:
-            return f"file is {size} bytes, expected {info.size_bytes} (truncated?)"
-        hasher = hasher_for(info.checksum)
-        for chunk in _read_chunks(path, size):
-            hasher.update(chunk)
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    actual = tagged(info.checksum, hasher.hexdigest())
-    if actual != info.checksum:
-        return f"checksum {actual[:23]}… does not match manifest {info.checksum[:23]}…"
-    return None
-
-
-_CHUNK_BYTES = 8 << 20
-
-
-def _read_chunks(path: Path, size_bytes: int) -> Iterator[memoryview]:
-    """The file's bytes in order, as views of reused buffers (each valid until the next one is
-    taken), read ahead by one thread. Raises OSError if the file is shorter than ``size_bytes``."""
-    free: queue.Queue[bytearray] = queue.Queue()
-    for _ in range(3):
-        free.put(bytearray(_CHUNK_BYTES))
-    filled: queue.Queue[tuple[bytearray, int] | BaseException] = queue.Queue()
-
-    def read() -> None:
-        try:
-            with open(path, "rb", buffering=0) as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-                done = 0
-                while done < size_bytes:
-                    buf = free.get()
-                    if not isinstance(buf, bytearray):
-                        return  # the consumer gave up
-                    n = f.readinto(buf)
-                    if not n:
-                        raise OSError(f"{path}: ends at {done} of {size_bytes} bytes")
-                    filled.put((buf, n))
-                    done += n
-        except BaseException as exc:  # handed to the consumer
-            filled.put(exc)
-
-    reader = threading.Thread(target=read, name="tier-read", daemon=True)
-    reader.start()
-    done = 0
-    try:
-        while done < size_bytes:
-            item = filled.get()
-            if isinstance(item, BaseException):
-                raise item
-            buf, n = item
-            with memoryview(buf) as view, view[:n] as chunk:
-                yield chunk
-            free.put(buf)
-            done += n
-    finally:
-        free.put(None)  # type: ignore[arg-type]  # unblock a reader still waiting for a buffer
-        reader.join()
-
-
-def map_block(path: Path) -> mmap.mmap:
-    """Map a tier file copy-on-write (zero-copy tensor views; writes never reach the file)."""
-    with open(path, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from faascale.engine.checkpoint import ModelManifest
+from faascale.engine.manifest import ModelManifest
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 
 log = logging.getLogger(__name__)

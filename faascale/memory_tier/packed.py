@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from faascale.engine.blockio import preallocate
-from faascale.engine.checkpoint import (MANIFEST_FILE, CheckpointError, CorruptBlockError,
-                                        ModelManifest, block_problem, is_packed, read_manifest,
-                                        verify_tokenizer)
+from faascale.engine.checkpoint import is_packed, read_manifest
+from faascale.engine.manifest import (MANIFEST_FILE, CheckpointError, CorruptBlockError,
+                                      ModelManifest, block_problem, verify_tokenizer)
 from faascale.engine.sources import SourceError
 from faascale.memory_tier.store import (ObjectNotFound, ObjectSizeMismatch, ObjectStore, StoreError,
                                         open_store)

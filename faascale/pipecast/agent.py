@@ -55,7 +55,8 @@ or any OSError): nothing of it is left, its later pieces are refused, the other 
 the coordinator re-plans the lost one (``service.py``).
 
 Its parts: ``plan_io`` (catalog, roles, plans as JSON), ``progress`` (one execute's state and
-report), ``admission`` (credits), ``landing`` (block files), ``agent_cli`` (the process).
+report), ``admission`` (credits), ``sender`` (sends and resends), ``landing`` (block files),
+``agent_cli`` (the process).
 
 Process entry point, one agent per host (``agent_cli.main``)::
 
@@ -75,14 +76,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from faascale.engine.blockio import hasher_for
 from faascale.pipecast.admission import Admission
 from faascale.pipecast.landing import (PART_SUFFIX, Landing, PieceRef, Refused, Unlanded,
-                                       copy_verified, file_size, mapped)
+                                       copy_verified, file_size)
 from faascale.pipecast.plan_io import (AgentConfigError, AgentError, BlockCatalog, BlockFile,
                                        NodeRole, plan_from_json, plan_to_json, role_of, write_json)
 from faascale.pipecast.progress import POLL_S, AgentReport, MulticastError, Progress, SendRecord
 from faascale.pipecast.schedule import MulticastPlan, Transfer
+from faascale.pipecast.sender import ASK_SEND_S, Sender
 from faascale.pipecast.transport import (
     CorruptFrameError,
     Header,
@@ -99,7 +100,6 @@ MAX_EARLY_FRAMES = 4096  # control frames kept for the next plan (a peer started
 CREDIT_SEND_S = 5.0  # a credit (a small frame) a live peer takes at once; a dead one never
 MAX_REFETCHES = 2  # a corrupt piece is asked for again this often before its block is given up
 REFETCH_WAIT_S = 2.0  # ... and each ask must be answered this soon (its sender may have ended)
-ASK_SEND_S = 1.0  # a refetch ask goes to a peer that just sent us a frame: it takes it at once
 
 
 class NodeAgent:
@@ -129,6 +129,7 @@ class NodeAgent:
         self._dir = Path(holdings_dir)
         self._local_dir = None if local_dir is None else Path(local_dir)
         self._clock = clock
+        self._sender = Sender(transport, self._catalog, self._dir, clock)
         self._landing: Landing | None = None  # part files made by prepare()
         self._admission = admission
         self._running: Progress | None = None
@@ -213,7 +214,7 @@ class NodeAgent:
                    threading.Thread(target=self._grant_loop, args=(progress, admission, deadline),
                                     daemon=True, name=f"agent-{self.name}-grant")]
         if role.sends:
-            workers.append(threading.Thread(target=self._resend_loop,
+            workers.append(threading.Thread(target=self._sender.resend_loop,
                                             args=(progress, peers, deadline), daemon=True,
                                             name=f"agent-{self.name}-resend"))
         if role.loads:
@@ -232,10 +233,10 @@ class NodeAgent:
             for send in role.sends:  # observe (block here, admitted?) -> decide -> act
                 lacking = progress.wait_ready(send, deadline)
                 if lacking is None:
-                    self._send(send, peers[send.dst], deadline, progress)
+                    self._sender.send(send, peers[send.dst], deadline, progress)
                 elif lacking == "block":
                     progress.fail_send(send, "the node never got the block to forward")
-                    self._cancel(send, peers[send.dst], progress)
+                    self._sender.cancel(send, peers[send.dst], progress)
                 else:
                     progress.fail_send(send, f"{send.dst} did not admit it (no credit) in time",
                                        stalled=True)
@@ -278,100 +279,6 @@ class NodeAgent:
             raise AgentConfigError(f"{self.name} must load blocks from {self._store_name!r} in "
                                    "the plan but has no store loader")
         return role
-
-    # -- sending ----------------------------------------------------------------------------------
-
-    def _send(self, send: Transfer, address: str, deadline: float, progress: Progress) -> None:
-        """Send ``send``'s block piece by piece, each once it is here (a block still landing
-        is read from its part file). A block lost while forwarding it cancels the rest."""
-        start = progress.now()
-        info = self._catalog.blocks[send.block]
-        try:
-            with mapped(*self._sources(send.block, progress)) as view:
-                for piece in range(info.num_pieces):
-                    if not progress.wait_piece(send.block, piece, deadline):
-                        progress.fail_send(send, f"the node lost the block (piece {piece} "
-                                                 "never came) while forwarding it")
-                        self._cancel(send, address, progress)
-                        return
-                    self._send_piece(address, send.block, piece, view, deadline, progress.plan_id)
-        except TransportTimeout:
-            progress.fail_send(send, f"{send.dst} did not take the frame in time", stalled=True)
-        except (TransportError, OSError) as e:
-            progress.fail_send(send, f"{type(e).__name__}: {e}")
-        else:
-            progress.sent(SendRecord(send.step, send.block, send.dst, start, progress.now()),
-                          info.size_bytes)
-
-    def _send_piece(self, address: str, block: int, piece: int, view: memoryview,
-                    deadline: float, plan_id: str) -> None:
-        # A held piece is the manifest's bytes (verified when it landed or was put in place),
-        # so its blake3 is known: the transport need not hash it again (a file changed since is
-        # caught by the receiver, whose transport still checks the bytes).
-        info = self._catalog.blocks[block]
-        offset, length = info.span(piece)
-        algorithm, _, hexdigest = info.piece_checksum(piece).partition(":")
-        meta = {"model_id": self._catalog.model_id, "index": block}
-        if info.pieces:
-            meta["piece"] = piece
-        self._transport.send(address, "block", meta, view[offset:offset + length],
-                             timeout_s=max(0.0, deadline - self._clock()),
-                             digest=bytes.fromhex(hexdigest) if algorithm == "blake3" else None,
-                             epoch=plan_id)
-
-    def _sources(self, block: int, progress: Progress) -> tuple[Path, ...]:
-        """Where to read ``block`` from: its file once held, else its part file (or the file,
-        if it was renamed into place meanwhile)."""
-        if progress.holds(block):
-            return (self.path(block),)
-        return (self._dir / (self._catalog.blocks[block].file + PART_SUFFIX), self.path(block))
-
-    def _resend_loop(self, progress: Progress, peers: Mapping[str, str],
-                     deadline: float) -> None:
-        """Answer receivers that got a corrupt piece from this node: send it again (its own
-        thread, so that a refetch does not wait behind this node's remaining sends)."""
-        while not progress.stop.is_set():
-            request = progress.next_resend(POLL_S)
-            if request is None:
-                continue
-            receiver, block, piece = request
-            address = peers.get(receiver)
-            if address is None or not progress.wait_piece(block, piece, deadline):
-                progress.note(f"cannot send piece {piece} of block {block} again to {receiver}")
-                continue
-            try:
-                with mapped(*self._sources(block, progress)) as view:
-                    if self._piece_is_bad(block, piece, view):  # our own copy: say so
-                        progress.note(f"{receiver} got a corrupt piece {piece} of block {block}"
-                                      " and this node's copy of it is corrupt too")
-                        self._transport.send(address, "control", {
-                            "model_id": self._catalog.model_id, "bad_copy": block},
-                            timeout_s=ASK_SEND_S, epoch=progress.plan_id)
-                        continue
-                    self._send_piece(address, block, piece, view, deadline, progress.plan_id)
-            except (TransportError, OSError) as e:
-                progress.note(f"resend of block {block} piece {piece} to {receiver} failed: {e}")
-            else:
-                progress.resent(self._catalog.blocks[block].span(piece)[1])
-
-    def _piece_is_bad(self, block: int, piece: int, view: memoryview) -> bool:
-        """Whether this node's bytes of ``piece`` differ from the manifest (a receiver asked
-        for it again: the fault may be this node's file, not the wire)."""
-        info = self._catalog.blocks[block]
-        offset, length = info.span(piece)
-        hasher = hasher_for(info.piece_checksum(piece))
-        hasher.update(view[offset:offset + length])
-        return hasher.hexdigest() != info.piece_checksum(piece).partition(":")[2]
-
-    def _cancel(self, send: Transfer, address: str, progress: Progress) -> None:
-        """Tell the receiver that ``send`` will not come, so that it admits its next sender."""
-        try:
-            self._transport.send(address, "control", {"model_id": self._catalog.model_id,
-                                                      "cancel_step": send.step,
-                                                      "index": send.block}, timeout_s=POLL_S,
-                                 epoch=progress.plan_id)
-        except TransportError as e:
-            progress.note(f"could not tell {send.dst} that block {send.block} will not come: {e}")
 
     # -- receiving --------------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from faascale.pipecast.agent import NodeAgent
 from faascale.pipecast.plan_io import AgentConfigError, BlockCatalog, plan_from_json, write_json
 from faascale.pipecast.progress import MulticastError
-from faascale.pipecast.transport import TransportError, ZmqTransport
+from faascale.pipecast.transport import TransportError
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 START_POLL_S = 0.002  # --start-file: how often to look for it (agents start within this)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

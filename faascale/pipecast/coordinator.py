@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from faascale.pipecast.pipelines import PipelineChanges, PipelineLayout, Pipelines, Stage, reform
-from faascale.pipecast.schedule import MulticastPlan, k_way, repair
+from faascale.pipecast.repair import repair
+from faascale.pipecast.schedule import MulticastPlan, k_way
 
 STORE = "store"  # the object store, as a node name in plans
 

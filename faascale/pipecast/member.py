@@ -41,17 +41,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from faascale.engine.checkpoint import ModelManifest, block_tensors
+from faascale.engine.checkpoint import block_tensors
 from faascale.engine.config import EngineConfig
 from faascale.engine.engine import Engine, NoRunner, ShardChain
 from faascale.engine.loop import EngineLoop
+from faascale.engine.manifest import ModelManifest
 from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
 from faascale.engine.tokenizer import Tokenizer
-from faascale.memory_tier.block_store import BlockStore, RemoteBlocks, map_block
+from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
+from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.agent import write_json
 from faascale.pipecast.participant import Participant
 from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
-from faascale.pipecast.transport import TransportError, ZmqTransport
+from faascale.pipecast.transport import TransportError
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 log = logging.getLogger(__name__)
 STAGE_MAX_HEADS = 64

@@ -31,7 +31,8 @@ from typing import Any, Self
 
 from faascale.pipecast.transport import (DIGEST_BYTES, CorruptFrameError, Header, HeaderError,
                                          Message, TransportError, TransportStats,
-                                         TransportTimeout, ZmqTransport, payload_digest)
+                                         TransportTimeout, payload_digest)
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 try:
     import torch

@@ -33,7 +33,8 @@ from typing import Any
 
 from faascale.pipecast.agent import (AgentConfigError, BlockCatalog, MulticastError, NodeAgent,
                                      plan_from_json)
-from faascale.pipecast.transport import Header, TransportError, ZmqTransport
+from faascale.pipecast.transport import Header, TransportError
+from faascale.pipecast.zmq_transport import ZmqTransport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0

@@ -17,7 +17,8 @@ The schedules:
   sends every block to every target in turn), ``naive_parallel`` (every target pulls from an
   object store that serves any number of targets at once).
 
-``timing.simulate`` turns a plan into seconds for given block sizes and link rates.
+``repair.py`` finishes a plan a failure cut short; ``timing.simulate`` turns a plan into seconds
+for given block sizes and link rates.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class MulticastPlan:
         """Raise PlanError naming the step and node of the first broken rule; return None if the
         plan keeps the step model and leaves every target with every block exactly once."""
         _check_nodes(self.sources, self.targets)
-        _check_num_blocks(self.num_blocks)
+        check_num_blocks(self.num_blocks)
         nodes = set(self.sources) | set(self.targets)
         strangers = sorted(set(self.initial) - nodes)
         if strangers:
@@ -206,7 +207,7 @@ def binomial_pipeline(source: str, targets: Sequence[str], num_blocks: int,
     """
     targets = tuple(targets)
     _check_nodes((source,), targets)
-    _check_num_blocks(num_blocks)
+    check_num_blocks(num_blocks)
     order = _check_order(block_order, num_blocks)
     if not targets:
         return MulticastPlan("binomial", (source,), (), num_blocks)
@@ -324,7 +325,7 @@ def k_way(sources: Sequence[str], targets: Sequence[str], num_blocks: int,
     """
     sources, targets, local = tuple(sources), tuple(targets), frozenset(local)
     _check_nodes(sources, targets)
-    _check_num_blocks(num_blocks)
+    check_num_blocks(num_blocks)
     if not sources:
         raise PlanError("k_way needs at least one source")
     if relay not in ("binomial", "chain"):
@@ -403,80 +404,8 @@ def naive_parallel(targets: Sequence[str], num_blocks: int, store: str = "store"
         unlimited_senders=frozenset({store}))
 
 
-def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_blocks: int, *,
-           store: str | None = None) -> MulticastPlan:
-    """Finish a multicast that a failure cut short: every target ends with every block.
-
-    ``holdings``: what each live node holds now (targets included; nodes that are not targets
-    are helpers, e.g. replicas or tiers that hold the model). ``store`` (an object store that
-    holds every block and serves any number of readers per step) is used only for blocks no
-    live node can give. Greedy, step by step in the step model: targets missing the most go
-    first, each takes the rarest block it needs from the first idle holder (peers before the
-    store), in the target's own rotated order. A block the store sends in a step is not
-    fetched from it again in that step: the others take it from that target later, so targets
-    that start with nothing (a scale from zero) each load a different contiguous part from the
-    store, and then fill in from each other (every block leaves the store about once per step it is needed, not once per target).
-    Not optimal, but every step moves at least one block, so it ends within (missing blocks)
-    steps. Raises PlanError if a needed block is held by nobody and there is no store, or for
-    a target or block not in range.
-    """
-    targets = tuple(targets)
-    _check_num_blocks(num_blocks)
-    held = {n: set(bs) for n, bs in holdings.items()}
-    for t in targets:
-        held.setdefault(t, set())
-    if store is not None:
-        if store in held:
-            raise PlanError(f"the store {store!r} is also a node with holdings")
-        held[store] = set(range(num_blocks))
-    bad = sorted((n, b) for n, bs in held.items() for b in bs if not 0 <= b < num_blocks)
-    if bad:
-        raise PlanError(f"holdings name blocks outside 0..{num_blocks - 1}: {bad[:5]}")
-    unheld = set(range(num_blocks)) - set().union(*held.values())
-    if unheld and any(unheld - held[t] for t in targets):
-        raise PlanError(f"blocks {sorted(unheld)} are held by no live node and there is no store")
-    helpers = tuple(sorted(n for n in held if n not in targets))
-    initial = {n: frozenset(held[n]) for n in (*helpers, *targets) if n != store}
-    senders_in_order = [n for n in sorted(held) if n != store] + ([store] if store else [])
-    transfers: list[Transfer] = []
-    # Each target takes blocks in its own rotated order (the j-th of N from block j*b/N on): from
-    # zero, every target then loads one contiguous part from the store, which a pipeline can use.
-    start = {t: j * num_blocks // len(targets) for j, t in enumerate(targets)}
-    step = 0
-    while any(len(held[t]) < num_blocks for t in targets):
-        rarity = {b: sum(b in bs for n, bs in held.items() if n != store) for b in range(num_blocks)}
-        busy: set[str] = set()
-        from_store: set[int] = set()  # blocks the store sends this step (to one target each)
-        arrived: list[tuple[str, int]] = []
-        for dst in sorted((t for t in targets if len(held[t]) < num_blocks),
-                          key=lambda t: (len(held[t]), t)):
-            for block in sorted(set(range(num_blocks)) - held[dst],
-                                key=lambda b: (rarity[b], (b - start[dst]) % num_blocks)):
-                if block in from_store:  # another target brings it now: take it from them later
-                    continue
-                src = next((n for n in senders_in_order if n != dst and block in held[n]
-                            and n != store and n not in busy), None)
-                if src is None and rarity[block] == 0:  # no live peer has it: the store does
-                    src = store
-                    from_store.add(block)
-                if src is not None:
-                    if src != store:
-                        busy.add(src)
-                    transfers.append(Transfer(step, src, dst, block))
-                    arrived.append((dst, block))
-                    break
-        if not arrived:  # unreachable given the check above; guards against a silent loop
-            raise PlanError(f"step {step}: no block can move")
-        for dst, block in arrived:
-            held[dst].add(block)
-        step += 1
-    sources = tuple(n for n in helpers) + ((store,) if store and store not in helpers else ())
-    return MulticastPlan("repair", sources, targets, num_blocks, tuple(transfers),
-                         unlimited_senders=frozenset({store}) if store else frozenset(),
-                         initial=initial)
-
-
-def _check_num_blocks(num_blocks: int) -> None:
+def check_num_blocks(num_blocks: int) -> None:
+    """Raise PlanError unless ``num_blocks`` is an integer >= 1."""
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
         raise PlanError(f"num_blocks: must be an integer >= 1, got {num_blocks!r}")
 
@@ -500,5 +429,5 @@ def _check_order(block_order: Sequence[int] | None, num_blocks: int) -> tuple[in
 def _checked(source: str, targets: Sequence[str], num_blocks: int) -> tuple[str, ...]:
     targets = tuple(targets)
     _check_nodes((source,), targets)
-    _check_num_blocks(num_blocks)
+    check_num_blocks(num_blocks)
     return targets

@@ -38,31 +38,29 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
 - ``progress()``: per model, blocks per member, routes, pipelines, bytes moved, the record of the
   current and finished scale-outs (``status`` and ``/metrics`` read it; tests assert on it).
 
-``python -m faascale.pipecast.service`` runs one coordinator as a process (emulated cluster);
-the platform hosts one in a Ray actor (``platform/pipecast_actor.py``).
+``membership.py`` keeps what it knows of each model and the liveness rule.
+``python -m faascale.pipecast.service`` runs one coordinator as a process (emulated cluster;
+``service_cli.main``); the platform hosts one in a Ray actor (``platform/pipecast_actor.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
 import secrets
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from faascale.pipecast.agent import plan_to_json, write_json
 from faascale.pipecast.coordinator import (STORE, Event, Holder, HolderKind, Route, RouteMode,
                                            ScaleOut, ScaleOutRequest)
+from faascale.pipecast.membership import JoinedNode, ModelState, is_dead
+from faascale.pipecast.plan_io import plan_to_json
 from faascale.pipecast.schedule import MulticastPlan, PlanError
-from faascale.pipecast.transport import Header, Transport, TransportError, ZmqTransport
+from faascale.pipecast.transport import Header, Transport, TransportError
 
 log = logging.getLogger(__name__)
 JOIN_WINDOW_S = 1.0
@@ -83,53 +81,12 @@ MAX_AGENT_REPLANS = 3  # failed plan parts of one target re-planned per scale-ou
 TICK_ERROR_LOG_S = 30.0  # a tick failing every poll (10 a second) logs its traceback this often
 
 
-@dataclass
-class _Node:
-    name: str
-    ctl: str
-    blocks: str
-    stage: str
-    held: set[int]
-    local: bool
-    last_seen_s: float
-    session: str = ""  # the epoch of its control frames (``participant.py``)
-    source: str | None = None  # HOST or DISK: a node's tier copy (``source.py``), never routed to
-    store: bool = False  # its agent can load blocks from the object store inside a plan
-    suspected: bool = False  # silent past dead_after_s, its socket still answering
-
-
 def _relay() -> str:
     value = os.environ.get(RELAY_ENV, "auto").strip().lower() or "auto"
     if value not in ("auto", "chain", "binomial"):
         log.warning("%s=%r: expected auto, chain or binomial; using auto", RELAY_ENV, value)
         value = "auto"
     return "chain" if value == "auto" else value
-
-
-@dataclass
-class _Model:
-    model_id: str
-    function: str
-    num_blocks: int
-    block_bytes: tuple[int, ...]
-    cut_through: bool = False  # every member's manifest lists pieces: plans relay in chains
-    nodes: dict[str, _Node] = field(default_factory=dict)
-    pending: list[str] = field(default_factory=list)
-    first_pending_s: float | None = None
-    expected: int = 0
-    active: ScaleOut | None = None
-    sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # last route sent per node
-    retry_at_s: dict[str, float] = field(default_factory=dict)
-    finished: list[dict[str, Any]] = field(default_factory=list)
-    pipeline_serves: int = 0
-    plans_sent: int = 0
-    plan_id: str = ""  # the last plan dispatched (its epoch)
-    agent_replans: dict[str, int] = field(default_factory=dict)  # per target, this scale-out
-    tick_errors: int = 0
-    tick_error_logged_s: float = -math.inf
-
-    def full(self, name: str) -> bool:
-        return len(self.nodes[name].held) == self.num_blocks
 
 
 class Coordinator:
@@ -143,7 +100,7 @@ class Coordinator:
         self.join_window_s, self.dead_after_s, self.max_sources = (join_window_s, dead_after_s,
                                                                    max_sources)
         self.hung_after_s = max(hung_after_s, dead_after_s)
-        self.models: dict[str, _Model] = {}
+        self.models: dict[str, ModelState] = {}
         self._expected: dict[str, int] = {}  # intents for models nobody joined for yet
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -268,18 +225,17 @@ class Coordinator:
                         and name in so.holdings and not m.full(name):
                     self._replan_failed(m, so, name, str(meta.get("why")), now)
 
-    def _model_of(self, name: str) -> _Model | None:
+    def _model_of(self, name: str) -> ModelState | None:
         return next((m for m in self.models.values() if name in m.nodes), None)
 
     def _join(self, meta: dict[str, Any], now: float) -> None:
         model_id, name = str(meta["model_id"]), str(meta["node"])
         m = self.models.get(model_id)
         if m is None:
-            m = self.models[model_id] = _Model(model_id, str(meta.get("function", model_id)),
-                                              int(meta["num_blocks"]),
-                                              tuple(int(b) for b in meta["block_bytes"]),
-                                              cut_through=meta.get("pieces") is True,
-                                              expected=self._expected.pop(model_id, 0))
+            m = self.models[model_id] = ModelState(
+                model_id, str(meta.get("function", model_id)), int(meta["num_blocks"]),
+                tuple(int(b) for b in meta["block_bytes"]), cut_through=meta.get("pieces") is True,
+                expected=self._expected.pop(model_id, 0))
             m.expected += self._expected.pop(m.function, 0)
         m.cut_through = m.cut_through and meta.get("pieces") is True
         source = meta.get("source") if meta.get("source") in ("HOST", "DISK") else None
@@ -290,9 +246,10 @@ class Coordinator:
         old = self._model_of(name)
         if old is not None:  # a member that restarted under its name: forget the old one
             self._forget(old, name, now)
-        m.nodes[name] = _Node(name, str(meta["ctl"]), str(meta["blocks"]), str(meta.get("stage", "")),
-                              {int(b) for b in meta.get("held", ())}, bool(meta.get("local")), now,
-                              str(meta.get("session", "")), source, bool(meta.get("store")))
+        m.nodes[name] = JoinedNode(name, str(meta["ctl"]), str(meta["blocks"]),
+                                   str(meta.get("stage", "")), {int(b) for b in meta.get("held", ())},
+                                   bool(meta.get("local")), now, str(meta.get("session", "")),
+                                   source, bool(meta.get("store")))
         self._watch(m.nodes[name].ctl)
         log.info("%s joined %s with %d/%d blocks%s", name, model_id, len(m.nodes[name].held),
                  m.num_blocks, f" (a {source} source)" if source else "")
@@ -306,7 +263,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ timers
 
-    def _replan_failed(self, m: _Model, so: ScaleOut, name: str, why: str, now: float) -> None:
+    def _replan_failed(self, m: ModelState, so: ScaleOut, name: str, why: str, now: float) -> None:
         """``name``'s part of the current plan ended with blocks missing: re-plan what every
         target lacks now (a plan a newer one cancelled reports an older id: not this)."""
         tries = m.agent_replans[name] = m.agent_replans.get(name, 0) + 1
@@ -330,7 +287,7 @@ class Coordinator:
                     log.exception("%s: a coordinator tick failed (%d so far); going on",
                                   m.model_id, m.tick_errors)
 
-    def _tick_model(self, m: _Model, now: float) -> None:
+    def _tick_model(self, m: ModelState, now: float) -> None:
         """One model's timers: dead members, route retries, stalls, a wave to start."""
         for name in [n for n, node in m.nodes.items() if self._dead(node, now)]:
             self._forget(m, name, now)
@@ -364,32 +321,12 @@ class Coordinator:
             except TransportError as e:
                 log.warning("cannot watch %s: %s", ctl, e)
 
-    def _dead(self, node: _Node, now: float) -> bool:
-        """Silent for ``dead_after_s`` and its control socket unreachable (the process died,
-        stopped or is cut off), or silent for ``hung_after_s`` whatever its socket says (its
-        Python is stuck). A member that only missed heartbeats because it is starved of CPU
-        still answers the transport's own heartbeats (``ZmqTransport.reachable``)."""
-        silent_s = now - node.last_seen_s
-        if silent_s <= self.dead_after_s:
-            node.suspected = False
-            return False
-        reachable = getattr(self.transport, "reachable", None)
-        if silent_s <= self.hung_after_s and reachable is not None and node.ctl:
-            try:
-                up = reachable(node.ctl)
-            except TransportError:
-                up = False
-            if up:
-                if not node.suspected:
-                    node.suspected = True
-                    log.warning("%s: no heartbeat for %.1f s but its socket answers: waiting "
-                                "up to %.0f s", node.name, silent_s, self.hung_after_s)
-                return False
-        log.warning("%s: no heartbeat for %.1f s%s: dead", node.name, silent_s,
-                    "" if silent_s > self.hung_after_s else " and its socket does not answer")
-        return True
+    def _dead(self, node: JoinedNode, now: float) -> bool:
+        """``is_dead`` with this coordinator's thresholds and transport."""
+        return is_dead(node, now, dead_after_s=self.dead_after_s, hung_after_s=self.hung_after_s,
+                       reachable=getattr(self.transport, "reachable", None))
 
-    def _forget(self, m: _Model, name: str, now: float) -> None:
+    def _forget(self, m: ModelState, name: str, now: float) -> None:
         m.nodes.pop(name, None)
         m.sent.pop(name, None)
         m.retry_at_s.pop(name, None)
@@ -413,7 +350,7 @@ class Coordinator:
             self._give_up(m, store_fed, f"blocks of {m.model_id} are held by no live node")
         self._dispatch(m, plan)
 
-    def _start_wave(self, m: _Model, now: float) -> None:
+    def _start_wave(self, m: ModelState, now: float) -> None:
         targets = tuple(sorted(n for n in m.pending if n in m.nodes))  # plans by name, not race
         m.pending, m.first_pending_s, m.agent_replans = [], None, {}
         m.expected = max(0, m.expected - len(targets))
@@ -438,14 +375,14 @@ class Coordinator:
         self._dispatch(m, so.plan)
 
     @staticmethod
-    def _holders(m: _Model) -> tuple[Holder, ...]:
+    def _holders(m: ModelState) -> tuple[Holder, ...]:
         """Every node holding the whole model: serving replicas, then tier sources (HOST, DISK);
         ``choose_sources`` ranks them by kind."""
         return tuple(Holder(n, HolderKind[m.nodes[n].source] if m.nodes[n].source
                             else HolderKind.REPLICA)
                      for n in sorted(m.nodes) if n not in m.pending and m.full(n))
 
-    def _dispatch(self, m: _Model, plan: MulticastPlan) -> None:
+    def _dispatch(self, m: ModelState, plan: MulticastPlan) -> None:
         nodes = [n for n in (*plan.sources, *plan.targets) if n in m.nodes]
         peers = {n: m.nodes[n].blocks for n in nodes}
         body = plan_to_json(plan).encode()
@@ -458,11 +395,11 @@ class Coordinator:
                     x.node == n for x in plan.local_loads):
                 self._send(m, n, "plan", {"peers": peers, "plan_id": plan_id}, body)
 
-    def _give_up(self, m: _Model, names: Sequence[str], why: str) -> None:
+    def _give_up(self, m: ModelState, names: Sequence[str], why: str) -> None:
         for n in names:
             self._send(m, n, "error", {"why": f"{why}: load it from the object store"})
 
-    def _finish(self, m: _Model, now: float) -> None:
+    def _finish(self, m: ModelState, now: float) -> None:
         so = m.active
         assert so is not None
         m.finished.append({**so.progress(), "started_s": so.started_s, "done_s": now,
@@ -473,7 +410,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ routes
 
-    def _mode(self, m: _Model, name: str) -> str:
+    def _mode(self, m: ModelState, name: str) -> str:
         if m.nodes[name].source is not None:
             return "source"
         so = m.active
@@ -481,7 +418,7 @@ class Coordinator:
             return so.route(name).mode.value
         return "full" if m.full(name) else "loading"
 
-    def _send_routes(self, m: _Model) -> None:
+    def _send_routes(self, m: ModelState) -> None:
         so = m.active
         if so is None:
             return
@@ -493,14 +430,14 @@ class Coordinator:
             if m.sent.get(name) != key and self._send(m, name, "route", meta):
                 m.sent[name] = key
 
-    def _route_meta(self, m: _Model, route: Route) -> dict[str, Any]:
+    def _route_meta(self, m: ModelState, route: Route) -> dict[str, Any]:
         if route.mode is RouteMode.PIPELINE and route.pipeline is not None:
             return {"mode": "pipeline", "stages": [
                 [s.replica, s.first_block, s.last_block, m.nodes[s.replica].stage,
                  m.nodes[s.replica].session] for s in route.pipeline.stages]}
         return {"mode": route.mode.value}
 
-    def _send(self, m: _Model, name: str, op: str, meta: dict[str, Any],
+    def _send(self, m: ModelState, name: str, op: str, meta: dict[str, Any],
               payload: bytes | None = None) -> bool:
         try:
             node = m.nodes[name]
@@ -518,58 +455,7 @@ def _record(events: Sequence[Event]) -> list[dict[str, Any]]:
             for e in events]
 
 
-# ---------------------------------------------------------------------------------------------
-# Process entry point (emulated cluster, benchmarks)
-
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m faascale.pipecast.service",
-                                description="Run a PipeCast coordinator.")
-    p.add_argument("--bind", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--secret-file", type=Path, required=True)
-    p.add_argument("--expect", action="append", default=[], metavar="MODEL_ID:N",
-                   help="a scale intent: N new replicas of MODEL_ID are coming")
-    p.add_argument("--join-window-s", type=float, default=JOIN_WINDOW_S)
-    p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S)
-    p.add_argument("--hung-after-s", type=float, default=HUNG_AFTER_S)
-    p.add_argument("--epoch-clock", action="store_true",
-                   help="time the record in epoch seconds (to compare with other processes)")
-    p.add_argument("--record", type=Path, help="write progress() here (JSON) as it changes")
-    p.add_argument("--until-file", type=Path, help="run until this file exists")
-    p.add_argument("--timeout-s", type=float, default=600.0)
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print ``ready <address>``, coordinate until ``--until-file`` appears or the timeout, writing
-    ``--record`` every ~0.2 s and at the end. Exit 0; 2 on bad input."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s coordinator %(message)s")
-    try:
-        intents = [(mid, int(n)) for mid, _, n in (e.rpartition(":") for e in args.expect)]
-        transport = ZmqTransport(secret=args.secret_file.read_bytes(), name="coordinator",
-                                 bind_host=args.bind, port=args.port, recv_hwm=256)
-    except (OSError, ValueError, TransportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with transport:
-        coord = Coordinator(transport, join_window_s=args.join_window_s,
-                            dead_after_s=args.dead_after_s, hung_after_s=args.hung_after_s,
-                            clock=time.time if args.epoch_clock else time.monotonic)
-        for model_id, n in intents:
-            coord.expect(model_id, n)
-        print(f"ready {transport.address}", flush=True)
-        deadline, written = time.monotonic() + args.timeout_s, 0.0
-        while time.monotonic() < deadline and not (args.until_file and args.until_file.exists()):
-            coord.poll(POLL_S)
-            if args.record and time.monotonic() - written > 0.2:
-                write_json(args.record, coord.progress())
-                written = time.monotonic()
-        if args.record:
-            write_json(args.record, coord.progress())
-    return 0
-
-
 if __name__ == "__main__":
+    from faascale.pipecast.service_cli import main
+
     sys.exit(main())

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from faascale.coldstart.profile import StartupProfile, summarize
-from faascale.engine.checkpoint import CheckpointError
+from faascale.engine.manifest import CheckpointError
 from faascale.memory_tier.store import StoreError, StoreUnavailable
 from faascale.platform import openai_api as oa
 from faascale.platform.gateway_context import (ApiError, Gateway, RequestContext, admin, invoker,

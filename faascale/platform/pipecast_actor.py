@@ -68,7 +68,7 @@ class PipeCastActor:
 
     def __init__(self, loopback: bool) -> None:
         from faascale.pipecast.service import Coordinator
-        from faascale.pipecast.transport import ZmqTransport
+        from faascale.pipecast.zmq_transport import ZmqTransport
 
         self._secret = secrets.token_bytes(32)
         self._loopback = loopback

@@ -29,10 +29,10 @@ from faascale.coldstart.start_steps import (PROCESS_SPAN_MAX_S, build_engine_loo
 from faascale.engine.checkpoint import block_tensors
 from faascale.engine.llm import LLM
 from faascale.engine.tokenizer import Tokenizer
-from faascale.memory_tier.block_store import map_block
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
 from faascale.memory_tier.packed import download_packed, read_packed_metadata
 from faascale.memory_tier.store import open_store
+from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events, model_prep
 from faascale.platform.generation import Generation, Handler

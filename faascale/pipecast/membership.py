@@ -1,0 +1,94 @@
+"""What the PipeCast coordinator (``service.py``) knows of each model, and its liveness rule.
+
+``JoinedNode``: one node that joined a model (a member, or a node's tier copy as a source);
+``ModelState``: one model's nodes, joiners waiting for a wave, the running ``ScaleOut`` and its
+bookkeeping; ``is_dead``: when a silent node counts as dead. No sockets of its own: ``is_dead``
+asks the transport's ``reachable``, which it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faascale.pipecast.coordinator import ScaleOut
+from faascale.pipecast.transport import TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JoinedNode:
+    """A node that joined a model: a member (replica) or a tier source; its addresses, session,
+    the blocks it holds and when it was last heard from. Mutated by the coordinator."""
+
+    name: str
+    ctl: str
+    blocks: str
+    stage: str
+    held: set[int]
+    local: bool
+    last_seen_s: float
+    session: str = ""  # the epoch of its control frames (``participant.py``)
+    source: str | None = None  # HOST or DISK: a node's tier copy (``source.py``), never routed to
+    store: bool = False  # its agent can load blocks from the object store inside a plan
+    suspected: bool = False  # silent past dead_after_s, its socket still answering
+
+
+@dataclass
+class ModelState:
+    """One model at the coordinator: the nodes that joined, the wave gathering, the running
+    scale-out and what was sent for it, finished scale-outs. Mutated by the coordinator."""
+
+    model_id: str
+    function: str
+    num_blocks: int
+    block_bytes: tuple[int, ...]
+    cut_through: bool = False  # every member's manifest lists pieces: plans relay in chains
+    nodes: dict[str, JoinedNode] = field(default_factory=dict)
+    pending: list[str] = field(default_factory=list)
+    first_pending_s: float | None = None
+    expected: int = 0
+    active: ScaleOut | None = None
+    sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # last route sent per node
+    retry_at_s: dict[str, float] = field(default_factory=dict)
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    pipeline_serves: int = 0
+    plans_sent: int = 0
+    plan_id: str = ""  # the last plan dispatched (its epoch)
+    agent_replans: dict[str, int] = field(default_factory=dict)  # per target, this scale-out
+    tick_errors: int = 0
+    tick_error_logged_s: float = -math.inf
+
+    def full(self, name: str) -> bool:
+        return len(self.nodes[name].held) == self.num_blocks
+
+
+def is_dead(node: JoinedNode, now: float, *, dead_after_s: float, hung_after_s: float,
+            reachable: Callable[[str], bool] | None) -> bool:
+    """Silent for ``dead_after_s`` and its control socket unreachable (the process died,
+    stopped or is cut off), or silent for ``hung_after_s`` whatever its socket says (its
+    Python is stuck). A member that only missed heartbeats because it is starved of CPU
+    still answers the transport's own heartbeats (``ZmqTransport.reachable``; ``reachable``
+    None: silence alone decides). Sets ``node.suspected`` while it waits on such a member."""
+    silent_s = now - node.last_seen_s
+    if silent_s <= dead_after_s:
+        node.suspected = False
+        return False
+    if silent_s <= hung_after_s and reachable is not None and node.ctl:
+        try:
+            up = reachable(node.ctl)
+        except TransportError:
+            up = False
+        if up:
+            if not node.suspected:
+                node.suspected = True
+                log.warning("%s: no heartbeat for %.1f s but its socket answers: waiting "
+                            "up to %.0f s", node.name, silent_s, hung_after_s)
+            return False
+    log.warning("%s: no heartbeat for %.1f s%s: dead", node.name, silent_s,
+                "" if silent_s > hung_after_s else " and its socket does not answer")
+    return True
