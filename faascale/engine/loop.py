@@ -58,20 +58,13 @@ class RequestStream:
                 return
 
     async def __aiter__(self) -> AsyncIterator[StepOutput]:
-        assert self._async_q is not None, "use asubmit() for async iteration"
+        batches = self.batches()
         try:
-            while True:
-                item = await self._async_q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
-        except (asyncio.CancelledError, GeneratorExit):
-            self.abort()  # the client went away: free the slot now
-            raise
+            async for batch in batches:
+                for item in batch:
+                    yield item
+        finally:  # closed early (the client went away): abort now, not when collected
+            await batches.aclose()
 
     async def batches(self) -> AsyncIterator[list[StepOutput]]:
         """Like ``async for``, but each step hands over every output already queued (at least

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -29,6 +29,7 @@ from faascale.platform.spec import DNS_LABEL
 from faascale.platform.streams import StreamStalled, TokenStream
 
 _DNS_LABEL = re.compile(DNS_LABEL)
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 REPLICA_DIED = ("the replica serving this request stopped before it finished (it retired or "
@@ -138,6 +139,17 @@ class RequestContext:
                 raise ApiError(404, f"function {name!r} is not deployed", "not_found")
             self.records[name] = rec
         return rec
+
+    def accepted(self, name: str, body: Any, extract: Callable[[], T]) -> T:
+        """What a request asks for (``extract``), once its function exists (else 404) and its
+        body asks for nothing faascale cannot honour (``body.check_supported``; else a 400
+        naming the field)."""
+        self.record(name)
+        try:
+            body.check_supported()
+            return extract()
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
 
     def label(self, name: str) -> str:
         """``name`` as a metric label value: a deployed function's name, else UNKNOWN_FUNCTION

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from faascale.platform import openai_api as oa
-from faascale.platform.gateway_context import ApiError, Gateway, invoker, parse_body
+from faascale.platform.gateway_context import Gateway, invoker, parse_body
 from faascale.platform.streams import sse
 
 router = APIRouter()
@@ -19,12 +19,7 @@ router = APIRouter()
 async def invoke(name: str, request: Request, gw: Gateway) -> Any:
     async def run() -> Any:
         body = await parse_body(request, oa.InvokeRequest)
-        gw.record(name)
-        try:
-            body.check_supported()
-            payload = body.payload(gw.max_tokens_default(name))
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+        payload = gw.accepted(name, body, lambda: body.payload(gw.max_tokens_default(name)))
         stream = await gw.token_stream(name, payload)
         if body.stream:
             async def events() -> AsyncIterator[dict[str, Any]]:

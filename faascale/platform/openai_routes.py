@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from faascale.platform import openai_api as oa
-from faascale.platform.gateway_context import ApiError, Gateway, invoker, parse_body
+from faascale.platform.gateway_context import Gateway, invoker, parse_body
 from faascale.platform.streams import sse
 
 router = APIRouter(dependencies=[invoker])
@@ -40,12 +40,7 @@ async def completions(request: Request, gw: Gateway) -> Any:
     name = body.model
 
     async def run() -> Any:
-        gw.record(name)
-        try:
-            body.check_supported()
-            prompts = body.prompts()
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+        prompts = gw.accepted(name, body, body.prompts)
         payload: dict[str, Any] = {
             "params": body.params(16),  # OpenAI's default max_tokens for completions
             "max_tokens_requested": body.max_tokens is not None, "n": body.n, "echo": body.echo}
@@ -90,12 +85,7 @@ async def chat(request: Request, gw: Gateway) -> Any:
     name = body.model
 
     async def run() -> Any:
-        gw.record(name)
-        try:
-            body.check_supported()
-            messages = body.chat_messages()
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
+        messages = gw.accepted(name, body, body.chat_messages)
         stream = await gw.token_stream(name, {
             "messages": messages, "params": body.params(gw.max_tokens_default(name)), "n": body.n,
             "max_tokens_requested": bool(body.max_tokens or body.max_completion_tokens)})
