@@ -106,7 +106,7 @@ run: $(VENV)/.installed
 # The OpenAI-compatible clients tests/test_clients.py drives against a real platform (guidellm,
 # lm-eval, litellm), in their own venv: guidellm pins click 8.4 (ours has 8.5) and they pull
 # datasets, pandas, scikit-learn... that faascale does not need. They import torch: the CPU build,
-# as for .venv/.torch-cpu (~1.1 GB in all, about 2 minutes here).
+# as for .venv/.torch-cpu (2.1 GB installed in all, a few minutes here).
 CLIENTS := .venv-clients
 CLIENT_PKGS := guidellm==0.8.1 "lm_eval[api]==0.4.13" litellm==1.110.2
 $(CLIENTS)/.installed-2:
