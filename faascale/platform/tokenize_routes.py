@@ -67,7 +67,8 @@ class TokenizerCache:
             raise ApiError(503, f"function {record.name!r}: its tokenizer could not be read: "
                            f"{type(exc).__name__}: {exc}", "unavailable") from None
         finally:
-            self._loading.pop(key, None)
+            if pending.done():  # a waiter that left early leaves the load to the others
+                self._loading.pop(key, None)
         self._loaded[key] = prepared.tokenizer
         while len(self._loaded) > MAX_TOKENIZERS:
             self._loaded.popitem(last=False)
