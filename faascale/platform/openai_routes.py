@@ -7,7 +7,7 @@ slot and metrics are the ``RequestContext``'s (``token_stream``, ``collect``, ``
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +18,17 @@ from faascale.platform.gateway_context import Gateway, invoker, parse_body
 from faascale.platform.streams import sse
 
 router = APIRouter(dependencies=[invoker])
+
+
+async def whole_answer(gw: Any, stream: Any, n: int, choice: Callable[..., dict[str, Any]],
+                       logprobs: Callable[[list[list[Any]]], dict[str, Any]] | None
+                       ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """A non-streamed answer: every choice (``choice(index, text, finish, logprobs)``, in index
+    order, with ``logprobs(entries)`` when asked) and the request's usage."""
+    choices = oa.fold_choices(await gw.collect_items(stream))
+    out = [choice(i, ch.text, ch.finish, logprobs(ch.entries) if logprobs else None)
+           for i, ch in sorted(choices.items())]
+    return out, oa.usage_of_choices({i: ch.last for i, ch in choices.items()}, n)
 
 
 @router.get("/v1/models")
@@ -69,11 +80,8 @@ async def completions(request: Request, gw: Gateway) -> Any:
                         yield oa.usage_chunk(rid, name, "text_completion",
                                              oa.usage_of_choices(lasts, body.n))
             return sse(events(), stream, gw.stream_error)
-        choices = oa.fold_choices(await gw.collect_items(stream))
-        out = [oa.completion_choice(i, ch.text, ch.finish,
-                                    oa.completion_logprobs(ch.entries) if want_lp else None)
-               for i, ch in sorted(choices.items())]
-        use = oa.usage_of_choices({i: ch.last for i, ch in choices.items()}, body.n)
+        out, use = await whole_answer(gw, stream, body.n, oa.completion_choice,
+                                      oa.completion_logprobs if want_lp else None)
         return oa.completion_response(rid, name, out, use)
 
     return await gw.counted("completions", name, run)
@@ -109,11 +117,8 @@ async def chat(request: Request, gw: Gateway) -> Any:
                             yield oa.usage_chunk(rid, name, "chat.completion.chunk",
                                                  oa.usage_of_choices(lasts, body.n))
             return sse(events(), stream, gw.stream_error)
-        choices = oa.fold_choices(await gw.collect_items(stream))
-        out = [oa.chat_choice(i, ch.text, ch.finish,
-                              oa.chat_logprobs(ch.entries) if want_lp else None)
-               for i, ch in sorted(choices.items())]
-        use = oa.usage_of_choices({i: ch.last for i, ch in choices.items()}, body.n)
+        out, use = await whole_answer(gw, stream, body.n, oa.chat_choice,
+                                      oa.chat_logprobs if want_lp else None)
         return oa.chat_response(rid, name, out, use)
 
     return await gw.counted("chat", name, run)
