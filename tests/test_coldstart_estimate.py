@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, PRIOR_WARM_OVERHEAD_S,
+from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, PRIOR_SETUP_S, PRIOR_WARM_OVERHEAD_S,
                                          engine_features, engine_observation, estimates_for, manifest_features,
                                          source_for_replica)
 from faascale.coldstart.model import ModelFeatures, fit, loo_by_model, accuracy
@@ -125,3 +125,22 @@ def test_warm_and_cold_starts_are_estimated_apart() -> None:
     prior = {e.source: e for e in estimates_for(mid, "box", [], {"HOST": True}, warm=True)}
     assert prior["HOST"].ready_s == pytest.approx(
         PRIOR_WARM_OVERHEAD_S + mid.weight_bytes / PRIOR_BANDWIDTH_B_S["HOST"])
+
+
+def test_one_measured_host_start_of_a_small_model_does_not_hand_the_next_start_to_peers() -> None:
+    """The next replica of a tiny model, after one warm start from HOST was measured: HOST's
+    estimate is that start (with its real, if small, fetch setup); PEER's is the prior over the
+    same non-weight steps. Without the peers' setup in the prior, PEER came out faster (its bytes
+    take microseconds) and a scale-out 1 -> 3 sent its second new replica through PipeCast."""
+    tiny = model("tiny", 0.0002, 2)
+    steps = dict(STEPS_FIXED, process=0.0, imports=0.0, weight_fetch=0.03)
+    obs = [engine_observation(tiny, "box", "HOST", steps, warm=True)]
+    by = {e.source: e for e in estimates_for(tiny, "box", obs, {"HOST": True, "PEER": True},
+                                             warm=True)}
+    assert by["HOST"].basis == "measured x1" and by["PEER"].basis == "prior"
+    assert by["PEER"].ready_s == pytest.approx(
+        obs[0].total_s - 0.03 + PRIOR_SETUP_S["PEER"] + tiny.weight_bytes / PRIOR_BANDWIDTH_B_S["PEER"])
+    assert source_for_replica(list(by.values()), {"HOST": True}) == "HOST"
+    # Where this node lacks it, a 200 kB download beats a PipeCast join (for 1 GB the peers win:
+    # the ordering test above).
+    assert source_for_replica(list(by.values()), {"HOST": False}) == "REMOTE"

@@ -8,8 +8,9 @@ the estimate rests, in this order of trust, on
    their spread), when there are any;
 2. **the model** fitted on every measured start of this machine (other functions, other sources),
    when it has seen that source;
-3. **a prior**: the weight bytes over a nominal bandwidth of the source plus the median of the
-   non-weight steps measured here (or a fixed 2 s), flagged ``basis="prior"``.
+3. **a prior**: the weight bytes over a nominal bandwidth of the source, plus the source's setup
+   before its first byte, plus the median of the non-weight steps measured here (or a fixed 2 s),
+   flagged ``basis="prior"``.
 
 ``estimates_for`` returns one ``start_source.ColdStartEstimate`` per source, which the autoscaling
 policy compares (``start_source.choose_source``).
@@ -32,6 +33,11 @@ ENGINE_STEPS = ("process", "imports", "kernel_warmup", "spec_tokenizer", "weight
 # Nominal bandwidths for the prior (bytes/s): /dev/shm mapping with checksums, a SATA-class disk
 # read, an object-store GET stream, a 10 Gbit/s link between GPU nodes (PipeCast from peers).
 PRIOR_BANDWIDTH_B_S = {"HOST": 4e9, "DISK": 0.5e9, "REMOTE": 0.2e9, "PEER": 1.25e9}
+# What a source costs before its first byte, in the prior: a request to the store; for PEER a
+# PipeCast join, a plan and the connections (one copy of SmolLM2 between two replicas took
+# 1.1-2.2 s here, most of it not bytes). Without it a source never measured looks faster than
+# one measured, whose figure carries its real setup: the bytes of a small model are nothing.
+PRIOR_SETUP_S = {"HOST": 0.0, "DISK": 0.0, "REMOTE": 0.1, "PEER": 1.0}
 PINNED = "pinned"
 PRIOR_OVERHEAD_S = 2.0
 PRIOR_WARM_OVERHEAD_S = 0.5  # on a warm runtime: no process, imports or kernel warm-up
@@ -146,7 +152,8 @@ def estimates_for(model: ModelFeatures, machine: str, observations: Sequence[Obs
                 out.append(ColdStartEstimate(source, p.total_s, is_there, high_s=p.high_s,
                                              basis="model"))
                 continue
-        ready = overhead_s + model.weight_bytes / PRIOR_BANDWIDTH_B_S[source]
+        ready = (overhead_s + PRIOR_SETUP_S[source]
+                 + model.weight_bytes / PRIOR_BANDWIDTH_B_S[source])
         out.append(ColdStartEstimate(source, ready, is_there, high_s=2 * ready, basis="prior"))
     return out
 
