@@ -69,18 +69,31 @@ def _spec_step(profile: dict[str, Any]) -> dict[str, Any]:
                 if s["name"] == "spec_tokenizer" and "tokenizer_s" in s["attrs"])
 
 
+def _ok_profiles(p: Platform, name: str) -> list[dict[str, Any]]:
+    return [x for x in p.http().get(f"/v1/functions/{name}/startups").json()["profiles"] if x["ok"]]
+
+
 def _scale_out_profiles(p: Platform, name: str) -> list[dict[str, Any]]:
-    """1 -> 3 replicas; the profiles of the two new replicas."""
+    """1 -> 3 replicas; the profiles of the two new replicas. The serving replica stays: a scale
+    is a new target count, not a new version of the replicas (Serve rolled every replica over
+    to a new one before ``serve_app.replica_version``: 4 starts for 1 -> 3)."""
+    (first,) = [x["replica"] for x in _ok_profiles(p, name)]
     r = p.cli("scale", name, "--min", "3", "--max", "3")
     assert r.returncode == 0, r.stderr
     p.wait_replicas(name, lambda r: r["running"] == 3, 240)
     deadline = time.monotonic() + 30
     while True:  # the profiles reach the registry through the events actor
-        profiles = p.http().get(f"/v1/functions/{name}/startups").json()["profiles"]
-        if len([x for x in profiles if x["ok"]]) >= 3:
-            return [x for x in profiles if x["ok"]][:2]
+        profiles = _ok_profiles(p, name)
+        if len(profiles) >= 3:
+            break
         assert time.monotonic() < deadline, profiles
         time.sleep(0.5)
+    time.sleep(3)  # a rolling replacement would add a fourth start by now
+    profiles = _ok_profiles(p, name)
+    assert len(profiles) == 3 and first in [x["replica"] for x in profiles], \
+        [(x["replica"], x["started_at_s"]) for x in profiles]
+    assert p.status(name)["replicas"]["running"] == 3
+    return [x for x in profiles if x["replica"] != first]
 
 
 def _steps(profile: dict[str, Any]) -> dict[str, float]:

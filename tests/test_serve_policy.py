@@ -164,6 +164,26 @@ def test_scaling_policy_serve_is_serves_default_policy() -> None:
         parse_function_spec({**doc, "scaling": {"policy": "k8s-hpa"}})
 
 
+def test_the_replica_version_ignores_what_only_the_policy_reads() -> None:
+    """A scale (min/max) keeps the deployment's version, so Serve changes the target count and
+    keeps the serving replicas; anything a replica is built from changes it (a rollover). The
+    real scale is in ``test_platform_warm.py`` (the first replica survives a 1 -> 3)."""
+    from faascale.platform.serve_app import replica_version
+    from faascale.platform.spec import parse_function_spec
+
+    doc = {"name": "fn", "model": {"source": "random://tiny-llama"},
+           "scaling": {"min_replicas": 1, "max_replicas": 3}}
+    v = replica_version(parse_function_spec(doc), "/m", {"host_dir": "/dev/shm/x"})
+    scaled = {**doc, "scaling": {"min_replicas": 3, "max_replicas": 8}}
+    assert replica_version(parse_function_spec(scaled), "/m", {"host_dir": "/dev/shm/x"}) == v
+    for other in ({**doc, "engine": {"max_batch_size": 4}},
+                  {**doc, "scaling": {**doc["scaling"], "keep_alive_s": 5}},
+                  {**doc, "model": {"source": "random://tiny-llama", "blocks": 2}}):
+        assert replica_version(parse_function_spec(other), "/m", {"host_dir": "/dev/shm/x"}) != v
+    assert replica_version(parse_function_spec(doc), "/m2", {"host_dir": "/dev/shm/x"}) != v
+    assert replica_version(parse_function_spec(doc), "/m", None) != v
+
+
 def test_serve_wrapping_skips_us_from_zero_and_floors_downscale_at_one() -> None:
     """Serve 2.60's own wrapper around a custom policy, run in-process (documents the module
     docstring's findings; if Ray changes them this test says so)."""

@@ -6,6 +6,8 @@ can be tested against a fake, and this module is tested for real against a local
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -42,6 +44,22 @@ def _autoscaling(spec: FunctionSpec) -> Any:
     if spec.scaling.policy == "serverlessllm":
         return autoscaling_config(cfg, spec.name, policy_class=ServerlessLLMPolicy)
     return autoscaling_config(cfg, spec.name)
+
+
+# What ``faascale scale`` changes: only the policy reads them (Serve's autoscaling config, a
+# lightweight update), never a replica.
+POLICY_ONLY_FIELDS = ("min_replicas", "max_replicas")
+
+
+def replica_version(spec: FunctionSpec, model_dir: str, tiers: dict[str, Any] | None) -> str:
+    """The deployment's code version: a hash of everything a replica is built from except
+    ``POLICY_ONLY_FIELDS``. Without one ``serve.run`` makes a random version per deploy and rolls
+    every replica over to it, so a scale 1 -> 3 stopped the serving replica and started three; with it
+    a scale is a new target count, and anything a replica reads still replaces the replicas."""
+    doc = spec.to_document()
+    doc["scaling"] = {k: v for k, v in doc["scaling"].items() if k not in POLICY_ONLY_FIELDS}
+    text = json.dumps([doc, spec.base_dir, model_dir, tiers], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # A retiring replica (scale-down, redeploy, delete) finishes its requests for up to this long
@@ -83,6 +101,7 @@ class ServeBackend:
     def application(self, record: FunctionRecord) -> Any:
         """The function's Serve application, built under the config lock."""
         spec = record.spec
+        tiers = self.tiers.to_dict() if self.tiers else None
         with _SERVE_CONFIG_LOCK:
             deployment = serve.deployment(FunctionReplica).options(
                 name=DEPLOYMENT,
@@ -96,8 +115,11 @@ class ServeBackend:
                 graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
                 health_check_period_s=5,
             )
-            return deployment.bind(spec.to_document(), spec.base_dir, record.model_dir,
-                                   self.tiers.to_dict() if self.tiers else None)
+            # Serve 2.60 dropped ``options(version=...)`` but ``serve.run`` still reads the
+            # deployment's ``_version`` (else a random one): the platform test of a 1 -> 3 scale
+            # (``test_platform_warm.py``) fails if a Ray upgrade stops honouring it.
+            deployment._version = replica_version(spec, record.model_dir, tiers)
+            return deployment.bind(spec.to_document(), spec.base_dir, record.model_dir, tiers)
 
     def delete(self, name: str) -> None:
         model_prep.unpublish(name)
