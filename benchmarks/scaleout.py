@@ -20,7 +20,22 @@ and, for reference, the physical limit (model bytes / link rate: one unicast), a
 unicast (host 1 -> host 2 through the agents) and a link model (each send holds both links for
 size / rate per piece, no barriers: what the plan would take if only the links mattered).
 Targets (issue 16): PipeCast all-hold <= 1.1 x the single unicast (and <= 0.3 x naive) at 8
-nodes; with K = 2 sources, first servable <= 1.1 x model bytes / (K x link rate).
+nodes; with K = 2 sources, first servable <= 1.1 x model bytes / (K x link rate); from zero
+with 4 nodes, first servable <= 0.35 x one node's store load.
+
+From zero (``benchmarks/scaleout_from_zero.py``; its docstring says how it runs): 4 nodes at
+``--rate``, no holder, the model in a real S3 store (Ceph RGW) on an emulated host of its own
+whose link is 4 x the node rate (an object store serves many clients at once, each limited by
+its own NIC: the store's link is not the bottleneck; its CPU is this machine's, shared). Three
+systems: one node's store load (host 1 alone loads the whole model from the store: the
+baseline), every node loading it at once (no PipeCast), and from zero (4 PipeCast members that
+hold nothing: the coordinator plans each to load a different part from the store and the rest
+from the others; first servable = their blocks together cover the model, from the
+coordinator's own record). Each ``--reps`` times, interleaved, best of as below; the bytes each
+member took from the store (at most half the model: issue 16), CPU busy and the nodes' CPU
+seconds per GB received next to them. Unlike the runs below, these allocate as blocks come
+(block stores and members as on the platform): their page faults are inside the timed window.
+Needs Ceph (``scripts/ensure-ceph.sh``); ``--no-from-zero`` skips it.
 
 Repetitions: every system in a configuration runs ``--reps`` times (default 2; 1 with
 ``--quick``), the systems interleaved (rep 1 of every system, then rep 2, ...), and the run with
@@ -41,10 +56,11 @@ second for the same work) to tell the two apart; the report prints the CPU busy 
 
     python benchmarks/scaleout.py [--quick] [--rate 1gbit] [--low-rate 250mbit|none]
                                   [--reps N] [--models smollm2,synthetic] [--no-report]
+                                  [--no-from-zero]
 
-``--quick`` (about 3-4 min): SmolLM2 only, 4 nodes, every system once (keys end ``_4n``); no
-docs section. The full run: both models at 8 nodes (every system) and 4 nodes, and the larger
-model at 8 nodes at ``--low-rate``.
+``--quick`` (about 5 min): SmolLM2 only, 4 nodes, every system once, and from zero once (one
+node's store load and from zero, not every node at once; keys end ``_4n``); no docs section. The full run: both models at 8 nodes (every system)
+and 4 nodes, both from zero (4 nodes), and the larger model at 8 nodes at ``--low-rate``.
 
 JSON keys: unprefixed = the larger model's, ``<model>_`` = per model (e.g.
 ``<model>_pipecast_all_vs_unicast_8n``, ``<model>_pipecast_all_vs_naive_8n``,
@@ -66,13 +82,29 @@ is better for the first system named:
 - ``unicast_vs_limit``: single unicast time / (bytes / rate) (1 = at the physical limit; above 1
   = slower);
 - ``first_servable_vs_limit_k1``, ``first_servable_vs_limit_k2``: first-servable time / (bytes /
-  (K x rate)) (1 = at the limit; above 1 = slower; target for K=2 <= 1.1).
+  (K x rate)) (1 = at the limit; above 1 = slower; target for K=2 <= 1.1);
+- ``from_zero_first_servable_vs_store_load_4n`` (issue 16's
+  ``from_zero_first_servable_vs_store_load``, always at 4 nodes): from-zero first servable / one
+  node's store load (lower = better; target <= 0.35);
+  ``from_zero_first_servable_link_model_vs_limit_4n``: the same plan's first servable if only
+  the links mattered / (bytes / rate) (lower = better: the floor the block sizes allow);
+  ``from_zero_all_vs_store_load_4n``: from-zero all hold / one node's store load (below 1 = all
+  four sooner than one alone; lower = better); ``from_zero_all_vs_store_load_all_4n``: from-zero
+  all hold / every node loading on its own at once (below 1 = PipeCast faster);
+  ``store_load_all_vs_store_load_4n``: every node at once / one node alone (1 = the store serves
+  four as fast as one; above 1 = slower); ``store_load_vs_limit``: one node's store load /
+  (bytes / rate) (1 = at the link rate; above 1 = slower).
 ``unicast_gbps`` and ``tcp_gbps`` are goodputs; ``cpu_busy_pipecast_8n`` a fraction;
 ``cpu_s_per_gb_pipecast_8n`` the K=1 agents' CPU seconds per GB received. The issue-16
-targets, at 8 nodes only (absent with ``--quick``): ``pass_all_vs_unicast`` (true when
+targets, in the full run only (absent with ``--quick``): ``pass_all_vs_unicast`` (true when
 ``pipecast_all_vs_unicast_8n`` <= 1.1), ``pass_all_vs_naive`` (true when
 ``pipecast_all_vs_naive_8n`` <= 0.3), ``pass_first_servable_k2`` (true when
-``first_servable_vs_limit_k2`` <= 1.1).
+``first_servable_vs_limit_k2`` <= 1.1), ``pass_from_zero_first_servable`` (true when
+``from_zero_first_servable_vs_store_load_4n`` <= 0.35). From zero also:
+``from_zero_store_share_max_4n`` (the largest fraction of the model one member took from the
+store; at most 0.5), ``from_zero_cpu_busy_4n``, ``from_zero_cpu_s_per_gb_4n`` (the members' CPU
+seconds per GB received), ``store_load_cpu_s_per_gb`` and the times in seconds
+(``store_load_s``, ``from_zero_first_servable_s_4n``, ``from_zero_all_hold_s_4n``, ...).
 """
 
 from __future__ import annotations
@@ -93,6 +125,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import scaleout_from_zero as zero
 from benchmarks.common import (
     FIGURES,
     ROOT,
@@ -666,10 +699,15 @@ def main() -> None:
                          "1 with --quick)")
     ap.add_argument("--models", default=None, help="comma list of smollm2,synthetic")
     ap.add_argument("--no-report", action="store_true", help="do not touch docs/benchmarks.md")
+    ap.add_argument("--no-from-zero", action="store_true",
+                    help="skip the from-zero case (it needs Ceph RGW: scripts/ensure-ceph.sh)")
     args = ap.parse_args()
     ok, why = EmulatedCluster.available()
     if not ok:
         raise SystemExit(f"the emulated cluster is unavailable here: {why}")
+    if not args.no_from_zero and shutil.which("radosgw") is None:
+        raise SystemExit("the from-zero case needs Ceph RGW: run scripts/ensure-ceph.sh (or pass "
+                         "--no-from-zero)")
     reps = args.reps or (1 if args.quick else 2)
     keys = (args.models or ("smollm2" if args.quick else "smollm2,synthetic")).split(",")
     t_start = time.perf_counter()
@@ -677,6 +715,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="faascale-scaleout-", dir="/var/tmp"))
     shm_root = Path(tempfile.mkdtemp(prefix="faascale-scaleout-", dir="/dev/shm"))
     runs: list[Run] = []
+    zero_runs: list[zero.ZeroRun] = []
     low_rate = None
     try:
         models = {k: prepare_model(k, work, shm_root) for k in keys}
@@ -691,6 +730,11 @@ def main() -> None:
         else:
             runs += run_cluster(bench, 8, args.rate, list(models.values()), ALGORITHMS, reps)
             runs += run_cluster(bench, 4, args.rate, list(models.values()), AT_4_NODES, reps)
+        if not args.no_from_zero:
+            # --quick: the baseline and from zero only (every node at once adds half a minute)
+            zero_runs = zero.run_from_zero(
+                work, shm_root, list(models.values()), args.rate, reps,
+                systems=(zero.STORE_LOAD, zero.FROM_ZERO) if args.quick else zero.SYSTEMS)
         low_rate = None if args.quick or args.low_rate == "none" else args.low_rate
         if low_rate:
             largest = max(models.values(), key=lambda m: m.nbytes)  # the headline model
@@ -702,32 +746,39 @@ def main() -> None:
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
     table = rows(models, runs)
+    zero_table = zero.table(zero_runs, models) if zero_runs else []
     print()
     print(text(table))
+    if zero_table:
+        print(f"\nFrom zero ({zero.NODES} nodes, no holder, the model in Ceph RGW on its own host):")
+        print(text(zero_table))
     print(f"\nx unicast: all-hold / the measured single unicast at the same size and rate; "
           f"x limit: / (model bytes / link rate); x limit/K: first servable / (model bytes / "
           f"(K x rate)). Every system {reps} run(s), interleaved; the {STATISTIC} of {reps} (shortest "
           f"all hold) shown for every system; {elapsed:.0f} s; load average {load_before} before, "
           f"{load_after} after.")
     res = headline(runs, models, args.rate, QUICK_NODES if args.quick else TARGET_NODES)
+    res |= zero.headline(zero_runs, models, target=not args.quick)
     if low_rate:
         res |= {f"{low_rate}_{k}": v for k, v in headline(runs, models, low_rate).items()
                 if k[0].isalpha() and not k.startswith(("pass_", "headline", "bytes"))}
     res |= {"quick": args.quick, "reps": reps, "statistic": f"{STATISTIC} of {reps}",
             "rate": args.rate, "low_rate": low_rate,
             "elapsed_s": round(elapsed, 1),
-            "errors": sum(len(r.errors) for r in runs)}
+            "errors": sum(len(r.errors) for r in [*runs, *zero_runs])}
     if not args.quick and not args.no_report:
         fig = FIGURES / "scaleout.png"
         has_fig = figure(runs, models, args.rate, fig)
         report(table, runs, models, res, args.rate, low_rate, reps, elapsed, load_before,
-               load_after, has_fig)
+               load_after, has_fig, zero_table, zero_runs)
     emit({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
 
 
 def report(table: list[list[str]], runs: Sequence[Run], models: Mapping[str, Model],
            res: Mapping[str, Any], rate: str, low_rate: str | None, reps: int, elapsed: float,
-           load_before: str, load_after: str, has_fig: bool) -> None:
+           load_before: str, load_after: str, has_fig: bool,
+           zero_table: list[list[str]] | None = None,
+           zero_runs: Sequence[zero.ZeroRun] = ()) -> None:
     """The docs section; every statement about a result is computed from ``runs`` / ``res``."""
     def fmt(key: str) -> str:
         return f"{res[key]:.2f}" if isinstance(res.get(key), float) else "n/a"
@@ -794,6 +845,8 @@ def report(table: list[list[str]], runs: Sequence[Run], models: Mapping[str, Mod
     low_note = "" if not low_rate else (
         f" At {low_rate} only the larger model runs, and naive is not run there (one repetition "
         f"would be {TARGET_NODES - 1} unicasts of it in turn); nothing is estimated in its place.")
+    zero_section = "" if not zero_runs or not zero_table else zero.section(
+        zero_runs, models, res, markdown(zero_table), reps)
     write_section("scaleout", f"""## Scale-out: multicast to new nodes (`benchmarks/scaleout.py`)
 
 Command: `{command_line()}` at `{git_rev()}`,
@@ -861,7 +914,8 @@ shaped veth links share the machine's {os.cpu_count()} cores (a run above
 {CPU_BOUND_BUSY:.0%} busy is bound by them, not by the links); and a credit crosses the
 receiver's shaped egress queue (up to 50 ms behind its own outgoing piece) before the next
 sender may start.
-{"" if not has_fig else chr(10) + "![scale-out block arrival](figures/scaleout.png)" + chr(10)}""")
+{"" if not has_fig else chr(10) + "![scale-out block arrival](figures/scaleout.png)" + chr(10)}
+{zero_section}""")
 
 
 if __name__ == "__main__":

@@ -258,6 +258,35 @@ def test_from_zero_members_that_can_read_the_store_share_its_load(
         assert got == reference(tiny_packed, "hi")
 
 
+def test_from_zero_the_wave_starts_when_every_expected_member_joined(
+        tiny_packed: Path, tmp_path: Path) -> None:
+    """With no holder to wait for, two expected members that can read the store are planned as
+    soon as both joined, not after the join window (60 s here; the platform's is 1 s): a scale
+    from zero waited it out before."""
+    manifest = read_manifest(tiny_packed)
+    tokenizer = Tokenizer(read_tokenizer_json(tiny_packed, manifest), manifest.tokenizer)
+    with ZmqTransport(secret=SECRET, name="coordinator", recv_hwm=64) as t:
+        coord = Coordinator(t, join_window_s=60.0, dead_after_s=2.0, hung_after_s=6.0)
+        thread = threading.Thread(target=coord.run, daemon=True)
+        thread.start()
+        made: list[Member] = []
+        try:
+            coord.expect(manifest.model_id, 2)
+            t0 = time.monotonic()
+            for n in ("z1", "z2"):
+                made.append(Member(n, manifest, tokenizer, tmp_path / n, CFG, secret=SECRET,
+                                   coordinator=coord.address,
+                                   store_loader=lambda i: tiny_packed / manifest.blocks[i].file))
+            for m in made:
+                assert m.wait_servable(30)
+            assert time.monotonic() - t0 < 20, "the wave waited for the join window"
+        finally:
+            for m in made:
+                m.close()
+            coord.stop()
+            thread.join(5)
+
+
 def test_with_no_holder_the_members_are_told_to_load_from_the_store(
         tiny_packed: Path, tmp_path: Path, members) -> None:
     m = members("lonely", tmp_path / "lonely")

@@ -307,7 +307,8 @@ class Coordinator:
             except PlanError as e:
                 self._give_up(m, stalled, str(e))
         if m.active is None and m.pending and (
-                (len(m.pending) >= max(1, m.expected) and self._holders(m))
+                (len(m.pending) >= max(1, m.expected)
+                 and (self._holders(m) or self._store_wave(m)))
                 or now - (m.first_pending_s or now) >= self.join_window_s):
             self._start_wave(m, now)  # all that were expected and a source, or waited enough
 
@@ -373,6 +374,13 @@ class Coordinator:
         log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
                  so.plan.sources, targets, so.plan.num_steps)
         self._dispatch(m, so.plan)
+
+    @staticmethod
+    def _store_wave(m: ModelState) -> bool:
+        """From zero: every expected member joined and two or more can load parts from the
+        store; waiting out the join window would only delay a wave that has nobody to wait for
+        (a tier copy that joins later serves the next wave)."""
+        return sum(1 for t in m.pending if m.nodes[t].store) >= 2
 
     @staticmethod
     def _holders(m: ModelState) -> tuple[Holder, ...]:
