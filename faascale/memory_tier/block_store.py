@@ -10,6 +10,7 @@ asking for one block cause one fetch.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -81,6 +82,7 @@ class StoreStats:
     hits: dict[str, int] = field(default_factory=dict)
     corrupt_dropped: int = 0
     evictions: int = 0
+    host_full: int = 0  # blocks landed in DISK because HOST's file system had no room
 
 
 class BlockStore:
@@ -107,6 +109,7 @@ class BlockStore:
         self.hits: Counter[str] = Counter()
         self.corrupt_dropped = 0
         self.evictions = 0
+        self.host_full = 0  # blocks that went to DISK because HOST's file system was full
         for tier, d in self.dirs.items():
             d.mkdir(parents=True, exist_ok=True)
             self._scan(tier)
@@ -160,7 +163,8 @@ class BlockStore:
         with self._lock:
             tiers = {t.name: TierStats(self.capacity[t], sum(m.size_bytes for m in metas.values()),
                                        len(metas)) for t, metas in self._meta.items()}
-            return StoreStats(tiers, dict(self.hits), self.corrupt_dropped, self.evictions)
+            return StoreStats(tiers, dict(self.hits), self.corrupt_dropped, self.evictions,
+                              self.host_full)
 
     # ------------------------------------------------------------------ fetch
 
@@ -169,14 +173,15 @@ class BlockStore:
         """Make block ``index`` of ``manifest`` local and return where it is (HOST if it fits).
 
         Mutates: a REMOTE block is written straight into a HOST file (a DISK file if HOST is full
-        of pinned blocks) and verified there before it becomes visible; a DISK hit is verified
-        in place and served from the DISK file. The copy into the other tier (REMOTE -> DISK,
-        DISK -> HOST) is made in the background (``wait_idle`` waits for it). Evicts per the
-        policy; pins the block when ``pin`` (the caller unpins or demotes later). Concurrent
-        calls for one block share one fetch. A corrupt DISK copy is dropped and re-fetched from
-        REMOTE. Raises CorruptBlockError if the REMOTE copy is corrupt, the object store's
-        StoreError if REMOTE is unreachable, TierFullError if neither HOST nor DISK can make room,
-        and LookupError if no tier has the block.
+        of pinned blocks, or its file system has no room: ENOSPC) and verified there before it
+        becomes visible; a DISK hit is verified in place and served from the DISK file. The copy
+        into the other tier (REMOTE -> DISK, DISK -> HOST) is made in the background
+        (``wait_idle`` waits for it). Evicts per the policy; pins the block when ``pin`` (the
+        caller unpins or demotes later). Concurrent calls for one block share one fetch. A
+        corrupt DISK copy is dropped and re-fetched from REMOTE. Raises CorruptBlockError if the
+        REMOTE copy is corrupt, the object store's StoreError if REMOTE is unreachable,
+        TierFullError if neither HOST nor DISK can make room, and LookupError if no tier has the
+        block.
         """
         block = manifest.block_id(index)
         with self._lock:
@@ -250,15 +255,31 @@ class BlockStore:
         if tier is Tier.DISK:
             self._reserve(Tier.DISK, block, size, missing_ok=False)  # TierFullError: no room anywhere
         try:
-            path = self._land(tier, manifest, index,
-                              lambda view: self.remote.read_into(manifest, index, view))  # type: ignore[union-attr]
-        except BaseException:
-            self._unreserve(tier, block)
-            raise
+            path = self._land_remote(tier, manifest, index)
+        except OSError as exc:
+            if tier is not Tier.HOST or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # HOST's file system is fuller than its accounting says (a tmpfs smaller than the
+            # capacity, other files in /dev/shm): this block lands in DISK instead.
+            log.warning("no room in HOST for block %d of %r (%s); landing it in DISK", index,
+                        manifest.model_id, exc)
+            self.host_full += 1
+            tier = Tier.DISK
+            self._reserve(Tier.DISK, block, size, missing_ok=False)
+            path = self._land_remote(tier, manifest, index)
         self.hits[Tier.REMOTE.name] += 1
         if tier is Tier.HOST:
             self._copy_later(Tier.DISK, block, path)
         return FetchResult(block, Tier.REMOTE, path)
+
+    def _land_remote(self, tier: Tier, manifest: ModelManifest, index: int) -> Path:
+        """``_land`` a reserved block from REMOTE; its reservation is released if that fails."""
+        try:
+            return self._land(tier, manifest, index,
+                              lambda view: self.remote.read_into(manifest, index, view))  # type: ignore[union-attr]
+        except BaseException:
+            self._unreserve(tier, manifest.block_id(index))
+            raise
 
     def _reserve(self, tier: Tier, block: BlockId, size: int, missing_ok: bool) -> bool:
         """Make room for ``block`` in ``tier`` (evicting per policy) and account it as not yet

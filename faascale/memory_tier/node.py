@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 
 log = logging.getLogger(__name__)
 NAMESPACE = "faascale"
+SHM_DIR_ENV = "FAASCALE_SHM_DIR"  # where the HOST tier lives (default /dev/shm)
 SWEEP_INTERVAL_S = 30.0
 FETCH_PARALLEL_BLOCKS = 4
 
@@ -53,10 +56,13 @@ class TierConfig:
     companion: str = ""
 
     @classmethod
-    def for_state_dir(cls, state_root: Path) -> "TierConfig":
-        """HOST under /dev/shm (one directory per platform), DISK under the state dir."""
+    def for_state_dir(cls, state_root: Path, environ: Mapping[str, str] = os.environ
+                      ) -> "TierConfig":
+        """HOST under /dev/shm (one directory per platform; ``FAASCALE_SHM_DIR`` names another
+        shared-memory directory), DISK under the state dir."""
         tag = hashlib.sha256(str(state_root.resolve()).encode()).hexdigest()[:10]
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else state_root / "shm"
+        shm = Path(environ.get(SHM_DIR_ENV) or "/dev/shm")
+        shm = shm if shm.is_dir() else state_root / "shm"
         return cls(str(shm / f"faascale-{tag}"), str(state_root / "cache" / "blocks"))
 
     def for_node(self, node: str) -> "TierConfig":
@@ -192,7 +198,8 @@ class NodeBlocks:
     def stats(self) -> dict[str, Any]:
         s = self.store.stats()
         return {"tiers": {k: asdict(v) for k, v in s.tiers.items()}, "hits": s.hits,
-                "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions}
+                "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions,
+                "host_full": s.host_full}
 
 
 def actor_name(node_id: str) -> str:

@@ -52,7 +52,8 @@ from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.agent import write_json
 from faascale.pipecast.participant import Participant
-from faascale.pipecast.stage import RemoteStage, StageChain, StageError, StageServer
+from faascale.pipecast.stage import (RemoteStage, StageChain, StageError, StageServer,
+                                     max_frame_bytes)
 from faascale.pipecast.transport import TransportError
 from faascale.pipecast.zmq_transport import ZmqTransport
 
@@ -125,9 +126,12 @@ class Member(Participant):
         self._on_full = on_full  # called once (control thread) when it switches to its full copy
         # Both take frames of this member's session only (``participant.py``): a pipeline
         # request or reply replayed after a restart is refused.
+        # Nothing larger than a pipeline's largest frame is buffered (``max_frame_bytes``).
+        limit = max_frame_bytes(manifest.config, cfg.max_seq_len, cfg.max_batch_size)
         self.stage_tx = ZmqTransport(name=f"{name}#stage", recv_hwm=8, **self._tx,
-                                     epochs_only=True)
-        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **self._tx, epochs_only=True)
+                                     epochs_only=True, max_payload_bytes=limit)
+        self.head_tx = ZmqTransport(name=f"{name}#head", recv_hwm=8, **self._tx, epochs_only=True,
+                                    max_payload_bytes=limit)
         for tx in (self.stage_tx, self.head_tx):
             tx.open_epoch(self.session)
         self._shards: dict[tuple[int, int], ModelShard] = {}

@@ -33,6 +33,7 @@ from typing import Any
 
 from faascale.pipecast.agent import (AgentConfigError, BlockCatalog, MulticastError, NodeAgent,
                                      plan_from_json)
+from faascale.pipecast.plan_io import PLAN_FRAME_BYTES
 from faascale.pipecast.transport import Header, TransportError
 from faascale.pipecast.zmq_transport import ZmqTransport
 
@@ -70,7 +71,7 @@ class Participant:
                                       max_payload_bytes=catalog.max_frame_bytes)
         self.session = secrets.token_hex(16)  # this incarnation's control epoch
         self.ctl_tx = ZmqTransport(name=f"{name}#ctl", recv_hwm=64, send_hwm=64, **self._tx,
-                                   epochs_only=True)
+                                   epochs_only=True, max_payload_bytes=PLAN_FRAME_BYTES)
         self.ctl_tx.open_epoch(self.session)
         self._can_load_from_store = store_loader is not None
         self.agent = NodeAgent(name, self.blocks_tx, catalog, self.holdings_dir,

@@ -19,6 +19,13 @@ from typing import Any
 from faascale.engine.blockio import piece_spans
 from faascale.pipecast.schedule import LocalLoad, MulticastPlan, PlanError, Transfer
 
+# The largest payloads of control frames, so that a receiving transport refuses anything larger
+# before buffering it (``ZmqTransport(max_payload_bytes=...)``). A participant's control socket
+# takes a plan's JSON (about 70 bytes a transfer: a million transfers, 1,000 targets x 1,000
+# blocks, fit); the coordinator takes frames without a payload (only their header is buffered).
+PLAN_FRAME_BYTES = 64 << 20
+CONTROL_FRAME_BYTES = 1
+
 
 class AgentError(Exception):
     """Base of the agent's errors."""

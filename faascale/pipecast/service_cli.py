@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from faascale.pipecast.plan_io import write_json
+from faascale.pipecast.plan_io import CONTROL_FRAME_BYTES, write_json
 from faascale.pipecast.service import (DEAD_AFTER_S, HUNG_AFTER_S, JOIN_WINDOW_S, POLL_S,
                                        Coordinator)
 from faascale.pipecast.transport import TransportError
@@ -47,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         intents = [(mid, int(n)) for mid, _, n in (e.rpartition(":") for e in args.expect)]
         transport = ZmqTransport(secret=args.secret_file.read_bytes(), name="coordinator",
-                                 bind_host=args.bind, port=args.port, recv_hwm=256)
+                                 bind_host=args.bind, port=args.port, recv_hwm=256,
+                                 max_payload_bytes=CONTROL_FRAME_BYTES)
     except (OSError, ValueError, TransportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

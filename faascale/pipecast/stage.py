@@ -46,6 +46,16 @@ class StageError(RunnerUnavailable):
     engine keeps the requests (they wait for the next runner) rather than failing them."""
 
 
+def max_frame_bytes(config: Any, max_seq_len: int, max_batch_size: int) -> int:
+    """The largest payload a pipeline of this model sends between stages, so that a stage's or
+    a head's transport refuses anything larger before buffering it: a prefill's token ids [1, T]
+    or hidden states [1, T, hidden], a decode's [b, 1, hidden], logits [b, vocab] or a prompt's
+    [1, T, vocab] (log-probabilities); T up to ``max_seq_len``, b up to ``max_batch_size``, 4
+    bytes an element at most (fp32 logits; 8-byte token ids are one per position)."""
+    rows = max(int(max_seq_len), int(max_batch_size))
+    return rows * max(int(config.hidden_size), int(config.vocab_size), 2) * 4
+
+
 def _tensor_meta(t: torch.Tensor) -> dict[str, Any]:
     return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
 

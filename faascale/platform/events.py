@@ -3,6 +3,13 @@
 The autoscaling policy (in Serve's controller), the replicas and the gateway all report here; the
 actor writes each event into the registry, so ``status`` and ``/metrics`` read one place. It runs
 on the head node, beside the state directory. PipeCast's coordinator consumes the same intents.
+
+The actor restarts when its process dies (``max_restarts=-1``) and its handles stay valid (most
+callers look it up by name per call anyway). What it recorded is in the registry; of what it kept in
+memory, the last scale-up of each function is read back from there, the warm pool's idle count
+comes with the platform's next report (``server.py``, every few seconds), the estimates are
+recomputed, and pinned estimates are forgotten, as a platform restart forgets them. An event
+sent while it was down is lost (reports are fire-and-forget: serving never waits on the sink).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ESTIMATE_CACHE_S = 2.0
 PROFILES_USED = 200  # the newest measured starts the estimates are fitted on
+RESTORED_INTENTS = 1000  # scale intents read back at a (re)start for each function's last scale-up
 
 
 class EventSink:
@@ -38,6 +46,7 @@ class EventSink:
         self._manifests: dict[str, str] = {}  # model id -> manifest JSON
         self._warm_idle = 0  # warm runtimes waiting in the pools (the platform's WarmPool says)
         self._last_scale_up_s: dict[str, float] = {}  # function -> when a replica was last ordered
+        self._restore()
         # Import what the estimates need now, at platform start, not on the first status call.
         import faascale.coldstart.estimate  # noqa: F401
         import faascale.coldstart.profile  # noqa: F401
@@ -58,6 +67,18 @@ class EventSink:
             coordinator = pipecast_actor()
             if coordinator is not None:
                 coordinator.expect.remote(function, more)
+
+    def _restore(self) -> None:
+        """After a restart: each function's last scale-up, from the recorded intents."""
+        try:
+            intents = self.registry.events_of_kind("scale_intent", RESTORED_INTENTS)
+        except Exception as exc:  # noqa: BLE001 - advice only: start without it
+            log.warning("could not read the recorded scale intents: %s", exc)
+            return
+        for e in intents:
+            if int(e.get("to_replicas", 0) or 0) > int(e.get("from_replicas", 0) or 0):
+                function, at_s = str(e["function"]), float(e["at_s"])
+                self._last_scale_up_s[function] = max(at_s, self._last_scale_up_s.get(function, 0))
 
     def last_scale_up_s(self, function: str) -> float | None:
         """When a replica of ``function`` was last ordered (its scale-up intent), or None: a
@@ -183,7 +204,8 @@ def _available_sources(model_id: str, manifest_json: str) -> dict[str, bool]:
 
 
 def start_event_sink(registry_path: Path) -> Any:
-    """Create (or find) the sink actor, pinned to this node so it writes the local registry."""
+    """Create (or find) the sink actor, pinned to this node so it writes the local registry; it
+    restarts if its process dies."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
@@ -194,7 +216,7 @@ def start_event_sink(registry_path: Path) -> Any:
     return ray.remote(EventSink).options(
         name=ACTOR_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        max_concurrency=1, get_if_exists=True,
+        max_concurrency=1, get_if_exists=True, max_restarts=-1,
     ).remote(str(registry_path))
 
 

@@ -8,6 +8,13 @@ on 127.0.0.1 when the platform started its own Ray (``faascale up`` without ``--
 machine, nothing to reach from outside), else on each node's Ray node IP (the interface the
 cluster's nodes reach each other on). The events sink forwards the autoscaler's scale intents
 here (``expect``). ``progress()`` feeds ``status`` and ``/metrics``.
+
+The actor restarts when its process dies (``max_restarts=-1``), with what it was created with: the
+platform chooses the secret and the port (``start_pipecast``), so the restarted coordinator listens
+where the members already send their heartbeats and checks the same MACs; it knows no member, and
+answers each heartbeat with ``rejoin`` (``pipecast/service.py``): every live member joins again with
+the blocks it holds, within a heartbeat. A plan that was running is lost with the old process; the
+members' agents time it out and the next scale-out plans anew.
 """
 
 from __future__ import annotations
@@ -64,17 +71,22 @@ def bind_host(loopback: bool) -> str:
 
 
 class PipeCastActor:
-    """The actor body (plain data in and out)."""
+    """The actor body (plain data in and out). ``secret`` and ``port`` (0: any) are the ones it
+    keeps across restarts (``start_pipecast`` chooses them); without a secret it makes one."""
 
-    def __init__(self, loopback: bool) -> None:
+    def __init__(self, loopback: bool, secret: bytes | None = None, port: int = 0) -> None:
         from faascale.pipecast.service import Coordinator
-        from faascale.pipecast.zmq_transport import ZmqTransport
+        from faascale.pipecast.transport import TransportError
 
-        self._secret = secrets.token_bytes(32)
+        self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._loopback = loopback
-        self._transport = ZmqTransport(secret=self._secret, name="coordinator",
-                                       bind_host=bind_host(loopback),
-                                       recv_hwm=1024, send_hwm=64)
+        host = bind_host(loopback)
+        try:
+            self._transport = _coordinator_transport(self._secret, host, port)
+        except TransportError as exc:  # taken meanwhile: new members find the new port (through
+            # ``contact``), members that knew the old one cannot rejoin
+            log.warning("PipeCast coordinator port %d: %s; listening on another", port, exc)
+            self._transport = _coordinator_transport(self._secret, host, 0)
         self.coordinator = Coordinator(self._transport)
         self._thread = threading.Thread(target=self.coordinator.run, name="pipecast-coordinator",
                                         daemon=True)
@@ -99,9 +111,20 @@ class PipeCastActor:
         return self.coordinator.progress()
 
 
+def _coordinator_transport(secret: bytes, host: str, port: int) -> Any:
+    from faascale.pipecast.plan_io import CONTROL_FRAME_BYTES
+    from faascale.pipecast.zmq_transport import ZmqTransport
+
+    # Members send the coordinator control frames only (their meta, no payload): nothing
+    # larger than a header is buffered (``ZmqTransport``'s MAXMSGSIZE).
+    return ZmqTransport(secret=secret, name="coordinator", bind_host=host, port=port,
+                        recv_hwm=1024, send_hwm=64, max_payload_bytes=CONTROL_FRAME_BYTES)
+
+
 def start_pipecast(loopback: bool) -> Any:
     """Create (or find) the coordinator actor on this node. ``loopback``: the platform started
-    its own Ray on this machine, so PipeCast listens on 127.0.0.1 only (``Contact``)."""
+    its own Ray on this machine, so PipeCast listens on 127.0.0.1 only (``Contact``). The actor
+    restarts if its process dies, on the same port with the same secret (chosen here, once)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -109,8 +132,18 @@ def start_pipecast(loopback: bool) -> Any:
     return ray.remote(PipeCastActor).options(
         name=ACTOR_NAME, namespace=NAMESPACE, num_cpus=0, lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        max_concurrency=8, get_if_exists=True,
-    ).remote(loopback)
+        max_concurrency=8, get_if_exists=True, max_restarts=-1,
+    ).remote(loopback, secrets.token_bytes(32), _free_port(bind_host(loopback)))
+
+
+def _free_port(host: str) -> int:
+    """A port free on ``host`` now (the coordinator binds it in a moment; if it was taken in
+    between, the coordinator takes another)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def pipecast_actor() -> Any | None:

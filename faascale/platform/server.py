@@ -64,6 +64,22 @@ def _keep_node_blocks(tiers: Any) -> None:
         time.sleep(NODE_SCAN_S)
 
 
+WARM_REPORT_S = 5.0  # how often the warm pool's idle count is sent again to the events actor
+
+
+def _report_warm_idle(sink: Any, warm: Any) -> None:
+    """The pool reports its idle count when it changes; a restarted events actor starts from 0,
+    so the count is sent again every ``WARM_REPORT_S``."""
+    from faascale.platform.warm_pool import summary
+
+    while True:
+        time.sleep(WARM_REPORT_S)
+        try:
+            sink.set_warm_pool.remote(summary(warm.status())["idle"])
+        except Exception:  # noqa: BLE001 - Ray busy or shutting down: next time
+            log.debug("warm pool report failed", exc_info=True)
+
+
 def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
     """Serve until SIGTERM, holding ``lock`` (its state directory's, taken by the caller before
     anything else there was read or written)."""
@@ -117,6 +133,9 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
     backend = ServeBackend(tiers)
     threading.Thread(target=_keep_node_blocks, args=(tiers,), daemon=True,
                      name="node-blocks").start()
+    if warm.enabled:
+        threading.Thread(target=_report_warm_idle, args=(sink, warm), daemon=True,
+                         name="warm-report").start()
     for record in registry.list():
         try:
             backend.deploy(record)
