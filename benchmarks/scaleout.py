@@ -27,7 +27,8 @@ From zero (``benchmarks/scaleout_from_zero.py``; its docstring says how it runs)
 ``--rate``, no holder, the model in a real S3 store (Ceph RGW) on an emulated host of its own
 whose link is 4 x the node rate (an object store serves many clients at once, each limited by
 its own NIC: the store's link is not the bottleneck; its CPU is this machine's, shared). Three
-systems: one node's store load (host 1 alone loads the whole model from the store: the
+systems (four in the full run: the ablation `from-zero-unordered` is from zero without store
+first, ``admission.py``): one node's store load (host 1 alone loads the whole model from the store: the
 baseline), every node loading it at once (no PipeCast), and from zero (4 PipeCast members that
 hold nothing: the coordinator plans each to load a different part from the store and the rest
 from the others; first servable = their blocks together cover the model, from the

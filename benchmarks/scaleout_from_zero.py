@@ -15,8 +15,9 @@ node share this machine's cores (an S3 fleet would not), so with every node read
 store read can be slower than the node's link; the every-node row, each node's store goodput,
 the store's own CPU seconds and the CPU busy show how much.
 
-Three systems, ``--reps`` times each, interleaved (all three, then all three again), the best of
-the repetitions kept as for every system of ``scaleout.py`` (the shortest all hold):
+Four systems, ``--reps`` times each, interleaved (all four, then all four again), the best of
+the repetitions kept as for every system of ``scaleout.py`` (the shortest all hold; every
+repetition's first servable and all hold are listed too):
 
 - ``store-load``, one node's store load (the baseline): one process on node host 1 loads every
   block of the model from the store through a block store of its own, built exactly as a
@@ -35,7 +36,12 @@ the repetitions kept as for every system of ``scaleout.py`` (the shortest all ho
   servable = when the members' blocks together first cover the model (as in the other rows: a
   temporary pipeline can serve); the coordinator's first formed pipeline is listed beside it
   (later when a member's covering blocks are not one contiguous range: a stage is one). All
-  hold = when every member holds every block.
+  hold = when every member holds every block. Each member's agent runs its store part first
+  (``admission.py``'s store first: a receive from a peer is admitted once the member's store
+  loads of earlier steps are done), so its link carries its part of the model alone;
+- ``from-zero-unordered`` (the ablation, full run only): the same with store first off
+  (``FAASCALE_PIPECAST_STORE_FIRST=0`` in the members' environment): a member admits a peer's
+  block beside its own store loads, both on its one link.
 
 The link model: the same plan if only the links mattered (``faascale.pipecast.timing``, each
 node's store loads one after another over its own link), and bytes / rate for one node's load:
@@ -43,8 +49,12 @@ what the plan's block sizes allow at best.
 
 The members start before the coordinator: each one's first join times out, and the
 coordinator, once up, asks every member it hears a heartbeat from to join again (``rejoin``),
-so all N join within about a second and one wave plans them all (a wave with no holder
-otherwise waits out the join window from its first joiner). Nothing before the plan is timed.
+so all N join within about a second and one wave plans them all. The coordinator plans a wave
+with no holder as soon as every expected member joined (it no longer waits out the join
+window), but started first it would also plan one when the window passes after the first
+joiner, and the members' start (imports, on this machine's shared cores) can be spread over
+more than the window: started before it, all are up when they join. Nothing before the plan is
+timed.
 
 Bytes from the store: the blocks each node's own block store fetched (its tier directories
 after the run); from zero each must be at most half the model (issue 16). CPU: /proc/stat (all
@@ -74,7 +84,11 @@ so lower is better for the first one named:
 - ``store_load_all_vs_store_load_4n``: every node loading at once / one node alone (1 = the
   store and this machine serve N readers as fast as one; above 1 = slower);
 - ``store_load_vs_limit``: one node's store load / (model bytes / rate) (1 = at the node's link
-  rate; above 1 = slower).
+  rate; above 1 = slower);
+- ``from_zero_first_servable_store_first_vs_unordered_4n`` and
+  ``from_zero_all_store_first_vs_unordered_4n`` (full run): from zero's first servable, and its
+  all hold, / the ablation's (below 1 = store first is faster; above 1 = slower), each from the
+  kept repetitions.
 
 Also ``store_load_s``, ``store_load_all_s_4n``, ``from_zero_first_servable_s_4n``,
 ``from_zero_all_hold_s_4n`` (seconds), ``from_zero_store_share_max_4n`` (the largest fraction
@@ -104,6 +118,7 @@ from benchmarks.common import ROOT
 from faascale.engine.blockio import DEFAULT_PIECE_BYTES
 from faascale.engine.checkpoint import read_manifest
 from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS
+from faascale.pipecast.agent import STORE_FIRST_ENV
 from faascale.pipecast.coordinator import STORE, ScaleOutRequest, plan_scale_out
 from faascale.pipecast.emulated import EmulatedCluster, rate_bits_per_s
 from faascale.pipecast.schedule import MulticastPlan
@@ -123,12 +138,15 @@ START_MARGIN_S = 0.3  # the baseline: from "ready" to the shared start
 SAMPLE_S = 0.05  # the CPU sampler's period
 CPU_BOUND_BUSY = 0.85  # as scaleout.py: a run this busy (all cores) is CPU-bound
 STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO = "store-load", "store-load-all", "from-zero"
-SYSTEMS = (STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO)
+FROM_ZERO_UNORDERED = "from-zero-unordered"  # the ablation: store first off
+SYSTEMS = (STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO, FROM_ZERO_UNORDERED)
 LABELS = {STORE_LOAD: "one node's store load (alone, the whole model)",
           STORE_LOAD_ALL: f"every node loads the whole model from the store ({NODES} at once, "
                           "no PipeCast)",
           FROM_ZERO: f"from zero: {NODES} PipeCast members, parts from the store, the rest from "
-                     "each other"}
+                     "each other",
+          FROM_ZERO_UNORDERED: "from zero, store first off (ablation: peers' blocks beside a "
+                               "member's store loads)"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -167,6 +185,7 @@ class ZeroRun:
     store_cpu_s: float = 0.0  # the store's (RGW and its OSD) CPU seconds over the run
     errors: tuple[str, ...] = field(default=())
     reps_all_hold_s: tuple[float, ...] = field(default=())
+    reps_first_servable_s: tuple[float, ...] = field(default=())
 
     @property
     def all_hold_s(self) -> float:
@@ -197,10 +216,11 @@ class ZeroRun:
 
 
 def best(runs: Sequence[ZeroRun]) -> ZeroRun:
-    """The repetition with the shortest all-hold time, carrying every repetition's all hold (the
-    rule every system of ``scaleout.py`` follows)."""
+    """The repetition with the shortest all-hold time, carrying every repetition's all hold and
+    first servable (the rule every system of ``scaleout.py`` follows)."""
     kept = min(runs, key=lambda r: r.all_hold_s)
-    return replace(kept, reps_all_hold_s=tuple(r.all_hold_s for r in runs))
+    return replace(kept, reps_all_hold_s=tuple(r.all_hold_s for r in runs),
+                   reps_first_servable_s=tuple(r.first_servable_s for r in runs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,8 +477,11 @@ class FromZeroBench:
 
     # -- N members from zero --------------------------------------------------------------------
 
-    def from_zero(self, model: ModelLike) -> ZeroRun:
-        port, run_dir, shm_run = self._next("from-zero")
+    def from_zero(self, model: ModelLike, store_first: bool = True) -> ZeroRun:
+        """N members from zero; ``store_first=False``: the ablation (``FROM_ZERO_UNORDERED``)."""
+        system = FROM_ZERO if store_first else FROM_ZERO_UNORDERED
+        port, run_dir, shm_run = self._next(system)
+        env = {**self.env, STORE_FIRST_ENV: "1" if store_first else "0"}
         manifest = read_manifest(model.packed)
         names = [f"r{i}" for i in range(1, self.nodes + 1)]
         # Members stop first (each says goodbye to a live coordinator), then the coordinator.
@@ -484,7 +507,7 @@ class FromZeroBench:
                     "--name", name, "--bind", self.cluster.host_address(i),
                     "--holdings-dir", str(shm_run / name), "--store", self.location(model),
                     "--timeout-s", f"{timeout_s + 120:.0f}"],
-                    env=self.env, stdout=subprocess.PIPE, stderr=log(name), text=True, cwd=ROOT)
+                    env=env, stdout=subprocess.PIPE, stderr=log(name), text=True, cwd=ROOT)
                 self.sampler.watch(procs[name].pid)
             for name, p in procs.items():  # constructed (engine, transports, store client)
                 if not p.stdout.readline().startswith("ready"):
@@ -523,7 +546,7 @@ class FromZeroBench:
         pipeline_s = next((e["at_s"] - t0 for e in events
                            if e["kind"] == "pipelines" and e["detail"]["formed"]), None)
         got = {n: _store_blocks(model, shm_run / f"{n}-tiers") for n in names}
-        run = ZeroRun(model.key, self.nodes, self.rate, self.store_rate, FROM_ZERO,
+        run = ZeroRun(model.key, self.nodes, self.rate, self.store_rate, system,
                       len(model.block_bytes), arrival, got,
                       {n: _nbytes(model, b) for n, b in got.items()}, 0.0, 0.0, pipeline_s)
         end = t0 + run.all_hold_s if run.all_hold_s < float("inf") else float(done["done_s"])
@@ -531,7 +554,7 @@ class FromZeroBench:
         store_cpu_s = self.sampler.window(t0, end, self.store_pids)[1]
         shutil.rmtree(shm_run, ignore_errors=True)
         if errors:
-            print(f"  {model.key} {FROM_ZERO}: ERRORS: {errors}", flush=True)
+            print(f"  {model.key} {system}: ERRORS: {errors}", flush=True)
         return replace(run, cpu_busy=busy, cpu_s=cpu_s, store_cpu_s=store_cpu_s,
                        errors=tuple(errors))
 
@@ -604,7 +627,8 @@ def run_from_zero(work: Path, shm_root: Path, models: Sequence[ModelLike], rate:
                 for model in models:
                     for system in systems:
                         t = time.perf_counter()
-                        r = bench.from_zero(model) if system == FROM_ZERO else \
+                        r = bench.from_zero(model, store_first=system == FROM_ZERO) \
+                            if system in (FROM_ZERO, FROM_ZERO_UNORDERED) else \
                             bench.store_load(model, every_node=system == STORE_LOAD_ALL)
                         runs.setdefault((model.key, system), []).append(r)
                         print(f"  {model.key} n={nodes} {rate} {system} run {rep + 1}/{reps}: "
@@ -682,6 +706,11 @@ def headline(runs: Sequence[ZeroRun], models: Mapping[str, ModelLike],
             if STORE_LOAD_ALL in g:
                 vals["from_zero_all_vs_store_load_all" + sfx] = (
                     z.all_hold_s / g[STORE_LOAD_ALL].all_hold_s)
+            if FROM_ZERO_UNORDERED in g:
+                u = g[FROM_ZERO_UNORDERED]
+                vals["from_zero_first_servable_store_first_vs_unordered" + sfx] = (
+                    z.first_servable_s / u.first_servable_s)
+                vals["from_zero_all_store_first_vs_unordered" + sfx] = z.all_hold_s / u.all_hold_s
             model_s = link_model(m.block_bytes, z.rate).first_union_s
             if model_s is not None:
                 vals["from_zero_first_servable_link_model_vs_limit" + sfx] = model_s / (
@@ -707,7 +736,8 @@ def table(runs: Sequence[ZeroRun], models: Mapping[str, ModelLike]) -> list[list
     header = ["model", "nodes", "link (store's)", "system", "first servable s",
               "x store load", "first pipeline s", "all hold s", "x store load",
               "from the store per node MB (share)", "store goodput per node Gbit/s", "CPU busy",
-              "nodes' CPU s/GB", "store CPU s", "all hold, every run s"]
+              "nodes' CPU s/GB", "store CPU s", "first servable, every run s",
+              "all hold, every run s"]
     out = [header]
     for key, g in by_model(runs).items():
         m = models[key]
@@ -715,7 +745,7 @@ def table(runs: Sequence[ZeroRun], models: Mapping[str, ModelLike]) -> list[list
         any_run = next(iter(g.values()))
         limit_s = m.nbytes * 8 / rate_bits_per_s(any_run.rate)
         model = link_model(m.block_bytes, any_run.rate)
-        blank = [""] * 6
+        blank = [""] * 7
         out.append([key, "1", any_run.rate, "link model: one node's store load (bytes / rate)",
                     f"{limit_s:.2f}", "1.00", "", f"{limit_s:.2f}", "1.00", *blank])
         if model.first_union_s is not None:
@@ -737,6 +767,7 @@ def table(runs: Sequence[ZeroRun], models: Mapping[str, ModelLike]) -> list[list
                 ", ".join(f"{b / 1e6:.0f} ({b / m.nbytes:.0%})" for b in r.store_bytes.values()),
                 ", ".join(f"{x:.2f}" for x in goodput),
                 f"{r.cpu_busy:.0%}", f"{r.cpu_s_per_gb(m.nbytes):.2f}", f"{r.store_cpu_s:.1f}",
+                " / ".join(f"{x:.2f}" for x in r.reps_first_servable_s),
                 " / ".join(f"{x:.2f}" for x in r.reps_all_hold_s)])
     return out
 
@@ -790,6 +821,13 @@ def section(runs: Sequence[ZeroRun], models: Mapping[str, ModelLike], res: Mappi
                  f"({'within' if share <= MAX_STORE_SHARE else 'above'} 1/2). CPU busy "
                  f"{z.cpu_busy:.0%}{bound}; the members' CPU {z.cpu_s_per_gb(m.nbytes):.2f} s per "
                  f"GB received, one node alone {one.cpu_s_per_gb(m.nbytes):.2f}.")
+        unordered = g.get(FROM_ZERO_UNORDERED)
+        if unordered is not None:
+            text += (f" Store first off (the ablation): first servable "
+                     f"{unordered.first_servable_s:.2f} s, all hold {unordered.all_hold_s:.2f} s; "
+                     f"store first {z.first_servable_s / unordered.first_servable_s:.2f} x and "
+                     f"{z.all_hold_s / unordered.all_hold_s:.2f} x those (below 1 = faster; "
+                     "every run's in the table).")
         if ratio > TARGET_FIRST_VS_STORE_LOAD:
             why = []
             if floor > TARGET_FIRST_VS_STORE_LOAD:

@@ -478,6 +478,104 @@ def test_blocks_from_the_store_are_loaded_and_forwarded(model, tmp_path: Path) -
             NodeAgent("a", t, manifest, tmp_path / "c").execute(plan, peers, 1.0)
 
 
+def run_from_store(model, work: Path, load, *, store_first: bool = True,
+                   timeout_s: float = TIMEOUT_S) -> tuple[MulticastPlan, dict[str, Outcome]]:
+    """A scale from zero of two nodes (``repair`` with the store only: a loads blocks 0-2 and
+    b blocks 3-5 at steps 0-2, then each gets the other's at steps 3-5); ``load(node, i)`` is
+    their store loader."""
+    from faascale.pipecast.repair import repair
+
+    plan = repair({}, ["a", "b"], NUM_BLOCKS, store="store")
+    with ExitStack() as stack:
+        tx = {n: stack.enter_context(ZmqTransport(secret=SECRET, name=n)) for n in ("a", "b")}
+        peers = {n: t.address for n, t in tx.items()}
+        agents = {n: NodeAgent(n, tx[n], model[1], work / n, store_first=store_first,
+                               store_loader=lambda i, n=n: load(n, i)) for n in ("a", "b")}
+        return plan, execute_all(agents, plan, peers, timeout_s)
+
+
+def store_part_done_and_first_peer_send(plan: MulticastPlan, reports: Mapping[str, Outcome],
+                                        node: str) -> tuple[float, float]:
+    """On the shared monotonic clock: when the last of ``node``'s blocks from the store was in
+    place, and when the first send to it from a peer started."""
+    report = reports[node]
+    report = report.report if isinstance(report, MulticastError) else report
+    mine = [t.block for t in plan.transfers if t.dst == node and t.src == "store"]
+    done = max(report.started_at + report.arrival_s[b] for b in mine)
+    sends = [r.started_at + x.start_s for n, r in reports.items() if n != node
+             for x in (r.report if isinstance(r, MulticastError) else r).sends if x.dst == node]
+    return done, min(sends)
+
+
+@pytest.mark.parametrize("store_first", [True, False], ids=["store-first", "ablation"])
+def test_a_nodes_store_part_comes_before_its_blocks_from_peers(model, tmp_path: Path,
+                                                               store_first: bool) -> None:
+    """Store first: a peer's send to a node starts once the node's own store part is in place
+    (its link carries that part alone; the members' parts cover the model sooner). Without it
+    (the benchmark's ablation) b's first block, loaded at 0.3 s, goes to a while a still loads
+    its own part, until 0.9 s."""
+    model_dir, manifest = model
+
+    def load(node: str, i: int) -> Path:
+        time.sleep(0.3)
+        return model_dir / manifest.blocks[i].file
+
+    plan, outcomes = run_from_store(model, tmp_path, load, store_first=store_first)
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    for n in ("a", "b"):
+        assert_identical_blocks(tmp_path / n, model)
+        done, first_send = store_part_done_and_first_peer_send(plan, outcomes, n)
+        assert (first_send >= done) == store_first, (n, first_send - done)
+
+
+def test_a_failed_store_load_does_not_hold_the_receives_back(model, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A store load that fails counts as done: the node's receives go ahead at once (with the
+    bound at a minute, waiting for it would miss the deadline); only its block is missing."""
+    import faascale.pipecast.admission as admission
+
+    monkeypatch.setattr(admission, "STORE_FIRST_SETUP_S", 60.0)
+    model_dir, manifest = model
+
+    def load(node: str, i: int) -> Path:
+        if (node, i) == ("a", 1):
+            raise OSError("the store said 503")
+        return model_dir / manifest.blocks[i].file
+
+    _, outcomes = run_from_store(model, tmp_path, load, timeout_s=10.0)
+    error = outcomes["a"]
+    assert isinstance(error, MulticastError) and error.missing_blocks == (1,)
+    assert "the store said 503" in str(error)
+    assert_identical_blocks(tmp_path / "a", model, [0, 2, 3, 4, 5])
+
+
+def test_a_store_load_that_hangs_holds_the_receives_back_only_its_bound(model, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """a's store load of block 1 hangs until a holds every block from b: with store first
+    unbounded it would never end (a deadlock); bounded (0.3 s here) the receives go ahead."""
+    import faascale.pipecast.admission as admission
+
+    monkeypatch.setattr(admission, "STORE_FIRST_SETUP_S", 0.3)
+    monkeypatch.setattr(admission, "STORE_FIRST_MIN_BYTES_PER_S", 1e15)
+    model_dir, manifest = model
+    from_b = [tmp_path / "a" / manifest.blocks[i].file for i in (3, 4, 5)]
+
+    def load(node: str, i: int) -> Path:
+        if (node, i) == ("a", 1):
+            deadline = time.monotonic() + TIMEOUT_S
+            while not all(f.exists() for f in from_b):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("a never got b's blocks while its store load hung")
+                time.sleep(0.01)
+        return model_dir / manifest.blocks[i].file
+
+    _, outcomes = run_from_store(model, tmp_path, load)
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    arrival = outcomes["a"].arrival_s
+    assert max(arrival[b] for b in (3, 4, 5)) < arrival[1]
+    assert_identical_blocks(tmp_path / "a", model)
+
+
 # -- pieces ------------------------------------------------------------------------------------
 
 PIECE_BYTES = 32 << 10  # the tiny model's 100-250 KB blocks move as 4-8 pieces

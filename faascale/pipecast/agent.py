@@ -1,6 +1,6 @@
 """The PipeCast node agent: runs one node's part of a ``MulticastPlan`` over a ``Transport``.
 
-Every node of a plan runs one agent. ``NodeAgent.execute`` does three things at once:
+Every node of a plan runs one agent. ``NodeAgent.execute`` does four things at once:
 
 - **sends**, in the caller's thread: the node's transfers one at a time, in plan step order; each
   waits until the receiver has admitted it (see below) and the node has the block's first piece
@@ -17,7 +17,13 @@ Every node of a plan runs one agent. ``NodeAgent.execute`` does three things at 
   lost: the coordinator's repair fetches it elsewhere); a sender answers while its ``execute``
   runs (a thread of its own). Blocks without pieces (packing formats 1 and 2) move as one piece;
 - **local loads**, in a thread: the node's ``LocalLoad`` blocks copied from its local tier
-  directory, hashed against the manifest, renamed into place; in plan step order.
+  directory, hashed against the manifest, renamed into place; in plan step order;
+- **store loads**, in a thread: the plan's transfers from the object store to this node (a
+  scale from zero), each fetched by the node's block store (``store_loader``); in plan step
+  order, and first: a receive from a peer of step s is admitted only once the store loads of
+  steps < s are done (*store first*, ``admission.py``: they are the node's part of the model,
+  the part a temporary pipeline waits for; a peer's block beside them would share the node's
+  link and delay it).
 
 No barriers: steps are not synchronised across nodes. A barrier per step would stretch every
 step to its slowest transfer anywhere (``schedule.simulate``'s pessimistic model: SmolLM2's
@@ -28,15 +34,18 @@ the step model instead:
 - a node receives one block at a time, in plan step order (*admission*): it sends the planned
   sender of its next receive a small credit (a ``control`` frame) once the previous receive has
   been delivered (at once if the same peer sends both: one connection keeps them in order), and
-  a sender sends only with the receiver's credit. Without it a fast sender's
+  a sender sends only with the receiver's credit (with store loads in the plan, also once this
+  node's store loads of earlier steps are done: store first). Without credits a fast sender's
   step s+1 overlapped a slow sender's step s on one receiver's inbound link; TCP shares the link
   fairly, which delays the earlier transfer, the one the pipeline waits on: PipeCast K=1 to 8
   nodes took 1.6x the link-only model at 250 Mbit/s, with the CPU 77 % idle.
 
 Why it cannot deadlock: every wait is on something of an earlier step. A send of step s waits for
 its block (received at a step < s, by a send of that earlier step) and for its credit (granted
-once the receiver's receives of steps < s are delivered, each a send of an earlier step). By
-induction on s every send happens while the peers are alive. A sender that gives a send up (it
+once the receiver's receives of steps < s are delivered, each a send of an earlier step, and
+its store loads of steps < s are done, which wait on nothing in the plan and each hold it back
+at most ``admission.store_load_bound_s``: a store that hangs delays, never stops, the receives).
+By induction on s every send happens while the peers are alive. A sender that gives a send up (it
 never got the block) tells the receiver (a ``control`` frame), which counts that receive as
 delivered, so a loss stays local.
 
@@ -100,6 +109,9 @@ MAX_EARLY_FRAMES = 4096  # control frames kept for the next plan (a peer started
 CREDIT_SEND_S = 5.0  # a credit (a small frame) a live peer takes at once; a dead one never
 MAX_REFETCHES = 2  # a corrupt piece is asked for again this often before its block is given up
 REFETCH_WAIT_S = 2.0  # ... and each ask must be answered this soon (its sender may have ended)
+# "0" turns store first off (``NodeAgent(store_first=...)``'s default): for the from-zero
+# ablation of benchmarks/scaleout.py only, which sets it in the members' environment.
+STORE_FIRST_ENV = "FAASCALE_PIPECAST_STORE_FIRST"
 
 
 class NodeAgent:
@@ -107,8 +119,9 @@ class NodeAgent:
     ``holdings_dir``: where the node has and puts block files (created if missing).
     ``local_dir``: the node's local tier, read by ``LocalLoad`` entries. ``admission=False``
     (for measurements only) sends without waiting for credits and grants none: every agent of
-    a plan must agree. The agent owns the transport's receiving side while ``execute`` runs;
-    one ``execute`` at a time. ``on_block(i)`` is called (from the agent's threads) the moment
+    a plan must agree. ``store_first=False`` (for measurements only; None: on unless
+    ``FAASCALE_PIPECAST_STORE_FIRST=0``) admits receives beside the node's store loads. The
+    agent owns the transport's receiving side while ``execute`` runs; one ``execute`` at a time. ``on_block(i)`` is called (from the agent's threads) the moment
     block ``i`` is in place, received or loaded: PipeCast reports it to the coordinator, which
     may form a pipeline with it before the plan is done."""
 
@@ -117,8 +130,10 @@ class NodeAgent:
                  local_dir: str | os.PathLike | None = None, admission: bool = True,
                  on_block: Callable[[int], None] | None = None,
                  store_loader: Callable[[int], Path] | None = None,
-                 store_name: str = "store") -> None:
+                 store_name: str = "store", store_first: bool | None = None) -> None:
         self.name = name
+        self._store_first = (os.environ.get(STORE_FIRST_ENV, "1").strip() != "0"
+                             if store_first is None else store_first)
         # A plan's transfers from ``store_name`` (the object store: a scale from zero) to this
         # node are loads: ``store_loader(i)`` returns a verified file of block i on this node
         # (the node's block store fetched it), which is linked (or copied) into place.
@@ -205,7 +220,10 @@ class NodeAgent:
         from_store = sorted((t for t in role.receives.values() if t.src == self._store_name),
                             key=lambda t: t.step)
         network = [t for t in role.receives.values() if t.src != self._store_name]
-        admission = Admission(network if self._admission else (), peers)
+        admission = Admission(
+            network if self._admission else (), peers,
+            [(t, self._catalog.blocks[t.block].size_bytes) for t in from_store]
+            if self._admission and self._store_first else (), self._clock)
         for send in () if self._admission else role.sends:
             progress.credit(send.dst, send.step)
         workers = [threading.Thread(target=self._receive_loop,
@@ -221,7 +239,8 @@ class NodeAgent:
             workers.append(threading.Thread(target=self._load_loop, args=(role, progress),
                                             daemon=True, name=f"agent-{self.name}-load"))
         if from_store:
-            workers.append(threading.Thread(target=self._store_loop, args=(from_store, progress),
+            workers.append(threading.Thread(target=self._store_loop,
+                                            args=(from_store, progress, admission),
                                             daemon=True, name=f"agent-{self.name}-store"))
         early, self._early = self._early.get(plan_id, []), {}
         for header in early:  # frames for this plan that came while the last one was ending
@@ -434,10 +453,12 @@ class NodeAgent:
                 progress.arrive(load.block, info.size_bytes, network=False)
 
 
-    def _store_loop(self, loads: list[Transfer], progress: Progress) -> None:
+    def _store_loop(self, loads: list[Transfer], progress: Progress,
+                    admission: Admission) -> None:
         """The plan's blocks from the object store, in step order: each fetched by the node's
         block store (``store_loader``, which verified it), then hard-linked into place (a copy,
-        hashed, when the two are on different file systems)."""
+        hashed, when the two are on different file systems). Each one done (in place, or
+        failed) is told to ``admission``: later receives may be admitted."""
         assert self._store_loader is not None
         for load in loads:
             if progress.stop.is_set():
@@ -458,6 +479,7 @@ class NodeAgent:
                                           f"{type(e).__name__}: {e}")
             else:
                 progress.arrive(load.block, info.size_bytes, network=False)
+            admission.stored(load.block)
 
 
 if __name__ == "__main__":
