@@ -313,3 +313,33 @@ def test_the_events_actor_killed_under_load_restarts_and_records_again(platform)
     m = re.search(rf'faascale_cold_start_seconds_count{{function="{name}"[^}}]*}} (\S+)', metrics)
     assert m and float(m.group(1)) == starts_before + len(new), metrics[-2000:]
     p.cli("delete", name)
+
+
+def test_a_start_does_not_wait_on_a_hung_coordinator(platform) -> None:
+    """The coordinator's process is stopped (SIGSTOP: alive to Ray, answering nobody). A new
+    replica asks it for its contact for at most ``COORDINATOR_TIMEOUT_S`` and then serves from
+    the node's tiers without PipeCast; nothing waits on it without bound. SIGCONT heals it."""
+    from faascale.platform.replica import COORDINATOR_TIMEOUT_S
+
+    p, table = platform
+    name = "tiny-hung"
+    p.deploy(tiny_doc(name, min_replicas=1, max_replicas=2))
+    p.wait_replicas(name, lambda r: r["running"] == 1, 180)
+    pid = table.row("faascale-pipecast")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        s = scale_to_two(p, name)
+        took_s = time.monotonic() - t0
+        assert took_s < COORDINATOR_TIMEOUT_S + 60, took_s
+        new = s["cold_starts"][0]
+        assert "PEER" not in new["sources"], new  # from the node's tiers
+        with p.http() as h:
+            answers = [h.post(f"/v1/functions/{name}/invoke",
+                              json={"prompt": "hung", "max_tokens": 4, "temperature": 0})
+                       for _ in range(4)]
+        assert [r.status_code for r in answers] == [200] * 4, [r.text for r in answers]
+        assert len({r.json()["text"] for r in answers}) == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    p.cli("delete", name)

@@ -47,6 +47,13 @@ PIPECAST_ENABLED = os.environ.get("FAASCALE_PIPECAST", "1") != "0"
 # than its network; and how a one-node test makes a replica take the PipeCast path).
 PREFER_PEERS_ENV = "FAASCALE_PIPECAST_PREFER_PEERS"
 MEMBER_SERVABLE_TIMEOUT_S = 120.0
+# The coordinator actor answers at once, or restarts within seconds (test_faults_actors.py: 5-8
+# s); a start asks it for no longer than this and then loads without it.
+COORDINATOR_TIMEOUT_S = 15.0
+
+
+class CoordinatorUnreachable(RuntimeError):
+    """The PipeCast coordinator did not answer in ``COORDINATOR_TIMEOUT_S``."""
 
 
 def load_handler(ref: str | None, base_dir: str) -> Handler | None:
@@ -189,15 +196,17 @@ class FunctionReplica:
         use_peers = coordinator is not None and (
             self.chosen_source == "PEER" if self.chosen_source
             else peers_first or ray.get(local) < manifest.num_blocks)
-        if use_peers and ray.get(has_source):
+        if use_peers and _answer(has_source, False, "whether a peer holds the model"):
             t_fetch = time.time()
-            member = self._join(coordinator, manifest, tokenizer, tiers, [],
-                                on_full=self._adopt, store_loader=self._store_loader(location))
+            member = None
             try:
+                member = self._join(coordinator, manifest, tokenizer, tiers, [],
+                                    on_full=self._adopt, store_loader=self._store_loader(location))
                 member.wait_servable(MEMBER_SERVABLE_TIMEOUT_S)
-            except MemberError as exc:  # the sources went away: load the usual way
+            except (MemberError, CoordinatorUnreachable) as exc:  # load the usual way
                 log.warning("PipeCast could not bring the model here (%s); loading from tiers", exc)
-                member.close()
+                if member is not None:
+                    member.close()
             else:
                 # Servable (through a pipeline while the rest arrives) is this start's end.
                 rec.add("weight_fetch", t_fetch, time.time(), tier={"PEER": manifest.num_blocks},
@@ -210,9 +219,14 @@ class FunctionReplica:
             sources = dict(Counter(source for _, source in placed))
             attrs["tier"] = sources
         if coordinator is not None:
-            with rec.span("materialize", kv_cache_included=True):
-                self.member = self._join(coordinator, manifest, tokenizer, tiers,
-                                         [path for path, _ in placed])
+            try:
+                with rec.span("materialize", kv_cache_included=True):
+                    self.member = self._join(coordinator, manifest, tokenizer, tiers,
+                                             [path for path, _ in placed])
+            except CoordinatorUnreachable as exc:  # serve alone; not a source for others
+                log.warning("serving without PipeCast: %s", exc)
+                coordinator = None
+        if self.member is not None:
             self.loop = self.member.loop
             if self.member.full:  # a holder serves its own copy at once
                 warm_up(self.loop, self.llm, wait=False)
@@ -261,7 +275,11 @@ class FunctionReplica:
         replica mapped) as a holder, else as a new replica with an empty directory."""
         import ray
 
-        contact = ray.get(coordinator.contact.remote())
+        try:
+            contact = ray.get(coordinator.contact.remote(), timeout=COORDINATOR_TIMEOUT_S)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+            raise CoordinatorUnreachable(f"the PipeCast coordinator did not answer within "
+                                         f"{COORDINATOR_TIMEOUT_S:.0f} s ({exc})") from exc
         self._holdings = Path(f"{tiers.host_dir}-pipecast") / _safe(self.replica_id)
         shutil.rmtree(self._holdings, ignore_errors=True)
         self._holdings.mkdir(parents=True)
@@ -421,6 +439,18 @@ def _chosen_source(estimates_ref: Any, held_ref: Any, prefer_peers: bool) -> str
         return ""
     held = {"HOST": tiers["HOST"] == tiers["blocks"], "DISK": tiers["DISK"] == tiers["blocks"]}
     return source_for_replica(ests, held, prefer_peers)
+
+
+def _answer(ref: Any, default: Any, what: str) -> Any:
+    """``ray.get(ref)`` bounded by ``COORDINATOR_TIMEOUT_S``; ``default`` (logged) when the
+    actor does not answer in time or is gone."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=COORDINATOR_TIMEOUT_S)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as exc:
+        log.warning("no answer on %s within %.0f s (%s)", what, COORDINATOR_TIMEOUT_S, exc)
+        return default
 
 
 def _safe(replica_id: str) -> str:
