@@ -6,6 +6,7 @@ Both are frozen dataclasses parsed and validated at the edge; everything below t
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,12 @@ import torch
 
 class ConfigError(ValueError):
     """A model or engine configuration is invalid; the message names the field."""
+
+
+class DeviceUnavailableError(ConfigError):
+    """A well-formed device this machine does not have (``cuda`` where torch sees no GPU, or an
+    index past the GPUs it sees). Raised when the device is resolved, on the machine that computes:
+    a gateway without a GPU still accepts ``device: cuda`` for its GPU workers."""
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -33,6 +40,41 @@ def parse_dtype(name: str) -> torch.dtype:
     if key not in DTYPES:
         raise ConfigError(f"dtype: unknown dtype {name!r}; use one of {sorted(DTYPES)}")
     return DTYPES[key]
+
+
+DEVICE_NAMES = ("cpu", "cuda", "cuda:N", "auto")
+_DEVICE_RE = re.compile(r"cpu|auto|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is a device the engine runs on (``DEVICE_NAMES``); ConfigError otherwise
+    (``meta``, ``mps``, ``cuda:-1``, ...). Reads no hardware."""
+    if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
+        raise ConfigError(f"device: {name!r} is not supported; use one of "
+                          f"{', '.join(DEVICE_NAMES)} (auto: cuda when torch sees a GPU, "
+                          f"else cpu)")
+    return name
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device ``name`` means on this machine, with its index (``cuda`` -> ``cuda:0``, the
+    current GPU, so that ``tensor.device == resolved`` holds for tensors already there).
+    ConfigError for a name the engine does not run on; DeviceUnavailableError for a GPU this
+    machine does not have."""
+    name = check_device_name(str(name))
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise DeviceUnavailableError(
+            f"device: {name!r} needs a CUDA GPU, but torch.cuda.is_available() is False here "
+            f"(torch {torch.__version__}, {build}); use 'cpu' or 'auto'")
+    count = torch.cuda.device_count()
+    index = int(name.partition(":")[2]) if ":" in name else torch.cuda.current_device()
+    if index >= count:
+        raise DeviceUnavailableError(f"device: {name!r} but torch sees {count} GPU(s) "
+                                     f"(cuda:0 .. cuda:{count - 1})")
+    return torch.device("cuda", index)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -194,9 +236,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How one engine instance runs a model: compute dtype, batch and length limits, threads."""
+    """How one engine instance runs a model: device, compute dtype, batch and length limits,
+    threads. ``device`` is checked here (a name the engine runs on) and resolved on the machine
+    that computes (``resolve_device``: whether it has the GPU)."""
 
     dtype: str = "float32"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N", "auto" (cuda when torch sees a GPU, else cpu)
     max_batch_size: int = 16
     max_seq_len: int = 2048
     max_prefill_tokens_per_step: int = 2048
@@ -205,6 +250,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
+        check_device_name(self.device)
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size: must be >= 1, got {self.max_batch_size}")
         if self.max_seq_len < 2:
@@ -217,3 +263,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
+
+    def resolve_device(self) -> torch.device:
+        """``device`` on this machine (``resolve_device``); raises DeviceUnavailableError."""
+        return resolve_device(self.device)

@@ -18,7 +18,7 @@ from faascale.engine.config import EngineConfig
 from faascale.engine.kv_cache import KVCache, SlotAllocator
 from faascale.engine.model import ForwardBatch, ModelShard
 from faascale.engine.sampling import (SamplingParams, TokenLogprob, logprobs_of, new_generator,
-                                      sample)
+                                      sample_step)
 from faascale.engine.scheduler import BatchPolicy, WaitingView
 from faascale.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -257,32 +257,20 @@ class Engine:
             logits = logits[:, -1, :]
             req.prompt_logprobs_sent = True
         req.num_cached = len(ids)
-        token = sample(logits, [req.params], [req.generator])[0]
-        out = self._accept(req, token, self._logprobs(logits, [req], [token])[0])
+        tokens, lps = sample_step(logits, [req.params], [req.generator])
+        out = self._accept(req, tokens[0], lps[0])
         return out if prompt_lps is None else replace(out, prompt_logprobs=prompt_lps)
 
     def _decode(self, reqs: list[Request]) -> list[StepOutput]:
+        """One decode step for ``reqs``: token ids go to the runner as a host tensor (a shard
+        moves them to its device), logits come back on the device, and the step's tokens and
+        log-probabilities cross to the host once for the whole batch (``sample_step``)."""
         batch = ForwardBatch(tuple(r.slot for r in reqs), tuple(r.num_cached for r in reqs), 1)
         logits = self.runner.forward(torch.tensor([[r.last_token] for r in reqs]), batch)
         for r in reqs:
             r.num_cached += 1
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        lps = self._logprobs(logits, reqs, tokens)
+        tokens, lps = sample_step(logits, [r.params for r in reqs], [r.generator for r in reqs])
         return [self._accept(r, t, lp) for r, t, lp in zip(reqs, tokens, lps)]
-
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, reqs: list[Request], tokens: list[int]
-                  ) -> list[TokenLogprob | None]:
-        """The sampled tokens' log-probabilities, for the requests that asked (one log-softmax
-        over just their rows: a batch where nobody asked pays nothing)."""
-        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        out: list[TokenLogprob | None] = [None] * len(reqs)
-        if rows:
-            found = logprobs_of(logits[rows], [tokens[i] for i in rows],
-                                [reqs[i].params.logprobs or 0 for i in rows])
-            for i, lp in zip(rows, found):
-                out[i] = lp
-        return out
 
     def _accept(self, req: Request, token: int, lp: TokenLogprob | None = None) -> StepOutput:
         out = self._accept_token(req, token)

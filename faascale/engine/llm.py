@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +22,14 @@ from faascale.engine.manifest import ModelManifest
 from faascale.engine.model import ModelShard, merge_block_tensors
 from faascale.engine.sampling import SamplingParams
 from faascale.engine.tokenizer import Tokenizer
+
+
+class BlockMover(Protocol):
+    """Moves one block's tensors to the engine's device (``memory_tier.device.DeviceLoader``:
+    pinned staging on a copy stream). The engine cannot import the memory tier: its caller passes
+    one."""
+
+    def to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -46,32 +54,46 @@ class LLM:
 
     @classmethod
     def load(cls, packed_dir: str | os.PathLike, cfg: EngineConfig | None = None,
-             layer_splits: Sequence[int] | None = None, verify: bool = True) -> "LLM":
+             layer_splits: Sequence[int] | None = None, verify: bool = True,
+             mover: BlockMover | None = None) -> "LLM":
         """Map every block of ``packed_dir`` (zero-copy, checksums verified) and build the shards.
 
         ``layer_splits`` (e.g. ``[8, 15, 23]``) cuts the model into a chain of layer ranges run one
-        after another; by default it is one shard. Raises CheckpointError/CorruptBlockError.
+        after another; by default it is one shard. Raises CheckpointError/CorruptBlockError, and
+        DeviceUnavailableError before reading anything when ``cfg.device`` is not here.
         """
+        cfg = cfg or EngineConfig()
+        cfg.resolve_device()
         manifest = read_manifest(packed_dir)
         return cls.from_blocks(manifest, read_tokenizer_json(packed_dir, manifest),
                                [load_block(packed_dir, manifest, i, verify)
-                                for i in range(manifest.num_blocks)], cfg, layer_splits)
+                                for i in range(manifest.num_blocks)], cfg, layer_splits, mover)
 
     @classmethod
     def from_blocks(cls, manifest: ModelManifest, tokenizer_json: str | Tokenizer,
                     blocks: Sequence[Mapping[str, torch.Tensor]], cfg: EngineConfig | None = None,
-                    layer_splits: Sequence[int] | None = None) -> "LLM":
+                    layer_splits: Sequence[int] | None = None,
+                    mover: BlockMover | None = None) -> "LLM":
         """Build from block tensors already mapped (e.g. from a node's HOST tier). The tokenizer
         comes as ``tokenizer.json`` text or already parsed (parsing SmolLM2's takes ~0.12 s, so
-        a caller may parse it while the blocks are still being fetched)."""
+        a caller may parse it while the blocks are still being fetched).
+
+        The weights go to ``cfg.device``: on a CPU they are the block tensors themselves (zero
+        copy, as before); ``mover``, when given, moves each block first (a ``DeviceLoader`` for
+        the device: on a GPU, pinned staging on a copy stream); tensors still elsewhere are
+        copied by their shard with ``Tensor.to``. Raises
+        DeviceUnavailableError when ``cfg.device`` is not on this machine."""
         cfg = cfg or EngineConfig()
+        device = cfg.resolve_device()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         tokenizer = (tokenizer_json if isinstance(tokenizer_json, Tokenizer)
                      else Tokenizer(tokenizer_json, manifest.tokenizer))
+        if mover is not None:
+            blocks = [mover.to_device(block) for block in blocks]
         weights = merge_block_tensors(blocks)
         bounds = [0, *(layer_splits or ()), manifest.config.num_layers]
-        shards = [ModelShard(manifest.config, weights, a, b, cfg.torch_dtype)
+        shards = [ModelShard(manifest.config, weights, a, b, cfg.torch_dtype, device)
                   for a, b in zip(bounds, bounds[1:])]
         return cls(manifest, tokenizer, shards, cfg)
 

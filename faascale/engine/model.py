@@ -5,6 +5,10 @@
 maps token ids -> hidden states (first shard), hidden -> hidden (middle), hidden -> logits (last);
 the whole model is the one shard ``[0, num_layers)``. This is what lets PipeCast chain partially
 loaded replicas: each stage is a shard with its own KV cache.
+
+A shard computes on one device (``cpu`` or ``cuda:N``): its weights, KV cache, rotary tables,
+positions and masks live there; inputs from another device (token ids, a remote stage's hidden
+states) are moved there on entry, and outputs stay there (the sampler moves what the host needs).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from faascale.engine.config import ModelConfig
-from faascale.engine.kv_cache import KVCache
+from faascale.engine.config import ModelConfig, resolve_device
+from faascale.engine.kv_cache import CacheIndex, KVCache
 
 
 class ShardWeightsError(ValueError):
@@ -65,30 +69,48 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class Rotary:
-    """Cos/sin tables, grown on demand, indexed by absolute position."""
+    """Cos/sin tables on ``device``, grown on demand, indexed by absolute position.
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    ``sin`` carries the sign of ``rotate_half`` (its first half negated), so a rotation is
+    ``x * cos + swap_halves(x) * sin``: one op fewer per rotation, the same bits (negation is
+    exact). The tables are computed on the CPU and copied, so every device rotates by the same
+    numbers."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.inv_freq = rope_inv_freq(cfg)
-        self.dtype = dtype
-        self.cos = torch.empty(0)
-        self.sin = torch.empty(0)
+        self.dtype, self.device = dtype, device
+        self.cos = torch.empty(0, device=device)
+        self.sin = torch.empty(0, device=device)
 
     def _grow(self, n: int) -> None:
         n = max(n, 2 * self.cos.shape[0], 256)
         freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        sin = emb.sin()
+        sin[:, :sin.shape[1] // 2].neg_()
+        self.cos = emb.cos().to(self.dtype).to(self.device)
+        self.sin = sin.to(self.dtype).to(self.device)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [b, T] -> cos, sin [b, 1, T, head_dim] (broadcast over heads)."""
-        need = int(positions.max()) + 1
+    def tables(self, starts: tuple[int, ...], num_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions ``starts[i] .. + num_tokens - 1``: [b, 1, T, head_dim], or
+        [1, 1, T, head_dim] when every sequence starts at the same position (a slice, no gather;
+        broadcast over the batch and the heads)."""
+        need = max(starts) + num_tokens
         if need > self.cos.shape[0]:
             self._grow(need)
+        if len(set(starts)) == 1:
+            p0, p1 = starts[0], starts[0] + num_tokens
+            return self.cos[None, None, p0:p1], self.sin[None, None, p0:p1]
+        positions = (torch.tensor(starts, dtype=torch.long, device=self.device)[:, None]
+                     + torch.arange(num_tokens, device=self.device)[None, :])
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def _probe_onednn_linear() -> bool:
-    """Whether oneDNN's linear op is usable here (CPU builds with MKLDNN; not on GPUs).
+def _probe_onednn_linear(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear op is usable here for ``dtype`` (CPU builds with MKLDNN; not on
+    GPUs; bf16 only where the CPU has it: an AVX2-only CPU fails to create the primitive).
 
     For batch-1 decode it streams dense (unpacked, zero-copy) fp32 weights at ~2x the bandwidth
     of ``F.linear``'s MKL GEMV path on this class of CPU (23.5 vs 11.2 GB/s, 2 threads, measured
@@ -98,25 +120,59 @@ def _probe_onednn_linear() -> bool:
         op = torch.ops.mkldnn._linear_pointwise
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-        return torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        x, w, b = (torch.randn(3, 8).to(dtype), torch.randn(5, 8).to(dtype),
+                   torch.randn(5).to(dtype))
+        return torch.allclose(op(x, w, b, "none", [], "").float(), F.linear(x, w, b).float(),
+                              atol=1e-5 if dtype == torch.float32 else 0.1)
     except (AttributeError, RuntimeError):
         return False
 
 
-_ONEDNN_LINEAR = _probe_onednn_linear()
+_ONEDNN_DTYPES = tuple(d for d in (torch.float32, torch.bfloat16) if _probe_onednn_linear(d))
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+    if x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu":
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
         return out.view(*x.shape[:-1], w.shape[0])
     return F.linear(x, w, b)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: ``x * cos + rotate_half(x) * sin`` with rotate_half's sign folded into the table."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+
+def whole_kv_heads(device_type: str, dtype: torch.dtype, has_mask: bool,
+                   flash_capable: bool = True) -> bool:
+    """Whether grouped-query attention must repeat its K/V heads before SDPA.
+
+    On CUDA the flash kernel is the only one that takes ``enable_gqa``, and it needs fp16/bf16,
+    no mask and a GPU of compute capability 8.0 or later (``flash_capable``); elsewhere (a mask:
+    batched decode at mixed positions, a sliding window; fp32; an older GPU) the memory-efficient
+    kernel must run, which takes masks and fp32 but not ``enable_gqa``: given grouped heads SDPA
+    would silently fall back to its math kernel. On CPU SDPA's own kernel takes ``enable_gqa``."""
+    return device_type == "cuda" and (has_mask or not flash_capable
+                                      or dtype not in (torch.float16, torch.bfloat16))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool, whole_heads: bool | None = None) -> torch.Tensor:
+    """SDPA over q [b, H, T, d] and k, v [b, KV, L, d] (KV divides H); ``whole_heads``: repeat
+    K/V heads instead of ``enable_gqa`` (default: ``whole_kv_heads`` for these tensors)."""
+    gqa = q.shape[1] != k.shape[1]
+    if whole_heads is None:
+        whole_heads = whole_kv_heads(q.device.type, q.dtype, mask is not None)
+    if gqa and whole_heads:
+        # query head i reads K/V head i // rep: a broadcast view, then one copy
+        b, kv, length, d = k.shape
+        rep = q.shape[1] // kv
+        k = k[:, :, None].expand(b, kv, rep, length, d).reshape(b, kv * rep, length, d)
+        v = v[:, :, None].expand(b, kv, rep, length, d).reshape(b, kv * rep, length, d)
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                          enable_gqa=gqa)
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -145,18 +201,25 @@ class _Layer:
 class ModelShard:
     """Layers ``[layer_start, layer_end)`` of one model, with embeddings/head at the ends.
 
-    Weights are used as given (zero-copy views over block buffers) when their dtype is the compute
-    dtype; otherwise they are cast once here. Raises ShardWeightsError if a tensor is missing.
+    Weights are used as given (zero-copy views over block buffers) when they are on ``device``
+    in the compute dtype; otherwise they are copied or cast once here (a caller with a faster
+    path to the device, ``memory_tier.device.DeviceLoader``, moves them first). Raises
+    ShardWeightsError if a tensor is missing, ConfigError / DeviceUnavailableError for a device
+    the engine does not run on or this machine does not have.
     """
 
     def __init__(self, cfg: ModelConfig, tensors: Mapping[str, torch.Tensor], layer_start: int,
-                 layer_end: int, dtype: torch.dtype = torch.float32) -> None:
+                 layer_end: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
         if not 0 <= layer_start < layer_end <= cfg.num_layers:
             raise ShardWeightsError(f"layer range [{layer_start}, {layer_end}) is not inside "
                                     f"[0, {cfg.num_layers})")
         self.cfg = cfg
         self.layer_start, self.layer_end = layer_start, layer_end
         self.dtype = dtype
+        self.device = resolve_device(device)
+        self._flash_capable = (self.device.type == "cuda"
+                               and torch.cuda.get_device_capability(self.device) >= (8, 0))
         self.is_first = layer_start == 0
         self.is_last = layer_end == cfg.num_layers
 
@@ -166,7 +229,9 @@ class ModelShard:
                 if optional:
                     return None
                 raise ShardWeightsError(f"shard [{layer_start}, {layer_end}) needs tensor {name!r}")
-            return t if t.dtype == dtype else t.to(dtype)
+            if t.dtype == dtype and t.device == self.device:
+                return t
+            return t.to(device=self.device, dtype=dtype)
 
         self.embed = get("embed.weight") if self.is_first else None
         self.layers = [
@@ -186,7 +251,7 @@ class ModelShard:
             if head is None:
                 raise ShardWeightsError("the last shard needs 'lm_head.weight'")
             self.lm_head = head
-        self.rotary = Rotary(cfg, dtype)
+        self.rotary = Rotary(cfg, dtype, self.device)
 
     @property
     def num_layers(self) -> int:
@@ -206,27 +271,33 @@ class ModelShard:
 
     def new_kv_cache(self, max_batch_size: int, chunk_tokens: int = 256) -> KVCache:
         return KVCache(self.num_layers, max_batch_size, self.cfg.num_kv_heads, self.cfg.head_dim,
-                       self.dtype, chunk_tokens)
+                       self.dtype, chunk_tokens, self.device)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache,
                 all_logits: bool = False) -> torch.Tensor:
         """Run this shard's layers over ``batch``, writing K/V into ``cache``.
 
-        ``x``: token ids [b, T] (first shard) or hidden states [b, T, hidden] (others).
-        Returns hidden states [b, T, hidden], or fp32 logits [b, vocab] for each sequence's last
-        token from the last shard ([b, T, vocab] with ``all_logits``).
+        ``x``: token ids [b, T] (first shard) or hidden states [b, T, hidden] (others), on any
+        device (moved to this shard's). Returns hidden states [b, T, hidden], or fp32 logits
+        [b, vocab] for each sequence's last token from the last shard ([b, T, vocab] with
+        ``all_logits``), on this shard's device.
         """
         t = batch.num_tokens
-        starts = torch.tensor(batch.start_positions, dtype=torch.long)
-        positions = starts[:, None] + torch.arange(t)[None, :]
-        h = F.embedding(x, self.embed) if self.is_first else x.to(self.dtype)
-        cos, sin = self.rotary.tables(positions)
+        if self.is_first:
+            h = F.embedding(x if x.device == self.device else x.to(self.device), self.embed)
+        else:
+            h = x.to(device=self.device, dtype=self.dtype)
+        cos, sin = self.rotary.tables(batch.start_positions, t)
         end_max = max(batch.start_positions) + t
         cache.ensure_capacity(end_max)
+        index = cache.index(batch.slots, batch.start_positions)
         mask, causal = self._attention_mask(batch, end_max)
+        whole_heads = whole_kv_heads(self.device.type, self.dtype, mask is not None,
+                                     self._flash_capable)
         for li, layer in enumerate(self.layers):
-            h = self._layer(layer, h, li, batch, cache, cos, sin, mask, causal, end_max)
+            h = self._layer(layer, h, li, batch, cache, index, cos, sin, mask, causal,
+                            whole_heads, end_max)
         if not self.is_last:
             return h
         h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps)
@@ -242,17 +313,18 @@ class ModelShard:
         fresh = batch.start_positions[0] == 0 and uniform
         if (window is None or window >= end_max) and (fresh or (uniform and t == 1)):
             return None, fresh and t > 1
-        starts = torch.tensor(batch.start_positions, dtype=torch.long)
-        q_pos = starts[:, None] + torch.arange(t)[None, :]  # [b, T]
-        k_pos = torch.arange(end_max)  # [L]
+        dev = self.device
+        starts = torch.tensor(batch.start_positions, dtype=torch.long, device=dev)
+        q_pos = starts[:, None] + torch.arange(t, device=dev)[None, :]  # [b, T]
+        k_pos = torch.arange(end_max, device=dev)  # [L]
         mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [b, T, L]
         if window is not None:
             mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
         return mask[:, None, :, :], False
 
     def _layer(self, w: _Layer, h: torch.Tensor, li: int, batch: ForwardBatch, cache: KVCache,
-               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-               end_max: int) -> torch.Tensor:
+               index: CacheIndex, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool, whole_heads: bool, end_max: int) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = h.shape
         x = _rms_norm(h, w.input_norm, cfg.rms_norm_eps)
@@ -261,15 +333,13 @@ class ModelShard:
         q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        cache.write(li, batch.slots, batch.start_positions, k, v)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cache.write(li, batch.slots, batch.start_positions, k, v, index)
         if causal:  # fresh prefill: attend over the new keys directly, no cache read
             keys, values = k, v
         else:
-            keys, values = cache.read(li, batch.slots, end_max)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=cfg.num_heads != cfg.num_kv_heads)
+            keys, values = cache.read(li, batch.slots, end_max, index)
+        attn = _attention(q, keys, values, mask, causal, whole_heads)
         attn = attn.transpose(1, 2).reshape(b, t, cfg.q_size)
         h = h + _linear(attn, w.o_w, w.o_b)
         x = _rms_norm(h, w.post_norm, cfg.rms_norm_eps)

@@ -1,4 +1,10 @@
-"""Sampling parameters (validated at the edge) and the sampler (temperature, top-k, top-p, seed)."""
+"""Sampling parameters (validated at the edge) and the sampler (temperature, top-k, top-p, seed).
+
+Logits may live on a GPU; what the host needs crosses once per step (``sample_step``): the
+argmax and the asked log-probabilities in one small copy when every row is greedy, else the
+logits themselves, once, so that a seeded request draws from its CPU generator exactly as it
+would on a CPU.
+"""
 
 from __future__ import annotations
 
@@ -71,6 +77,77 @@ def new_generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(params.seed)
 
 
+def sample_step(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]
+                ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One step's token per row of ``logits`` [b, vocab] (``sample``) and, for the rows whose
+    params ask (``logprobs``), its ``TokenLogprob``. Does not mutate ``logits``. On a CPU the
+    same numbers as ``sample`` then ``logprobs_of``; on another device one copy to the host."""
+    if logits.device.type != "cpu":
+        if all(p.greedy for p in params):
+            return _greedy_step(logits, params)
+        logits = logits.cpu()  # one copy: the seeded CPU generators draw as on a CPU
+    tokens = sample(logits, params, generators)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[TokenLogprob | None] = [None] * len(params)
+    if rows:
+        found = logprobs_of(logits[rows], [tokens[i] for i in rows],
+                            [params[i].logprobs or 0 for i in rows])
+        for i, lp in zip(rows, found):
+            out[i] = lp
+    return tokens, out
+
+
+def _greedy_step(logits: torch.Tensor, params: Sequence[SamplingParams]
+                 ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """``sample_step`` when every row is greedy, computed where ``logits`` are, with one copy of
+    the results to the host (argmax per row, then the asked rows' log-probabilities)."""
+    picks = _argmax_tensor(logits)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return picks.tolist(), [None] * len(params)
+    ks = [params[i].logprobs or 0 for i in rows]
+    rows_t = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    chosen, top_v, top_i = _logprob_tensors(logits[rows_t], picks[rows_t], max(ks))
+    host = _to_host([picks, chosen, top_v, top_i])
+    tokens = [int(t) for t in host[0]]
+    return tokens, _assemble([tokens[i] for i in rows], ks, host[1], host[2], host[3],
+                             rows, len(params))
+
+
+def _assemble(token_ids: Sequence[int], ks: Sequence[int], chosen: list[float],
+              top_v: list[list[float]], top_i: list[list[float]], rows: Sequence[int],
+              num_rows: int) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = [None] * num_rows
+    for j, (row, tok, k) in enumerate(zip(rows, token_ids, ks)):
+        top = tuple((int(i), v) for i, v in zip(top_i[j][:k], top_v[j][:k])) if k else ()
+        out[row] = TokenLogprob(int(tok), chosen[j], top)
+    return out
+
+
+def _to_host(tensors: Sequence[torch.Tensor]) -> list[list]:
+    """``[t.tolist() for t in tensors]`` (1-D or 2-D tensors): on a CPU plainly (nothing to
+    copy), elsewhere in one device-to-host copy (``_packed_tolist``)."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.tolist() for t in tensors]
+    return _packed_tolist(tensors)
+
+
+def _packed_tolist(tensors: Sequence[torch.Tensor]) -> list[list]:
+    """``[t.tolist() for t in tensors]`` through one copy: each flattened to float64 (exact for
+    fp32 values and for indices below 2^53; integers come back as floats), concatenated,
+    copied, split."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    out, at = [], 0
+    for t in tensors:
+        n = t.numel()
+        part = flat[at:at + n]
+        at += n
+        out.append([part[r * t.shape[1]:(r + 1) * t.shape[1]] for r in range(t.shape[0])]
+                   if t.dim() == 2 else part)
+    return out
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` [b, vocab] (fp32). Does not mutate ``logits``. Never
@@ -122,22 +199,35 @@ def logprobs_of(logits: torch.Tensor, token_ids: Sequence[int], ks: Sequence[int
     """Per row of ``logits`` [n, vocab], the log-probability of ``token_ids[i]`` and the top
     ``ks[i]`` alternatives. Does not mutate ``logits``. Non-finite values (a token ruled out,
     NaN logits) come back as ``MIN_LOGPROB``, so the result is always valid JSON."""
+    ids = torch.tensor(list(token_ids), dtype=torch.long, device=logits.device)
+    chosen, top_v, top_i = _logprob_tensors(logits, ids, max(ks, default=0))
+    chosen_h, top_v_h, top_i_h = _to_host([chosen, top_v, top_i])
+    return _assemble(token_ids, ks, chosen_h, top_v_h, top_i_h, range(len(token_ids)),
+                     len(token_ids))
+
+
+def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, k_max: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where ``logits`` [n, vocab] are: each row's log-probability of ``token_ids[i]`` [n] and
+    its top ``k_max`` (values, indices: [n, k_max], empty when 0), non-finite as MIN_LOGPROB."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     lp = torch.nan_to_num(lp, nan=MIN_LOGPROB, neginf=MIN_LOGPROB, posinf=0.0).clamp_(min=MIN_LOGPROB)
-    chosen = lp.gather(-1, torch.tensor(list(token_ids), dtype=torch.long)[:, None])[:, 0].tolist()
-    k_max = max(ks, default=0)
-    top_v, top_i = (torch.topk(lp, min(k_max, lp.shape[-1]), dim=-1) if k_max
-                    else (None, None))
-    out = []
-    for i, (tok, k) in enumerate(zip(token_ids, ks)):
-        top = tuple(zip(top_i[i, :k].tolist(), top_v[i, :k].tolist())) if k else ()
-        out.append(TokenLogprob(int(tok), chosen[i], top))
-    return out
+    chosen = lp.gather(-1, token_ids[:, None])[:, 0]
+    if k_max:
+        top_v, top_i = torch.topk(lp, min(k_max, lp.shape[-1]), dim=-1)
+    else:
+        top_v = lp.new_empty((lp.shape[0], 0))
+        top_i = torch.empty((lp.shape[0], 0), dtype=torch.long, device=lp.device)
+    return chosen, top_v, top_i
+
+
+def _argmax_tensor(rows: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the largest logit, NaN counting as -inf (+inf stays the largest;
+    a row of nothing but NaN gets index 0), where ``rows`` are."""
+    finite = torch.nan_to_num(rows.float(), nan=float("-inf"),
+                              posinf=torch.finfo(torch.float32).max)
+    return finite.argmax(dim=-1)
 
 
 def _argmax(rows: torch.Tensor) -> list[int]:
-    """Per row, the index of the largest logit, NaN counting as -inf (+inf stays the largest;
-    a row of nothing but NaN gets index 0)."""
-    finite = torch.nan_to_num(rows.float(), nan=float("-inf"),
-                              posinf=torch.finfo(torch.float32).max)
-    return finite.argmax(dim=-1).tolist()
+    return _argmax_tensor(rows).tolist()
