@@ -114,6 +114,7 @@ from typing import Any, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bursty import in_host  # noqa: E402
 from benchmarks.common import ROOT
 from faascale.engine.blockio import DEFAULT_PIECE_BYTES
 from faascale.engine.checkpoint import read_manifest
@@ -369,19 +370,7 @@ class FromZeroBench:
 
     def _in_host(self, i: int, argv: Sequence[str], timeout_s: float,
                  env: Mapping[str, str] | None = None) -> str:
-        p = self.cluster.run(i, list(argv), env=dict(env or self.env), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
-        try:
-            out, _ = p.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            raise RuntimeError(f"{' '.join(argv[:4])}... in host {i} took over {timeout_s:.0f} s: "
-                               f"{out[-2000:]}") from None
-        if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv[:4])}... in host {i} exited {p.returncode}: "
-                               f"{out[-2000:]}")
-        return out
+        return in_host(self.cluster, i, argv, dict(env or self.env), timeout_s)
 
     def start_store(self, models: Sequence[ModelLike]) -> None:
         """Ceph RGW on the store host, its link at N x the node rate, every model uploaded."""

@@ -225,7 +225,6 @@ class FunctionReplica:
                                              [path for path, _ in placed])
             except CoordinatorUnreachable as exc:  # serve alone; not a source for others
                 log.warning("serving without PipeCast: %s", exc)
-                coordinator = None
         if self.member is not None:
             self.loop = self.member.loop
             if self.member.full:  # a holder serves its own copy at once
