@@ -1,4 +1,8 @@
 # One image for every faascale node: the Ray head (which also runs the gateway) and the GPU workers.
+# Its torch is a CUDA build by default, and a replica whose function reserves a GPU computes on it
+# (engine.device), but no GPU has run faascale's CUDA paths yet: unverified until
+# scripts/gpu-check.sh has passed on a GPU machine (it needs a checkout: tests/ and benchmarks/
+# are not in this image).
 FROM python:3.11-slim
 
 # torch==2.13.0, as pyproject.toml pins it. PyPI's Linux wheels of 2.13.0 bundle CUDA 13; for another

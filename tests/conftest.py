@@ -25,10 +25,24 @@ SHARED = ROOT.parent / "shared"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires(available, reason): a prerequisite (root and network "
                             "namespaces, Ceph RGW, ../shared); unmet, it skips, or fails under CI=true")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (set by mark_gpu_tests from its skipif "
+                            "reason); scripts/gpu-check.sh runs `pytest -m gpu`")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     skip_unmet(items)
+    mark_gpu_tests(items)
+
+
+def mark_gpu_tests(items: list[pytest.Item]) -> None:
+    """Mark ``gpu`` every test skipped for want of a GPU: its ``skipif`` reason says "hardware
+    absent: needs ... GPU" (the one wording of that guard: ``skipif(not
+    torch.cuda.is_available(), reason="hardware absent: needs a CUDA GPU (a skip in CI too)")``),
+    whether or not this machine has one, so ``pytest -m gpu`` selects the same tests anywhere."""
+    for item in items:
+        if any(str(m.kwargs.get("reason", "")).startswith("hardware absent: needs")
+               and "GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.hookimpl(tryfirst=True)

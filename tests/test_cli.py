@@ -56,6 +56,18 @@ def test_bad_input_is_one_error_line(tmp_path: Path, args: list[str], message: s
     assert "Traceback" not in r.stderr
 
 
+def test_a_gpu_device_without_gpus_is_one_error_line(tmp_path: Path) -> None:
+    """``engine.device: cuda`` with no ``resources.num_gpus``: the spec error names the field."""
+    fn = tmp_path / "gpu-fn"
+    fn.mkdir()
+    (fn / "function.yaml").write_text("name: gpu-fn\nmodel: {source: random://tiny-llama}\n"
+                                      "engine: {device: cuda}\n")
+    r = faascale("generate", str(fn), "x", home=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: invalid function spec: engine.device: 'cuda' needs a GPU")
+
+
 @pytest.mark.slow
 def test_generate_smollm2_answers_paris(tmp_path: Path) -> None:
     r = faascale("generate", "functions/smollm2-135m", "The capital of France is",

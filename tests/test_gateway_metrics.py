@@ -116,7 +116,7 @@ def make_app(tmp_path: Path, backend: FakeBackend, **settings: Any) -> tuple[Any
 
     registry.events_since = counted_events  # type: ignore[method-assign]
     ctx = GatewayContext(registry=registry, backend=backend, tokens=TOKENS,
-                         resolve_model=lambda spec: ("", ""), report=lambda intent: None,
+                         resolve_model=lambda spec: ("", "", ""), report=lambda intent: None,
                          logs=lambda name, tail: [], tier_stats=tier_stats, **settings)
     return create_app(ctx), calls
 

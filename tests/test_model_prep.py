@@ -28,6 +28,29 @@ def test_prepare_reads_the_metadata_and_parses_the_tokenizer(tiny_packed: Path) 
     assert got.store.get(f"{got.prefix}/manifest.json")  # the store is open and reusable
 
 
+def test_prepare_binds_to_the_deployed_manifest(tiny_packed: Path) -> None:
+    from faascale.memory_tier.packed import ManifestMismatch, manifest_digest
+
+    digest = manifest_digest((tiny_packed / "manifest.json").read_bytes())
+    assert model_prep.prepare(str(tiny_packed)).manifest_digest == digest
+    assert model_prep.prepare(str(tiny_packed), digest).manifest.model_id
+    with pytest.raises(ManifestMismatch, match="redeploy"):
+        model_prep.prepare(str(tiny_packed), "sha256:" + "0" * 64)
+
+
+def test_take_refuses_a_preparation_of_another_manifest() -> None:
+    prepared = _fake("s3://b/m")
+    prepared.manifest_digest = "sha256:old"
+    p = Preparer(locations=lambda: ["s3://b/m"], prepare=lambda loc: prepared,
+                 idle=lambda: True)
+    p.step()
+    assert p.take("s3://b/m", wait_s=0, expect_digest="sha256:new") is None
+    p = Preparer(locations=lambda: ["s3://b/m"], prepare=lambda loc: prepared,
+                 idle=lambda: True)
+    p.step()
+    assert p.take("s3://b/m", wait_s=0, expect_digest="sha256:old") is prepared
+
+
 def test_prepare_of_a_missing_model_raises(tmp_path: Path) -> None:
     from faascale.memory_tier.store import ObjectNotFound
 

@@ -329,6 +329,25 @@ def test_other_model_under_same_prefix_is_not_trusted(store: ObjectStore, tiny_p
         download_packed(store, "m", tmp_path / "dl")  # dest holds the other model
 
 
+def test_the_metadata_read_is_bound_to_the_deployed_manifest(store: ObjectStore,
+                                                              tiny_packed: Path,
+                                                              tmp_path: Path) -> None:
+    """A deploy records the manifest's digest; a model swapped in the store afterwards (its own
+    blocks and a manifest that verifies them) is refused before its manifest is parsed."""
+    from faascale.memory_tier.packed import (ManifestMismatch, manifest_digest,
+                                             read_packed_metadata, read_packed_metadata_digest)
+
+    upload_packed(store, tiny_packed, "m")
+    manifest, digest, _ = read_packed_metadata_digest(store, "m")
+    assert digest == manifest_digest((tiny_packed / "manifest.json").read_bytes())
+    assert read_packed_metadata(store, "m", digest)[0].model_id == manifest.model_id
+    pack_random(tmp_path / "other", seed=1, num_blocks=4)
+    upload_packed(store, tmp_path / "other", "m")  # replaced after the deploy
+    with pytest.raises(ManifestMismatch, match="not the manifest this function was deployed"):
+        read_packed_metadata(store, "m", digest)
+    assert read_packed_metadata(store, "m")[0].model_id != manifest.model_id  # unbound: reads
+
+
 # ---------------------------------------------------------------------------------------------
 # Store-specific
 

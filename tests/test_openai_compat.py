@@ -105,7 +105,7 @@ def served(tiny_packed: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
                                 "resources": {"num_cpus": 0}}, tmp)
     registry.put(spec, str(tiny_packed), "tiny-model-id")
     ctx = GatewayContext(registry=registry, backend=Backend(replica), tokens=TOKENS,
-                         resolve_model=lambda spec: ("", ""), report=lambda intent: None,
+                         resolve_model=lambda spec: ("", "", ""), report=lambda intent: None,
                          logs=lambda name, tail: [])
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(ctx), host="127.0.0.1", port=port,

@@ -144,3 +144,41 @@ def test_s3_down_is_a_clear_503_without_a_partial_model_and_recovers(s3_platform
         assert r.status_code == 503 and time.monotonic() < deadline, r.text
         time.sleep(2)
     assert p.status("s3-down")["cold_starts"][0]["sources"] == {"REMOTE": 4}
+
+
+def test_a_model_replaced_in_s3_after_the_deploy_is_refused(s3_platform: Any,
+                                                             tmp_path: Path) -> None:
+    """Whoever holds the store's keys can replace a packed model (its blocks and a manifest that
+    verifies them); a replica of the deployed function refuses it (the manifest's digest is
+    bound at deploy), the function answers a clear 503, and a redeploy serves again."""
+    from faascale.engine.random_model import pack_random
+
+    p, s3 = s3_platform
+    doc = tiny_doc("swapped")
+    doc["model"] = {"source": "random://tiny-llama", "seed": 11, "blocks": 4}
+    p.deploy(doc)
+    status = p.status("swapped")
+    digest = status["manifest_digest"]
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    prefix = status["model_dir"].removeprefix(f"s3://{BUCKET}/")
+    other = pack_random(tmp_path / "other", seed=12, num_blocks=4)
+    for f in sorted((tmp_path / "other").iterdir()):  # manifest last, as an upload does
+        if f.name != "manifest.json":
+            s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{f.name}", Body=f.read_bytes())
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/manifest.json",
+                  Body=(tmp_path / "other" / "manifest.json").read_bytes())
+    r = p.http().post("/v1/functions/swapped/invoke", json={"prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["type"] == "start_failed" and "ManifestMismatch" in error["message"], error
+    assert other.model_id not in [e.get("model_id") for e in p.status("swapped")["cold_starts"]]
+    p.deploy(doc)  # a redeploy uploads the function's own model again and binds it
+    deadline = time.monotonic() + 180
+    while True:
+        r = p.http().post("/v1/functions/swapped/invoke", json={"prompt": "hi", "max_tokens": 3})
+        if r.status_code == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert r.status_code == 200, r.text
+    assert p.status("swapped")["manifest_digest"] == digest
+    p.cli("delete", "swapped")

@@ -18,7 +18,8 @@ def deployed(tmp_path: Path) -> Registry:
                                    tmp_path)
         reg.put(spec, f"/models/{name}", f"id-{name}")
     with sqlite3.connect(reg.path) as db:
-        db.executemany("INSERT INTO functions VALUES (?, ?, '/', '/m', 'id', 0, 0)",
+        db.executemany("INSERT INTO functions (name, spec, base_dir, model_dir, model_id, "
+                       "created_s, updated_s) VALUES (?, ?, '/', '/m', 'id', 0, 0)",
                        [("beta", '{"name": 5}'), ("delta", "not json")])
     return reg
 
@@ -45,3 +46,22 @@ def test_events_whose_data_does_not_parse_are_left_out(tmp_path: Path) -> None:
     assert [e["load_s"] for e in reg.events("alpha", "cold_start")] == [2.0, 1.0]
     assert [e["load_s"] for e in reg.events_of_kind("cold_start")] == [2.0, 1.0]
     assert [d["load_s"] for _, _, _, d in reg.events_since(0, ("cold_start",))] == [1.0, 2.0]
+
+
+def test_the_manifest_digest_is_kept_and_an_old_registry_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with sqlite3.connect(path) as db:  # the schema before digests were recorded
+        db.execute("CREATE TABLE functions (name TEXT PRIMARY KEY, spec TEXT NOT NULL, "
+                   "base_dir TEXT NOT NULL, model_dir TEXT NOT NULL, model_id TEXT NOT NULL, "
+                   "created_s REAL NOT NULL, updated_s REAL NOT NULL)")
+        db.execute("INSERT INTO functions VALUES ('old', ?, '/', '/m/old', 'id-old', 1, 2)",
+                   ('{"name": "old", "model": {"source": "random://tiny-llama"}}',))
+    reg = Registry(path)
+    old = reg.get("old")
+    assert old is not None and old.model_id == "id-old" and old.manifest_digest == ""
+    spec = parse_function_spec({"name": "new", "model": {"source": "random://tiny-llama"}},
+                               tmp_path)
+    put = reg.put(spec, "/m/new", "id-new", "sha256:" + "ab" * 32)
+    assert put.manifest_digest == reg.get("new").manifest_digest == "sha256:" + "ab" * 32
+    assert [r.manifest_digest for r in reg.list()] == ["sha256:" + "ab" * 32, ""]
+    assert Registry(path).get("new").manifest_digest == put.manifest_digest  # reopened

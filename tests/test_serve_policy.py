@@ -182,6 +182,9 @@ def test_the_replica_version_ignores_what_only_the_policy_reads() -> None:
         assert replica_version(parse_function_spec(other), "/m", {"host_dir": "/dev/shm/x"}) != v
     assert replica_version(parse_function_spec(doc), "/m2", {"host_dir": "/dev/shm/x"}) != v
     assert replica_version(parse_function_spec(doc), "/m", None) != v
+    # the same location holding another model (redeployed: a new manifest digest) rolls replicas
+    assert replica_version(parse_function_spec(doc), "/m", {"host_dir": "/dev/shm/x"},
+                           "sha256:" + "1" * 64) != v
 
 
 def test_serve_wrapping_skips_us_from_zero_and_floors_downscale_at_one() -> None:

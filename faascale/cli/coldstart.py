@@ -127,20 +127,20 @@ def profiles_(name: Optional[str] = typer.Argument(None, help="a function (defau
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
-    # one row per start, 15 columns: wide enough not to cut them when piped (rich's default: 80)
+    # one row per start, 16 columns: wide enough not to cut them when piped (rich's default: 80)
     con = Console() if sys.stdout.isatty() else Console(width=220)
     for n, data in out.items():
         profiles = [StartupProfile.from_dict(p) for p in data["profiles"]]
         table = Table(title=f"{n}: last {len(profiles)} start(s)")
         steps = [s for s in START_STEPS if any(s in p.steps() for p in profiles)]
-        for col in ("at", "replica", "source", "runtime", "total s", "fixed s", *steps):
-            table.add_column(col, justify="left" if col in ("at", "replica", "source", "runtime")
-                             else "right")
+        for col in ("at", "replica", "source", "device", "runtime", "total s", "fixed s", *steps):
+            table.add_column(col, justify="left" if col in ("at", "replica", "source", "device",
+                                                            "runtime") else "right")
         for p in profiles:
             st = p.steps()
             table.add_row(time.strftime("%H:%M:%S", time.localtime(p.started_at_s)),
                           p.replica[-16:], p.source if p.ok else f"failed: {p.error}"[:40],
-                          "warm" if p.warm else "cold", f"{p.total_s:.2f}", f"{p.fixed_s:.2f}",
+                          p.device or "-", "warm" if p.warm else "cold", f"{p.total_s:.2f}", f"{p.fixed_s:.2f}",
                           *(f"{st[s]:.3f}" if s in st else "-" for s in steps))
         con.print(table)
         if profiles:

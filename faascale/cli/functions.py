@@ -62,6 +62,8 @@ def status(name: str) -> None:
     r = s["replicas"]
     con = Console()
     con.print(f"[bold]{s['name']}[/bold]  {s['status']}  model {s['model_id']}")
+    unbound = "not bound (deployed before digests were recorded; redeploy to bind)"
+    con.print(f"manifest: {s.get('manifest_digest') or unbound}")
     con.print(f"replicas: {r['running']} running, {r['starting']} starting, {r['stopping']} "
               f"stopping (min {r['min']}, max {r['max']})")
     con.print(f"gateway: {s['gateway']['in_flight']} in flight, "

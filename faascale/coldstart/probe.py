@@ -147,13 +147,13 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     imports_started_s = time.time()  # the heavy imports (torch, the engine, the tiers) below
     from faascale.coldstart.profile import (StartupRecorder, machine_facts, model_facts,
                                             source_of)
-    from faascale.coldstart.start_steps import build_engine_loop, cold_process_spans
+    from faascale.coldstart.start_steps import build_engine_loop, cold_process_spans, materialize
     from faascale.engine.checkpoint import block_tensors
     from faascale.engine.config import EngineConfig
-    from faascale.engine.llm import LLM
     from faascale.engine.sampling import SamplingParams
     from faascale.engine.tokenizer import Tokenizer
     from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
+    from faascale.memory_tier.device import DeviceLoader
     from faascale.memory_tier.node import split_location
     from faascale.memory_tier.packed import read_packed_metadata
     from faascale.memory_tier.store import open_store
@@ -176,10 +176,10 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
         for r in placed:
             tiers[r.source.name] = tiers.get(r.source.name, 0) + 1
         attrs["tier"] = tiers
-    with rec.span("materialize"):
-        llm = LLM.from_blocks(manifest, tokenizer,
-                              [block_tensors(info, map_block(Path(r.path)))
-                               for info, r in zip(manifest.blocks, placed)], cfg)
+    loader = DeviceLoader(cfg.device)
+    llm = materialize(rec, manifest, tokenizer, lambda: [
+        block_tensors(info, map_block(Path(r.path))) for info, r in zip(manifest.blocks, placed)],
+        cfg, loader)
     loop = build_engine_loop(llm, rec, "engine-probe")
     ready = time.time()
     first = None
@@ -191,7 +191,8 @@ def _probe(args: argparse.Namespace) -> dict[str, Any]:
     profile = rec.finish(function=args.function, replica=f"probe-{os.getpid()}",
                          model_id=manifest.model_id, source=source_of(tiers),
                          weight_bytes=manifest.total_bytes, machine=machine_facts(),
-                         model=model_facts(manifest, len(tokenizer_json.encode())))
+                         model=model_facts(manifest, len(tokenizer_json.encode())),
+                         device=str(loader.device))
     return profile.to_dict()
 
 

@@ -16,7 +16,9 @@ The steps of one of our starts, in order (``STEPS``):
   worker ran it on this start's path;
 - ``spec_tokenizer``: the function spec, the manifest and the tokenizer;
 - ``weight_fetch``: making every block local (attrs: ``tier`` per block counts, ``bytes``);
-- ``materialize``: block files to tensors and the engine's shards;
+- ``materialize``: block files to tensors on the engine's device and its shards, the device
+  synchronised (attrs: ``device``, ``mover``, ``blocks_moved``, ``bytes_moved``, ``bytes_copied``
+  (0 on a CPU: zero copy), ``device_sync_s``; ``start_steps.materialize``);
 - ``kv_cache``: the engine and its KV cache;
 - ``warmup``: one prefill and one decode step, so the first request does not pay for them;
 - ``cuda_graphs``: CUDA-graph capture (GPU only; absent on CPU);
@@ -67,7 +69,9 @@ class Span:
 @dataclass(frozen=True)
 class StartupProfile:
     """One replica start. ``source`` is where its weights came from (HOST, DISK, REMOTE, PEER,
-    or MIXED when blocks came from several tiers); ``started_at_s`` is epoch seconds."""
+    or MIXED when blocks came from several tiers); ``started_at_s`` is epoch seconds; ``device``
+    is where the replica computes (``cpu``, ``cuda:0``; "" in profiles from before it was
+    recorded)."""
 
     function: str
     replica: str
@@ -81,6 +85,7 @@ class StartupProfile:
     ok: bool = True
     error: str | None = None
     runtime: Mapping[str, Any] = field(default_factory=dict)  # warm or cold, idle_s (warm_runtime)
+    device: str = ""
 
     @property
     def warm(self) -> bool:
@@ -153,13 +158,13 @@ class StartupRecorder:
                weight_bytes: int, machine: Mapping[str, Any] | None = None,
                model: Mapping[str, Any] | None = None, ok: bool = True,
                error: str | None = None,
-               runtime: Mapping[str, Any] | None = None) -> StartupProfile:
+               runtime: Mapping[str, Any] | None = None, device: str = "") -> StartupProfile:
         spans = tuple(sorted(self.spans, key=lambda s: s.start_s))
         started = spans[0].start_s if spans else self.clock()
         return StartupProfile(function=function, replica=replica, model_id=model_id,
                               started_at_s=started, source=source, weight_bytes=weight_bytes,
                               spans=spans, machine=dict(machine or {}), model=dict(model or {}),
-                              ok=ok, error=error, runtime=dict(runtime or {}))
+                              ok=ok, error=error, runtime=dict(runtime or {}), device=device)
 
 
 def source_of(blocks_by_tier: Mapping[str, int]) -> str:

@@ -198,6 +198,9 @@ class DeviceLoader:
         self.staging_bytes, self.num_staging = staging_bytes, num_staging
         self.copies = copy or self.device.type != "cpu"
         self._copier: _Copier | None = None  # made at the first copy: pinned memory only if used
+        # What went through ``to_device`` (a replica's startup profile records them): calls
+        # (blocks), their bytes, and the bytes that were copied (0 on CPU: zero copy).
+        self.num_blocks = self.num_bytes = self.num_bytes_copied = 0
 
     def to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``tensors`` on the device, same names, shapes and dtypes: the same tensors where they
@@ -210,12 +213,26 @@ class DeviceLoader:
         moving = {n: t for n, t in tensors.items() if n not in out}
         if moving:
             out.update(self._through_ring(moving))
+        self.num_blocks += 1
+        self.num_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.num_bytes_copied += sum(t.numel() * t.element_size() for t in moving.values())
         return {n: out[n] for n in tensors}
 
-    def synchronize(self) -> None:
-        """Wait (host) until every copy issued so far has landed."""
+    def synchronize(self, whole_device: bool = False) -> None:
+        """Wait (host) until every copy issued so far has landed; with ``whole_device``, until
+        every stream of the device is idle too (``torch.cuda.synchronize``: what a replica does
+        before it reports itself ready, so that a failed copy or kernel fails the start, not its
+        first request). Nothing to wait for on a CPU."""
         if isinstance(self._copier, _CudaCopier):
             self._copier.synchronize()
+        if whole_device and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stats(self) -> dict[str, object]:
+        """The counters and the device, for a startup profile's span."""
+        return {"device": str(self.device), "mover": type(self).__name__,
+                "blocks_moved": self.num_blocks, "bytes_moved": self.num_bytes,
+                "bytes_copied": self.num_bytes_copied}
 
     def _new_copier(self) -> _Copier:
         if self.device.type == "cuda":

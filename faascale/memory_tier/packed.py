@@ -8,6 +8,7 @@ remote fetcher ``engine.sources.resolve_packed`` takes for ``s3://`` model sourc
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import shutil
@@ -55,13 +56,61 @@ def _remote_size(store: ObjectStore, key: str) -> int | None:
         return None
 
 
-def read_packed_metadata(store: ObjectStore, key_prefix: str) -> tuple[ModelManifest, str]:
+class ManifestMismatch(CheckpointError):
+    """The manifest in the store is not the one the function was deployed with: the model was
+    replaced (or tampered with) after the deploy. Its blocks are verified against the manifest,
+    so the manifest is what binds a replica to the deployed model."""
+
+
+def manifest_digest(raw: bytes) -> str:
+    """The digest a deploy records for a manifest's exact bytes (``sha256:<hex>``)."""
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def read_packed_metadata(store: ObjectStore, key_prefix: str, expect_digest: str = ""
+                         ) -> tuple[ModelManifest, str]:
     """The manifest and the verified ``tokenizer.json`` text of the packed model under
-    ``key_prefix`` (two small GETs; the blocks are fetched by the node's block store). Raises
-    ObjectNotFound if there is no model there and CheckpointError for a corrupt tokenizer."""
-    manifest = ModelManifest.from_json(store.get(_key(key_prefix, MANIFEST_FILE)).decode())
-    key = _key(key_prefix, manifest.tokenizer.file)
-    return manifest, verify_tokenizer(manifest, store.get(key), f"{store.uri}/{key}")
+    ``key_prefix`` (two small GETs; the blocks are fetched by the node's block store).
+
+    ``expect_digest``: the deployed manifest's ``manifest_digest``; when given, any other
+    manifest raises ManifestMismatch before it is parsed. Raises ObjectNotFound if there is no
+    model there and CheckpointError for a corrupt manifest or tokenizer."""
+    manifest, _, tokenizer_json = read_packed_metadata_digest(store, key_prefix, expect_digest)
+    return manifest, tokenizer_json
+
+
+def _bound(raw: bytes, expect_digest: str, where: str) -> str:
+    """The digest of manifest bytes ``raw`` read from ``where``; ManifestMismatch if a digest is
+    expected and this is another."""
+    digest = manifest_digest(raw)
+    if expect_digest and digest != expect_digest:
+        raise ManifestMismatch(f"{where} is not the manifest this function was deployed with "
+                               f"({digest[:19]}… != deployed {expect_digest[:19]}…): the model "
+                               f"was replaced after the deploy; redeploy the function to serve "
+                               f"the new one")
+    return digest
+
+
+def check_manifest(packed_dir: Path, expect_digest: str) -> None:
+    """ManifestMismatch unless ``packed_dir``'s manifest is the deployed one (no-op without a
+    digest): for a replica that loads a packed directory directly, without a store."""
+    if expect_digest:
+        path = Path(packed_dir) / MANIFEST_FILE
+        _bound(path.read_bytes(), expect_digest, str(path))
+
+
+def read_packed_metadata_digest(store: ObjectStore, key_prefix: str, expect_digest: str = ""
+                                ) -> tuple[ModelManifest, str, str]:
+    """``read_packed_metadata`` plus the manifest's digest: (manifest, digest, tokenizer text)."""
+    key = _key(key_prefix, MANIFEST_FILE)
+    raw = store.get(key)
+    digest = _bound(raw, expect_digest, f"{store.uri}/{key}")
+    try:
+        manifest = ModelManifest.from_json(raw.decode())
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{store.uri}/{key}: manifest is not UTF-8") from None
+    tok_key = _key(key_prefix, manifest.tokenizer.file)
+    return manifest, digest, verify_tokenizer(manifest, store.get(tok_key), f"{store.uri}/{tok_key}")
 
 
 def upload_packed(store: ObjectStore, packed_dir: Path, key_prefix: str,
@@ -144,7 +193,7 @@ def _download_block(store: ObjectStore, manifest: ModelManifest, index: int, key
 
 def download_packed(store: ObjectStore, key_prefix: str, dest_dir: Path,
                     progress: Callable[[int, int], None] | None = None,
-                    max_parallel_blocks: int = 4) -> Path:
+                    max_parallel_blocks: int = 4, expect_digest: str = "") -> Path:
     """Download the packed model under ``key_prefix`` into ``dest_dir``, verified; returns ``dest_dir``.
 
     Files land in a temp directory beside ``dest_dir`` (same filesystem), every block's checksum and
@@ -155,10 +204,14 @@ def download_packed(store: ObjectStore, key_prefix: str, dest_dir: Path,
     concurrent download got there first; a different model there raises CheckpointError. Files
     are not fsynced: a crash may leave pages unwritten, which ``LLM.load``'s checksums catch.
     ``progress(done_blocks, num_blocks)`` is called from this thread as blocks complete.
-    ObjectNotFound if there is no ``manifest.json`` under the prefix (no complete model).
+    ObjectNotFound if there is no ``manifest.json`` under the prefix (no complete model);
+    ManifestMismatch if ``expect_digest`` is given and the manifest is another.
     """
     dest = Path(dest_dir)
-    manifest_text = store.get(_key(key_prefix, MANIFEST_FILE)).decode()
+    key = _key(key_prefix, MANIFEST_FILE)
+    raw = store.get(key)
+    _bound(raw, expect_digest, f"{store.uri}/{key}")
+    manifest_text = raw.decode()
     manifest = ModelManifest.from_json(manifest_text)
     if _holds_model(dest, manifest):
         if progress:

@@ -49,6 +49,7 @@ from faascale.engine.manifest import ModelManifest
 from faascale.engine.model import ForwardBatch, ModelShard, merge_block_tensors
 from faascale.engine.tokenizer import Tokenizer
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
+from faascale.memory_tier.device import DeviceLoader
 from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.agent import write_json
 from faascale.pipecast.participant import Participant
@@ -110,14 +111,24 @@ class Member(Participant):
     model, if any (the plan then loads from it). ``store_loader(i)``: a verified local file of
     block i fetched from the object store (the node's block store), for plans that load from it
     (a scale from zero shared with other members, a repair of blocks nobody holds). Threads: control, plans, heartbeat (the
-    ``Participant``'s), stage server, the agent's, the engine loop's. ``close()`` stops them all."""
+    ``Participant``'s), stage server, the agent's, the engine loop's. ``close()`` stops them all.
+
+    Its shards compute on ``cfg.device``: each block it serves is moved there once by ``mover``
+    (the replica's ``DeviceLoader``; by default one of its own for ``cfg.device``: zero copy on
+    a CPU, pinned staging on a GPU) and shared by every layer range that needs it; the device
+    is synchronised before a new shard is used. DeviceUnavailableError (before binding
+    anything) when ``cfg.device`` is not on this machine."""
 
     def __init__(self, name: str, manifest: ModelManifest, tokenizer: Tokenizer,
                  holdings_dir: str | os.PathLike, cfg: EngineConfig, *, secret: bytes,
                  coordinator: str, bind_host: str = "127.0.0.1", advertise_host: str | None = None,
                  local_dir: str | os.PathLike | None = None, stage_timeout_s: float = 30.0,
                  function: str = "", on_full: Callable[[Member], None] | None = None,
-                 store_loader: Callable[[int], Path] | None = None, pieces: bool = True) -> None:
+                 store_loader: Callable[[int], Path] | None = None, pieces: bool = True,
+                 mover: DeviceLoader | None = None) -> None:
+        self.mover = mover if mover is not None else DeviceLoader(cfg.device)
+        self.device = cfg.resolve_device()
+        self._device_blocks: dict[int, dict[str, Any]] = {}  # block index -> tensors there
         super().__init__(name, manifest, holdings_dir, secret=secret, coordinator=coordinator,
                          bind_host=bind_host, advertise_host=advertise_host, local_dir=local_dir,
                          function=function or manifest.name, store_loader=store_loader, pieces=pieces)
@@ -207,12 +218,22 @@ class Member(Participant):
             if not infos or missing:
                 raise ValueError(f"{self.name} cannot serve layers [{layer_start}, {layer_end}): "
                                  f"blocks {missing} are not here")
-            weights = merge_block_tensors([block_tensors(b, map_block(self.agent.path(b.index)))
-                                           for b in infos])
+            weights = merge_block_tensors([self._on_device(b) for b in infos])
             shard = ModelShard(self.manifest.config, weights, layer_start, layer_end,
-                               self.cfg.torch_dtype)
+                               self.cfg.torch_dtype, self.device)
+            self.mover.synchronize(whole_device=True)  # its weights are there before it serves
             self._shards[(layer_start, layer_end)] = shard
             return shard
+
+    def _on_device(self, block: Any) -> dict[str, Any]:
+        """Block ``block``'s tensors on this member's device, moved once (under ``_lock``): a
+        block shared by several layer ranges (a pipeline's, then the full chain) is one copy."""
+        tensors = self._device_blocks.get(block.index)
+        if tensors is None:
+            tensors = self.mover.to_device(block_tensors(block, map_block(
+                self.agent.path(block.index))))
+            self._device_blocks[block.index] = tensors
+        return tensors
 
     def _full_chain(self) -> ShardChain:
         return ShardChain([self._shard(0, self.manifest.config.num_layers)],

@@ -18,6 +18,11 @@ num_tokens, dtype, shape, all_logits}``, reply meta ``{op, dtype, shape}`` or ``
 the payload is the tensor's bytes. A request carries the stage's epoch (its member's session),
 the reply the one the head named (``reply_epoch``, its own session): a transport that takes only
 its session's frames refuses a request or reply replayed after its owner restarted.
+
+Devices: frames carry host bytes. A stage on a GPU sends its outputs (and a head its local
+stages' hidden states) through ``wire_bytes``, one synchronous device-to-host copy; what arrives
+lands in a host tensor and goes on as is: a local ``ModelShard`` moves its input to its own
+device on entry, and the engine samples logits wherever they are (one copy to the host).
 """
 
 from __future__ import annotations
@@ -68,6 +73,18 @@ def _empty_like_meta(meta: dict[str, Any]) -> torch.Tensor:
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A host tensor's own bytes, writable (a frame is received into them)."""
+    assert t.device.type == "cpu" and t.is_contiguous(), (t.device, t.shape)
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def wire_bytes(t: torch.Tensor) -> memoryview:
+    """``t``'s bytes as a frame payload (row-major, its dtype): a contiguous host tensor's own
+    bytes (no copy); a strided one's, compacted; a GPU tensor's, copied to the host once (a
+    synchronous copy: it waits for the kernels that produce ``t``, and the bytes are final when
+    this returns, as a zero-copy send needs). The view keeps its tensor alive."""
+    if t.device.type != "cpu":
+        t = t.to("cpu")  # blocking: ordered after the current stream's work on ``t``
     return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
@@ -106,7 +123,7 @@ class RemoteStage:
                 "starts": list(batch.start_positions), "num_tokens": batch.num_tokens,
                 "all_logits": all_logits, **_tensor_meta(x)}
         try:
-            self.transport.send(self.address, "hidden", meta, _bytes_of(x), timeout_s=self.timeout_s,
+            self.transport.send(self.address, "hidden", meta, wire_bytes(x), timeout_s=self.timeout_s,
                                 epoch=self.epoch)
         except TransportTimeout:
             raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
@@ -250,7 +267,7 @@ class StageServer:
             shard = self._shard_of(meta.get("layers"))
             out = shard.forward(inputs["x"], batch, self._cache_of(reply_to, shard),
                                 all_logits=bool(meta.get("all_logits")))
-            self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, _bytes_of(out),
+            self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, wire_bytes(out),
                                 timeout_s=30.0, epoch=reply_epoch)
         except Exception as exc:  # the head must hear about it, not wait for its timeout
             log.exception("stage request %s failed", op)

@@ -72,7 +72,8 @@ class GatewayContext:
     registry: Registry
     backend: Backend
     tokens: Tokens
-    resolve_model: Callable[[Any], tuple[str, str]]  # FunctionSpec -> (packed dir, model id)
+    # FunctionSpec -> (packed model location, model id, manifest digest)
+    resolve_model: Callable[[Any], tuple[str, str, str]]
     report: Callable[[dict[str, Any]], None]  # scale intents to the events sink
     logs: Callable[[str, int], list[str]]  # (function, tail) -> log lines of its replicas
     tier_stats: Callable[[], dict[str, Any]] = dict  # node -> its block store's occupancy and hits

@@ -40,7 +40,7 @@ async def deploy(request: Request, gw: Gateway) -> JSONResponse:
     except SpecError as exc:
         raise ApiError(422, str(exc), "invalid_spec") from None
     try:
-        model_dir, model_id = await run_in_threadpool(ctx.resolve_model, spec)
+        model_dir, model_id, digest = await run_in_threadpool(ctx.resolve_model, spec)
     except StoreUnavailable as exc:  # the object store is down: retry later, not a bad spec
         raise ApiError(503, f"model: {exc}", "store_unavailable", {"Retry-After": "5"}) from None
     except (ValueError, OSError, StoreError, CheckpointError) as exc:  # bad or missing model
@@ -48,12 +48,13 @@ async def deploy(request: Request, gw: Gateway) -> JSONResponse:
     existed = await run_in_threadpool(ctx.registry.exists, spec.name)
     now = ctx.clock()
     try:  # deploy first: a function Serve refused is not registered
-        await run_in_threadpool(ctx.backend.deploy, FunctionRecord(spec, model_dir, model_id, now, now))
+        await run_in_threadpool(ctx.backend.deploy,
+                                FunctionRecord(spec, model_dir, model_id, now, now, digest))
     except Exception as exc:
         log.exception("deploying %s failed", spec.name)
         raise ApiError(500, f"deploying {spec.name!r} failed: {str(exc).splitlines()[0][:300]}",
                        "deploy_failed") from None
-    record = await run_in_threadpool(ctx.registry.put, spec, model_dir, model_id)
+    record = await run_in_threadpool(ctx.registry.put, spec, model_dir, model_id, digest)
     gw.forget(spec.name)
     await run_in_threadpool(ctx.registry.add_event, spec.name, "deploy",
                             {"model_id": model_id, "update": existed})
@@ -95,7 +96,8 @@ async def scale(name: str, request: Request, gw: Gateway) -> dict[str, Any]:
         spec = parse_function_spec(doc, record.spec.base_dir)
     except SpecError as exc:
         raise ApiError(422, str(exc), "invalid_spec") from None
-    record = await run_in_threadpool(ctx.registry.put, spec, record.model_dir, record.model_id)
+    record = await run_in_threadpool(ctx.registry.put, spec, record.model_dir, record.model_id,
+                                     record.manifest_digest)
     gw.forget(name)
     await run_in_threadpool(ctx.backend.deploy, record)
     await run_in_threadpool(ctx.registry.add_event, name, "scale_config",
@@ -197,6 +199,7 @@ async def _status(gw: RequestContext, record: FunctionRecord) -> dict[str, Any]:
     out.update({
         "spec": record.spec.to_document(),
         "model_dir": record.model_dir,
+        "manifest_digest": record.manifest_digest,  # replicas serve only this manifest
         "scale_events": [e for e in events if e["kind"] == "scale_intent"][:10],
         "cold_starts": [e for e in events if e["kind"] == "cold_start"][:10],
         "start_failures": [e for e in events if e["kind"] == "start_failed"][:5],

@@ -54,24 +54,28 @@ class PreparedModel:
     tokenizer: Any  # faascale.engine.tokenizer.Tokenizer, chat template compiled
     prepared_at_s: float  # epoch seconds, when it was ready
     prepare_s: float  # how long the preparation took
+    manifest_digest: str = ""  # of the manifest read (a replica uses it only if it was deployed)
 
 
-def prepare(location: str) -> PreparedModel:
+def prepare(location: str, expect_digest: str = "") -> PreparedModel:
     """Open the model's store, read and verify its metadata, parse its tokenizer, compile its
-    chat template. Raises what the store or the checkpoint raise."""
+    chat template. ``expect_digest``: the deployed manifest's digest (ManifestMismatch for any
+    other; without it the digest read is recorded and the taker compares). Raises what the store
+    or the checkpoint raise."""
     from faascale.engine.tokenizer import Tokenizer
     from faascale.memory_tier.node import split_location
-    from faascale.memory_tier.packed import read_packed_metadata
+    from faascale.memory_tier.packed import read_packed_metadata_digest
     from faascale.memory_tier.store import open_store
 
     t0 = time.time()
     store_uri, prefix = split_location(location)
     store = open_store(store_uri)
-    manifest, tokenizer_json = read_packed_metadata(store, prefix)
+    manifest, digest, tokenizer_json = read_packed_metadata_digest(store, prefix, expect_digest)
     tokenizer = Tokenizer(tokenizer_json, manifest.tokenizer)
     tokenizer.compile_chat_template()
     now = time.time()
-    return PreparedModel(location, store, prefix, manifest, tokenizer_json, tokenizer, now, now - t0)
+    return PreparedModel(location, store, prefix, manifest, tokenizer_json, tokenizer, now,
+                         now - t0, digest)
 
 
 # --- the published locations (Ray's internal KV: the platform writes, runtimes read) ----------
@@ -201,10 +205,12 @@ class Preparer:
                 self._on_prepared(self.prepared())
         return done
 
-    def take(self, location: str, wait_s: float = TAKE_WAIT_S) -> PreparedModel | None:
+    def take(self, location: str, wait_s: float = TAKE_WAIT_S,
+             expect_digest: str = "") -> PreparedModel | None:
         """The model's prepared state, handed over (and this preparer stopped: the process is a
         replica now); waits up to ``wait_s`` for a preparation of it in progress. None if the
-        model was not prepared here."""
+        model was not prepared here, or if what was prepared is not the manifest deployed
+        (``expect_digest``; the replica then reads it itself and is refused)."""
         self.stop()
         deadline = time.monotonic() + wait_s
         with self._cond:
@@ -212,7 +218,10 @@ class Preparer:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
             prepared = self._ready.pop(location, None)
             self._ready.clear()  # the rest is for other replicas: this process will not use it
-            return prepared
+        if prepared is not None and expect_digest and prepared.manifest_digest != expect_digest:
+            log.warning("%s changed since it was prepared ahead; not using it", location)
+            return None
+        return prepared
 
     def prepared(self) -> list[str]:
         with self._cond:
@@ -230,6 +239,9 @@ def start_preparer(**kwargs: Any) -> Preparer:
     return _PREPARER
 
 
-def take(location: str, wait_s: float = TAKE_WAIT_S) -> PreparedModel | None:
-    """What this process prepared for the model at ``location`` (None in a cold runtime)."""
-    return _PREPARER.take(location, wait_s) if _PREPARER is not None else None
+def take(location: str, wait_s: float = TAKE_WAIT_S,
+         expect_digest: str = "") -> PreparedModel | None:
+    """What this process prepared for the model at ``location`` (None in a cold runtime, or when
+    it is not the deployed manifest ``expect_digest``)."""
+    return (_PREPARER.take(location, wait_s, expect_digest) if _PREPARER is not None
+            else None)

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS functions (
     model_dir TEXT NOT NULL,     -- where the packed model lives: a directory or s3://bucket/prefix
     model_id TEXT NOT NULL,
     created_s REAL NOT NULL,
-    updated_s REAL NOT NULL
+    updated_s REAL NOT NULL,
+    manifest_digest TEXT NOT NULL DEFAULT ''  -- the deployed manifest's sha256 (binds replicas)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,6 +58,9 @@ class FunctionRecord:
     model_id: str
     created_s: float
     updated_s: float
+    # ``memory_tier.packed.manifest_digest`` of the manifest deployed; replicas refuse any other
+    # ("" for a function deployed before digests were recorded: not bound until redeployed)
+    manifest_digest: str = ""
 
     @property
     def name(self) -> str:
@@ -71,6 +75,10 @@ class Registry:
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            columns = {r[1] for r in db.execute("PRAGMA table_info(functions)")}
+            if "manifest_digest" not in columns:  # a registry written before digests
+                db.execute("ALTER TABLE functions ADD COLUMN manifest_digest TEXT NOT NULL "
+                           "DEFAULT ''")
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
@@ -81,21 +89,24 @@ class Registry:
         finally:
             db.close()
 
-    def put(self, spec: FunctionSpec, model_dir: str, model_id: str) -> FunctionRecord:
+    def put(self, spec: FunctionSpec, model_dir: str, model_id: str,
+            manifest_digest: str = "") -> FunctionRecord:
         """Insert or replace a function (a redeploy keeps its creation time)."""
         now = self.clock()
         with self._db() as db:
             row = db.execute("SELECT created_s FROM functions WHERE name = ?", (spec.name,)).fetchone()
             created = row[0] if row else now
-            db.execute("INSERT OR REPLACE INTO functions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO functions (name, spec, base_dir, model_dir, "
+                       "model_id, created_s, updated_s, manifest_digest) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (spec.name, json.dumps(spec.to_document()), spec.base_dir, model_dir,
-                        model_id, created, now))
-        return FunctionRecord(spec, model_dir, model_id, created, now)
+                        model_id, created, now, manifest_digest))
+        return FunctionRecord(spec, model_dir, model_id, created, now, manifest_digest)
 
     def get(self, name: str) -> FunctionRecord | None:
         with self._db() as db:
-            row = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s "
-                             "FROM functions WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s, "
+                             "manifest_digest FROM functions WHERE name = ?", (name,)).fetchone()
         if row is None:
             return None
         try:
@@ -113,13 +124,13 @@ class Registry:
         """Every function whose row parses, by name (the others are logged and left out)."""
         with self._db() as db:
             rows = db.execute("SELECT spec, base_dir, model_dir, model_id, created_s, updated_s, "
-                              "name FROM functions ORDER BY name").fetchall()
+                              "manifest_digest, name FROM functions ORDER BY name").fetchall()
         out = []
         for r in rows:
             try:
                 out.append(self._record(r))
             except Exception as exc:  # noqa: BLE001
-                self._bad(("function", r[6]), f"function {r[6]!r}: stored record does not "
+                self._bad(("function", r[7]), f"function {r[7]!r}: stored record does not "
                           f"parse ({type(exc).__name__}: {exc}); left out")
         return out
 
@@ -147,7 +158,7 @@ class Registry:
     @staticmethod
     def _record(row: tuple) -> FunctionRecord:
         spec = parse_function_spec(json.loads(row[0]), row[1])
-        return FunctionRecord(spec, row[2], row[3], row[4], row[5])
+        return FunctionRecord(spec, row[2], row[3], row[4], row[5], row[6])
 
     def add_event(self, function: str, kind: str, data: dict[str, Any],
                   at_s: float | None = None) -> None:

@@ -25,12 +25,14 @@ _IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the
 
 from faascale.coldstart.profile import StartupRecorder, machine_facts, model_facts, source_of
 from faascale.coldstart.start_steps import (PROCESS_SPAN_MAX_S, build_engine_loop,
-                                            cold_process_spans, warm_up)
+                                            cold_process_spans, device_ready, load_packed,
+                                            materialize, warm_up)
 from faascale.engine.checkpoint import block_tensors
 from faascale.engine.llm import LLM
 from faascale.engine.tokenizer import Tokenizer
+from faascale.memory_tier.device import DeviceLoader
 from faascale.memory_tier.node import TierConfig, node_blocks_actor, split_location
-from faascale.memory_tier.packed import download_packed, read_packed_metadata
+from faascale.memory_tier.packed import check_manifest, download_packed, read_packed_metadata
 from faascale.memory_tier.store import open_store
 from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.member import Member, MemberError
@@ -74,8 +76,12 @@ class FunctionReplica:
     """Loads the packed model at construction, then streams completions for the gateway."""
 
     def __init__(self, spec_doc: dict[str, Any], base_dir: str, model_dir: str,
-                 tiers: dict[str, Any] | None = None) -> None:
+                 tiers: dict[str, Any] | None = None, manifest_digest: str = "") -> None:
+        """``manifest_digest``: the deployed manifest's (``memory_tier.packed.manifest_digest``);
+        any other manifest at ``model_dir`` fails the start with ManifestMismatch ("": unbound,
+        a function deployed before digests were recorded)."""
         t0 = time.time()
+        self._manifest_digest = manifest_digest
         rec = self._rec = StartupRecorder()
         self._t0 = t0
         self._ordered_ref = events.last_scale_up_ref(str(spec_doc.get("name") or ""))
@@ -91,11 +97,15 @@ class FunctionReplica:
         self._ready_s: float | None = None
         self._first_token_reported = False
         try:
+            # Every path moves its blocks to the spec's device through this loader (zero copy
+            # on a CPU, pinned staging on a GPU) and synchronises it before the start ends.
+            self._loader = DeviceLoader(self.spec.device)  # DeviceUnavailableError: no such GPU
             if tiers:  # through the node's block store: HOST hits when the model is warm here
                 sources = self._start_with_tiers(model_dir, TierConfig(**tiers))
             else:
-                with rec.span("weight_fetch", tier="DISK"):
-                    self.llm = LLM.load(model_dir, self.spec.engine_config())
+                check_manifest(Path(model_dir), manifest_digest)
+                self.llm = load_packed(rec, model_dir, self.spec.engine_config(), self._loader,
+                                       tier="DISK")
                 sources = {"DISK": self.llm.manifest.num_blocks}
                 self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
                                               background_warmup=True)
@@ -133,7 +143,8 @@ class FunctionReplica:
                 source=source_of(sources), weight_bytes=manifest.total_bytes if manifest else 0,
                 machine=machine_facts(),
                 model=model_facts(manifest, tokenizer_bytes) if manifest is not None else {},
-                ok=ok, error=error, runtime=getattr(self, "runtime", {}))
+                ok=ok, error=error, runtime=getattr(self, "runtime", {}),
+                device=str(self._loader.device) if hasattr(self, "_loader") else "")
             events.report({"function": self.spec.name, "kind": STARTUP_PROFILE,
                            "at_s": time.time(), "profile": self.profile.to_dict()})
         except Exception as exc:  # a profile must never fail a start
@@ -151,14 +162,15 @@ class FunctionReplica:
 
         rec = self._rec
         t_spec = time.time()
-        prepared = model_prep.take(location)  # a warm runtime read and parsed it while idle
+        # a warm runtime read and parsed it while idle (used only if it is the deployed manifest)
+        prepared = model_prep.take(location, expect_digest=self._manifest_digest)
         if prepared is not None:
             store, prefix = prepared.store, prepared.prefix
             manifest, tokenizer_json = prepared.manifest, prepared.tokenizer_json
         else:
             store_uri, prefix = split_location(location)
             store = open_store(store_uri)
-            manifest, tokenizer_json = read_packed_metadata(store, prefix)
+            manifest, tokenizer_json = read_packed_metadata(store, prefix, self._manifest_digest)
         self._tokenizer_bytes = len(tokenizer_json.encode())
         if self.spec.scaling.load_from == "store":
             return self._start_from_store(store, prefix, manifest, tiers, t_spec)
@@ -208,9 +220,12 @@ class FunctionReplica:
                 if member is not None:
                     member.close()
             else:
-                # Servable (through a pipeline while the rest arrives) is this start's end.
+                # Servable (through a pipeline while the rest arrives) is this start's end; the
+                # member moved the blocks it serves to the device (``Member._shard``).
+                device = device_ready(self._loader)
                 rec.add("weight_fetch", t_fetch, time.time(), tier={"PEER": manifest.num_blocks},
-                        bytes=manifest.total_bytes, servable_through_pipeline=not member.full)
+                        bytes=manifest.total_bytes, servable_through_pipeline=not member.full,
+                        **device)
                 self.member, self.loop = member, member.loop
                 return {"PEER": manifest.num_blocks}
         with rec.span("weight_fetch", bytes=manifest.total_bytes) as attrs:
@@ -220,9 +235,10 @@ class FunctionReplica:
             attrs["tier"] = sources
         if coordinator is not None:
             try:
-                with rec.span("materialize", kv_cache_included=True):
+                with rec.span("materialize", kv_cache_included=True) as span:
                     self.member = self._join(coordinator, manifest, tokenizer, tiers,
                                              [path for path, _ in placed])
+                    span.update(device_ready(self._loader))
             except CoordinatorUnreachable as exc:  # serve alone; not a source for others
                 log.warning("serving without PipeCast: %s", exc)
         if self.member is not None:
@@ -230,10 +246,9 @@ class FunctionReplica:
             if self.member.full:  # a holder serves its own copy at once
                 warm_up(self.loop, self.llm, wait=False)
         else:
-            with rec.span("materialize"):
-                blocks = [block_tensors(info, map_block(Path(path)))
-                          for info, (path, _) in zip(manifest.blocks, placed)]
-                self.llm = LLM.from_blocks(manifest, tokenizer, blocks, cfg)
+            self.llm = materialize(rec, manifest, tokenizer, lambda: [
+                block_tensors(info, map_block(Path(path)))
+                for info, (path, _) in zip(manifest.blocks, placed)], cfg, self._loader)
             self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
                                           background_warmup=True)
         return sources
@@ -250,9 +265,9 @@ class FunctionReplica:
         rec.add("spec_tokenizer", t_spec, time.time())
         with rec.span("weight_fetch", tier={"REMOTE": manifest.num_blocks},
                       bytes=manifest.total_bytes):
-            download_packed(store, prefix, self._private)
-        with rec.span("materialize"):
-            self.llm = LLM.load(self._private, self.spec.engine_config(), verify=False)  # verified
+            download_packed(store, prefix, self._private, expect_digest=self._manifest_digest)
+        self.llm = load_packed(rec, self._private, self.spec.engine_config(), self._loader,
+                               verify=False)  # verified as it downloaded
         self.loop = build_engine_loop(self.llm, rec, f"engine-{self.spec.name}",
                                       background_warmup=True)
         return {"REMOTE": manifest.num_blocks}
@@ -285,7 +300,7 @@ class FunctionReplica:
         for info, path in zip(manifest.blocks, held_paths):
             (self._holdings / info.file).symlink_to(path)
         return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
-                      self.spec.engine_config(), secret=contact.secret,
+                      self.spec.engine_config(), secret=contact.secret, mover=self._loader,
                       coordinator=contact.address, bind_host=contact.bind_host(),
                       function=self.spec.name,
                       on_full=on_full, store_loader=store_loader, pieces=use_pieces())

@@ -51,14 +51,16 @@ def _autoscaling(spec: FunctionSpec) -> Any:
 POLICY_ONLY_FIELDS = ("min_replicas", "max_replicas")
 
 
-def replica_version(spec: FunctionSpec, model_dir: str, tiers: dict[str, Any] | None) -> str:
+def replica_version(spec: FunctionSpec, model_dir: str, tiers: dict[str, Any] | None,
+                    manifest_digest: str = "") -> str:
     """The deployment's code version: a hash of everything a replica is built from except
     ``POLICY_ONLY_FIELDS``. Without one ``serve.run`` makes a random version per deploy and rolls
     every replica over to it, so a scale 1 -> 3 stopped the serving replica and started three; with it
     a scale is a new target count, and anything a replica reads still replaces the replicas."""
     doc = spec.to_document()
     doc["scaling"] = {k: v for k, v in doc["scaling"].items() if k not in POLICY_ONLY_FIELDS}
-    text = json.dumps([doc, spec.base_dir, model_dir, tiers], sort_keys=True, default=str)
+    parts = [doc, spec.base_dir, model_dir, tiers] + ([manifest_digest] if manifest_digest else [])
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -118,8 +120,10 @@ class ServeBackend:
             # Serve 2.60 dropped ``options(version=...)`` but ``serve.run`` still reads the
             # deployment's ``_version`` (else a random one): the platform test of a 1 -> 3 scale
             # (``test_platform_warm.py``) fails if a Ray upgrade stops honouring it.
-            deployment._version = replica_version(spec, record.model_dir, tiers)
-            return deployment.bind(spec.to_document(), spec.base_dir, record.model_dir, tiers)
+            deployment._version = replica_version(spec, record.model_dir, tiers,
+                                                  record.manifest_digest)
+            return deployment.bind(spec.to_document(), spec.base_dir, record.model_dir, tiers,
+                                   record.manifest_digest)
 
     def delete(self, name: str) -> None:
         model_prep.unpublish(name)

@@ -107,10 +107,9 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
     import uvicorn
     from ray import serve
 
-    from faascale.engine.checkpoint import read_manifest
     from faascale.engine.sources import resolve_packed
     from faascale.memory_tier.node import TierConfig, all_node_stats, split_location
-    from faascale.memory_tier.packed import read_packed_metadata, upload_packed
+    from faascale.memory_tier.packed import read_packed_metadata_digest, upload_packed
     from faascale.memory_tier.store import open_store
     from faascale.platform.auth import load_or_create_tokens, metrics_token_from_env
     from faascale.platform.events import report, start_event_sink
@@ -161,22 +160,23 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
 
     bucket = os.environ.get("FAASCALE_S3_BUCKET")
 
-    def resolve_model(spec: Any) -> tuple[str, str]:
+    def resolve_model(spec: Any) -> tuple[str, str, str]:
         """Where the function's packed model lives for replicas: an ``s3://`` source as is; else
-        packed once locally, then uploaded to S3 when the platform stores models there."""
+        packed once locally, then uploaded to S3 when the platform stores models there. With the
+        model id and the digest of the manifest replicas must find there (read back from where
+        they will read it)."""
         source = spec.resolved_source()
-        if source.startswith("s3://"):
-            store_uri, prefix = split_location(source)
-            manifest, _ = read_packed_metadata(open_store(store_uri), prefix)
-            return source, manifest.model_id
-        packed = resolve_packed(source, dtype=spec.model.dtype, num_blocks=spec.model.blocks,
-                                seed=spec.model.seed, cache_dir=state.models)
-        manifest = read_manifest(packed)
-        if not bucket:
-            return str(packed), manifest.model_id
-        key_prefix = f"models/{packed.name}"
-        upload_packed(open_store(f"s3://{bucket}"), packed, key_prefix)  # resumable, manifest last
-        return f"s3://{bucket}/{key_prefix}", manifest.model_id
+        if not source.startswith("s3://"):
+            packed = resolve_packed(source, dtype=spec.model.dtype, num_blocks=spec.model.blocks,
+                                    seed=spec.model.seed, cache_dir=state.models)
+            source = str(packed)
+            if bucket:
+                source = f"s3://{bucket}/models/{packed.name}"
+                upload_packed(open_store(f"s3://{bucket}"), packed,
+                              f"models/{packed.name}")  # resumable, manifest last
+        store_uri, prefix = split_location(source)
+        manifest, digest, _ = read_packed_metadata_digest(open_store(store_uri), prefix)
+        return source, manifest.model_id, digest
 
     app = create_app(GatewayContext(registry=registry, backend=backend, tokens=tokens,
                                     resolve_model=resolve_model, report=report,

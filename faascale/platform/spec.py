@@ -5,14 +5,15 @@ Errors name the field and the reason, e.g. ``model.blocks: Input should be great
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from faascale.engine.config import EngineConfig
+from faascale.engine.config import DEVICE_NAMES, ConfigError, EngineConfig, check_device_name
 
 SPEC_FILE = "function.yaml"
 DNS_LABEL = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -50,9 +51,23 @@ class EngineSpec(_Strict):
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     max_prefill_tokens_per_step: int = Field(default=2048, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
+    device: str | None = Field(
+        default=None, description=f"where a replica computes: {', '.join(DEVICE_NAMES)}; "
+        "default: cuda when resources.num_gpus > 0, else cpu (FunctionSpec.device). auto: cuda "
+        "when the replica sees a GPU (on Ray, only one that reserves GPUs does)")
 
-    def engine_config(self, dtype: str) -> EngineConfig:
-        return EngineConfig(dtype=dtype, max_batch_size=self.max_batch_size,
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            return check_device_name(v)
+        except ConfigError as exc:  # "device: 'mps' is not supported; ..." without the prefix
+            raise ValueError(str(exc).removeprefix("device: ")) from None
+
+    def engine_config(self, dtype: str, device: str = "cpu") -> EngineConfig:
+        return EngineConfig(dtype=dtype, device=device, max_batch_size=self.max_batch_size,
                             max_seq_len=self.max_seq_len,
                             max_prefill_tokens_per_step=self.max_prefill_tokens_per_step,
                             num_threads=self.num_threads)
@@ -119,8 +134,36 @@ class FunctionSpec(_Strict):
     base_dir: str = Field(default=".", exclude=True,
                           description="directory of function.yaml; relative sources resolve here")
 
+    @property
+    def device(self) -> str:
+        """``engine.device``, or by default ``cuda`` when the function reserves GPUs
+        (``resources.num_gpus > 0``: Ray shows a replica only the GPUs it reserved, a fraction
+        sharing one) and ``cpu`` otherwise. Resolved on the replica's machine
+        (``engine.config.resolve_device``)."""
+        if self.engine.device is not None:
+            return self.engine.device
+        return "cuda" if self.resources.num_gpus > 0 else "cpu"
+
     def engine_config(self) -> EngineConfig:
-        return self.engine.engine_config(self.model.dtype)
+        return self.engine.engine_config(self.model.dtype, self.device)
+
+    def device_problem(self) -> str | None:
+        """Why ``engine.device`` cannot run where the function's replicas are placed, or None:
+        a CUDA device needs ``resources.num_gpus > 0`` (Ray hides every GPU from a replica that
+        reserves none), and ``cuda:N`` one of the GPUs reserved (a replica sees them as
+        ``cuda:0`` .. ``cuda:K-1``, K = ceil(num_gpus)). Reads no hardware."""
+        device, gpus = self.device, self.resources.num_gpus
+        if not device.startswith("cuda"):
+            return None
+        if gpus <= 0:
+            return (f"{device!r} needs a GPU but resources.num_gpus is 0 (Ray shows a replica "
+                    f"only the GPUs it reserves); set resources.num_gpus (e.g. 1), or device: "
+                    f"cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= math.ceil(gpus):
+            return (f"{device!r} but resources.num_gpus is {gpus:g}: a replica sees its GPUs as "
+                    f"cuda:0 .. cuda:{math.ceil(gpus) - 1}")
+        return None
 
     @property
     def target_concurrency(self) -> int:
@@ -143,11 +186,20 @@ def parse_function_spec(data: object, base_dir: str | os.PathLike = ".") -> Func
     if not isinstance(data, dict):
         raise SpecError("function spec: must be a mapping with at least 'name' and 'model'")
     try:
-        return FunctionSpec.model_validate({**data, "base_dir": str(base_dir)})
+        spec = FunctionSpec.model_validate({**data, "base_dir": str(base_dir)})
     except ValidationError as exc:
         fields = [(".".join(str(p) for p in e["loc"]) or "(root)", e["msg"]) for e in exc.errors()]
-        detail = "; ".join(f"{f}: {m}" for f, m in fields)
-        raise SpecError(f"invalid function spec: {detail}", fields) from None
+        _raise(fields)
+    # across sections, after each section is valid (pydantic would name the root, not the field)
+    problem = spec.device_problem()
+    if problem is not None:
+        _raise([("engine.device", problem)])
+    return spec
+
+
+def _raise(fields: list[tuple[str, str]]) -> NoReturn:
+    detail = "; ".join(f"{f}: {m}" for f, m in fields)
+    raise SpecError(f"invalid function spec: {detail}", fields) from None
 
 
 def load_function_spec(path: str | os.PathLike) -> FunctionSpec:
