@@ -318,7 +318,8 @@ def test_restart_keeps_functions(platform: Platform, tiny_deployed: str) -> None
     assert platform.cli("ls").returncode == 2  # not running: one clear error line
     db_path = platform.home / "registry.db"
     with sqlite3.connect(db_path) as db:
-        db.execute("INSERT INTO functions VALUES ('broken', ?, '/', '/nowhere', 'id', 0, 0)",
+        db.execute("INSERT INTO functions (name, spec, base_dir, model_dir, model_id, created_s, "
+                   "updated_s) VALUES ('broken', ?, '/', '/nowhere', 'id', 0, 0)",
                    ('{"name": 5}',))
         db.execute("INSERT INTO events (function, kind, data, at_s) VALUES (?, 'cold_start', "
                    "'{not json', 0)", (tiny_deployed,))
