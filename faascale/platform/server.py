@@ -50,18 +50,39 @@ def replica_logs(function: str, tail: int) -> list[str]:
 NODE_SCAN_S = 10.0  # how often the platform looks for new nodes to give a block store
 
 
+_STOPPING = threading.Event()  # set when the platform shuts down: start no more block stores
+RAY_EXIT_S = 10.0  # how long a shutdown waits for the Ray processes it started to exit
+
+
 def _keep_node_blocks(tiers: Any) -> None:
     """Every node gets its block store before a replica needs it: now, and as nodes join."""
     from faascale.memory_tier.node import start_node_blocks
 
-    while True:
+    while not _STOPPING.is_set():
         try:
             started = start_node_blocks(tiers)
             if started:
                 log.info("started block stores on %d node(s)", len(started))
         except Exception:  # noqa: BLE001 - Ray busy or shutting down: try again later
             log.debug("node scan failed", exc_info=True)
-        time.sleep(NODE_SCAN_S)
+        _STOPPING.wait(NODE_SCAN_S)
+
+
+def _shutdown_ray(ray: Any) -> None:
+    """``ray.shutdown()``, then wait (up to ``RAY_EXIT_S``) until every process this one started
+    (the local Ray's raylet and workers) has exited: a block-store actor still starting creates
+    its tier directory, which must not reappear after the platform removed it."""
+    import psutil
+
+    try:
+        ours = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        ours = []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(ours, timeout=RAY_EXIT_S)
+    if alive:
+        log.warning("%d Ray process(es) still running after %.0f s: %s", len(alive), RAY_EXIT_S,
+                    [p.pid for p in alive])
 
 
 WARM_REPORT_S = 5.0  # how often the warm pool's idle count is sent again to the events actor
@@ -199,11 +220,12 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
                     timeout_graceful_shutdown=5)
     finally:
         state.clear_platform(me.instance)
+        _STOPPING.set()
         warm.stop()
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            _shutdown_ray(ray)
             remove_owned(me, state)  # shared memory: do not leave it behind the platform
 
 
