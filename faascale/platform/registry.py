@@ -77,8 +77,12 @@ class Registry:
             db.executescript(SCHEMA)
             columns = {r[1] for r in db.execute("PRAGMA table_info(functions)")}
             if "manifest_digest" not in columns:  # a registry written before digests
-                db.execute("ALTER TABLE functions ADD COLUMN manifest_digest TEXT NOT NULL "
-                           "DEFAULT ''")
+                try:
+                    db.execute("ALTER TABLE functions ADD COLUMN manifest_digest TEXT NOT NULL "
+                               "DEFAULT ''")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
