@@ -35,6 +35,8 @@ from faascale.pipecast.stage import (RemoteStage, StageServer, _bytes_of, _empty
                                      _tensor_meta, wire_bytes)
 from faascale.pipecast.zmq_transport import ZmqTransport
 from faascale.platform.replica import FunctionReplica
+from test_pipecast_member import SECRET as MEMBER_SECRET
+from test_pipecast_member import coordinator  # noqa: F401 - the fixture, shared
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(
@@ -133,22 +135,11 @@ def test_a_gpu_function_on_a_machine_without_one_fails_its_start_naming_the_devi
 
 # --- a PipeCast member's shards on its device -------------------------------------------------
 
-@pytest.fixture()
-def coordinator() -> Iterator[Coordinator]:
-    with ZmqTransport(secret=SECRET, name="coordinator", recv_hwm=64) as t:
-        coord = Coordinator(t, join_window_s=0.5, dead_after_s=2.0, hung_after_s=6.0)
-        thread = threading.Thread(target=coord.run, daemon=True)
-        thread.start()
-        yield coord
-        coord.stop()
-        thread.join(5)
-
-
 def member(packed: Path, coordinator: Coordinator, cfg: EngineConfig,
            mover: DeviceLoader | None) -> Member:
     m = read_manifest(packed)
     return Member("holder", m, Tokenizer(read_tokenizer_json(packed, m), m.tokenizer), packed, cfg,
-                  secret=SECRET, coordinator=coordinator.address, mover=mover)
+                  secret=MEMBER_SECRET, coordinator=coordinator.address, mover=mover)
 
 
 def test_a_member_moves_each_block_once_through_its_loader(tiny_packed: Path,

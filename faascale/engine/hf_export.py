@@ -17,12 +17,9 @@ is one tensor (the largest, the embeddings: 113 MB of SmolLM2 in fp32), not the 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ import torch
 from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer_json
 from faascale.engine.config import ModelConfig, dtype_name, parse_dtype
 from faascale.engine.manifest import CheckpointError, ModelManifest
+from faascale.engine.sources import build_once
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # written last: a folder with config.json is a complete export
@@ -187,24 +185,8 @@ def exported_hf_dir(packed_dir: str | os.PathLike, cache_root: str | os.PathLike
     leaves nothing behind. Raises what ``export_hf`` raises."""
     manifest = read_manifest(packed_dir)
     name = f"{manifest.model_id}-{dtype_name(parse_dtype(dtype or manifest.dtype))}"
-    root = Path(cache_root)
-    target = root / name
-    if (target / CONFIG_FILE).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / CONFIG_FILE).is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        try:
-            export_hf(packed_dir, tmp / "m", dtype=dtype)
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp / "m", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(Path(cache_root) / name, lambda t: (t / CONFIG_FILE).is_file(),
+                      lambda out: export_hf(packed_dir, out, dtype=dtype))
 
 
 __all__ = ["export_hf", "exported_hf_dir", "generation_config", "hf_config", "hf_state_dict",

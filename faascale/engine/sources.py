@@ -118,15 +118,26 @@ def resolve_packed(source: str, *, dtype: str = "float32", num_blocks: int = 4, 
     name, pack = _packer(source, dtype, num_blocks, seed)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}-{dtype}-b{num_blocks}-{_fingerprint(source, dtype, num_blocks, seed)}"
-    if is_packed(target):
+    return build_once(target, is_packed, lambda out: pack(out, progress))
+
+
+def build_once(target: Path, done: Callable[[Path], bool], build: Callable[[Path], object]
+               ) -> Path:
+    """``target``, built by ``build(out_dir)`` unless ``done(target)`` already. Concurrent callers
+    (threads or processes) build once: the first holds a file lock beside ``target``, the others
+    wait for it and reuse its result; the build goes to a temporary directory renamed into place,
+    so a failed one leaves nothing behind."""
+    if done(target):
         return target
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_packed(target):
+        if done(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
         try:
-            pack(tmp / "m", progress)
+            build(tmp / "m")
             if target.exists():
                 shutil.rmtree(target)
             os.rename(tmp / "m", target)
