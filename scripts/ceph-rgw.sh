@@ -17,12 +17,15 @@ set -euo pipefail
 
 usage() { echo "usage: $0 up DIR PORT | down DIR" >&2; exit 2; }
 
-die() {  # die MESSAGE [LOG]: the error, then the last lines of LOG
+die() {  # die MESSAGE [LOG]: the error, then the last lines of LOG and of LOG.out (what a daemon
+  # printed itself: a fatal check such as the mon's free-space one goes there, not to its log)
   echo "ceph-rgw: error: $1" >&2
-  if [[ -n ${2:-} && -s $2 ]]; then
-    echo "ceph-rgw: last lines of $2:" >&2
-    tail -n 30 "$2" | sed 's/^/  | /' >&2
-  fi
+  local f
+  for f in ${2:+"$2" "$2.out"}; do
+    [[ -s $f ]] || continue
+    echo "ceph-rgw: last lines of $f:" >&2
+    tail -n 30 "$f" | sed 's/^/  | /' >&2
+  done
   exit 1
 }
 
@@ -160,8 +163,9 @@ step() {  # step DESC TIMEOUT_S LOG CMD...: one bounded command; its output goes
   timeout "$timeout_s" "$@" >>"$log" 2>&1 || die "$desc failed (exit $?)" "$log"
 }
 
-start() {  # start NAME LOG CMD...: run a daemon in the foreground of a background job
-  "${@:3}" -f </dev/null >>"$2" 2>&1 &
+start() {  # start NAME LOG CMD...: run a daemon in the foreground of a background job; what it
+  # prints goes to LOG.out (writing it into LOG too, at another offset, would overwrite lines)
+  "${@:3}" -f </dev/null >>"$2.out" 2>&1 &
   STARTED+=("$!")
   echo "$!" >>"$D/pids"
 }
@@ -225,6 +229,9 @@ mon_allow_pool_size_one = true
 mon_warn_on_pool_no_redundancy = false
 mon_warn_on_insecure_global_id_reclaim_allowed = false
 mon_data_avail_warn = 1
+# The mon refuses to start when its filesystem has under 5 % free (the default), which a large,
+# busy disk reaches with gigabytes left; this cluster's mon stores a few MiB (the OSD is in memory).
+mon_data_avail_crit = 0
 osd_pool_default_pg_autoscale_mode = off
 osd_pool_default_pg_num = 8
 osd_pool_default_pgp_num = 8
