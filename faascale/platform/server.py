@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import MutableMapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,20 @@ from faascale.platform.instance import (Holder, PlatformLock, PlatformLockError,
 from faascale.platform.state import PlatformInfo, StateDir, platform_url
 
 log = logging.getLogger("faascale.platform")
+
+
+def export_vllm_python(environ: MutableMapping[str, str] = os.environ) -> str | None:
+    """Where ``engine.kind: vllm`` replicas find vLLM: ``FAASCALE_VLLM_PYTHON``, else the
+    ``.venv-vllm`` (``make vllm-env``) in the directory the platform started from, exported as
+    an absolute path for the Ray workers; None when neither exists (such a deploy's replicas
+    then fail to start, saying how to install it)."""
+    from faascale.coldstart.vllm_run import PYTHON_ENV, VllmRunError, resolve_python
+
+    try:
+        environ[PYTHON_ENV] = os.path.abspath(resolve_python(None, environ))
+    except VllmRunError:
+        return None
+    return environ[PYTHON_ENV]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -139,12 +154,14 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
     from faascale.platform.gateway_context import GatewayContext
     from faascale.platform.registry import Registry
     from faascale.platform.serve_app import ServeBackend
+    from faascale.platform.vllm_replica import hf_cache_dir
     from faascale.platform.warm_pool import WarmPool, ray_system_config, setting_from_env
 
     tokens = load_or_create_tokens(state.tokens_file)
     metrics_token = metrics_token_from_env()  # a bad one fails here, before Ray starts
     registry = Registry(state.registry_db)
     pool_setting = setting_from_env()
+    export_vllm_python()  # engine.kind: vllm replicas (Ray workers inherit this environment)
     if address:  # the head's --system-config decides the preload (warm_pool.head_system_config_args)
         ray.init(address=address, namespace="faascale", log_to_driver=False)
     else:  # embedded: a local Ray instance owned by this process (Ray's token auth stays on)
@@ -159,7 +176,7 @@ def run(lock: PlatformLock, host: str, port: int, address: str | None) -> None:
     # The HOST tier lives in shared memory (RAM), beside the replicas' PipeCast and private
     # directories: marked as this instance's before any is written, removed at exit.
     me = replace(me, dirs=(tiers.host_dir, f"{tiers.host_dir}-pipecast",
-                           f"{tiers.host_dir}-private"))
+                           f"{tiers.host_dir}-private", str(hf_cache_dir(tiers))))
     claim_dirs(me, state)
     lock.write(me)
     if pipecast is not None:  # every node's complete tier copies join PipeCast as sources

@@ -46,7 +46,30 @@ class ModelSpec(_Strict):
         return v.strip()
 
 
+class VllmSpec(_Strict):
+    """``engine.vllm``: the vLLM settings that matter for its starts (``engine.kind: vllm``)."""
+
+    enforce_eager: bool = Field(
+        default=False, description="skip torch.compile (and CUDA graphs): a much shorter start, "
+        "slower decode")
+    kv_cache_gib: int = Field(
+        default=1, ge=1, le=1 << 14, description="KV-cache memory on a CPU node, whole GiB "
+        "(VLLM_CPU_KVCACHE_SPACE; vLLM's own default takes most of the RAM)")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="the share of the GPU vLLM may use (GPU nodes)")
+    compile_cache_dir: str | None = Field(
+        default=None, description="vLLM's cache root (VLLM_CACHE_ROOT: its torch.compile "
+        "artifacts); default: vLLM's own (~/.cache/vllm)")
+    start_timeout_s: float = Field(default=900.0, gt=0,
+                                   description="longest vLLM start before the replica fails")
+
+
 class EngineSpec(_Strict):
+    kind: Literal["faascale", "vllm"] = Field(
+        default="faascale", description="faascale: our engine (PipeCast's temporary pipelines "
+        "serve while it loads); vllm: a vLLM OpenAI server per replica (its own venv: make "
+        "vllm-env), fed from the node's tiers")
+    vllm: VllmSpec | None = Field(default=None, description="vLLM settings (engine.kind: vllm)")
     max_seq_len: int = Field(default=2048, ge=2, le=1 << 20)
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     max_prefill_tokens_per_step: int = Field(default=2048, ge=1)
@@ -65,6 +88,12 @@ class EngineSpec(_Strict):
             return check_device_name(v)
         except ConfigError as exc:  # "device: 'mps' is not supported; ..." without the prefix
             raise ValueError(str(exc).removeprefix("device: ")) from None
+
+    @model_validator(mode="after")
+    def _vllm_settings(self) -> "EngineSpec":
+        if self.kind == "vllm" and self.vllm is None:
+            return self.model_copy(update={"vllm": VllmSpec()})
+        return self
 
     def engine_config(self, dtype: str, device: str = "cpu") -> EngineConfig:
         return EngineConfig(dtype=dtype, device=device, max_batch_size=self.max_batch_size,
@@ -194,6 +223,12 @@ def parse_function_spec(data: object, base_dir: str | os.PathLike = ".") -> Func
     problem = spec.device_problem()
     if problem is not None:
         _raise([("engine.device", problem)])
+    if spec.engine.vllm is not None and spec.engine.kind != "vllm":
+        _raise([("engine.vllm", f"settings for engine.kind: vllm, but the kind is "
+                 f"{spec.engine.kind}")])
+    if spec.engine.kind == "vllm" and spec.scaling.load_from == "store":
+        _raise([("scaling.load_from", "engine.kind: vllm loads through the node's tiers (its "
+                 "Hugging Face export is kept there); use load_from: tiers")])
     return spec
 
 
