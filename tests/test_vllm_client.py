@@ -137,3 +137,52 @@ def test_spec_engine_kind_vllm_fills_its_settings_and_names_bad_fields() -> None
         with pytest.raises(SpecError) as err:
             parse_function_spec({**base, **extra})
         assert field in [f for f, _ in err.value.fields], (extra, err.value.fields)
+
+
+class _Refusing:
+    """An engine whose every choice vLLM refuses (a 4xx) before any token, or fails later."""
+
+    def __init__(self, tokens_first: int) -> None:
+        self.tokens_first = tokens_first
+
+    def asubmit(self, ids, params):  # noqa: ANN001, ANN201 - the EngineLoop.asubmit shape
+        from faascale.engine.engine import StepOutput
+        from faascale.platform.vllm_client import VllmRejected
+
+        outer = self
+
+        class Stream:
+            async def batches(self):  # noqa: ANN202
+                for i in range(outer.tokens_first):
+                    yield [StepOutput("r", 7, "x", False, None, len(ids), i + 1)]
+                raise VllmRejected(400, "This model's maximum context length is 8 tokens")
+
+            def abort(self) -> None:
+                pass
+        return Stream()
+
+
+def test_vllm_refusing_a_choice_before_any_token_is_a_typed_400_and_later_an_error(
+        tiny_packed) -> None:
+    import asyncio
+
+    from faascale.engine.config import EngineConfig
+    from faascale.engine.llm import LLM
+    from faascale.platform.generation import Generation
+    from faascale.platform.vllm_client import VllmRejected
+
+    llm = LLM.load(tiny_packed, EngineConfig(max_batch_size=2, max_seq_len=64))
+
+    def run(engine: _Refusing, n: int) -> list[dict]:
+        gen = Generation(llm, engine, 64)  # type: ignore[arg-type]
+
+        async def go() -> list[dict]:
+            return [c async for c in gen.generate({"prompt": "hi", "n": n,
+                                                   "params": {"max_tokens": 4}})]
+        return asyncio.run(go())
+
+    for n in (1, 3):  # one choice, and several merged
+        (item,) = run(_Refusing(tokens_first=0), n)
+        assert item["error"]["status"] == 400 and "maximum context length" in item["error"]["message"]
+    with pytest.raises(VllmRejected):  # after tokens went out, it cannot become a 400
+        run(_Refusing(tokens_first=1), 1)
