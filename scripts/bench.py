@@ -43,7 +43,7 @@ HELPERS = {"gloo_broadcast": "one rank of scaleout.py's torch.distributed baseli
 # Fast ones first; the end-to-end run (the longest, minutes even with --quick) last; any others
 # follow by name.
 ORDER = ("engine", "gateway", "tiers", "scaleout", "pipeline_ttft", "replica_start", "coldstart_accuracy",
-         "bursty")
+         "coldstart_vllm", "bursty")
 KILL_GRACE_S = 60
 DRAIN_S = 5.0
 STATUS_WIDTH = 100  # characters of a failed benchmark's last stderr line in the table

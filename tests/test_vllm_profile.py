@@ -309,3 +309,50 @@ def test_one_real_eager_vllm_start(smollm2_packed: Path, tmp_path: Path) -> None
     assert [o.model.name for o in ds.observations] == ["smollm2"]
     for pid in {int(p) for p in re.findall(r"pid=(\d+)\)", text)}:
         assert not _alive(pid), f"vLLM process {pid} outlived the run"
+
+
+def test_profile_loop_labels_disk_and_cold_compile_caches(fake_python: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vllm_profile.profile_vllm`` (the CLI's loop): a ``disk`` start drops the folder's pages
+    first and is labelled so; a ``cold`` start gets a fresh cache root holding only the shared
+    model infos and its own Inductor cache, removed afterwards; runs number on."""
+    from faascale.coldstart import vllm_profile
+    from faascale.coldstart.vllm_profile import ProfileRequest, cold_caches, profile_vllm
+
+    hf = _hf_dir(tmp_path / "tiny")
+    shared = tmp_path / "vllm-cache"
+    (shared / "modelinfos").mkdir(parents=True)
+    (shared / "modelinfos" / "x-LlamaForCausalLM.json").write_text("{}")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(shared))
+    evicted: list[list[Path]] = []
+    monkeypatch.setattr(vllm_profile, "evict_from_page_cache", evicted.append)
+    out = tmp_path / "o"
+    lines: list[str] = []
+    base = dict(model_dir=str(hf), out=str(out), python=str(fake_python), timeout_s=30.0)
+    res = profile_vllm(ProfileRequest(**base, weights_source="disk", enforce_eager=True,
+                                      scenario="fake_eager_disk"), MACHINE, echo=lines.append,
+                       report=lines.append)
+    assert res.failure is None and len(res.runs) == 1 and res.scenario == "fake_eager_disk"
+    assert [p.name for p in evicted[0]] == ["config.json", "model.safetensors", "tokenizer.json"]
+    res = profile_vllm(ProfileRequest(**base, runs=2, compile_cache="cold"), MACHINE,
+                       echo=lines.append, report=lines.append)
+    assert res.scenario == "testhost_compiled" and len(res.runs) == 2 and len(evicted) == 1
+    with (out / "startup_runs.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["run"] != "mean"]
+    assert [(r["scenario"], r["run"], r["weights_source"]) for r in rows] == [
+        ("fake_eager_disk", "1", "disk"), ("testhost_compiled", "1", "pagecache"),
+        ("testhost_compiled", "2", "pagecache")]
+    assert "compile-cache_cold" in rows[1]["variant"] and rows[1]["compile_cache_setting"].startswith("cold")
+    assert f"added 2 run(s) of tiny (testhost_compiled) to {out}" in lines
+    cfg = VllmServerConfig(model_dir=str(hf), python=str(fake_python))
+    with cold_caches(cfg) as cold:
+        root = Path(cold.cache_root or "")
+        assert (root / "modelinfos" / "x-LlamaForCausalLM.json").is_file()
+        env = server_env(cold, {})
+        assert env["VLLM_CACHE_ROOT"] == str(root)
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor")
+    assert not root.exists()
+    with pytest.raises(ValueError, match="weights_source"):
+        ProfileRequest(**base, weights_source="s3")
+    with pytest.raises(ValueError, match="compile_cache"):
+        ProfileRequest(**base, compile_cache="warm")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -187,54 +186,30 @@ def profile_vllm(model_dir: str = typer.Argument(..., help="a Hugging Face model
                  dtype: str = typer.Option("float32", "--dtype"),
                  max_model_len: int = typer.Option(2048, "--max-model-len"),
                  scenario: Optional[str] = typer.Option(None, "--scenario", help="default: "
-                                                        "HOST_eager or HOST_compiled"),
+                                                        "HOST_eager or HOST_compiled (+ _disk)"),
                  model_name: Optional[str] = typer.Option(None, "--model-name", help="the model "
-                                                          "key (default: MODEL_DIR's name)")) -> None:
+                                                          "key (default: MODEL_DIR's name)"),
+                 from_disk: bool = typer.Option(False, "--from-disk", help="drop the model "
+                                                "folder's pages from the page cache before each "
+                                                "start (labelled weights_source disk)")) -> None:
     """Real vLLM API-server starts of MODEL_DIR, each log parsed into the six startup steps and
     added to OUT in the *Breaking the Ice* data format (``coldstart predict --data OUT``)."""
     from faascale.coldstart.profile import machine_facts
-    from faascale.coldstart.vllm_data import (add_runs, model_row, next_run_index, run_row,
-                                              save_run_json)
-    from faascale.coldstart.vllm_log import STEPS
-    from faascale.coldstart.vllm_run import (VllmRunError, VllmServerConfig, resolve_python,
-                                             run_vllm_start)
+    from faascale.coldstart.vllm_profile import ProfileRequest, profile_vllm
+    from faascale.coldstart.vllm_run import VllmRunError, resolve_python
 
     try:
         interpreter = resolve_python(python)
-        model = model_row(model_dir, model_name)
-        machine = machine_facts()
-        name = model["model"]
-        setting = scenario or f"{machine['hostname']}_{'eager' if enforce_eager else 'compiled'}"
-        cfg = VllmServerConfig(model_dir=str(model_dir), python=str(interpreter), port=port,
-                               dtype=dtype, max_model_len=max_model_len,
-                               enforce_eager=enforce_eager)
-        variant = ";".join((["enforce-eager"] if enforce_eager else [])
-                           + [f"dtype_{dtype}", f"max_model_len_{max_model_len}"])
-        first = next_run_index(out, name, setting)
-        rows = []
-        failure = None
-        for k in range(first, first + runs):
-            log = Path(out) / "logs" / f"{name}_{setting}_run{k}.log"
-            typer.echo(f"run {k - first + 1}/{runs}: vLLM on {name} ({setting}), log {log}",
-                       err=True)
-            run = run_vllm_start(cfg, log, timeout_s=timeout_s,
-                                 on_step=lambda s: typer.echo(f"  … {s}", err=True))
-            if not run.ok or run.startup is None:
-                failure = f"run {k - first + 1}/{runs} failed: {run.error}"
-                break
-            save_run_json(run, model=name, weight_bytes=int(model["weight_bytes"]), machine=machine)
-            rows.append(run_row(run, model=name, scenario=setting, run_index=k,
-                                eager=enforce_eager, machine=machine, variant=variant))
-            st = run.startup
-            steps = ", ".join(f"{s} {st.steps_s[s]:.2f}" for s in STEPS if s in st.steps_s)
-            typer.echo(f"  {steps}; log total {st.total_s if st.total_s is not None else '-'} s, "
-                       f"spawn to ready {run.measured_s:.2f} s"
-                       + (f" [{', '.join(st.flags)}]" if st.flags else ""))
-        if rows:
-            add_runs(out, model, rows)
-            typer.echo(f"added {len(rows)} run(s) of {name} ({setting}) to {out}")
-        if failure is not None:
-            raise VllmRunError(failure)
+        req = ProfileRequest(model_dir=str(model_dir), out=out, python=str(interpreter), runs=runs,
+                             enforce_eager=enforce_eager,
+                             weights_source="disk" if from_disk else "pagecache",
+                             scenario=scenario, model_name=model_name, dtype=dtype,
+                             max_model_len=max_model_len, port=port, timeout_s=timeout_s)
+        result = profile_vllm(req, machine_facts(), echo=lambda s: typer.echo(s, err=True),
+                              report=typer.echo,
+                              on_step=lambda s: typer.echo(f"  … {s}", err=True))
+        if result.failure is not None:
+            raise VllmRunError(result.failure)
     except VllmRunError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

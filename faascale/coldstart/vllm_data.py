@@ -23,9 +23,10 @@ How a start becomes a row (columns as the shared data's README defines them):
   add up to the measured start (spawn → first 200 from ``/health``, ``actual_total_time``), which
   is what the startup model predicts as the sum of the steps. The log's own bootstrap stays in
   the run's JSON.
-- ``weights_source`` is ``pagecache`` (the start does not drop the page cache; a first read after
-  the export may still come from the disk), ``compile_cache_observed`` is the log's
-  ``compile_cache`` (``miss``, ``hit``, ``none`` for eager).
+- ``weights_source`` is the caller's label: ``pagecache`` by default (``vllm_profile`` reads the
+  model folder once before such a start), ``disk`` when the folder's pages were evicted before the
+  start; never inferred from the measured load time. ``compile_cache_observed`` is the log's ``compile_cache`` (``miss``,
+  ``hit``, ``none`` for eager).
 - ``compiled_graph_size_kb`` is left empty (the paper's graph-size tool is not run here), and the
   MoE columns too (dense models only).
 """
@@ -120,8 +121,12 @@ def _fmt(value: float | None) -> str:
 
 
 def run_row(run: VllmRun, *, model: str, scenario: str, run_index: int, eager: bool,
-            machine: Mapping[str, Any], variant: str = "") -> dict[str, str]:
-    """One ``startup_runs.csv`` row for a successful start (see the module docstring)."""
+            machine: Mapping[str, Any], variant: str = "", weights_source: str = "pagecache",
+            compile_cache_setting: str | None = None) -> dict[str, str]:
+    """One ``startup_runs.csv`` row for a successful start (see the module docstring);
+    ``weights_source`` labels where the weights were read from (``pagecache`` or ``disk``),
+    ``compile_cache_setting`` how the compile cache was set up (default: off for eager, else
+    vLLM's default)."""
     if not run.ok or run.startup is None or run.measured_s is None:
         raise ValueError(f"run {run.log_path} did not succeed: {run.error}")
     st = run.startup
@@ -150,9 +155,9 @@ def run_row(run: VllmRun, *, model: str, scenario: str, run_index: int, eager: b
     cols["actual_total_time"] = run.measured_s
     row = {"scenario": scenario, "node": str(machine.get("hostname") or socket.gethostname()),
            "gpu": str(machine.get("gpu") or ""), "cpu": str(machine.get("cpu_model") or ""),
-           "weights_source": "pagecache",
-           "compile_cache_setting": "off (--enforce-eager)" if eager else
-           "vLLM default (persistent AOT compile cache)",
+           "weights_source": weights_source,
+           "compile_cache_setting": compile_cache_setting or (
+               "off (--enforce-eager)" if eager else "vLLM default (persistent AOT compile cache)"),
            "compile_cache_observed": st.compile_cache or "", "source_file": f"logs/{run.log_path.name}",
            "run": str(run_index), "label": run.log_path.name, "model": model, "variant": variant}
     return {c: row.get(c, _fmt(cols.get(c))) for c in RUN_COLUMNS}
