@@ -84,7 +84,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bursty_report import SYSTEM_KEYS, fold_runs, newest_per_system, report  # noqa: E402
-from benchmarks.common import ROOT, emit, git_rev  # noqa: E402
+from benchmarks.common import ROOT, emit, git_rev, release_host_tiers  # noqa: E402
 from loadtest.report import load_records, load_replicas  # noqa: E402
 from faascale.stats import percentile  # noqa: E402
 from loadtest.workload import (replica_seconds, summarize, time_to_replicas,  # noqa: E402
@@ -287,6 +287,7 @@ engine:
   max_seq_len: 512
   max_batch_size: {2 * s.target_concurrency}
   num_threads: 1
+  device: cpu  # num_gpus places one replica per emulated node: a Ray resource, no GPU
 scaling:
   min_replicas: 1
   max_replicas: {s.nodes}
@@ -393,11 +394,7 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path) -> dict[str, A
         for i in range(FIRST_NODE, s.num_hosts + 1):
             stop_host(cluster, i)
         shutil.rmtree(temp, ignore_errors=True)
-        from faascale.memory_tier.node import TierConfig
-
-        tiers = TierConfig.for_state_dir(home)  # this run's HOST tier is RAM: give it back
-        for suffix in ("", "-pipecast", "-private"):
-            shutil.rmtree(f"{tiers.host_dir}{suffix}", ignore_errors=True)
+        release_host_tiers(home)  # this run's HOST tier is RAM: give it back
 
 
 def _status(cluster: Any, env: dict[str, str]) -> dict[str, Any]:

@@ -98,3 +98,17 @@ def command_line() -> str:
 def emit(result: dict[str, Any]) -> None:
     """The last line of stdout: one JSON object of headline figures."""
     print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def release_host_tiers(home: Path) -> None:
+    """Remove the shared-memory directories of a platform whose state directory is ``home``
+    (its HOST tier and the replicas' PipeCast, private and Hugging Face export directories
+    beside it): an emulated cluster's platform is killed with its hosts, not stopped with
+    ``faascale down``, and its HOST tier is RAM (622 MB of SmolLM2 per run)."""
+    import shutil
+
+    from faascale.memory_tier.node import TierConfig
+
+    host_dir = TierConfig.for_state_dir(home).host_dir
+    for suffix in ("", "-pipecast", "-private", "-hf"):
+        shutil.rmtree(f"{host_dir}{suffix}", ignore_errors=True)

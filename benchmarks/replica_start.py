@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import socket
@@ -48,12 +49,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import command_line, emit, git_rev, machine, write_section  # noqa: E402
+from benchmarks.common import (command_line, emit, git_rev, machine,  # noqa: E402
+                               release_host_tiers, write_section)
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "start"
@@ -72,6 +75,7 @@ engine:
   max_seq_len: 512
   max_batch_size: 4
   num_threads: 1
+  device: cpu  # num_gpus places one replica per emulated node: a Ray resource, no GPU
 scaling:
   min_replicas: 1
   max_replicas: 2
@@ -239,6 +243,15 @@ def run_local(runtime: str, source: str, reps: int, models: Path) -> list[dict[s
                        capture_output=True, timeout=180, stdin=subprocess.DEVNULL)
 
 
+@contextlib.contextmanager
+def _released(home: Path) -> Iterator[None]:
+    """The emulated platform's shared-memory tiers removed once its cluster is gone."""
+    try:
+        yield
+    finally:
+        release_host_tiers(home)
+
+
 def run_emulated(runtime: str, reps: int, models: Path) -> list[dict[str, Any]]:
     """The same on a two-host emulated cluster: the head (platform, no GPU) and one GPU node
     with a 0.35-core budget where both replicas run; HOST source."""
@@ -257,7 +270,7 @@ def run_emulated(runtime: str, reps: int, models: Path) -> list[dict[str, Any]]:
            "RAY_USAGE_STATS_ENABLED": "0", "FAASCALE_WARM_POOL": pool, "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     ray = str(Path(sys.executable).with_name("ray"))
-    with EmulatedCluster(2, rate="1gbit", prefix="fsr") as cluster:
+    with EmulatedCluster(2, rate="1gbit", prefix="fsr") as cluster, _released(home):
         cluster.limit_cpu(2, EMULATED_NODE_CPUS)
         head = cluster.host_address(1)
 

@@ -849,3 +849,23 @@ def test_bench_fails_on_any_failure_and_prints_one_table(tmp_path: Path) -> None
     assert "not a JSON object" in rows["prose"]
     assert "no --quick" in rows["noquick"]
     assert "1 of 4 benchmarks passed" in r.stdout
+
+
+def test_the_benchmarks_function_specs_are_valid_where_they_run() -> None:
+    """The functions the platform benchmarks deploy parse, and compute where their nodes can:
+    the emulated nodes' "GPUs" are Ray resources that place one replica per node, so a spec
+    that reserves one must say ``device: cpu`` (bursty deployed nothing once the device default
+    became cuda for such specs: HTTP 500 from the deploy, minutes into `make bench`)."""
+    import yaml
+
+    from faascale.platform.spec import parse_function_spec
+
+    bursty = importlib.import_module("benchmarks.bursty")
+    replica_start = importlib.import_module("benchmarks.replica_start")
+    setup = bursty.Setup(work=Path("/nonexistent"), nodes=3, rate="1gbit", node_cpus=0.35,
+                         rate_scale=1.0)
+    docs = [yaml.safe_load(bursty.function_spec(setup, system)) for system in bursty.SYSTEMS]
+    docs += [yaml.safe_load(replica_start.function_yaml(n)) for n in (0, 1)]
+    for doc in docs:
+        spec = parse_function_spec(doc)
+        assert spec.device == "cpu", (doc["description"] if "description" in doc else doc)

@@ -134,6 +134,14 @@ def test_vllm_function_streams_scales_to_zero_and_back_with_profiled_starts(
         time.sleep(0.5)
     assert not vllm_processes(hf_dir), "the vLLM server outlived its replica"
     assert not any(p.is_running() for p in procs)
+    # What the replica put in shared memory beside HOST is the export alone (no per-replica
+    # copies); its log outlives it, in the state directory (not RAM).
+    kept = {p.name for p in Path(hf_dir).parent.iterdir() if not p.name.startswith(".")}
+    assert kept <= {Path(hf_dir).name, "views"}, kept  # (and the instance's ownership mark)
+    views = Path(hf_dir).parent / "views"
+    assert not [p for p in views.glob("*") if prof["replica"] in p.name], list(views.glob("*"))
+    log = Path(prof["runtime"]["vllm_log"])
+    assert log.is_file() and platform.home in log.parents, log
 
     # And back: a second start from the node's tiers, its export reused from shared memory.
     again, _ = ask()

@@ -8,9 +8,11 @@ Same contract with the gateway as ``replica.FunctionReplica`` (``generate``, ``i
    object store; pinned while the replica lives, warm for the function's keep-alive after);
 3. ``hf_export``: the blocks written once per model and dtype as a Hugging Face folder in the
    node's shared memory beside the HOST tier (``<host_dir>-hf``; vLLM reads safetensors, not our
-   blocks); a later replica of the model on the node finds it there (a zero-length step);
+   blocks); a later replica of the model on the node finds it there (a zero-length step). The
+   export stays until the platform stops (outside the HOST tier's capacity accounting);
 4. the vLLM server's own start, profiled from its log as it arrives (``coldstart.vllm_follow``):
-   the six *Breaking the Ice* steps and ``vllm_other`` (the rest up to ``/health``).
+   the six *Breaking the Ice* steps and ``vllm_other`` (the rest up to ``/health``). Its log is
+   kept in the state directory (``vllm_log_dir``) after the replica retires.
 
 PipeCast does not apply: vLLM cannot serve while its weights arrive, so execute-while-load and the
 temporary pipelines stay with the faascale engine (a vLLM replica still gets its blocks from the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -61,6 +64,12 @@ def hf_cache_dir(tiers: TierConfig) -> Path:
     """Where a node keeps its Hugging Face exports: shared memory beside the HOST tier (the
     platform marks it as its own and removes it at exit)."""
     return Path(f"{tiers.host_dir}-hf")
+
+
+def vllm_log_dir(tiers: TierConfig) -> Path:
+    """Where a node's vLLM replicas write their logs: beside the DISK tier, in the platform's
+    state directory (not in shared memory: a log must not cost RAM, and outlives its replica)."""
+    return Path(tiers.disk_dir).parent / "vllm-logs"
 
 
 def packed_view(manifest_json: str, tokenizer_json: str, tokenizer_file: str,
@@ -129,7 +138,7 @@ class VllmReplica:
                 self.sources = dict(Counter(source for _, source in placed))
                 span["tier"] = self.sources
             dtype = dtype_name(parse_dtype(self.spec.model.dtype))
-            work = hf_cache_dir(tier_cfg) / "views" / _safe(self.replica_id)
+            work = self._view = hf_cache_dir(tier_cfg) / "views" / _safe(self.replica_id)
             with rec.span("hf_export", dtype=dtype) as span:
                 view = packed_view(self._manifest_json, tokenizer_json, manifest.tokenizer.file,
                                    [(b.file, p) for b, (p, _) in zip(manifest.blocks, placed)],
@@ -137,6 +146,7 @@ class VllmReplica:
                 before = time.time()
                 hf_dir = exported_hf_dir(view, hf_cache_dir(tier_cfg), dtype=dtype)
                 span.update(dir=str(hf_dir), reused=time.time() - before < 0.05)
+            shutil.rmtree(work, ignore_errors=True)  # the export is what vLLM reads
             cfg = VllmServerConfig(
                 model_dir=str(hf_dir), python=python, dtype=dtype,
                 max_model_len=self.spec.engine.max_seq_len, enforce_eager=vllm.enforce_eager,
@@ -145,7 +155,7 @@ class VllmReplica:
                 served_name=self.spec.name, max_num_seqs=self.spec.engine.max_batch_size,
                 gpu_memory_utilization=vllm.gpu_memory_utilization,
                 cache_root=vllm.compile_cache_dir, extra_args=("--disable-uvicorn-access-log",))
-            self.log_path = work / "vllm.log"
+            self.log_path = vllm_log_dir(tier_cfg) / f"{_safe(self.replica_id)}.log"
             self.server = VllmProcess(cfg, self.log_path)
             self.server.start()
             why = self.server.wait_ready(vllm.start_timeout_s)
@@ -239,6 +249,9 @@ class VllmReplica:
         server, self.server = self.server, None
         if server is not None:
             server.stop()
+        view = getattr(self, "_view", None)
+        if view is not None:  # links into the tiers and a tokenizer copy, in shared memory
+            shutil.rmtree(view, ignore_errors=True)
         if self._node_blocks is not None:
             try:
                 self._node_blocks.release_model.remote(self._manifest_json,
