@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from faascale.engine.random_model import bytes_to_unicode
+
 DEFAULT_ROOT = Path.home() / ".faascale" / "vllm-models"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHATML_TEMPLATE = (
@@ -212,26 +214,12 @@ def eos_id(vocab_size: int) -> int:
     return vocab_size - 1  # <|im_end|>
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable-unicode table, in byte order (the ByteLevel alphabet)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    out, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
 def synthetic_vocab(vocab_size: int, seed: int = 0) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary of ``vocab_size - 3`` tokens (the 3 special tokens come last)
     and its merges (pure, deterministic): the 256 byte symbols, then merged tokens, each the
     concatenation of two tokens already in it (so every merge is valid), drawn with ``seed``."""
     n = vocab_size - len(SPECIAL_TOKENS)
-    symbols = _bytes_to_unicode()
+    symbols = bytes_to_unicode()
     vocab = {s: i for i, s in enumerate(symbols)}
     tokens = list(symbols)
     merges: list[tuple[str, str]] = []

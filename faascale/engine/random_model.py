@@ -94,7 +94,7 @@ def byte_tokenizer_json() -> str:
 
     alphabet = ByteLevel.alphabet()
     # Order the 256 byte symbols by the byte they stand for, so id == byte value.
-    byte_to_symbol = {b: s for b, s in zip(range(256), _bytes_to_unicode())}
+    byte_to_symbol = {b: s for b, s in zip(range(256), bytes_to_unicode())}
     assert set(byte_to_symbol.values()) == set(alphabet)
     vocab = {byte_to_symbol[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -104,8 +104,9 @@ def byte_tokenizer_json() -> str:
     return tok.to_str()
 
 
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable-unicode table, in byte order."""
+def bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable-unicode table, in byte order (the ByteLevel alphabet; the
+    synthetic tokenizers of benchmarks/vllm_models.py use it too)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     out, extra = [], 0

@@ -24,6 +24,8 @@ The engine is our ``EngineLoop`` or, for ``engine.kind: vllm``, a ``VllmClient``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -34,9 +36,16 @@ from faascale.engine.loop import EngineLoop, RequestStream
 from faascale.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
 from faascale.engine.tokenizer import ChatTemplateError, Tokenizer
 from faascale.platform.openai_api import MAX_CHOICES
-from faascale.platform.vllm_client import VllmClient, VllmRejected
+
+if TYPE_CHECKING:  # not imported on our engine's start path (it pulls in httpx)
+    from faascale.platform.vllm_client import VllmClient
 
 _DONE = object()
+
+
+class EngineRejected(ValueError):
+    """An engine refused a choice before making any token (vLLM's 4xx: ``vllm_client``); the
+    request gets a 400 with this message instead of tokens."""
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -154,7 +163,7 @@ class Generation:
             async for chunk in self._merged(streams):
                 started = True
                 yield chunk
-        except VllmRejected as exc:  # vLLM refused a choice before any token: a typed error
+        except EngineRejected as exc:  # refused before any token: a typed error
             if started:
                 raise
             yield error_item(400, "invalid_request", f"vLLM: {exc}")

@@ -23,6 +23,7 @@ import httpx
 
 from faascale.engine.engine import PromptTooLongError, StepOutput
 from faascale.engine.sampling import SamplingParams, SamplingParamsError, TokenLogprob
+from faascale.platform.generation import EngineRejected
 
 INT64_MAX = (1 << 63) - 1  # vLLM's seed range
 TOKEN_ID_PREFIX = "token_id:"  # return_tokens_as_token_ids
@@ -33,7 +34,7 @@ class VllmFailure(RuntimeError):
     """vLLM could not be reached or failed the request (5xx, a broken stream)."""
 
 
-class VllmRejected(ValueError):
+class VllmRejected(EngineRejected):
     """vLLM answered the request with a 4xx before any token; ``status`` and its message."""
 
     def __init__(self, status: int, message: str) -> None:
