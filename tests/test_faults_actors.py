@@ -203,7 +203,7 @@ def kill_under_load(platform: Platform, table: ActorTable, actor: str, name: str
         restarted_s = time.monotonic() - killed
         while not back():
             assert time.monotonic() - killed < 2 * RESTART_BOUND_S + REJOIN_BOUND_S, \
-                f"{actor} restarted, but the platform did not recover"
+                f"{actor} restarted after {restarted_s:.1f} s, but the platform did not recover"
             time.sleep(0.2)
         back_s = time.monotonic() - killed
         after = load.done()

@@ -386,6 +386,40 @@ def test_a_restarted_coordinator_gets_its_members_back(tiny_packed: Path, tmp_pa
     wait_for(lambda: list(coordinator.progress()[model_id]["members"]) == ["a"], timeout_s=1.5)
 
 
+def test_a_coordinator_restarted_on_another_port_is_found_through_locate(
+        tiny_packed: Path, coordinator: Coordinator, members, monkeypatch) -> None:
+    """The coordinator dies and comes back on another port (its old one was taken): a member's
+    heartbeats fail, it asks ``locate`` where the coordinator is now and joins it there with the
+    blocks it holds. Without ``locate`` it stays lost (the old address answers nobody)."""
+    import faascale.pipecast.participant as participant
+
+    monkeypatch.setattr(participant, "LOCATE_AFTER_S", 1.0)
+    model_id = read_manifest(tiny_packed).model_id
+    a, b = members("a", tiny_packed), members("b", tiny_packed)
+    wait_for(lambda: len(coordinator.progress().get(model_id, {}).get("members", {})) == 2)
+    coordinator.stop()  # the old process is gone: its port answers nobody
+    coordinator.transport.close()
+    with ZmqTransport(secret=SECRET, name="coordinator", recv_hwm=64) as t:
+        assert t.address != a.coordinator
+        moved = Coordinator(t, join_window_s=0.5, dead_after_s=2.0, hung_after_s=6.0)
+        thread = threading.Thread(target=moved.run, daemon=True)
+        thread.start()
+        asked: list[str] = []
+        a.locate = lambda: asked.append("a") or t.address
+        try:
+            wait_for(lambda: list(moved.progress().get(model_id, {}).get("members", {})) == ["a"],
+                     timeout_s=20)
+            m = moved.progress()[model_id]["members"]["a"]
+            assert (m["blocks"], m["route"]) == (4, "full"), m
+            assert a.coordinator == t.address and asked
+            time.sleep(2 * participant.LOCATE_AFTER_S + 6)  # b has no locate: still lost
+            assert list(moved.progress()[model_id]["members"]) == ["a"]
+            assert b.coordinator != t.address
+        finally:
+            moved.stop()
+            thread.join(5)
+
+
 def test_a_block_lost_to_a_full_disk_is_replanned_and_the_member_gets_it(
         tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,10 @@ A ``Participant`` binds two transports, ``blocks`` (its ``NodeAgent``: the plans
 ``ctl`` (the coordinator's control frames), joins the coordinator (``service.py``) with the blocks
 it holds, runs every ``plan`` it is sent (a new one cancels the one running), reports each block
 that lands (``block``) and how each plan ended (``agent_done``), heartbeats every ``HEARTBEAT_S``,
-and joins again when a restarted coordinator asks (``rejoin``). Two kinds:
+and joins again when a restarted coordinator asks (``rejoin``). If its heartbeats have failed for
+``LOCATE_AFTER_S`` (the coordinator restarted somewhere else: another port, another node), it asks
+``locate`` (set by the platform: the coordinator actor's current address) and joins there. Two
+kinds:
 
 - ``Member`` (``member.py``): a replica's part, with an engine, stage server and routes;
 - ``TierSource`` (``source.py``): a node's HOST or DISK tier copy of a model, a source only.
@@ -27,6 +30,7 @@ import os
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,7 @@ from faascale.pipecast.zmq_transport import ZmqTransport
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0
+LOCATE_AFTER_S = 8.0  # heartbeats failing this long (a send times out in 5 s): ask ``locate``
 POLL_S = 0.2
 PLAN_TIMEOUT_S = 600.0
 
@@ -63,6 +68,9 @@ class Participant:
         self._pieces = all(b.pieces for b in catalog.blocks if b.size_bytes)
         self.function = function or getattr(manifest, "name", "") or manifest.model_id
         self.coordinator = coordinator
+        # Where the coordinator listens now (its address), asked when heartbeats keep failing;
+        # None: only the address given. The platform sets it (the actor's ``contact``).
+        self.locate: Callable[[], str] | None = None
         self.holdings_dir = Path(holdings_dir)
         self.local_dir = None if local_dir is None else Path(local_dir)
         self._tx = {"secret": secret, "bind_host": bind_host, "advertise_host": advertise_host}
@@ -116,12 +124,31 @@ class Participant:
                    ctl=self.ctl_tx.address, session=self.session,
                    store=self._can_load_from_store, **self._join_meta())
 
-    def _tell(self, op: str, **meta: Any) -> None:
+    def _tell(self, op: str, **meta: Any) -> bool:
+        """Send the coordinator a control frame; False if it could not be sent (logged)."""
         try:
             self.ctl_tx.send(self.coordinator, "control", {"op": op, "node": self.name, **meta},
                              timeout_s=5.0)
+            return True
         except TransportError as e:
             log.warning("%s: could not tell the coordinator %s: %s", self.name, op, e)
+            return False
+
+    def _relocate(self) -> None:
+        """Ask ``locate`` where the coordinator is; if it moved, join it there (heartbeat
+        thread)."""
+        if self.locate is None:
+            return
+        try:
+            address = self.locate()
+        except Exception as e:  # the actor is restarting or unreachable: ask again later
+            log.warning("%s: could not locate the coordinator: %s", self.name, e)
+            return
+        if address and address != self.coordinator:
+            log.warning("%s: the coordinator moved from %s to %s; joining it there", self.name,
+                        self.coordinator, address)
+            self.coordinator = address
+            self._join()
 
     def _control_loop(self) -> None:
         while not self._stop.is_set():
@@ -167,9 +194,17 @@ class Participant:
                            missing=[], stalled=[])
 
     def _heartbeat_loop(self) -> None:
+        failing_since: float | None = None  # when the first of the failing heartbeats began
         while not self._stop.wait(HEARTBEAT_S):
-            self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address,
-                       session=self.session)
+            began = time.monotonic()
+            if self._tell("heartbeat", held=len(self.held), ctl=self.ctl_tx.address,
+                          session=self.session):
+                failing_since = None
+                continue
+            failing_since = began if failing_since is None else failing_since
+            if time.monotonic() - failing_since >= LOCATE_AFTER_S:
+                failing_since = None  # the next try is LOCATE_AFTER_S later
+                self._relocate()
 
     # ------------------------------------------------------------------ stopping
 

@@ -83,8 +83,8 @@ class PipeCastActor:
         host = bind_host(loopback)
         try:
             self._transport = _coordinator_transport(self._secret, host, port)
-        except TransportError as exc:  # taken meanwhile: new members find the new port (through
-            # ``contact``), members that knew the old one cannot rejoin
+        except TransportError as exc:  # taken meanwhile: every member finds the new port
+            # through ``contact`` (new ones at once, the others when their heartbeats fail)
             log.warning("PipeCast coordinator port %d: %s; listening on another", port, exc)
             self._transport = _coordinator_transport(self._secret, host, 0)
         self.coordinator = Coordinator(self._transport)
@@ -137,13 +137,44 @@ def start_pipecast(loopback: bool) -> Any:
 
 
 def _free_port(host: str) -> int:
-    """A port free on ``host`` now (the coordinator binds it in a moment; if it was taken in
-    between, the coordinator takes another)."""
+    """A port free on ``host`` now, below the kernel's ephemeral range where it can tell (so no
+    outgoing connection takes it as its source port while a restarted coordinator comes back;
+    the members reconnecting to it are such connections). The coordinator binds it in a
+    moment; if it was taken in between, the coordinator takes another."""
+    import random
     import socket
 
+    low = _ephemeral_low()
+    for port in random.sample(range(max(1024, low - 12000), low), 64) if low > 2048 else []:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    """The lowest port the kernel hands out to outgoing connections (0 where unknown)."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def locator(actor: Any, timeout_s: float = 10.0) -> Any:
+    """A participant's ``locate`` (``pipecast/participant.py``): where ``actor`` listens now. A
+    restarted coordinator that could not take its old port back listens on another; its members
+    find it here once their heartbeats fail."""
+    def locate() -> str:
+        import ray
+
+        return ray.get(actor.contact.remote(), timeout=timeout_s).address
+    return locate
 
 
 def pipecast_actor() -> Any | None:

@@ -38,7 +38,7 @@ from faascale.memory_tier.tier_files import map_block
 from faascale.pipecast.member import Member, MemberError
 from faascale.platform import events, model_prep
 from faascale.platform.generation import Generation, Handler
-from faascale.platform.pipecast_actor import pipecast_actor, use_pieces
+from faascale.platform.pipecast_actor import locator, pipecast_actor, use_pieces
 from faascale.platform.registry import STARTUP_PROFILE
 from faascale.platform.spec import parse_function_spec
 
@@ -299,11 +299,13 @@ class FunctionReplica:
         self._holdings.mkdir(parents=True)
         for info, path in zip(manifest.blocks, held_paths):
             (self._holdings / info.file).symlink_to(path)
-        return Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
-                      self.spec.engine_config(), secret=contact.secret, mover=self._loader,
-                      coordinator=contact.address, bind_host=contact.bind_host(),
-                      function=self.spec.name,
-                      on_full=on_full, store_loader=store_loader, pieces=use_pieces())
+        member = Member(_safe(self.replica_id), manifest, tokenizer, self._holdings,
+                        self.spec.engine_config(), secret=contact.secret, mover=self._loader,
+                        coordinator=contact.address, bind_host=contact.bind_host(),
+                        function=self.spec.name,
+                        on_full=on_full, store_loader=store_loader, pieces=use_pieces())
+        member.locate = locator(coordinator, COORDINATOR_TIMEOUT_S)
+        return member
 
     def _adopt(self, member: Member) -> None:
         """PipeCast brought every block: keep them in the node's HOST tier too (warm for the

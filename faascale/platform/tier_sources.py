@@ -98,7 +98,7 @@ def _make_source(offer: Offer, manifest_json: str) -> Any:
 
     from faascale.pipecast.plan_io import BlockCatalog
     from faascale.pipecast.source import TierSource
-    from faascale.platform.pipecast_actor import pipecast_actor, use_pieces
+    from faascale.platform.pipecast_actor import locator, pipecast_actor, use_pieces
 
     coordinator = pipecast_actor()
     if coordinator is None:
@@ -106,10 +106,12 @@ def _make_source(offer: Offer, manifest_json: str) -> Any:
     contact = ray.get(coordinator.contact.remote(), timeout=10)
     catalog = BlockCatalog.from_json(manifest_json)
     node = ray.get_runtime_context().get_node_id()[:8]
-    return TierSource(f"tier-{node}-{offer.tier.lower()}-{offer.model_id[:24]}", catalog,
-                      offer.directory, offer.tier, secret=contact.secret,
-                      coordinator=contact.address, bind_host=contact.bind_host(),
-                      pieces=use_pieces())
+    source = TierSource(f"tier-{node}-{offer.tier.lower()}-{offer.model_id[:24]}", catalog,
+                        offer.directory, offer.tier, secret=contact.secret,
+                        coordinator=contact.address, bind_host=contact.bind_host(),
+                        pieces=use_pieces())
+    source.locate = locator(coordinator)
+    return source
 
 
 def start(node_blocks: Any) -> TierSources | None:
