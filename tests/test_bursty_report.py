@@ -75,3 +75,18 @@ def test_each_system_is_folded_from_the_newest_commit_it_was_measured_at() -> No
     assert kept == [*base, *new]
     assert fold_runs(kept)["burst"]["faascale"]["ttft_p99_s"]["median"] == 21.0
     assert newest_per_system([*new, *old]) == old  # "newest" = measured last
+
+
+def test_ray_serve_llms_starts_are_read_from_its_replica_counts() -> None:
+    """A replica that appears starting is matched, first in first out, with the next one that
+    turns running; the replica serving at the first sample is no start; a start still pending
+    at the end is not counted."""
+    from benchmarks.bursty_serve_llm import starts_from_polls
+    from loadtest.workload import ReplicaSample
+
+    polls = [ReplicaSample(0.0, 1, 0, 1), ReplicaSample(1.0, 1, 2, 1), ReplicaSample(2.0, 1, 3, 1),
+             ReplicaSample(5.0, 2, 2, 2), ReplicaSample(9.5, 4, 0, 4), ReplicaSample(12.0, 4, 0, 4)]
+    starts = starts_from_polls(polls)
+    assert [(s["t_s"], s["total_s"], s["source"]) for s in starts] == [
+        (1.0, 4.0, "REMOTE"), (1.0, 8.5, "REMOTE"), (2.0, 7.5, "REMOTE")]
+    assert starts_from_polls([ReplicaSample(0.0, 1, 1, 1), ReplicaSample(3.0, 1, 1, 1)]) == []
