@@ -67,7 +67,8 @@ i.e. better for TTFT and cheaper for replica-seconds): ``p99_ttft_vs_storage`` (
                                 [--systems faascale,serve-default,...]
 
 ``--quick``: 2 GPU nodes, one repetition of a 30 s window, every system, no sweep, no report
-(about 8 min: five Ray clusters boot one after the other). Needs root (network namespaces),
+(about 15 min: seven Ray clusters boot one after the other; Ray Serve LLM's first vLLM
+replica takes about 3 min on a 0.5-core node). Needs root (network namespaces),
 Ceph (``scripts/ensure-ceph.sh``) and Locust (the dev extras).
 """
 

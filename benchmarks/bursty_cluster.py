@@ -134,12 +134,15 @@ def _alive(pid: int) -> bool:
 
 
 def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path, warm: bool = False,
-              python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+              python: str = sys.executable, env: dict[str, str] | None = None,
+              node_num_cpus: int = 1) -> None:
     """The head on host 1 (no GPU: replicas never land there), one GPU node per other host;
     ``warm``: every worker preloads the warm runtime (the head's system config). ``python``:
     the interpreter whose Ray runs the cluster (its workers too: Ray Serve LLM's is
     ``.venv-vllm``'s). Besides CPUs and GPUs, the head has ``bench_head`` and each GPU node one
-    ``bench_gpu`` (what Ray Serve LLM's placement asks for: its bundles name no GPU)."""
+    ``bench_gpu`` (what Ray Serve LLM's placement asks for: its bundles name no GPU).
+    ``node_num_cpus``: the CPUs a GPU node tells Ray it has (a count for placement only: the
+    node's real budget is its cgroup quota, the same for every system)."""
     from faascale.platform.warm_pool import head_system_config_args
 
     env = env or base_env(s, cluster)
@@ -156,7 +159,8 @@ def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path, warm: bool = F
     # at once time out (their raylets race for it).
     for i in range(FIRST_NODE, s.num_hosts + 1):
         in_host(cluster, i, [ray, "start", "--address", address, "--node-ip-address",
-                             cluster.host_address(i), "--num-cpus", "1", "--num-gpus", "1",
+                             cluster.host_address(i), "--num-cpus", str(node_num_cpus),
+                             "--num-gpus", "1",
                              "--resources", '{"bench_gpu": 1}', *common], env, 120, log_file)
 
 

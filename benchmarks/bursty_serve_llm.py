@@ -121,7 +121,8 @@ def run_serve_llm(s: Setup, cluster: Any, plan: RunPlan, hf_uri: str) -> dict[st
     watcher = None
     try:
         t0 = time.monotonic()
-        start_ray(s, cluster, temp, logf, python=py, env=env)
+        # Ray Serve LLM adds its replica actor's CPU to the engine's bundle: {CPU: 2, bench_gpu: 1}
+        start_ray(s, cluster, temp, logf, python=py, env=env, node_num_cpus=2)
         in_host(cluster, HEAD, [py, str(DRIVER), "deploy", "--address", address, "--bucket-uri",
                                 hf_uri, "--max-replicas", str(s.nodes), "--target-ongoing",
                                 str(s.target_concurrency), "--max-num-seqs",
