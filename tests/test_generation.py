@@ -59,7 +59,9 @@ def test_a_batch_times_n_streams_every_choice_with_the_tokens_it_gets_alone(gen:
     for index, prompt in [(0, "hello"), (1, "hello"), (2, "ok then"), (3, "ok then")]:
         alone = gen.llm.generate(prompt, SamplingParams(**greedy))[0]
         got = choices[index]
-        assert [c["token_id"] for c in got if c["token_id"] is not None] == list(alone.token_ids)
+        # token_ids: a chunk holds every token made since the last (several when the consumer
+        # fell behind, as on a loaded machine); token_id is only its last
+        assert [t for c in got for t in c["token_ids"]] == list(alone.token_ids)
         assert got[-1]["finished"] and sum(c["finished"] for c in got) == 1
 
 
@@ -111,8 +113,10 @@ def test_closing_the_stream_aborts_every_choice(gen: Generation) -> None:
 
 def test_a_slow_consumer_gets_the_tokens_merged_and_loses_none(gen: Generation) -> None:
     """A stream that takes longer per chunk than the engine per token gets several tokens per
-    chunk (what keeps a stream through Serve at the engine's rate); the first token still comes
-    alone, and text, ids and log-probabilities add up to the unmerged answer."""
+    chunk (what keeps a stream through Serve at the engine's rate), and text, ids and
+    log-probabilities add up to the unmerged answer. (Whether the first token comes alone depends
+    on how soon the consumer's event loop runs after it is made: on a loaded machine the second
+    may be made first, so that is not asserted.)"""
     params = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True, "logprobs": 0}
 
     async def slow() -> list[dict]:
@@ -124,8 +128,7 @@ def test_a_slow_consumer_gets_the_tokens_merged_and_loses_none(gen: Generation) 
     chunks = asyncio.run(slow())
     alone = gen.llm.generate("hello", SamplingParams(max_tokens=24, temperature=0.0,
                                                      ignore_eos=True))[0]
-    assert len(chunks[0]["token_ids"]) == 1
-    assert len(chunks) < 24
+    assert len(chunks) < 24 and max(len(c["token_ids"]) for c in chunks) > 1
     assert [t for c in chunks for t in c["token_ids"]] == list(alone.token_ids)
     assert "".join(c["text"] for c in chunks) == alone.text
     assert [lp[0] for c in chunks for lp in c["logprobs"]] == list(alone.token_ids)
