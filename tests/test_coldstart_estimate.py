@@ -97,6 +97,16 @@ def test_a_replica_judges_host_and_disk_by_its_own_node() -> None:
               ColdStartEstimate("PEER", 9.0, basis="pinned")]
     assert source_for_replica(pinned, {}, prefer_peers=True) == "REMOTE"
     assert source_for_replica([], {"HOST": True}) == ""
+    # A whole copy in this node's HOST tier beats a peer even where an estimate says otherwise
+    # (a peer's bytes come into host memory and are then mapped as HOST's are)...
+    peer_low = [ColdStartEstimate("HOST", 1.2, basis="model"),
+                ColdStartEstimate("PEER", 1.1, basis="model"), ColdStartEstimate("REMOTE", 3.0)]
+    assert source_for_replica(peer_low, {"HOST": True, "DISK": False}) == "HOST"
+    # ...but not a DISK copy, which a fast link may beat, nor a HOST copy on another node
+    assert source_for_replica(peer_low, {"HOST": False, "DISK": True}) == "PEER"
+    disk_slow = [ColdStartEstimate("DISK", 4.0), ColdStartEstimate("PEER", 1.5),
+                 ColdStartEstimate("REMOTE", 6.0)]
+    assert source_for_replica(disk_slow, {"HOST": False, "DISK": True}) == "PEER"
 
 
 def test_warm_and_cold_starts_are_estimated_apart() -> None:
