@@ -30,6 +30,15 @@ from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_ev
 log = logging.getLogger(__name__)
 
 
+class NoRoomError(OSError):
+    """A block's file system has no room (ENOSPC, EDQUOT) in the last tier it could land in,
+    whatever the tier's accounting said: the message names the block, the tier and what to do."""
+
+
+def _no_space(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class RemoteBlocks:
     """Where REMOTE blocks come from: ``locate(manifest) -> (object store, key prefix)``."""
 
@@ -83,6 +92,7 @@ class StoreStats:
     corrupt_dropped: int = 0
     evictions: int = 0
     host_full: int = 0  # blocks landed in DISK because HOST's file system had no room
+    disk_full: int = 0  # blocks that found no room in DISK's file system either (not landed)
 
 
 class BlockStore:
@@ -110,6 +120,7 @@ class BlockStore:
         self.corrupt_dropped = 0
         self.evictions = 0
         self.host_full = 0  # blocks that went to DISK because HOST's file system was full
+        self.disk_full = 0  # ... and that DISK's file system had no room for either
         for tier, d in self.dirs.items():
             d.mkdir(parents=True, exist_ok=True)
             self._scan(tier)
@@ -164,7 +175,7 @@ class BlockStore:
             tiers = {t.name: TierStats(self.capacity[t], sum(m.size_bytes for m in metas.values()),
                                        len(metas)) for t, metas in self._meta.items()}
             return StoreStats(tiers, dict(self.hits), self.corrupt_dropped, self.evictions,
-                              self.host_full)
+                              self.host_full, self.disk_full)
 
     # ------------------------------------------------------------------ fetch
 
@@ -257,8 +268,10 @@ class BlockStore:
         try:
             path = self._land_remote(tier, manifest, index)
         except OSError as exc:
-            if tier is not Tier.HOST or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not _no_space(exc):
                 raise
+            if tier is Tier.DISK:  # HOST's accounting was full of pinned blocks
+                raise self._no_room(manifest, index, exc, host_full=False) from exc
             # HOST's file system is fuller than its accounting says (a tmpfs smaller than the
             # capacity, other files in /dev/shm): this block lands in DISK instead.
             log.warning("no room in HOST for block %d of %r (%s); landing it in DISK", index,
@@ -266,11 +279,27 @@ class BlockStore:
             self.host_full += 1
             tier = Tier.DISK
             self._reserve(Tier.DISK, block, size, missing_ok=False)
-            path = self._land_remote(tier, manifest, index)
+            try:
+                path = self._land_remote(tier, manifest, index)
+            except OSError as disk_exc:
+                if not _no_space(disk_exc):
+                    raise
+                raise self._no_room(manifest, index, disk_exc, host_full=True) from disk_exc
         self.hits[Tier.REMOTE.name] += 1
         if tier is Tier.HOST:
             self._copy_later(Tier.DISK, block, path)
         return FetchResult(block, Tier.REMOTE, path)
+
+    def _no_room(self, manifest: ModelManifest, index: int, exc: OSError,
+                 host_full: bool) -> "NoRoomError":
+        """The error for a block whose DISK landing found its file system full."""
+        self.disk_full += 1
+        where = "HOST's file system and DISK's" if host_full else "DISK's file system"
+        return NoRoomError(exc.errno or errno.ENOSPC, (
+            f"no room on this node for block {index} of model {manifest.model_id!r} "
+            f"({manifest.blocks[index].size_bytes} bytes): {where} ({self.dirs[Tier.DISK]}) "
+            f"{'are' if host_full else 'is'} full ({exc.strerror or exc}); free space there or "
+            f"give the tiers more room"))
 
     def _land_remote(self, tier: Tier, manifest: ModelManifest, index: int) -> Path:
         """``_land`` a reserved block from REMOTE; its reservation is released if that fails."""

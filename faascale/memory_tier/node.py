@@ -199,7 +199,7 @@ class NodeBlocks:
         s = self.store.stats()
         return {"tiers": {k: asdict(v) for k, v in s.tiers.items()}, "hits": s.hits,
                 "corrupt_dropped": s.corrupt_dropped, "evictions": s.evictions,
-                "host_full": s.host_full}
+                "host_full": s.host_full, "disk_full": s.disk_full}
 
 
 def actor_name(node_id: str) -> str:

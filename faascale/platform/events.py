@@ -245,3 +245,15 @@ def report(event: dict[str, Any]) -> None:
         ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).record.remote(event)
     except Exception as exc:  # no sink (tests, a replica outside the platform): drop it
         log.debug("event not reported (%s): %s", exc, event)
+
+
+START_ERROR_CHARS = 500
+
+
+def start_error(exc: BaseException) -> str:
+    """A failed start's reason in one line, as the gateway's 503 and the profile give it: the
+    cause of a Ray task error (whose own text carries the remote traceback), ``Type: message``,
+    at most ``START_ERROR_CHARS`` long."""
+    cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause else exc
+    text = " ".join(f"{type(cause).__name__}: {cause}".split())
+    return text if len(text) <= START_ERROR_CHARS else text[:START_ERROR_CHARS - 1] + "…"

@@ -112,10 +112,11 @@ class FunctionReplica:
         except Exception as exc:
             # Serve retries the start; the gateway answers waiting requests with this reason
             # instead of holding them until the cold-start timeout.
+            error = events.start_error(exc)
             events.report({"function": self.spec.name, "kind": "start_failed", "at_s": time.time(),
-                           "error": f"{type(exc).__name__}: {exc}", "pid": os.getpid()})
+                           "error": error, "pid": os.getpid()})
             manifest = getattr(getattr(self, "llm", None), "manifest", None)
-            self._report_profile(manifest, {}, ok=False, error=f"{type(exc).__name__}: {exc}")
+            self._report_profile(manifest, {}, ok=False, error=error)
             raise
         t_loaded = time.time()
         self._ready_s = t_loaded
