@@ -137,7 +137,7 @@ tc-installed: ceph-installed
 
 test:
 	@$(MAKE) --no-print-directory -j4 test-prereqs
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=40
 
 # Every benchmark's --quick, one after the other, then one table of their JSON lines; fails if
 # any fails (scripts/bench.py). The emulated-cluster ones need root, like `make test`.
