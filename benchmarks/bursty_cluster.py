@@ -18,6 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT  # noqa: E402
+from faascale.coldstart.vllm_run import process_alive  # noqa: E402
 from faascale.stats import percentile  # noqa: E402
 from loadtest.workload import (replica_seconds, summarize, time_to_replicas,  # noqa: E402
                                trace_schedule)
@@ -121,16 +122,9 @@ def stop_host(cluster: Any, i: int, grace_s: float = 5.0) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
             time.sleep(0.1)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def start_ray(s: Setup, cluster: Any, temp: Path, log_file: Path, warm: bool = False,

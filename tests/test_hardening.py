@@ -149,3 +149,76 @@ def test_a_replica_killed_mid_request_ends_both_requests_with_a_typed_503(
     assert all("error" not in e and not e["finished"] for e in events[:-1])  # tokens, no repeat
     assert ended_s < 5, ended_s
     platform.cli("delete", name)
+
+
+HEALTHY_TOKENS = 500  # long enough to outlast the bad inputs (asserted)
+
+
+def test_bad_inputs_beside_three_healthy_streams_touch_nothing(platform: Platform) -> None:
+    """Three greedy streams run on one replica while every bad input of the hardening issue is
+    sent to the same function: each bad one gets its answer (a 4xx naming the field, or for a
+    temperature below vLLM's 1e-5, greedy sampling, as vLLM does), and the three streams finish
+    with exactly the text each gets alone (nothing lost, nothing twice)."""
+    name = "tiny-beside"
+    platform.deploy(tiny_doc(name, min_replicas=1, max_replicas=1, target_concurrency=8))
+    url = f"/v1/functions/{name}/invoke"
+    healthy = [{"prompt": f"healthy stream {i}", "max_tokens": HEALTHY_TOKENS, "ignore_eos": True,
+                "temperature": 0} for i in range(3)]
+
+    def stream_text(body: dict[str, Any]) -> tuple[str, int, str]:
+        """The stream's text, how many chunks brought it, and its finish reason."""
+        lines: list[str] = []
+        stream_lines(platform, url, body, lines)
+        assert lines and lines[-1] == "data: [DONE]", lines[-2:]
+        chunks = events_of(lines)
+        assert not [c for c in chunks if "error" in c], chunks
+        assert chunks[-1]["finished"] and not any(c["finished"] for c in chunks[:-1]), chunks[-2:]
+        return ("".join(c["text"] for c in chunks), len(chunks), chunks[-1]["finish_reason"])
+
+    # alone: through the same replica (the same threads, so the same float sums: over hundreds
+    # of tokens of a random model, another thread count can break a near-tie another way)
+    alone = [stream_text(b) for b in healthy]
+    assert all(why == "length" and n > 1 for _, n, why in alone), [a[1:] for a in alone]
+    bad: list[tuple[str, dict[str, Any], Any]] = [  # (what, request, check of the response)
+        ("temperature 1e-45", {"json": {"prompt": "x", "max_tokens": 4, "temperature": 1e-45}},
+         lambda r: r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4),
+        ("seed 2^64", {"json": {"prompt": "x", "seed": 18446744073709551616}},
+         lambda r: r.status_code == 400 and "seed" in r.json()["error"]["message"]),
+        ("max_tokens 1e8", {"json": {"prompt": "x", "max_tokens": 100_000_000}},
+         lambda r: r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]),
+        ("temperature 7", {"json": {"prompt": "x", "temperature": 7}},
+         lambda r: r.status_code == 422 and "temperature" in r.json()["error"]["message"]),
+        ("top_p -1", {"json": {"prompt": "x", "top_p": -1}},
+         lambda r: r.status_code == 422 and "top_p" in r.json()["error"]["message"]),
+        ("not JSON", {"content": b"{not json"},
+         lambda r: r.status_code == 400 and "JSON" in r.json()["error"]["message"]),
+        ("a 3 MB prompt", {"json": {"prompt": "x" * (3 << 20)}},
+         lambda r: r.status_code == 413),
+        ("a non-ASCII token", {"json": {"prompt": "x"},
+                               "headers": {"Authorization": b"Bearer caf\xe9"}},
+         lambda r: r.status_code == 401),
+    ]
+    model_chat = (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    with cf.ThreadPoolExecutor(3) as pool:
+        streams = [pool.submit(stream_text, b) for b in healthy]
+        wait_in_flight(platform, name, lambda n: n >= 3, 60)  # all three are running
+        answers = []
+        with platform.http("invoke") as h:
+            for _, kwargs, _ in bad:
+                answers.append(h.post(url, **kwargs))
+            lone = h.post("/v1/chat/completions", content=model_chat,
+                          headers={"Content-Type": "application/json"})
+        still_running = platform.status(name)["gateway"]["in_flight"]
+        together = [f.result(timeout=120) for f in streams]
+    wrong = [(what, r.status_code, r.text[:200]) for (what, _, check), r in zip(bad, answers)
+             if not check(r)]
+    assert not wrong, wrong
+    assert lone.status_code == 404 and "DNS labels" in lone.json()["error"]["message"], lone.text
+    assert still_running >= 3, "the streams ended before the bad inputs were all answered"
+    same = sum(t[0] == a[0] and t[2] == "length" for t, a in zip(together, alone))
+    print(f"beside {len(bad) + 1} bad inputs: 3 healthy streams sent, {same} completed with "
+          f"the text each got alone, failed 0, lost {3 - same}")
+    # every token, in order, none twice, none missing: the text each stream got alone
+    assert [t[0] for t in together] == [a[0] for a in alone]
+    assert all(t[2] == "length" for t in together), [t[1:] for t in together]
+    platform.cli("delete", name)

@@ -416,6 +416,8 @@ def test_a_coordinator_restarted_on_another_port_is_found_through_locate(
             assert list(moved.progress()[model_id]["members"]) == ["a"]
             assert b.coordinator != t.address
         finally:
+            for m in (a, b):  # b's leave would wait out its send timeout on a dead address
+                m.close(leave=False)
             moved.stop()
             thread.join(5)
 

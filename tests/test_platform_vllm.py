@@ -17,6 +17,7 @@ from support import requires
 from test_platform import ROOT, Platform
 
 from faascale.coldstart.vllm_log import parse_vllm_log_file
+from faascale.coldstart.vllm_run import process_alive
 from faascale.platform.server import free_port
 
 VLLM_PY = ROOT / ".venv-vllm" / "bin" / "python"
@@ -57,16 +58,6 @@ def vllm_processes(model_dir: str) -> list[psutil.Process]:
         if "vllm.entrypoints.openai.api_server" in cmd and model_dir in cmd:
             out.append(proc)
     return out
-
-
-def running(proc: psutil.Process) -> bool:
-    """Alive, not a zombie: a process that exited is a zombie until its parent reaps it (the
-    replica does, a moment after it sees the exit; an orphan may wait on a pid 1 that never
-    reaps, as in a container), and psutil counts a zombie as running."""
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def greedy_ours(platform: Platform) -> str:
@@ -139,12 +130,12 @@ def test_vllm_function_streams_scales_to_zero_and_back_with_profiled_starts(
 
     # Scale to zero: the replica retires, and its whole vLLM process group with it.
     platform.wait_replicas(NAME, lambda r: r["running"] == 0 and r["starting"] == 0, 180)
-    deadline = time.monotonic() + 30
-    while ((vllm_processes(hf_dir) or any(map(running, procs)))
+    deadline = time.monotonic() + 30  # (a zombie is gone: psutil's is_running counts it)
+    while ((vllm_processes(hf_dir) or any(process_alive(p.pid) for p in procs))
            and time.monotonic() < deadline):
         time.sleep(0.5)
     assert not vllm_processes(hf_dir), "the vLLM server outlived its replica"
-    assert not any(map(running, procs)), procs
+    assert not any(process_alive(p.pid) for p in procs), procs
     # What the replica put in shared memory beside HOST is the export alone (no per-replica
     # copies); its log outlives it, in the state directory (not RAM).
     kept = {p.name for p in Path(hf_dir).parent.iterdir() if not p.name.startswith(".")}

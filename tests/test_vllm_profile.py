@@ -21,8 +21,8 @@ from faascale.coldstart.vllm_data import (MODEL_COLUMNS, RUN_COLUMNS, add_runs, 
                                           next_run_index, run_row)
 from faascale.coldstart.vllm_log import parse_vllm_log
 from faascale.coldstart.vllm_run import (VllmRun, VllmRunError, VllmServerConfig, port_is_free,
-                                         resolve_python, run_vllm_start, server_command,
-                                         server_env)
+                                         process_alive, resolve_python, run_vllm_start,
+                                         server_command, server_env)
 from support import requires
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +64,6 @@ http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
 '''
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
 
 @pytest.fixture
 def fake_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -98,7 +91,7 @@ def test_start_until_ready_then_the_whole_group_stops(fake_python: Path, tmp_pat
     assert run.measured_s is not None and 0 < run.measured_s < 30
     args, kv, child = _record(tmp_path)
     assert "--enforce-eager" in args and f"--port {run.port}" in args and kv == "2"
-    assert not _alive(child), "the engine-core stand-in outlived the stop"
+    assert not process_alive(child), "the engine-core stand-in outlived the stop"
     assert port_is_free("127.0.0.1", run.port)
     text = COMPILED.read_text()
     replayed = text[:text.index("\n", text.index("Starting vLLM server on")) + 1]
@@ -117,7 +110,7 @@ def test_failed_starts_say_why_with_the_logs_end(fake_python: Path, tmp_path: Pa
     run = run_vllm_start(cfg, tmp_path / "run.log", timeout_s=1.5, poll_s=0.05, stop_timeout_s=5)
     assert not run.ok and run.ready_at_s is None
     assert why in (run.error or "") and "Starting vLLM server on" in (run.error or "")
-    assert not _alive(_record(tmp_path)[2])
+    assert not process_alive(_record(tmp_path)[2])
 
 
 def test_a_taken_port_and_a_missing_interpreter_are_typed(tmp_path: Path) -> None:
@@ -308,7 +301,7 @@ def test_one_real_eager_vllm_start(smollm2_packed: Path, tmp_path: Path) -> None
     ds = load_dataset(out)
     assert [o.model.name for o in ds.observations] == ["smollm2"]
     for pid in {int(p) for p in re.findall(r"pid=(\d+)\)", text)}:
-        assert not _alive(pid), f"vLLM process {pid} outlived the run"
+        assert not process_alive(pid), f"vLLM process {pid} outlived the run"
 
 
 def test_profile_loop_labels_disk_and_cold_compile_caches(fake_python: Path, tmp_path: Path,

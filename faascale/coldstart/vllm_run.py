@@ -171,6 +171,16 @@ def http_ready(url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs, from /proc: a zombie (exited, not yet reaped by its parent, or an
+    orphan under a pid 1 that never reaps, as in a container) does not."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def group_members(pgid: int) -> list[int]:
     """The live (not zombie) processes of a process group, from /proc; where /proc cannot tell,
     ``[pgid]`` while ``killpg(pgid, 0)`` finds the group."""
