@@ -31,8 +31,8 @@ from faascale.memory_tier import tier_files
 from faascale.memory_tier.block_store import BlockStore, NoRoomError, RemoteBlocks
 from faascale.memory_tier.local_store import LocalDirStore
 from faascale.memory_tier.node import SHM_DIR_ENV, TierConfig
-from faascale.memory_tier.policy import Tier
 from faascale.memory_tier.packed import upload_packed
+from faascale.memory_tier.policy import Tier
 
 SHM_BYTES = 512 << 10  # one block of tiny-llama (345-412 KiB each) and the owner marks
 
@@ -216,6 +216,8 @@ def _serve_with_both_tiers_small(p: Platform, small_shm: Path, disk_fs: Path, ho
         print(f"the first function meanwhile: {dict(c3)}")
         assert (c3["failed"], c3["lost"], c3["duplicated"]) == (0, 0, 0), c3
         assert c3["completed"] == c3["sent"] >= 4, c3
+        (node,) = p.status(full)["nodes"].values()
+        assert node["disk_full"] >= 1, node  # counted where an operator looks
         for fs in (small_shm, disk_fs):  # nothing half-written, in either tier
             assert not [f for f in fs.rglob("*") if ".tmp" in f.name], list(fs.rglob("*"))
         assert p.status(name)["replicas"]["running"] == 2  # nothing of the first was touched
