@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,7 @@ def test_one_real_eager_vllm_start(smollm2_packed: Path, tmp_path: Path) -> None
 
     hf = exported_hf_dir(smollm2_packed, faascale_home() / "hf", dtype="float32")
     out = tmp_path / "data"
+    ipc_before = _ipc_leftovers()
     res = _cli(str(hf), "--runs", "1", "--enforce-eager", "--out", str(out), "--python",
                str(VLLM_PYTHON), "--timeout-s", "400", "--model-name", "smollm2", timeout=480)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -302,6 +304,15 @@ def test_one_real_eager_vllm_start(smollm2_packed: Path, tmp_path: Path) -> None
     assert [o.model.name for o in ds.observations] == ["smollm2"]
     for pid in {int(p) for p in re.findall(r"pid=(\d+)\)", text)}:
         assert not process_alive(pid), f"vLLM process {pid} outlived the run"
+    # vLLM's IPC sockets went to the server's own directory, removed with it (not into /tmp)
+    assert _ipc_leftovers() <= ipc_before, _ipc_leftovers() - ipc_before
+
+
+def _ipc_leftovers() -> set[str]:
+    """Sockets and our vLLM IPC directories directly in the temp dir."""
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for p in tmp.iterdir()
+            if p.is_socket() or p.name.startswith("faascale-vllm-ipc-")}
 
 
 def test_profile_loop_labels_disk_and_cold_compile_caches(fake_python: Path, tmp_path: Path,

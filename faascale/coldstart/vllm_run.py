@@ -22,9 +22,11 @@ on the machine compiles faster, even when vLLM's AOT cache fails to load).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -254,6 +256,7 @@ class VllmProcess:
         self.launched_at_s: float | None = None
         self.ready_at_s: float | None = None
         self.returncode: int | None = None
+        self.ipc_dir: Path | None = None
         self.follower = FileFollower(self.log_path)
 
     @property
@@ -267,14 +270,19 @@ class VllmProcess:
         if self.cfg.port and not port_is_free(self.cfg.host, self.port):
             raise VllmRunError(f"port {self.port} on {self.cfg.host} is in use: pick another "
                                f"with --port")
+        # vLLM's processes talk over ZeroMQ IPC sockets it makes in VLLM_RPC_BASE_PATH (the
+        # temp dir by default) and never removes: each start left a few in /tmp. This server
+        # gets a directory of its own, removed with it.
+        self.ipc_dir = Path(tempfile.mkdtemp(prefix="faascale-vllm-ipc-"))
+        env = {**server_env(self.cfg, os.environ), "VLLM_RPC_BASE_PATH": str(self.ipc_dir)}
         with self.log_path.open("wb") as out:
             self.launched_at_s = self.clock()
             try:
                 self.proc = subprocess.Popen(
                     server_command(self.cfg, self.port), stdout=out, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=server_env(self.cfg, os.environ),
-                    start_new_session=True)
+                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             except OSError as exc:
+                shutil.rmtree(self.ipc_dir, ignore_errors=True)
                 raise VllmRunError(f"cannot start {self.cfg.python}: {exc}") from None
         self.follower.start()
 
@@ -314,6 +322,8 @@ class VllmProcess:
         proc, self.proc = self.proc, None
         if proc is not None:
             self.returncode = stop_group(proc, timeout_s)
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
         self.follower.stop()
 
     def failure(self, why: str) -> str:
