@@ -106,7 +106,7 @@ def make_app(tmp_path: Path, backend: FakeBackend, **settings: Any) -> tuple[Any
     def tier_stats() -> dict[str, Any]:
         calls["tiers"] += 1
         return {"node1": {"tiers": {"HOST": {"used_bytes": 1, "capacity_bytes": 2}},
-                          "hits": {"HOST": 3}}}
+                          "hits": {"HOST": 3}, "host_full": 4, "disk_full": 5}}
 
     events_since = registry.events_since
 
@@ -235,6 +235,9 @@ def test_concurrent_scrapes_share_one_backend_refresh(tmp_path: Path) -> None:
     assert all(f'faascale_replicas{{function="{DEPLOYED}",state="running"}} 1.0' in r.text
                for r in responses)
     assert all('faascale_tier_hits{node="node1",tier="HOST"} 3.0' in r.text for r in responses)
+    assert all('faascale_tier_no_room_blocks{node="node1",tier="HOST"} 4.0' in r.text and
+               'faascale_tier_no_room_blocks{node="node1",tier="DISK"} 5.0' in r.text
+               for r in responses)
 
 
 def test_a_scrape_while_the_backend_hangs_returns_within_the_bound(tmp_path: Path) -> None:

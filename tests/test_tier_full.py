@@ -14,6 +14,7 @@ while the first keeps serving.
 from __future__ import annotations
 
 import errno
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from support import require
 from test_faults_actors import Load, counts
@@ -218,6 +220,10 @@ def _serve_with_both_tiers_small(p: Platform, small_shm: Path, disk_fs: Path, ho
         assert c3["completed"] == c3["sent"] >= 4, c3
         (node,) = p.status(full)["nodes"].values()
         assert node["disk_full"] >= 1, node  # counted where an operator looks
+        metrics = httpx.get(p.url + "/metrics", timeout=30).text
+        no_room = re.search(r'faascale_tier_no_room_blocks\{node="[^"]+",tier="DISK"\} (\S+)',
+                            metrics)
+        assert no_room and float(no_room.group(1)) >= 1, metrics[-2000:]
         for fs in (small_shm, disk_fs):  # nothing half-written, in either tier
             assert not [f for f in fs.rglob("*") if ".tmp" in f.name], list(fs.rglob("*"))
         assert p.status(name)["replicas"]["running"] == 2  # nothing of the first was touched

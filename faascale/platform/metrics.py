@@ -102,6 +102,10 @@ class Metrics:
                                    ["node", "tier"], registry=r)
         self.tier_hits = Gauge("faascale_tier_hits", "Block fetches served per node and source "
                                "tier, since the node's store started", ["node", "tier"], registry=r)
+        self.tier_no_room = Gauge("faascale_tier_no_room_blocks", "Blocks whose tier's file "
+                                  "system had no room (ENOSPC), per node, since its store "
+                                  "started: HOST's went to DISK, DISK's were refused (a start "
+                                  "failed with a 503)", ["node", "tier"], registry=r)
 
         self.warm_idle = Gauge("faascale_warm_runtimes_idle", "Warm runtimes (pooled Ray workers "
                                "with torch and the engine imported) waiting per node", ["node"],

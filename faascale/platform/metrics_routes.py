@@ -122,6 +122,8 @@ class MetricsScraper:
                 self.m.tier_capacity.labels(node, tier).set(t["capacity_bytes"])
             for tier, hits in stats["hits"].items():
                 self.m.tier_hits.labels(node, tier).set(hits)
+            for tier, key in (("HOST", "host_full"), ("DISK", "disk_full")):
+                self.m.tier_no_room.labels(node, tier).set(stats.get(key, 0))
 
     def _warm_pool(self, pools: list[dict[str, Any]]) -> None:
         for pool in pools:
