@@ -39,11 +39,12 @@ from faascale.memory_tier.policy import Tier
 SHM_BYTES = 512 << 10  # one block of tiny-llama (345-412 KiB each) and the owner marks
 
 
-def test_a_block_that_finds_no_room_in_hosts_file_system_lands_in_disk(
-        tiny_packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """HOST's ``fallocate`` fails with ENOSPC for blocks 1 and 3: those land in DISK (verified,
-    served from there), the others in HOST; the failed HOST reservations are released and no
-    temporary file stays behind. Without the fallback the fetch raised ENOSPC."""
+def _store_whose_fallocate_fails(tiny_packed: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch, fails: Any
+                                 ) -> tuple[Any, tuple[Path, Path], BlockStore]:
+    """A ``BlockStore`` (HOST ``tmp_path/shm``, DISK ``tmp_path/disk``) over a local object store
+    holding ``tiny_packed``, where preallocating a file whose resolved path ``fails`` accepts
+    raises ENOSPC. Returns the manifest, (host, disk) and the store."""
     store = LocalDirStore(tmp_path / "remote")
     manifest = read_manifest(tiny_packed)
     upload_packed(store, tiny_packed, "m")
@@ -52,12 +53,23 @@ def test_a_block_that_finds_no_room_in_hosts_file_system_lands_in_disk(
     real = tier_files.preallocate
 
     def preallocate(fd: int, size: int) -> None:
-        path = Path(f"/proc/self/fd/{fd}").resolve()
-        if path.is_relative_to(host) and ("block-0001" in path.name or "block-0003" in path.name):
+        if fails(Path(f"/proc/self/fd/{fd}").resolve()):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, size)
 
     monkeypatch.setattr(tier_files, "preallocate", preallocate)
+    return manifest, (host, disk), tiers
+
+
+def test_a_block_that_finds_no_room_in_hosts_file_system_lands_in_disk(
+        tiny_packed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOST's ``fallocate`` fails with ENOSPC for blocks 1 and 3: those land in DISK (verified,
+    served from there), the others in HOST; the failed HOST reservations are released and no
+    temporary file stays behind. Without the fallback the fetch raised ENOSPC."""
+    host = tmp_path / "shm"
+    manifest, _, tiers = _store_whose_fallocate_fails(
+        tiny_packed, tmp_path, monkeypatch, lambda path: path.is_relative_to(host) and (
+            "block-0001" in path.name or "block-0003" in path.name))
     results = tiers.fetch_model(manifest)
     tiers.wait_idle()
     where = [r.path.parent.parent.name for r in results]
@@ -82,20 +94,9 @@ def test_a_block_that_finds_no_room_in_either_file_system_is_a_clear_error(
     ENOSPC ``OSError``) naming the block, the model and DISK's directory; nothing of it stays
     reserved or half-written, the blocks that fitted stay served, and it is counted. With room
     again, the same fetch completes."""
-    store = LocalDirStore(tmp_path / "remote")
-    manifest = read_manifest(tiny_packed)
-    upload_packed(store, tiny_packed, "m")
-    host, disk = tmp_path / "shm", tmp_path / "disk"
-    tiers = BlockStore(host, disk, 1 << 30, 1 << 30, RemoteBlocks(lambda m: (store, "m")))
-    real = tier_files.preallocate
     full = [True]
-
-    def preallocate(fd: int, size: int) -> None:
-        if full[0] and "block-0002" in Path(f"/proc/self/fd/{fd}").resolve().name:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, size)
-
-    monkeypatch.setattr(tier_files, "preallocate", preallocate)
+    manifest, (host, disk), tiers = _store_whose_fallocate_fails(
+        tiny_packed, tmp_path, monkeypatch, lambda path: full[0] and "block-0002" in path.name)
     with pytest.raises(NoRoomError) as info:
         tiers.fetch_model(manifest)
     tiers.wait_idle()
