@@ -9,7 +9,7 @@ import pytest
 
 from faascale.coldstart.estimate import (OUR_ENGINE, PRIOR_BANDWIDTH_B_S, PRIOR_SETUP_S, PRIOR_WARM_OVERHEAD_S,
                                          engine_features, engine_observation, estimates_for, manifest_features,
-                                         source_for_replica)
+                                         needs_estimates, source_for_replica)
 from faascale.coldstart.model import ModelFeatures, fit, loo_by_model, accuracy
 from faascale.coldstart.start_source import ColdStartEstimate, choose_source
 from faascale.engine.checkpoint import read_manifest
@@ -96,12 +96,25 @@ def test_a_replica_judges_host_and_disk_by_its_own_node() -> None:
     pinned = [ColdStartEstimate("REMOTE", 0.1, basis="pinned"),
               ColdStartEstimate("PEER", 9.0, basis="pinned")]
     assert source_for_replica(pinned, {}, prefer_peers=True) == "REMOTE"
-    assert source_for_replica([], {"HOST": True}) == ""
+    # Without estimates: "" (the replica's old rule), unless this node's HOST holds the model,
+    # which wins without them; so a replica there asks only for pins.
+    assert source_for_replica([], {"HOST": False, "DISK": True}) == ""
+    assert source_for_replica([], {"HOST": True}) == "HOST"
+    assert source_for_replica([], {"HOST": True}, prefer_peers=True) == ""  # a peer? unknown
+    assert not needs_estimates({"HOST": True, "DISK": False})
+    assert needs_estimates({"HOST": True}, prefer_peers=True)
+    assert needs_estimates({"HOST": False, "DISK": True}) and needs_estimates({})
+    # A pin still decides where HOST holds it.
+    assert source_for_replica(pinned, {"HOST": True}) == "REMOTE"
     # A whole copy in this node's HOST tier beats a peer even where an estimate says otherwise
     # (a peer's bytes come into host memory and are then mapped as HOST's are)...
     peer_low = [ColdStartEstimate("HOST", 1.2, basis="model"),
                 ColdStartEstimate("PEER", 1.1, basis="model"), ColdStartEstimate("REMOTE", 3.0)]
     assert source_for_replica(peer_low, {"HOST": True, "DISK": False}) == "HOST"
+    # ...and DISK or REMOTE, which read the same bytes more slowly, whatever noise says...
+    disk_low = [ColdStartEstimate("HOST", 1.2), ColdStartEstimate("DISK", 1.1),
+                ColdStartEstimate("REMOTE", 1.0)]
+    assert source_for_replica(disk_low, {"HOST": True, "DISK": True}) == "HOST"
     # ...but not a DISK copy, which a fast link may beat, nor a HOST copy on another node
     assert source_for_replica(peer_low, {"HOST": False, "DISK": True}) == "PEER"
     disk_slow = [ColdStartEstimate("DISK", 4.0), ColdStartEstimate("PEER", 1.5),

@@ -137,3 +137,43 @@ def test_take_without_a_preparation_is_none_at_once() -> None:
     p = Preparer(locations=lambda: [], prepare=_fake, idle=lambda: True)
     t0 = time.monotonic()
     assert p.take("s3://b/other", wait_s=5) is None and time.monotonic() - t0 < 1
+
+
+def test_preparer_warms_up_once_before_preparing_and_survives_a_failed_warm_up() -> None:
+    """``warm_up`` (the runtime's model-independent Ray work: the named actors' classes) runs
+    once, while idle, before the first preparation; one that raises leaves the models prepared,
+    and a process that became an actor before it ran never runs it."""
+    order: list[str] = []
+
+    def warm_up() -> None:
+        order.append("warm_up")
+
+    def prep(loc: str) -> PreparedModel:
+        order.append(loc)
+        return _fake(loc)
+
+    p = Preparer(locations=lambda: ["a"], prepare=prep, idle=lambda: True, poll_s=0.02,
+                 start_delay_s=0.0, warm_up=warm_up).start()
+    deadline = time.monotonic() + 5
+    while p.prepared() != ["a"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # a few more polls: warm_up is not repeated
+    p.stop()
+    assert order == ["warm_up", "a"]
+
+    def failing() -> None:
+        raise RuntimeError("GCS unreachable")
+
+    q = Preparer(locations=lambda: ["b"], prepare=_fake, idle=lambda: True, poll_s=0.02,
+                 start_delay_s=0.0, warm_up=failing).start()
+    deadline = time.monotonic() + 5
+    while q.prepared() != ["b"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    q.stop()
+    assert q.prepared() == ["b"]
+
+    ran: list[bool] = []
+    r = Preparer(locations=lambda: ["c"], prepare=_fake, idle=lambda: False, poll_s=0.02,
+                 start_delay_s=0.0, warm_up=lambda: ran.append(True)).start()
+    r._thread.join(2)
+    assert ran == [] and r.prepared() == []

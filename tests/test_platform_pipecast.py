@@ -180,9 +180,16 @@ def test_replicas_load_from_the_source_the_estimates_pick(platform: Platform) ->
     assert {"spec_tokenizer", "weight_fetch"} <= set(cs["last"]["steps_s"])
     assert cs["last"]["total_s"] >= sum(cs["last"]["steps_s"][k] for k in
                                         ("spec_tokenizer", "weight_fetch")) > 0
-    metrics = httpx.get(platform.url + "/metrics").text
-    assert re.search(rf'faascale_startup_step_seconds_count{{function="{name}",source="HOST",'
-                     rf'step="weight_fetch"}} 1', metrics), metrics[-3000:]
+    # /metrics is a view fetched at most every few seconds (and its last one while the registry
+    # is busy): read it until it includes the last start
+    want = re.compile(rf'faascale_startup_step_seconds_count{{function="{name}",source="HOST",'
+                      rf'step="weight_fetch"}} 1')
+    deadline = time.monotonic() + 30
+    while not want.search(metrics := httpx.get(platform.url + "/metrics").text):
+        assert time.monotonic() < deadline, "\n".join(
+            line for line in metrics.splitlines()
+            if line.startswith("faascale_startup_step_seconds_count") and name in line)
+        time.sleep(1)
     table = platform.cli("coldstart", "profiles", name, "--last", "4")
     assert table.returncode == 0 and "weight_fetch" in table.stdout
     assert table.stdout.count("PEER") >= 1 and table.stdout.count("HOST") >= 1

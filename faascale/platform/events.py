@@ -105,6 +105,12 @@ class EventSink:
                                     for e in estimates]
         self._estimates.pop(function, None)
 
+    def pinned(self, function: str) -> list[dict[str, Any]]:
+        """The function's pinned estimates, [] if none: what a starting replica whose node holds
+        the whole model in HOST needs to know (``estimate.needs_estimates``), without computing
+        the rest."""
+        return list(self._pins.get(function) or [])
+
     def estimates(self, function: str) -> list[dict[str, Any]]:
         """One ``ColdStartEstimate`` (as a dict) per source for adding a replica of ``function``,
         cached for ``ESTIMATE_CACHE_S``; empty when the function is unknown."""

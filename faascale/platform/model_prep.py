@@ -133,8 +133,12 @@ class Preparer:
                  idle: Callable[[], bool] = process_is_idle, poll_s: float = POLL_S,
                  max_models: int = MAX_MODELS, start_delay_s: float = START_DELAY_S,
                  clock: Callable[[], float] = time.monotonic,
-                 on_prepared: Callable[[list[str]], None] | None = None) -> None:
+                 on_prepared: Callable[[list[str]], None] | None = None,
+                 warm_up: Callable[[], None] | None = None) -> None:
+        """``warm_up``: run once, while idle, before the first model is prepared (the runtime's
+        model-independent work that needs Ray, ``warm_runtime.load_actor_classes``)."""
         self._locations, self._prepare, self._idle = locations, prepare, idle
+        self._warm_up = warm_up
         self.poll_s, self.max_models, self._clock = poll_s, max_models, clock
         self.start_delay_s = start_delay_s
         self._on_prepared = on_prepared  # called with the prepared locations after each change
@@ -155,6 +159,11 @@ class Preparer:
 
     def _run(self) -> None:
         self._stop.wait(self.start_delay_s)  # a worker started for an actor gets it by then
+        if self._warm_up is not None and not self._stop.is_set() and self._idle():
+            try:
+                self._warm_up()
+            except Exception as exc:  # noqa: BLE001 - only the start it would have shortened
+                log.debug("runtime warm-up failed: %s", exc)
         while not self._stop.is_set():
             try:
                 if not self._idle():

@@ -23,6 +23,7 @@ from typing import Any
 
 _IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the engine) below
 
+from faascale.coldstart.estimate import needs_estimates, source_for_replica
 from faascale.coldstart.profile import StartupRecorder, machine_facts, model_facts, source_of
 from faascale.coldstart.start_steps import (PROCESS_SPAN_MAX_S, build_engine_loop,
                                             cold_process_spans, device_ready, load_packed,
@@ -81,6 +82,7 @@ class FunctionReplica:
         any other manifest at ``model_dir`` fails the start with ManifestMismatch ("": unbound,
         a function deployed before digests were recorded)."""
         t0 = time.time()
+        self._modules_before = set(sys.modules)  # what this start imports: a warm runtime, none
         self._manifest_digest = manifest_digest
         rec = self._rec = StartupRecorder()
         self._t0 = t0
@@ -136,7 +138,8 @@ class FunctionReplica:
             # every path but a PipeCast join (which serves as its blocks come) starts the
             # model's warm-up as the start ends
             self.runtime = {**process_spans(self._rec, self._t0, _resolve(self._ordered_ref)),
-                            "warmup": "none" if "PEER" in sources else "background"}
+                            "warmup": "none" if "PEER" in sources else "background",
+                            "imported": imported_since(self._modules_before)}
             tokenizer_bytes = getattr(self, "_tokenizer_bytes", 0)
             self.profile = self._rec.finish(
                 function=self.spec.name, replica=getattr(self, "replica_id", "?"),
@@ -186,7 +189,8 @@ class FunctionReplica:
                  if coordinator is not None else None)
         has_source = (coordinator.has_source.remote(manifest.model_id)
                       if coordinator is not None else None)
-        estimates = _estimates_ref(self.spec.name) if coordinator is not None else None
+        sink = _events_sink() if coordinator is not None else None
+        pins = sink.pinned.remote(self.spec.name) if sink is not None else None
         held = (self._node_blocks.model_tiers.remote(self._manifest_json)
                 if coordinator is not None else None)
         t_actors = time.time()
@@ -202,8 +206,8 @@ class FunctionReplica:
                 prepared_ahead=prepared is not None,
                 **({"prepared_before_s": round(t_spec - prepared.prepared_at_s, 3)}
                    if prepared is not None else {}))
-        self.chosen_source = (_chosen_source(estimates, held, peers_first)
-                              if coordinator is not None else "")
+        self.chosen_source = (_chosen_source(sink, self.spec.name, pins, held, peers_first)
+                              if sink is not None else "")
         # The estimates pick the source (the same comparison the autoscaler made, with HOST and
         # DISK meaning this node); without estimates, peers when this node lacks the model.
         use_peers = coordinator is not None and (
@@ -401,6 +405,14 @@ def _resolve(ref: Any, timeout_s: float = 0.5) -> Any:
         return None
 
 
+def imported_since(before: set[str], limit: int = 40) -> list[str]:
+    """The packages first imported since ``before`` (``sys.modules`` then), sorted, at most
+    ``limit``: the imports on a start's path, which a warm runtime should have done already."""
+    new = {name.split(".")[0] if not name.startswith(("faascale.", "ray.")) else name
+           for name in set(sys.modules) - before}
+    return sorted(new)[:limit]
+
+
 def process_spans(rec: StartupRecorder, constructor_s: float,
                   ordered_s: float | None = None) -> dict[str, Any]:
     """The spans of this start before the constructor, and the runtime it found (the profile's
@@ -427,35 +439,37 @@ def process_spans(rec: StartupRecorder, constructor_s: float,
     return runtime
 
 
-def _estimates_ref(function: str) -> Any:
-    """The events actor's cold-start estimates for the function (an ObjectRef), or None."""
+def _events_sink() -> Any:
+    """The events actor's handle, or None (a replica outside the platform)."""
     import ray
 
     try:
-        sink = ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
-        return sink.estimates.remote(function)
-    except Exception:  # no events actor (a replica outside the platform)
+        return ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
+    except Exception:  # noqa: BLE001 - no events actor
         return None
 
 
-def _chosen_source(estimates_ref: Any, held_ref: Any, prefer_peers: bool) -> str:
-    """``estimate.source_for_replica`` over the actor's answers; "" if they are not there in
-    time (the start must not wait on advice)."""
+def _chosen_source(sink: Any, function: str, pins_ref: Any, held_ref: Any,
+                   prefer_peers: bool) -> str:
+    """``estimate.source_for_replica`` over the actors' answers: this node's tiers (``held_ref``),
+    the function's pinned estimates (``pins_ref``) and, only where they can change the answer
+    (``estimate.needs_estimates``), its computed estimates; "" if they are not there in time (the
+    start must not wait on advice)."""
     import ray
 
-    from faascale.coldstart.estimate import source_for_replica
     from faascale.coldstart.start_source import ColdStartEstimate
 
-    if estimates_ref is None:
-        return ""
     try:
-        ests = [ColdStartEstimate.from_dict(e) for e in ray.get(estimates_ref, timeout=5.0)]
         tiers = ray.get(held_ref, timeout=5.0)
+        held = {"HOST": tiers["HOST"] == tiers["blocks"], "DISK": tiers["DISK"] == tiers["blocks"]}
+        found = ray.get(pins_ref, timeout=5.0)
+        if not found and needs_estimates(held, prefer_peers):
+            found = ray.get(sink.estimates.remote(function), timeout=5.0)
     except Exception as exc:
         log.warning("no cold-start estimates (%s); choosing the source the usual way", exc)
         return ""
-    held = {"HOST": tiers["HOST"] == tiers["blocks"], "DISK": tiers["DISK"] == tiers["blocks"]}
-    return source_for_replica(ests, held, prefer_peers)
+    return source_for_replica([ColdStartEstimate.from_dict(e) for e in found], held,
+                              prefer_peers)
 
 
 def _answer(ref: Any, default: Any, what: str) -> Any:

@@ -39,12 +39,21 @@ STARTED_S = time.time()
 import torch  # noqa: F401
 
 import faascale.platform.replica  # noqa: F401 - the engine, tiers, PipeCast, the Serve glue
+# what open_store imports on use (neither imports boto3 until an S3Store is made); a replica start
+# that finds its model unprepared opens the store itself (its profile lists what it imported)
+import faascale.memory_tier.local_store  # noqa: F401
+import faascale.memory_tier.s3_store  # noqa: F401
 
 log = logging.getLogger(__name__)
-try:  # Ray Serve's replica actor (its module: ~1.1 s of imports here), which wraps ours
+try:  # Ray Serve's replica actor (its module: ~1.1 s of imports here), which wraps ours, and
+    # its controller's: a replica actor's constructor takes a handle to the controller, and a
+    # handle's first use in a process loads the actor's class, i.e. imports its module (with
+    # Serve's proxy and pydantic.v1); 60 % of that constructor's 0.18 s in a pooled worker
+    # (py-spy, benchmarks/replica_start.py, 2026-12-07)
+    import ray.serve._private.controller  # noqa: F401
     import ray.serve._private.replica  # noqa: F401
-except Exception as _exc:  # noqa: BLE001 - a Serve that moved it: only that part stays cold
-    log.warning("warm runtime: Ray Serve's replica module not preloaded: %s", _exc)
+except Exception as _exc:  # noqa: BLE001 - a Serve that moved them: only that part stays cold
+    log.warning("warm runtime: Ray Serve's replica modules not preloaded: %s", _exc)
 IMPORTED_S = time.time()
 # A worker started for a replica (not waiting in the pool) runs its constructor within ~0.1 s of
 # this module's end at full CPU and within ~0.5 s on a 0.35-core node (measured by
@@ -113,10 +122,37 @@ def _in_a_ray_worker() -> bool:
     return ray._private.worker.global_worker.mode == ray.WORKER_MODE
 
 
+# The named actors a replica start talks to: Serve's controller (from Serve's replica actor), the
+# events sink and the PipeCast coordinator (from ours).
+def named_actors() -> list[tuple[str, str]]:
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    from faascale.platform import events, pipecast_actor
+
+    return [(SERVE_CONTROLLER_NAME, SERVE_NAMESPACE), (events.ACTOR_NAME, events.NAMESPACE),
+            (pipecast_actor.ACTOR_NAME, pipecast_actor.NAMESPACE)]
+
+
+def load_actor_classes() -> list[str]:
+    """Take a handle to each of ``named_actors()`` once, so that this process has loaded its class
+    (from the GCS, unpickled) before a replica starts here and asks for it; returns the names
+    found (one not running yet is left for the replica)."""
+    import ray
+
+    found = []
+    for name, namespace in named_actors():
+        try:
+            ray.get_actor(name, namespace=namespace)
+            found.append(name)
+        except ValueError:  # not started (yet)
+            continue
+    return found
+
+
 # the deployed models' store clients, metadata and tokenizers, prepared while this runtime waits
 # (in a Ray worker only: a driver that imports this module has nothing to wait for)
-PREPARER = (model_prep.start_preparer(on_prepared=_write_prepared) if _in_a_ray_worker()
-            else None)
+PREPARER = (model_prep.start_preparer(on_prepared=_write_prepared, warm_up=load_actor_classes)
+            if _in_a_ray_worker() else None)
 
 
 def runtime_state(constructor_s: float, ordered_s: float | None = None) -> dict[str, Any]:
