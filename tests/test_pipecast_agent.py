@@ -679,3 +679,62 @@ def test_a_corrupt_piece_is_detected_and_fetched_again(pieced, tmp_path) -> None
     assert (t1.corrupt_frames, t1.refetched_pieces, s0.pieces_resent) == (1, 1, 1)
     assert outcomes["t2"].corrupt_frames == 0  # the damaged piece never went further
     assert any("asked for again from s0" in e for e in t1.errors), t1.errors
+
+
+def test_part_files_are_made_ahead_in_order_once_and_none_outlive_close(
+        model: tuple[Path, ModelManifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Landing.prepare_ahead`` makes the coming blocks' part files on its own thread, in the
+    given order, while the receive thread lands others: a block the receive thread asks for
+    while the thread makes it is made once (the receive thread waits for it); a block put in
+    place or given up is never made again; ``close`` stops the thread and leaves no part file."""
+    import os
+    import threading
+
+    from faascale.pipecast import landing as landing_mod
+    from faascale.pipecast.landing import PART_SUFFIX, Landing
+
+    catalog = BlockCatalog.of(model[1])
+    by_file = {catalog.blocks[i].file + PART_SUFFIX: i for i in range(catalog.num_blocks)}
+    made: list[int] = []  # blocks whose part file was created (space reserved), in order
+    inside, gate = threading.Event(), threading.Event()
+    real_preallocate = landing_mod.preallocate
+
+    def preallocate(fd: int, size: int) -> None:
+        block = by_file[Path(os.readlink(f"/proc/self/fd/{fd}")).name]
+        made.append(block)
+        if block == 3:  # held while making block 3: the receive thread asks for it meanwhile
+            inside.set()
+            gate.wait(5)
+        real_preallocate(fd, size)
+
+    monkeypatch.setattr(landing_mod, "preallocate", preallocate)
+    landing = Landing(tmp_path, catalog)
+    try:
+        landing.prepare_ahead([1, 3, 4, 5])
+        assert inside.wait(5)  # block 1 is made, the thread is inside block 3
+        assert made == [1, 3] and 1 in landing.parts
+        # block 1 lands and is put in place, block 4 is given up before its turn
+        part = landing.prepare(1)
+        part[:] = (model[0] / catalog.blocks[1].file).read_bytes()
+        landing.commit(1, "r0")
+        landing.drop(4)
+        got: list[object] = []
+        asker = threading.Thread(target=lambda: got.append(landing.prepare(3)))
+        asker.start()
+        time.sleep(0.2)
+        assert not got  # waiting for the thread that makes it
+        gate.set()
+        asker.join(5)
+        assert got and got[0] is landing.parts[3]
+        deadline = time.monotonic() + 5
+        while 5 not in landing.parts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert made == [1, 3, 5], made  # each once, 4 never
+        assert (tmp_path / catalog.blocks[1].file).read_bytes() == \
+            (model[0] / catalog.blocks[1].file).read_bytes()
+    finally:
+        gate.set()
+        landing.close()
+    assert not list(tmp_path.glob(f"*{PART_SUFFIX}"))
+    with pytest.raises(OSError):
+        landing.prepare(0)  # closed: nothing more is made

@@ -425,19 +425,21 @@ def test_a_coordinator_restarted_on_another_port_is_found_through_locate(
 def test_a_block_lost_to_a_full_disk_is_replanned_and_the_member_gets_it(
         tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """r1's part file for block 2 fails once with ENOSPC (a full /dev/shm): its agent gives the
-    block up (no part file left) and the receive thread goes on; the member reports its part
-    failed, and the coordinator re-plans block 2 at once (not at the 60 s stall timeout), so r1
-    ends with the whole model and serves it."""
+    """r1's part file for block 2 cannot be made during its first plan (ENOSPC: a full
+    /dev/shm, both when made ahead and when its first piece comes): its agent gives the block up
+    (no part file left) and the receive thread goes on; the member reports its part failed, and
+    the coordinator re-plans block 2 at once (not at the 60 s stall timeout), so r1 ends with the
+    whole model and serves it."""
     import errno
 
     from faascale.pipecast.landing import PART_SUFFIX, Landing
 
     manifest = read_manifest(tiny_packed)
-    real_prepare, failed = Landing.prepare, []
+    real_prepare, failed, first_landing = Landing.prepare, [], []
 
     def prepare(self, block: int):
-        if block == 2 and not failed:
+        if block == 2 and (not first_landing or first_landing[0] is self):
+            first_landing[:] = [self]  # the first plan's landing, not the re-plan's
             failed.append(self.part_path(block))
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_prepare(self, block)

@@ -220,6 +220,10 @@ class NodeAgent:
         from_store = sorted((t for t in role.receives.values() if t.src == self._store_name),
                             key=lambda t: t.step)
         network = [t for t in role.receives.values() if t.src != self._store_name]
+        held = self.held()
+        # the part files in the order their blocks come, made while earlier blocks land
+        landing.prepare_ahead([t.block for t in sorted(network, key=lambda t: t.step)
+                               if self._catalog.blocks[t.block].size_bytes and t.block not in held])
         admission = Admission(
             network if self._admission else (), peers,
             [(t, self._catalog.blocks[t.block].size_bytes) for t in from_store]
