@@ -95,6 +95,11 @@ def test_sampling_never_fails_on_non_finite_logits() -> None:
                  [torch.Generator().manual_seed(3) for _ in range(4)])
     assert got[0] == 2 and got[1] == 0 and got[2] == 1  # the largest finite (or +inf) logit
     assert 0 <= got[3] < 4
+    # every row greedy (the argmax over the logits as they are, cleaned only when a pick is not
+    # finite): the same picks, NaN never chosen
+    greedy = SamplingParams(temperature=0.0)
+    assert sample(logits, [greedy] * 4, [None] * 4) == [2, 0, 1, 3]
+    assert sample(logits[3:], [greedy], [None]) == [3]
 
 
 def test_seed_outside_64_bits_is_a_typed_error() -> None:
