@@ -213,14 +213,14 @@ class NodeAgent:
             raise
         self._dir.mkdir(parents=True, exist_ok=True)
         expected = set(role.receives) | {x.block for x in role.loads}
-        progress = Progress(self.held(), self._clock, expected, self._on_block, plan_id)
+        held = self.held()
+        progress = Progress(held, self._clock, expected, self._on_block, plan_id)
         self._running = progress
         deadline = progress.t0 + timeout_s
         landing, self._landing = self._landing or Landing(self._dir, self._catalog), None
         from_store = sorted((t for t in role.receives.values() if t.src == self._store_name),
                             key=lambda t: t.step)
         network = [t for t in role.receives.values() if t.src != self._store_name]
-        held = self.held()
         # the part files in the order their blocks come, made while earlier blocks land
         landing.prepare_ahead([t.block for t in sorted(network, key=lambda t: t.step)
                                if self._catalog.blocks[t.block].size_bytes and t.block not in held])

@@ -226,15 +226,24 @@ def start_event_sink(registry_path: Path) -> Any:
     ).remote(str(registry_path))
 
 
-def last_scale_up_ref(function: str) -> Any:
-    """``EventSink.last_scale_up_s`` as an ObjectRef (None without a sink); never raises."""
+def sink() -> Any:
+    """The sink actor's handle, looked up now (so a restarted sink is found), or None without a
+    Ray connection (never starts one) or without the actor (tests, a replica outside the
+    platform); never raises."""
     try:
         if not ray.is_initialized():
             return None
-        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).last_scale_up_s.remote(function)
-    except Exception as exc:  # no sink: the runtime is judged by its idle time alone
-        log.debug("no last scale-up for %s: %s", function, exc)
+        return ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("no events sink: %s", exc)
         return None
+
+
+def last_scale_up_ref(function: str) -> Any:
+    """``EventSink.last_scale_up_s`` as an ObjectRef (None without a sink: the runtime is then
+    judged by its idle time alone); never raises."""
+    handle = sink()
+    return handle.last_scale_up_s.remote(function) if handle is not None else None
 
 
 def report(event: dict[str, Any]) -> None:
@@ -244,12 +253,13 @@ def report(event: dict[str, Any]) -> None:
     so a restarted sink is picked up. Without a Ray connection or without the actor the event is
     dropped: autoscaling and serving must not depend on anyone listening.
     """
+    handle = sink()
+    if handle is None:
+        log.debug("no events sink; dropped event %s", event)
+        return
     try:
-        if not ray.is_initialized():  # never start a Ray instance just to report
-            log.debug("no Ray connection; dropped event %s", event)
-            return
-        ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).record.remote(event)
-    except Exception as exc:  # no sink (tests, a replica outside the platform): drop it
+        handle.record.remote(event)
+    except Exception as exc:  # noqa: BLE001 - the sink went away meanwhile: drop it
         log.debug("event not reported (%s): %s", exc, event)
 
 

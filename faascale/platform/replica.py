@@ -24,6 +24,7 @@ from typing import Any
 _IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the engine) below
 
 from faascale.coldstart.estimate import needs_estimates, source_for_replica
+from faascale.coldstart.start_source import ColdStartEstimate
 from faascale.coldstart.profile import StartupRecorder, machine_facts, model_facts, source_of
 from faascale.coldstart.start_steps import (PROCESS_SPAN_MAX_S, build_engine_loop,
                                             cold_process_spans, device_ready, load_packed,
@@ -189,7 +190,7 @@ class FunctionReplica:
                  if coordinator is not None else None)
         has_source = (coordinator.has_source.remote(manifest.model_id)
                       if coordinator is not None else None)
-        sink = _events_sink() if coordinator is not None else None
+        sink = events.sink() if coordinator is not None else None
         pins = sink.pinned.remote(self.spec.name) if sink is not None else None
         held = (self._node_blocks.model_tiers.remote(self._manifest_json)
                 if coordinator is not None else None)
@@ -439,16 +440,6 @@ def process_spans(rec: StartupRecorder, constructor_s: float,
     return runtime
 
 
-def _events_sink() -> Any:
-    """The events actor's handle, or None (a replica outside the platform)."""
-    import ray
-
-    try:
-        return ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
-    except Exception:  # noqa: BLE001 - no events actor
-        return None
-
-
 def _chosen_source(sink: Any, function: str, pins_ref: Any, held_ref: Any,
                    prefer_peers: bool) -> str:
     """``estimate.source_for_replica`` over the actors' answers: this node's tiers (``held_ref``),
@@ -456,8 +447,6 @@ def _chosen_source(sink: Any, function: str, pins_ref: Any, held_ref: Any,
     (``estimate.needs_estimates``), its computed estimates; "" if they are not there in time (the
     start must not wait on advice)."""
     import ray
-
-    from faascale.coldstart.start_source import ColdStartEstimate
 
     try:
         tiers = ray.get(held_ref, timeout=5.0)

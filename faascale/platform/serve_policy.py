@@ -122,10 +122,11 @@ class FaascalePolicy:
                 ref, self._pending = self._pending, None
                 self._estimates = tuple(ColdStartEstimate.from_dict(e) for e in ray.get(ref))
         now = time.monotonic()
-        if self._pending is None and now >= self._next_refresh_s and ray.is_initialized():
+        if self._pending is None and now >= self._next_refresh_s:
             self._next_refresh_s = now + ESTIMATE_REFRESH_S
-            sink = ray.get_actor(events.ACTOR_NAME, namespace=events.NAMESPACE)
-            self._pending = sink.estimates.remote(self.function)
+            sink = events.sink()
+            if sink is not None:
+                self._pending = sink.estimates.remote(self.function)
         return self._estimates
 
     def _send(self, event: dict[str, Any]) -> None:

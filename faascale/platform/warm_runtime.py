@@ -122,9 +122,9 @@ def _in_a_ray_worker() -> bool:
     return ray._private.worker.global_worker.mode == ray.WORKER_MODE
 
 
-# The named actors a replica start talks to: Serve's controller (from Serve's replica actor), the
-# events sink and the PipeCast coordinator (from ours).
 def named_actors() -> list[tuple[str, str]]:
+    """(name, namespace) of the actors a replica start talks to: Serve's controller (from
+    Serve's replica actor), the events sink and the PipeCast coordinator (from ours)."""
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
     from faascale.platform import events, pipecast_actor
@@ -133,20 +133,17 @@ def named_actors() -> list[tuple[str, str]]:
             (pipecast_actor.ACTOR_NAME, pipecast_actor.NAMESPACE)]
 
 
-def load_actor_classes() -> list[str]:
+def load_actor_classes() -> None:
     """Take a handle to each of ``named_actors()`` once, so that this process has loaded its class
-    (from the GCS, unpickled) before a replica starts here and asks for it; returns the names
-    found (one not running yet is left for the replica)."""
+    (from the GCS, unpickled) before a replica starts here and asks for it (one not running yet
+    is left for the replica)."""
     import ray
 
-    found = []
     for name, namespace in named_actors():
         try:
             ray.get_actor(name, namespace=namespace)
-            found.append(name)
         except ValueError:  # not started (yet)
             continue
-    return found
 
 
 # the deployed models' store clients, metadata and tokenizers, prepared while this runtime waits
