@@ -40,57 +40,41 @@ while its blocks arrive); its parse time is printed.
 from __future__ import annotations
 
 import argparse
-import gc
-import io
-import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import faascale.memory_tier.tier_files as tier_files_mod  # noqa: E402
-from benchmarks.common import (FIGURES, ROOT, command_line, emit, git_rev, machine,  # noqa: E402
+from benchmarks.common import (FIGURES, command_line, emit, git_rev, machine,  # noqa: E402
                                write_section)
 from benchmarks.engine import READ_BW_BYTES, read_bw_buffer, read_bw_window  # noqa: E402
-from faascale.engine.checkpoint import (block_tensors, load_block, read_manifest,  # noqa: E402
-                                        read_tokenizer_json)
-from faascale.engine.config import EngineConfig  # noqa: E402
-from faascale.engine.llm import LLM  # noqa: E402
+from benchmarks.tiers_measure import (BUCKET, GB, PARALLEL_BLOCKS, S3_CONCURRENCY,  # noqa: E402
+                                      S3_PART_BYTES, MiB, S3Server, Sample, best, checksum,
+                                      collect, drop_caches, fs_of, instrument, instrument_verify,
+                                      memcpy_gbps, ours, raw_gets, raw_read, remote_blocks,
+                                      safetensors_file, safetensors_s3)
+from benchmarks.tiers_report import (TIERS, breakdown, figure, markdown_table,  # noqa: E402
+                                     report_tier, table)
+from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer_json  # noqa: E402
 from faascale.engine.manifest import ModelManifest  # noqa: E402
 from faascale.engine.random_model import pack_random, random_hf_state_dict, tiny_config  # noqa: E402
 from faascale.engine.sources import resolve_packed  # noqa: E402
-from faascale.memory_tier.block_store import BlockStore, RemoteBlocks  # noqa: E402
 from faascale.engine.tokenizer import Tokenizer  # noqa: E402
-from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS  # noqa: E402
+from faascale.memory_tier.block_store import BlockStore  # noqa: E402
 from faascale.memory_tier.packed import upload_packed  # noqa: E402
 from faascale.memory_tier.policy import Tier  # noqa: E402
 from faascale.memory_tier.s3_store import S3Store  # noqa: E402
-from faascale.memory_tier.tier_files import map_block  # noqa: E402
-from faascale.platform.server import free_port  # noqa: E402
 
-MiB = 1 << 20
-GB = 1e9
-S3_CONCURRENCY = 8  # S3Store's defaults: 8 parts in flight, 8 MiB each; the limit uses the same
-S3_PART_BYTES = 8 * MiB
-AK, SK, REGION, BUCKET = "testkey", "testsecret", "us-east-1", "tiers"
-TARGETS = {"HOST": 0.8, "DISK": 0.8, "REMOTE": 0.9}  # fraction of the physical limit
-SPEEDUP_TARGET = 2.0  # vs safetensors from the same tier
-TIERS = ("HOST", "DISK", "REMOTE")
-PARALLEL_BLOCKS = FETCH_PARALLEL_BLOCKS  # blocks a node fetches at once; also the 2nd DISK limit
 
 # TinyLlama's shape scaled down to ~1 GB of fp32 (hidden 2048, 12 layers, intermediate 5632, vocab
 # 32000 would be 2.6 GB even with 4 KV heads):
@@ -100,319 +84,6 @@ SYNTH_FULL = dict(hidden_size=1024, intermediate_size=2816, num_layers=16, num_h
 # --quick: 8 x 6.3 M + 2 x 16000 x 768 = 75 M params = 0.30 GB.
 SYNTH_QUICK = dict(hidden_size=768, intermediate_size=2048, num_layers=8, num_heads=12,
                    num_kv_heads=4, head_dim=64, vocab_size=16000)
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing plumbing
-
-
-PHASES: Counter[str] = Counter()  # seconds per phase inside the current "ours" run
-
-
-@contextmanager
-def phase(name: str) -> Iterator[None]:
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        PHASES[name] += time.perf_counter() - t
-
-
-def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with its time added to PHASES[name] (instrumentation only; behaviour unchanged)."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with phase(name):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def instrument_verify() -> None:
-    """Time the checksums of DISK/REMOTE fetches (thread-seconds; the module's globals are wrapped).
-
-    A DISK hit is checked by ``tier_files.check_file`` (the pipelined read + hash of the file:
-    its time is the disk read too); a REMOTE block landing in a tier file by
-    ``tier_files.block_problem`` (the hash over the filled mapping)."""
-    tier_files_mod.check_file = timed("verify", tier_files_mod.check_file)
-    tier_files_mod.block_problem = timed("verify", tier_files_mod.block_problem)
-
-
-def instrument(store: BlockStore) -> BlockStore:
-    """Time this store's REMOTE reads (thread-seconds; an instance attribute wraps the method)."""
-    if store.remote is not None:
-        store.remote.read_into = timed("get", store.remote.read_into)  # type: ignore[method-assign]
-    return store
-
-
-@dataclass
-class Sample:
-    seconds: float
-    phases: dict[str, float] = field(default_factory=dict)
-    faults: int = 0  # minor page faults in this process during the run
-    background_s: float = 0.0  # after the load: until the store's tier copies behind it finished
-
-
-def minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def best(samples: Sequence[Sample]) -> Sample:
-    return min(samples, key=lambda s: s.seconds)
-
-
-def touch(tensors: Iterable[torch.Tensor]) -> float:
-    """Read every byte once: one ``sum`` per tensor, torch's threads (the HOST limit's operation)."""
-    total = 0.0
-    for t in tensors:
-        total += float(t.sum())
-    return total
-
-
-def checksum(tensors: Iterable[torch.Tensor]) -> float:
-    return sum(float(t.sum(dtype=torch.float64)) for t in tensors)
-
-
-def collect() -> None:
-    """Drop the previous run's tensors and close its mmaps before the next run starts."""
-    gc.collect()
-
-
-def drop_caches() -> bool:
-    try:
-        subprocess.run(["sync"], check=True, timeout=120)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
-def fs_of(path: Path) -> str:
-    """'device (fstype)' of the mount holding ``path``."""
-    best_mount, label = "", "?"
-    p = str(path.resolve())
-    for line in Path("/proc/mounts").read_text().splitlines():
-        dev, mnt, fstype, *_ = line.split()
-        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best_mount):
-            best_mount, label = mnt, fstype if dev == fstype else f"{dev} ({fstype})"
-    return label
-
-
-# ---------------------------------------------------------------------------------------------
-# Physical limits
-
-
-def memcpy_gbps(runs: int, nbytes: int = 512 * MiB, window_s: float = 0.5) -> tuple[float, float]:
-    """(memcpy GB/s into an already-faulted buffer, GB/s into a fresh ``empty_like`` buffer).
-
-    512 MiB (16x the L3 cache), copied repeatedly for ``window_s``; best of ``runs`` windows (one
-    30 ms copy swings 2x on this VM; a window is steadier). Context only, not a limit (a copy
-    reads and writes; the HOST path only reads): the second adds the page faults and zeroing of
-    new memory, which a REMOTE load pays and the REMOTE limit's reused buffers do not.
-    """
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-
-    def window(copy: Callable[[], Any]) -> float:
-        n, t = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t) < window_s:
-            copy()
-            n += 1
-        return n * nbytes / elapsed / GB
-
-    warm = max(window(lambda: dst.copy_(src)) for _ in range(runs))
-    fresh = max(window(lambda: torch.empty_like(src).copy_(src)) for _ in range(runs))
-    return warm, fresh
-
-
-def read_file_into(path: Path, buf: bytearray) -> None:
-    """``readinto`` the whole file (one call, looped on short reads) into the front of ``buf``."""
-    with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
-        size = os.fstat(f.fileno()).st_size
-        done = 0
-        while done < size:
-            with view[done:size] as rest:
-                n = f.readinto(rest)
-            if not n:
-                raise RuntimeError(f"{path}: short read")
-            done += n
-
-
-def raw_read(paths: Sequence[Path], bufs: Sequence[bytearray], workers: int = 1) -> Sample:
-    """Every file read into its own preallocated buffer: in order, or ``workers`` files at once."""
-    t = time.perf_counter()
-    if workers == 1:
-        for p, b in zip(paths, bufs):
-            read_file_into(p, b)
-    else:
-        with ThreadPoolExecutor(workers, thread_name_prefix="raw-read") as pool:
-            list(pool.map(read_file_into, paths, bufs))
-    return Sample(time.perf_counter() - t)
-
-
-def raw_gets(client: Any, keys_sizes: Sequence[tuple[str, int]], bufs: Sequence[bytearray],
-             pool: ThreadPoolExecutor) -> Sample:
-    """Every part of every object as a ranged GET, S3_CONCURRENCY in flight, into ``bufs``."""
-    def part(i: int, off: int, n: int) -> None:
-        resp = client.get_object(Bucket=BUCKET, Key=keys_sizes[i][0], Range=f"bytes={off}-{off + n - 1}")
-        with resp["Body"] as body, memoryview(bufs[i]) as view, view[off:off + n] as dst:
-            done = 0
-            while done < n:  # 1 MiB socket reads, like S3Store
-                with dst[done:done + MiB] as chunk:
-                    got = body.readinto(chunk)
-                if not got:
-                    raise RuntimeError("short body")
-                done += got
-
-    t = time.perf_counter()
-    futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
-               for i, (_, size) in enumerate(keys_sizes) for off in range(0, size, S3_PART_BYTES)]
-    for f in futures:
-        f.result()
-    return Sample(time.perf_counter() - t)
-
-
-def remote_blocks(store: S3Store, prefix: str) -> RemoteBlocks:
-    """REMOTE = this one store and key prefix, whatever the model."""
-    return RemoteBlocks(lambda _m: (store, prefix))
-
-
-# ---------------------------------------------------------------------------------------------
-# Ours: through the BlockStore, the way a replica loads (NodeBlocks.fetch_model, then map)
-
-
-def ours(store: BlockStore, manifest: ModelManifest, tokenizer: Tokenizer) -> Sample:
-    """``fetch_model`` (every block, as ``NodeBlocks.fetch_model`` does) + map + views +
-    ``from_blocks`` + touch. Then, untimed for the load, the wait for the copies behind it."""
-    collect()
-    PHASES.clear()
-    faults = minflt()
-    t = time.perf_counter()
-    with phase("fetch"):
-        results = store.fetch_model(manifest, parallel_blocks=PARALLEL_BLOCKS)
-    with phase("map"):
-        blocks = [block_tensors(manifest.blocks[i], map_block(r.path)) for i, r in enumerate(results)]
-    with phase("from_blocks"):
-        llm = LLM.from_blocks(manifest, tokenizer, blocks, EngineConfig(dtype="float32"))
-    with phase("touch"):
-        touch(t for b in blocks for t in b.values())
-    seconds = time.perf_counter() - t
-    faults = minflt() - faults
-    assert llm.shards and all(r.source.name for r in results)
-    phases = dict(PHASES)
-    t = time.perf_counter()
-    store.wait_idle()
-    background_s = time.perf_counter() - t
-    for i in range(manifest.num_blocks):  # the replica retires: blocks stay, unpinned
-        store.unpin(manifest.block_id(i))
-    del llm, blocks, results
-    return Sample(seconds, phases, faults, background_s)
-
-
-def safetensors_file(path: Path) -> Sample:
-    from safetensors.torch import load_file
-
-    collect()
-    faults, t = minflt(), time.perf_counter()
-    tensors = load_file(str(path))
-    touch(tensors.values())
-    return Sample(time.perf_counter() - t, faults=minflt() - faults)
-
-
-def safetensors_s3(client: Any, key: str) -> Sample:
-    from boto3.s3.transfer import TransferConfig
-    from safetensors.torch import load
-
-    cfg = TransferConfig(multipart_threshold=S3_PART_BYTES, multipart_chunksize=S3_PART_BYTES,
-                         max_concurrency=S3_CONCURRENCY, use_threads=True)
-    collect()
-    faults, t = minflt(), time.perf_counter()
-    buf = io.BytesIO()
-    client.download_fileobj(BUCKET, key, buf, Config=cfg)
-    tensors = load(buf.getvalue())
-    del buf
-    touch(tensors.values())
-    return Sample(time.perf_counter() - t, faults=minflt() - faults)
-
-
-# ---------------------------------------------------------------------------------------------
-# S3 server: Ceph RGW (scripts/ceph-rgw.sh), or moto with --s3 moto
-
-
-class S3Server:
-    """Ceph RGW on a free loopback port (stopped by ``close``), or moto's server when asked."""
-
-    def __init__(self, workdir: Path, kind: str, memstore_bytes: int) -> None:
-        self.workdir, self.kind, self.memstore_bytes = workdir, kind, memstore_bytes
-        self.rgw_dirs: list[Path] = []
-        self.moto: Any = None
-        self.endpoint = ""
-        self.label = ""
-        self.boot_s = 0.0
-
-    def start(self) -> None:
-        t = time.perf_counter()
-        why = "--s3 moto"
-        if self.kind == "rgw":
-            # No silent fallback: the REMOTE figures claim a real S3 server, so a failed boot
-            # fails the run (``--s3 moto`` asks for moto, and the report says so).
-            self.endpoint = self._rgw()
-            self.label = "Ceph RGW (memstore OSD, loopback)"
-        if not self.endpoint:
-            from moto.server import ThreadedMotoServer
-
-            port = free_port()
-            self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-            self.moto.start()
-            self.endpoint = f"http://127.0.0.1:{port}"
-            self.label = f"moto ThreadedMotoServer, in this process ({why})"
-        self.boot_s = time.perf_counter() - t
-
-    def _rgw(self) -> str:
-        script = ROOT / "scripts" / "ceph-rgw.sh"
-        env = {**os.environ, "AK": AK, "SK": SK, "OWNER_PID": str(os.getpid()),
-               "MEMSTORE_BYTES": str(self.memstore_bytes)}
-        err = ""
-        for attempt in range(3):  # a free port can be taken before radosgw binds it
-            d = self.workdir / f"ceph-rgw-{attempt}"
-            self.rgw_dirs.append(d)  # registered before `up`: a half-booted cluster is stopped too
-            try:
-                up = subprocess.run(["bash", str(script), "up", str(d), str(free_port())], env=env,
-                                    stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                    timeout=300)
-            except subprocess.TimeoutExpired:
-                raise RuntimeError("scripts/ceph-rgw.sh up took over 300 s") from None
-            if up.returncode == 0:
-                return (d / "endpoint").read_text().strip()
-            lines = (up.stderr or up.stdout).strip().splitlines()
-            last = lines[-1] if lines else f"exit {up.returncode}"
-            err = next((ln for ln in lines if "error" in ln), last)
-            if "in use" not in up.stderr and "was taken" not in up.stderr:
-                break
-        raise RuntimeError(err)
-
-    def close(self) -> None:
-        script = ROOT / "scripts" / "ceph-rgw.sh"
-        for d in self.rgw_dirs:
-            if (d / "pids").exists():
-                subprocess.run(["bash", str(script), "down", str(d)], capture_output=True, timeout=120)
-        if self.moto is not None:
-            self.moto.stop()
-
-    def client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=AK,
-                            aws_secret_access_key=SK, region_name=REGION,
-                            config=Config(max_pool_connections=2 * S3_CONCURRENCY + 2,
-                                          s3={"addressing_style": "path"},
-                                          request_checksum_calculation="when_required",
-                                          response_checksum_validation="when_required",
-                                          retries={"max_attempts": 4, "mode": "standard"}))
-
-    def store(self) -> S3Store:
-        return S3Store(BUCKET, endpoint_url=self.endpoint, access_key=AK, secret_key=SK,
-                       region=REGION, max_concurrency=S3_CONCURRENCY, part_size_bytes=S3_PART_BYTES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,99 +321,6 @@ def run_model(local: Local, work: Path, shm: Path, s3: S3Server, runs: int,
     shutil.rmtree(local.disk_dir)
     shutil.rmtree(local.host_dir, ignore_errors=True)
     return out
-
-
-def report_tier(r: TierResult) -> None:
-    ph = ", ".join(f"{k} {v:.3f}" for k, v in breakdown(r.ours).items())
-    lim = f" (1 reader {r.limit_sequential_s:.3f} s, {PARALLEL_BLOCKS} readers {r.limit_parallel_s:.3f} s)" \
-        if r.limit_parallel_s else ""
-    if r.read_bw_gbps:
-        lim = f" (read bandwidth {r.read_bw_gbps:.2f} GB/s)"
-    print(f"  {r.label:18} ours {r.ours.seconds:7.3f} s ({ph}) | limit {r.limit_s:.3f} s{lim} | "
-          f"safetensors {r.baseline_s:.3f} s | copies behind the load {r.ours.background_s:.3f} s",
-          flush=True)
-
-
-def breakdown(s: Sample) -> dict[str, float]:
-    """The best run's wall seconds by step; inside ``fetch`` (thread-seconds over the
-    PARALLEL_BLOCKS fetching threads): ``get`` (REMOTE) and ``verify`` (blake3)."""
-    p = s.phases
-    out = {"fetch": p.get("fetch", 0.0)}
-    for k in ("get", "verify"):
-        if p.get(k):
-            out[f"({k})"] = p[k]
-    for k in ("map", "from_blocks", "touch"):
-        out[k] = p.get(k, 0.0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-
-
-def table(model: Model, res: dict[str, TierResult]) -> list[str]:
-    gb = model.nbytes / GB
-    lines = [f"{model.label}, {gb:.3f} GB of blocks",
-             f"{'tier':18}{'ours s':>9}{'GB/s':>7}{'limit s':>9}{'ours/limit':>12}{'target':>12}"
-             f"{'safet. s':>10}{'speedup':>9}{'target':>12}{'behind s':>10}"]
-    for t in TIERS:
-        r = res[t]
-        ok1 = "pass" if r.vs_limit >= TARGETS[t] else "FAIL"
-        ok2 = "pass" if r.speedup >= SPEEDUP_TARGET else "FAIL"
-        lines.append(f"{r.label:18}{r.ours.seconds:9.3f}{gb / r.ours.seconds:7.2f}{r.limit_s:9.3f}"
-                     f"{r.vs_limit:11.0%} {'>=' + format(TARGETS[t], '.0%') + ' ' + ok1:>12}"
-                     f"{r.baseline_s:10.3f}{r.speedup:8.2f}x {'>=2x ' + ok2:>12}{r.ours.background_s:10.3f}")
-    return lines
-
-
-def markdown_table(model: Model, res: dict[str, TierResult]) -> str:
-    gb = model.nbytes / GB
-    rows = ["| tier | ours s (GB/s) | physical limit s | ours / limit (target) | safetensors s | "
-            "speedup (target 2x) | where ours spends its time (s) | copies behind the load s |",
-            "|---|---:|---:|---:|---:|---:|---|---:|"]
-    for t in TIERS:
-        r = res[t]
-        ph = ", ".join(f"{k} {v:.3f}" for k, v in breakdown(r.ours).items()) + f"; {r.ours.faults} faults"
-        ok1 = "pass" if r.vs_limit >= TARGETS[t] else "fail"
-        ok2 = "pass" if r.speedup >= SPEEDUP_TARGET else "fail"
-        rows.append(f"| {r.label} | {r.ours.seconds:.3f} ({gb / r.ours.seconds:.2f}) | {r.limit_s:.3f} | "
-                    f"{r.vs_limit:.0%} ({TARGETS[t]:.0%}: {ok1}) | {r.baseline_s:.3f} | "
-                    f"{r.speedup:.2f}x ({ok2}) | {ph} | {r.ours.background_s:.3f} |")
-    return "\n".join(rows)
-
-
-def figure(models: list[Model], results: dict[str, dict[str, TierResult]], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    colors = {"faascale": "#2b6cb0", "physical limit": "#e2e8f0", "safetensors": "#a0aec0"}
-    width = 0.26
-    for ax, tier in zip(axes, TIERS):
-        for j, (name, color) in enumerate(colors.items()):
-            vals = []
-            for m in models:
-                r = results[m.key][tier]
-                vals.append({"faascale": r.ours.seconds, "physical limit": r.limit_s,
-                             "safetensors": r.baseline_s}[name])
-            xs = [i + (j - 1) * width for i in range(len(models))]
-            bars = ax.bar(xs, vals, width, label=name, color=color, edgecolor="#2d3748")
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(range(len(models)), [f"{m.key}\n{m.nbytes / GB:.2f} GB" for m in models])
-        ax.set_title(results[models[0].key][tier].label, fontsize=10)
-        ax.set_ylabel("seconds to loaded + touched (lower is better)", fontsize=8)
-        ax.margins(y=0.15)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Model load time from each tier: faascale vs physical limit vs safetensors", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def free_page_reporting() -> bool:
