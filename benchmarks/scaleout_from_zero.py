@@ -288,6 +288,7 @@ import json, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from faascale.engine.checkpoint import read_manifest
+from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS
 from faascale.pipecast.member import store_loader
 model_dir, location, tier_dir, go = sys.argv[1:5]
 manifest = read_manifest(model_dir)
