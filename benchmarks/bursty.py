@@ -271,6 +271,9 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path,
         stop_host(cluster, HEAD)
         for i in range(FIRST_NODE, s.num_hosts + 1):
             stop_host(cluster, i)
+        for logs in temp.glob("session_2*/logs"):  # Ray's logs (every node's) stay with the run's
+            shutil.copytree(logs, d / "ray-logs", dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                            ignore=shutil.ignore_patterns("*.sock", "events"))
         shutil.rmtree(temp, ignore_errors=True)
         release_host_tiers(home)  # this run's HOST tier is RAM: give it back
         shutil.rmtree(home / "cache", ignore_errors=True)  # its DISK tiers (GBs); logs stay

@@ -12,8 +12,9 @@ Every node of a plan runs one agent. ``NodeAgent.execute`` does four things at o
   preallocated, mmap'd part file (``recv(into=...)``), checked (the frame's digest, which the
   transport has verified against the payload, must equal the manifest's piece checksum; the
   size must match); the block is renamed into place once every piece landed. No second hash:
-  the transport's blake3 is the manifest's algorithm. A corrupt piece is asked for again from
-  its sender (``MAX_REFETCHES`` times, each answered within ``REFETCH_WAIT_S``, else the block is
+  the transport's blake3 is the manifest's algorithm. A corrupt piece, and one a later frame of
+  its sender shows lost on the way (``Progress.lost_on_the_way``), is asked for again from its
+  sender (``MAX_REFETCHES`` times, each answered within ``REFETCH_WAIT_S``, else the block is
   lost: the coordinator's repair fetches it elsewhere); a sender answers while its ``execute``
   runs (a thread of its own). Blocks without pieces (packing formats 1 and 2) move as one piece;
 - **local loads**, in a thread: the node's ``LocalLoad`` blocks copied from its local tier
@@ -67,12 +68,7 @@ Its parts: ``plan_io`` (catalog, roles, plans as JSON), ``progress`` (one execut
 report), ``admission`` (credits), ``sender`` (sends and resends), ``landing`` (block files),
 ``agent_cli`` (the process).
 
-Process entry point, one agent per host (``agent_cli.main``)::
-
-    python -m faascale.pipecast.agent --plan plan.json --plan-id ID --name N --bind HOST:PORT \\
-        --peers peers.json --blocks-dir DIR --model-dir PACKED --secret-file F \\
-        [--local-dir DIR] [--start-at EPOCH_S | --start-file F] [--timeout-s S] \\
-        --report out.json
+Process entry point, one agent per host: ``python -m faascale.pipecast.agent`` (``agent_cli``).
 """
 
 from __future__ import annotations
@@ -367,6 +363,10 @@ class NodeAgent:
             else:
                 complete = landing.land(block, piece)
                 progress.land_piece(block, piece)
+                for b, p in progress.lost_on_the_way(block, piece, {e: self._catalog.blocks[
+                        e].num_pieces for e in role.earlier_from(sender, block)}):
+                    self._ask_again(progress, landing, role, peers, b, sender, p,
+                                    "lost on the way (a later frame of its sender came first)")
                 if not complete:
                     continue
             try:
@@ -381,9 +381,15 @@ class NodeAgent:
     def _corrupt(self, progress: Progress, landing: Landing, role: NodeRole,
                  peers: Mapping[str, str], block: int | None, sender: str, why: str,
                  piece: int) -> None:
-        """A corrupt frame: count it; ask its planned sender for the piece again if it has not
-        been asked too often, else give the block up (its part file is dropped)."""
-        progress.count_corrupt(sender)
+        progress.count_corrupt(sender)  # a corrupt frame: counted, and asked for again
+        self._ask_again(progress, landing, role, peers, block, sender, piece,
+                        f"corrupt frame dropped: {why}")
+
+    def _ask_again(self, progress: Progress, landing: Landing, role: NodeRole,
+                   peers: Mapping[str, str], block: int | None, sender: str, piece: int,
+                   why: str) -> None:
+        """Ask ``block``'s planned sender for ``piece`` again if it has not been asked too
+        often, else give the block up (its part file is dropped)."""
         planned = role.receives.get(block) if block is not None else None
         address = peers.get(planned.src) if planned is not None else None
         if block is not None and planned is not None and address is not None \
@@ -392,14 +398,14 @@ class NodeAgent:
                 self._transport.send(address, "control", {
                     "model_id": self._catalog.model_id, "refetch": block, "piece": piece},
                     timeout_s=ASK_SEND_S, epoch=progress.plan_id)
-                progress.note(f"corrupt frame dropped, piece {piece} of block {block} asked for "
-                              f"again from {sender}: {why}")
+                progress.note(f"{why}: piece {piece} of block {block} asked for again from "
+                              f"{sender}")
                 return
             except TransportError as e:
                 progress.note(f"could not ask {sender} for block {block} piece {piece}: {e}")
         if block is not None and 0 <= block < self._catalog.num_blocks:
             landing.drop(block)
-        progress.lose(block, f"corrupt frame dropped: {why}")
+        progress.lose(block, why)
 
     def _on_control(self, header: Header, progress: Progress, admission: Admission) -> None:
         meta = header.meta

@@ -136,6 +136,14 @@ class NodeRole:
     receives: Mapping[int, Transfer]
     loads: tuple[LocalLoad, ...]
 
+    def earlier_from(self, sender: str, block: int) -> list[int]:
+        """The blocks ``sender`` brings this node at steps before ``block``'s (none if it
+        does not bring ``block``): what it sends first, on the same connection."""
+        planned = self.receives.get(block)
+        if planned is None or planned.src != sender:
+            return []
+        return [b for b, t in self.receives.items() if t.src == sender and t.step < planned.step]
+
 
 def role_of(plan: MulticastPlan, node: str) -> NodeRole:
     """``node``'s sends, receives and local loads in ``plan``. Pure. Raises AgentConfigError if

@@ -183,6 +183,24 @@ class Progress:
             self._asked[(block, piece)] = (tries + 1, self._clock())
             return True
 
+    def lost_on_the_way(self, block: int, piece: int, earlier: Mapping[int, int]
+                        ) -> list[tuple[int, int]]:
+        """(block, piece) a frame just landed (``piece`` of ``block``) shows lost on the way and
+        not asked for again yet. One sender's frames come in the order it sent them (one
+        connection), a block's pieces in order and its blocks to this node in plan step order;
+        so a piece of ``block`` before ``piece``, or of an ``earlier`` block of that sender's
+        (block -> its number of pieces) that began landing, which is not here, was lost: a
+        connection that dropped and came back (libzmq's heartbeat on a starved node) loses the
+        frames it held, and its sender, unaware, goes on with the next."""
+        with self._cond:
+            out = []
+            for b, upto in [*earlier.items(), (block, piece)]:
+                got = self._pieces.get(b)
+                if got is None or b in self._held or b in self._lost:
+                    continue
+                out += [(b, p) for p in range(upto) if p not in got and (b, p) not in self._asked]
+            return out
+
     def overdue_refetches(self, wait_s: float) -> list[tuple[int, int]]:
         """(block, piece) asked for again more than ``wait_s`` ago and still not here."""
         now = self._clock()
