@@ -30,8 +30,10 @@ ACTOR_NAME = "faascale-pipecast"
 # through) are what the emulated benchmarks measure faster, but in the bursty benchmark (0.35
 # cores per node) serving sources that forwarded piece by piece were seen missing heartbeats and
 # being declared dead mid-plan; single runs could not separate that from the day's slower
-# machine, so the platform keeps the path it was measured on until they can. Every participant
-# of a model must agree, so it is one setting for the cluster.
+# machine, so the platform keeps the path it was measured on until they can. (Later A/B runs
+# found a piece libzmq dropped with a connection stalling a plan for 60 s; receivers now ask for
+# such a piece again at once: docs/benchmarks.md.) Every participant of a model must agree, so
+# it is one setting for the cluster.
 PIECES_ENV = "FAASCALE_PIPECAST_PIECES"
 
 
