@@ -16,6 +16,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "docs" / "benchmarks.md"
 FIGURES = ROOT / "docs" / "figures"
+CPU_BOUND_BUSY = 0.85  # machine-wide CPU busy fraction (all cores) above which a run is CPU-bound
 
 
 def machine() -> str:
@@ -112,3 +113,9 @@ def release_host_tiers(home: Path) -> None:
     host_dir = TierConfig.for_state_dir(home).host_dir
     for suffix in ("", "-pipecast", "-private", "-hf"):
         shutil.rmtree(f"{host_dir}{suffix}", ignore_errors=True)
+
+
+def cpu_jiffies() -> tuple[float, float]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat (iowait counts as idle)."""
+    f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(f[:8]) - f[3] - f[4], sum(f[:8])

@@ -88,7 +88,7 @@ from typing import Any, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bursty import in_host  # noqa: E402
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_jiffies
 from faascale.engine.checkpoint import read_manifest
 from faascale.pipecast.agent import STORE_FIRST_ENV
 from faascale.pipecast.emulated import EmulatedCluster, rate_bits_per_s
@@ -105,7 +105,6 @@ PORT_BASE = 23000
 JOIN_WINDOW_S = 4.0  # the coordinator's: every member rejoins within about a heartbeat (1 s)
 START_MARGIN_S = 0.3  # the baseline: from "ready" to the shared start
 SAMPLE_S = 0.05  # the CPU sampler's period
-CPU_BOUND_BUSY = 0.85  # as scaleout.py: a run this busy (all cores) is CPU-bound
 STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO = "store-load", "store-load-all", "from-zero"
 FROM_ZERO_UNORDERED = "from-zero-unordered"  # the ablation: store first off
 SYSTEMS = (STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO, FROM_ZERO_UNORDERED)
@@ -196,12 +195,6 @@ def best(runs: Sequence[ZeroRun]) -> ZeroRun:
 # CPU, sampled
 
 
-def _machine_jiffies() -> tuple[float, float]:
-    """(busy, total) jiffies of all cores since boot (iowait counts as idle)."""
-    f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(f[:8]) - f[3] - f[4], sum(f[:8])
-
-
 def _process_cpu_s(pid: int) -> float | None:
     try:
         after = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -241,7 +234,7 @@ class CpuSampler:
                 s = _process_cpu_s(p)
                 if s is not None:
                     self._last[p] = s
-            busy, total = _machine_jiffies()
+            busy, total = cpu_jiffies()
             self._samples.append((time.time(), busy, total, dict(self._last)))
 
     def _loop(self) -> None:

@@ -40,7 +40,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.scaleout_from_zero import (CPU_BOUND_BUSY, LABELS, MAX_STORE_SHARE, NODES,
+from benchmarks.common import CPU_BOUND_BUSY
+from benchmarks.scaleout_from_zero import (LABELS, MAX_STORE_SHARE, NODES,
                                            STORE_LOAD, STORE_LOAD_ALL, FROM_ZERO,
                                            FROM_ZERO_UNORDERED, SYSTEMS,
                                            TARGET_FIRST_VS_STORE_LOAD, ModelLike, ZeroRun)

@@ -12,12 +12,11 @@ from typing import Any
 
 from benchmarks import scaleout_from_zero as zero
 from benchmarks import scaleout_from_zero_report as zero_report
-from benchmarks.common import command_line, git_rev, machine, write_section
+from benchmarks.common import CPU_BOUND_BUSY, command_line, git_rev, machine, write_section
 from benchmarks.scaleout_runs import GB, NO_ADMISSION, STATISTIC, TARGET_NODES, Model, Run
 from faascale.engine.blockio import DEFAULT_PIECE_BYTES
 from faascale.pipecast.emulated import rate_bits_per_s
 
-CPU_BOUND_BUSY = 0.85  # machine-wide CPU busy fraction above which a run counts as CPU-bound
 TARGET_ALL_VS_UNICAST, TARGET_ALL_VS_NAIVE, TARGET_FIRST_VS_LIMIT = 1.1, 0.3, 1.1  # issue 16
 ORDER = ["pipecast-k1", "pipecast-k2", "pipecast-k1" + NO_ADMISSION, "pipecast-k1-whole",
          "pipecast-k2-whole", "pipecast-k2-p1", "pipecast-k2-p16", "binomial-k1", "binomial-k2",

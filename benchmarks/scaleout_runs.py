@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_jiffies
 from faascale.engine.blockio import DEFAULT_PIECE_BYTES
 from faascale.engine.checkpoint import read_manifest, with_pieces
 from faascale.engine.manifest import FORMAT_VERSION
@@ -176,15 +176,8 @@ def plans(n: int, num_blocks: int) -> dict[str, MulticastPlan]:
     return out
 
 
-def cpu_times() -> tuple[float, float]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat (iowait counts as idle)."""
-    fields_ = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields_[3] + fields_[4]
-    return sum(fields_[:8]) - idle, sum(fields_[:8])
-
-
 def busy_since(before: tuple[float, float]) -> float:
-    busy, total = cpu_times()
+    busy, total = cpu_jiffies()
     return (busy - before[0]) / max(1.0, total - before[1])
 
 
@@ -248,7 +241,7 @@ class Bench:
         start_at = time.time() + START_MARGIN_S
         (run_dir / "go.tmp").write_text(f"{start_at:.6f}")
         os.replace(run_dir / "go.tmp", go)
-        cpu0 = cpu_times()
+        cpu0 = cpu_jiffies()
         for p in procs.values():
             p.wait(timeout=timeout_s + 30)
         busy = busy_since(cpu0)
@@ -288,7 +281,7 @@ class Bench:
         start_at = time.time() + START_MARGIN_S
         (run_dir / "go.tmp").write_text(f"{start_at:.6f}")
         os.replace(run_dir / "go.tmp", go)
-        cpu0 = cpu_times()
+        cpu0 = cpu_jiffies()
         for p in procs:
             p.wait(timeout=600)
         busy = busy_since(cpu0)
@@ -339,7 +332,7 @@ def tcp_unicast(bench: Bench, cluster: EmulatedCluster, model: Model, rate: str)
                              str(port), f"{start_at:.6f}", *files],
                          stdout=subprocess.PIPE, text=True)
     assert sender.stdout.readline().startswith("ready")
-    cpu0 = cpu_times()
+    cpu0 = cpu_jiffies()
     out = json.loads(receiver.stdout.readline())
     busy = busy_since(cpu0)
     sender.wait(timeout=60)
