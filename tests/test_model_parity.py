@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from faascale.engine.config import EngineConfig
 from faascale.engine.llm import LLM
-from faascale.engine.model import ForwardBatch
+from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _linear, _split_linear,
+                                   _split_parts)
 from faascale.engine.random_model import pack_random, tiny_config
 from faascale.engine.sampling import SamplingParams
 from support import hf_model_from_packed
@@ -47,8 +49,18 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request: pytest.FixtureRequest):
+    """Torch's intra-op threads for one test (2: the CPU decode path that splits projections
+    into row groups, ``model._split_parts``; 1: the libraries' own GEMV)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("variant", sorted(CONFIGS))
-def test_logits_match_transformers(tmp_path: Path, variant: str) -> None:
+def test_logits_match_transformers(tmp_path: Path, variant: str, threads: int) -> None:
     cfg = tiny_config(**CONFIGS[variant])
     pack_random(tmp_path / variant, seed=7, num_blocks=3, config=cfg)
     llm = LLM.load(tmp_path / variant, EngineConfig())
@@ -61,6 +73,35 @@ def test_logits_match_transformers(tmp_path: Path, variant: str) -> None:
     assert (ours[0] - ref[:24]).abs().max() <= 1e-4
     for i, row in enumerate(ours[1:]):
         assert (row[0] - ref[24 + i]).abs().max() <= 1e-4, f"decode step {i}"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_projection_split_into_row_groups_computes_x_times_w_transposed(
+        threads: int, rows: int, bias: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 40, generator=gen)
+    x = torch.randn(rows, 1, 40, generator=gen)
+    b = torch.randn(96, generator=gen) if bias else None
+    parts = _split_parts(x, w)
+    assert parts == threads  # 96 rows split evenly over the threads; none at 1 thread
+    out = _linear(x, w, b)
+    assert out.shape == (rows, 1, 96)
+    assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
+    if threads > 1:  # and _linear took the split path
+        assert torch.allclose(_split_linear(x, w, b, parts), out, atol=0)
+
+
+def test_the_row_group_split_applies_only_where_it_was_measured_to_pay(threads: int) -> None:
+    w = torch.randn(96, 40)
+    one_row = torch.randn(1, 40)
+    assert _split_parts(one_row, w) == threads
+    assert _split_parts(torch.randn(SPLIT_MAX_ROWS + 1, 40), w) == 1  # prefill: library GEMM
+    assert _split_parts(one_row.bfloat16(), w.bfloat16()) == 1  # bf16 gained nothing
+    assert _split_parts(one_row, torch.randn(40, 96).t()) == 1  # a non-contiguous weight
+    assert _split_parts(one_row, torch.randn(95, 40)) == 1  # 95 rows: no even split
+    # the LM head keeps oneDNN / F.linear: same numbers either way
+    assert torch.allclose(_linear(one_row, w, head=True), F.linear(one_row, w), atol=1e-5)
 
 
 def test_chained_layer_ranges_give_the_same_tokens(tiny_packed: Path) -> None:

@@ -131,13 +131,54 @@ def _probe_onednn_linear(dtype: torch.dtype) -> bool:
 _ONEDNN_DTYPES = tuple(d for d in (torch.float32, torch.bfloat16) if _probe_onednn_linear(d))
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w.T + b``. On CPUs oneDNN only for widening projections (more outputs than inputs:
-    QKV, gate/up, the LM head) with more than one thread: for the square and narrowing ones (O,
-    down) and single-threaded, ``F.linear`` is faster. Measured on this project's 2-core EPYC VM
-    with decode steps of SmolLM2 alternating between the variants (medians of 150 steps each):
-    2 threads 23.4 tok/s against 22.9 with oneDNN everywhere and 19.4 with ``F.linear``
-    everywhere; 1 thread 18.7 against 17.7 (oneDNN) and 19.1 (``F.linear``)."""
+SPLIT_MAX_ROWS = 64  # decode batches; longer inputs (prefill) use the libraries' GEMM as is
+
+
+def _split_parts(x: torch.Tensor, w: torch.Tensor) -> int:
+    """How many row groups of ``w`` a CPU projection of ``x`` runs as one batched GEMM (1: none).
+
+    For a few rows (decode) the libraries leave a core idle or pay a fixed cost per call: MKL's
+    GEMV runs on one thread (13.5 GB/s at 2 threads, 14.4 at 1, on SmolLM2's LM head) and
+    oneDNN's dense-weight linear costs ~23 us a call before it reads a byte. ``torch.bmm`` over
+    the weight's rows viewed as ``threads`` groups (zero-copy) runs one group per thread with
+    neither cost. Measured on this project's 2-core EPYC VM (float32, weights streamed from DRAM,
+    batch 1): QKV 99 us against 120-158 (oneDNN), O 64 against 100-107 (``F.linear``), down 118
+    against 174-206, gate/up level (~300); SmolLM2's decode step 32.5 ms against 38.2 (medians of
+    6 alternated rounds). Float32 only (bf16 gained nothing here); the LM head keeps oneDNN, which
+    is faster than this for more than one row."""
+    threads = torch.get_num_threads()
+    if (threads < 2 or x.device.type != "cpu" or x.dtype != torch.float32
+            or x.numel() > SPLIT_MAX_ROWS * x.shape[-1] or not w.is_contiguous()):
+        return 1
+    return math.gcd(w.shape[0], threads)
+
+
+def _split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                  parts: int) -> torch.Tensor:
+    """``x @ w.T + b`` as one ``torch.bmm`` over ``parts`` row groups of ``w`` (see _split_parts)."""
+    n, k = w.shape
+    rows = x.numel() // k
+    out = torch.bmm(x.reshape(1, rows, k).expand(parts, rows, k),
+                    w.view(parts, n // parts, k).transpose(1, 2))  # [parts, rows, n / parts]
+    out = (out.view(*x.shape[:-1], n) if rows == 1
+           else out.transpose(0, 1).reshape(*x.shape[:-1], n))
+    return out if b is None else out.add_(b)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+            head: bool = False) -> torch.Tensor:
+    """``x @ w.T + b``. On CPUs with more than one thread, a decode batch's layer projections run
+    as one batched GEMM over row groups (``_split_parts``); otherwise oneDNN only for widening
+    projections (more outputs than inputs: QKV, gate/up, the LM head, ``head``): for the square
+    and narrowing ones (O, down) and single-threaded, ``F.linear`` is faster. Measured (before
+    the split) on this project's 2-core EPYC VM with decode steps of SmolLM2 alternating between
+    the variants (medians of 150 steps each): 2 threads 23.4 tok/s against 22.9 with oneDNN everywhere and
+    19.4 with ``F.linear`` everywhere; 1 thread 18.7 against 17.7 (oneDNN) and 19.1
+    (``F.linear``)."""
+    if not head:
+        parts = _split_parts(x, w)
+        if parts > 1:
+            return _split_linear(x, w, b, parts)
     if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.shape[0] > w.shape[1]
             and torch.get_num_threads() > 1):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
@@ -308,7 +349,7 @@ class ModelShard:
         if not self.is_last:
             return h
         h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps)
-        logits = _linear(h, self.lm_head).float()
+        logits = _linear(h, self.lm_head, head=True).float()
         return logits if all_logits else logits[:, -1, :]
 
     def _attention_mask(self, batch: ForwardBatch, end_max: int
