@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from faascale.engine.config import EngineConfig
 from faascale.engine.llm import LLM
-from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _linear, _split_linear,
-                                   _split_parts)
+from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _linear, _rms_norm,
+                                   _split_linear, _split_parts)
 from faascale.engine.random_model import pack_random, tiny_config
 from faascale.engine.sampling import SamplingParams
 from support import hf_model_from_packed
@@ -102,6 +102,26 @@ def test_the_row_group_split_applies_only_where_it_was_measured_to_pay(threads: 
     assert _split_parts(one_row, torch.randn(95, 40)) == 1  # 95 rows: no even split
     # the LM head keeps oneDNN / F.linear: same numbers either way
     assert torch.allclose(_linear(one_row, w, head=True), F.linear(one_row, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_rms_norm_as_the_layer_norm_of_x_and_minus_x_gives_rms_norm(scale: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 576, generator=gen) * scale + 0.5 * scale  # a nonzero mean too
+    w = torch.randn(576, generator=gen)
+    ref = F.rms_norm(x, (576,), w, 1e-5)
+    ours = _rms_norm(x, w, 1e-5, torch.cat((w, w)))
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert not torch.allclose(ours, x * w, rtol=1e-2)  # it normalized
+
+
+def test_a_cpu_float32_shard_norms_through_the_doubled_weights(tiny_packed: Path) -> None:
+    shard = LLM.load(tiny_packed, EngineConfig()).shards[0]
+    layer = shard.layers[0]
+    assert torch.equal(shard._doubled_of(layer.post_norm),
+                       torch.cat((layer.post_norm, layer.post_norm)))
+    assert LLM.load(tiny_packed, EngineConfig(dtype="bfloat16")).shards[0]._doubled is None
 
 
 def test_chained_layer_ranges_give_the_same_tokens(tiny_packed: Path) -> None:

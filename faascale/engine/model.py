@@ -223,9 +223,19 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
                                           enable_gqa=gqa)
 
 
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float,
+              doubled: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of ``x`` scaled by ``w``. ``doubled`` (``cat(w, w)``, given on CPUs in float32):
+    computed as the LayerNorm of ``[x, -x]``, whose mean is 0 and whose variance is mean(x²), so
+    LayerNorm's one fused kernel gives RMSNorm's numbers (to rounding: 1e-6 on values of 6)
+    where ``F.rms_norm`` runs six kernels on CPUs. In SmolLM2's decode step (61 norms) this took
+    the work outside the projections from 6.3 to 4.9 ms and the whole step from 30.4 to 29.9 ms
+    (medians of 7-8 alternated rounds, this project's 2-core EPYC VM)."""
+    n = x.shape[-1]
+    if doubled is not None:
+        return F.layer_norm(torch.cat((x, -x), dim=-1), (2 * n,), doubled, None, eps)[..., :n]
     if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
+        return F.rms_norm(x, (n,), w, eps)
     # Like the reference: normalize in fp32, scale in the model dtype.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -300,6 +310,12 @@ class ModelShard:
                 raise ShardWeightsError("the last shard needs 'lm_head.weight'")
             self.lm_head = head
         self.rotary = Rotary(cfg, dtype, self.device)
+        # Each norm's weight twice over, for _rms_norm's one-kernel form (CPU, float32 only).
+        self._doubled: dict[int, torch.Tensor] | None = None
+        if self.device.type == "cpu" and dtype == torch.float32:
+            norms = [t for layer in self.layers for t in (layer.input_norm, layer.post_norm)]
+            self._doubled = {id(t): torch.cat((t, t)) for t in norms + [self.norm]
+                             if t is not None}
 
     @property
     def num_layers(self) -> int:
@@ -348,9 +364,13 @@ class ModelShard:
                             whole_heads, end_max)
         if not self.is_last:
             return h
-        h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps)
+        h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps,
+                      self._doubled_of(self.norm))
         logits = _linear(h, self.lm_head, head=True).float()
         return logits if all_logits else logits[:, -1, :]
+
+    def _doubled_of(self, norm_weight: torch.Tensor) -> torch.Tensor | None:
+        return None if self._doubled is None else self._doubled[id(norm_weight)]
 
     def _attention_mask(self, batch: ForwardBatch, end_max: int
                         ) -> tuple[torch.Tensor | None, bool]:
@@ -375,7 +395,7 @@ class ModelShard:
                causal: bool, whole_heads: bool, end_max: int) -> torch.Tensor:
         cfg = self.cfg
         b, t, _ = h.shape
-        x = _rms_norm(h, w.input_norm, cfg.rms_norm_eps)
+        x = _rms_norm(h, w.input_norm, cfg.rms_norm_eps, self._doubled_of(w.input_norm))
         qkv = _linear(x, w.qkv_w, w.qkv_b)
         # Q and K heads rotated together: one rotation's ops instead of two, the same bits.
         qk = qkv[..., :cfg.q_size + cfg.kv_size].view(b, t, cfg.num_heads + cfg.num_kv_heads,
@@ -392,7 +412,7 @@ class ModelShard:
         attn = _attention(q, keys, values, mask, causal, whole_heads)
         attn = attn.transpose(1, 2).reshape(b, t, cfg.q_size)
         h = h + _linear(attn, w.o_w, w.o_b)
-        x = _rms_norm(h, w.post_norm, cfg.rms_norm_eps)
+        x = _rms_norm(h, w.post_norm, cfg.rms_norm_eps, self._doubled_of(w.post_norm))
         gate, up = _linear(x, w.gate_up_w, w.gate_up_b).chunk(2, dim=-1)
         return h + _linear(F.silu(gate) * up, w.down_w, w.down_b)
 
