@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
+import warnings
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ import torch.nn.functional as F
 
 from faascale.engine.config import EngineConfig
 from faascale.engine.llm import LLM
-from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _linear, _rms_norm,
-                                   _split_linear, _split_parts)
+from faascale.engine import gemv
+from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _gemv_threads, _linear,
+                                   _rms_norm, _split_linear, _split_parts)
 from faascale.engine.random_model import pack_random, tiny_config
 from faascale.engine.sampling import SamplingParams
 from support import hf_model_from_packed
@@ -77,31 +80,68 @@ def test_logits_match_transformers(tmp_path: Path, variant: str, threads: int) -
 
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_a_projection_split_into_row_groups_computes_x_times_w_transposed(
-        threads: int, rows: int, bias: bool) -> None:
+def test_a_decode_projection_computes_x_times_w_transposed(threads: int, rows: int,
+                                                           bias: bool) -> None:
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 40, generator=gen)
     x = torch.randn(rows, 1, 40, generator=gen)
     b = torch.randn(96, generator=gen) if bias else None
-    parts = _split_parts(x, w)
-    assert parts == threads  # 96 rows split evenly over the threads; none at 1 thread
+    one_row = rows == 1
+    # one row: gemv.py's kernel on every thread; a few: 96 rows in one group per thread
+    assert _gemv_threads(x, w) == (threads if one_row and threads > 1 else 0)
+    assert _split_parts(x, w) == threads
     out = _linear(x, w, b)
     assert out.shape == (rows, 1, 96)
     assert torch.allclose(out, F.linear(x, w, b), atol=1e-5)
-    if threads > 1:  # and _linear took the split path
-        assert torch.allclose(_split_linear(x, w, b, parts), out, atol=0)
+    if threads > 1 and not one_row:  # and _linear took the split path
+        assert torch.equal(_split_linear(x, w, b, threads), out)
 
 
-def test_the_row_group_split_applies_only_where_it_was_measured_to_pay(threads: int) -> None:
+def test_the_decode_paths_apply_only_where_they_were_measured_to_pay(threads: int) -> None:
     w = torch.randn(96, 40)
-    one_row = torch.randn(1, 40)
-    assert _split_parts(one_row, w) == threads
+    one_row, two_rows = torch.randn(1, 40), torch.randn(2, 40)
+    assert _split_parts(two_rows, w) == threads
     assert _split_parts(torch.randn(SPLIT_MAX_ROWS + 1, 40), w) == 1  # prefill: library GEMM
-    assert _split_parts(one_row.bfloat16(), w.bfloat16()) == 1  # bf16 gained nothing
-    assert _split_parts(one_row, torch.randn(40, 96).t()) == 1  # a non-contiguous weight
-    assert _split_parts(one_row, torch.randn(95, 40)) == 1  # 95 rows: no even split
-    # the LM head keeps oneDNN / F.linear: same numbers either way
-    assert torch.allclose(_linear(one_row, w, head=True), F.linear(one_row, w), atol=1e-5)
+    assert _split_parts(two_rows.bfloat16(), w.bfloat16()) == 1  # bf16 gained nothing
+    assert _gemv_threads(one_row.bfloat16(), w.bfloat16()) == 0
+    assert _split_parts(two_rows, torch.randn(40, 96).t()) == 1  # a non-contiguous weight
+    assert _gemv_threads(one_row, torch.randn(40, 96).t()) == 0
+    assert _split_parts(two_rows, torch.randn(95, 40)) == 1  # 95 rows: no even split ...
+    assert _gemv_threads(one_row, torch.randn(95, 40)) == (threads if threads > 1 else 0)  # any
+    # the LM head keeps oneDNN / F.linear for more than one row: same numbers either way
+    assert torch.allclose(_linear(two_rows, w, head=True), F.linear(two_rows, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 95, 4096])
+def test_the_gemv_kernel_gives_every_row_the_same_sum_on_any_thread_count(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(rows, 576, generator=gen)
+    x = torch.randn(1, 576, generator=gen)
+    ref = gemv.gemv(x, w, 1)
+    assert ref.shape == (1, rows)
+    assert torch.allclose(ref, F.linear(x, w), atol=1e-4)
+    for parts in range(2, min(4, gemv.max_parts()) + 1):
+        assert torch.equal(gemv.gemv(x, w, parts), ref), parts  # the split changes no bit
+
+
+def test_the_gemv_kernel_reads_read_only_weights_and_keeps_nan_and_inf(tmp_path: Path) -> None:
+    w = torch.randn(8, 16)
+    path = tmp_path / "w.bin"
+    path.write_bytes(w.numpy().tobytes())
+    with path.open("rb") as f:  # mapped read-only, as a HOST tier's blocks are
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "the buffer is not writable"
+        ro = torch.frombuffer(mapped, dtype=torch.float32).view(8, 16)
+    x = torch.randn(1, 16)
+    assert torch.allclose(gemv.gemv(x, ro, 1), F.linear(x, w), atol=1e-5)
+    x[0, 3] = float("nan")
+    assert gemv.gemv(x, ro, 1).isnan().all()  # IEEE NaN: no finite-math shortcut
+    x[0, 3] = float("inf")
+    w_pos = w.abs() + 1.0
+    assert torch.isinf(gemv.gemv(x, w_pos, 1)).all()
+    del ro
+    mapped.close()
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])

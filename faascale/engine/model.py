@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from faascale.engine import gemv
 from faascale.engine.config import ModelConfig, resolve_device
 from faascale.engine.kv_cache import CacheIndex, KVCache
 
@@ -145,12 +146,24 @@ def _split_parts(x: torch.Tensor, w: torch.Tensor) -> int:
     batch 1): QKV 99 us against 120-158 (oneDNN), O 64 against 100-107 (``F.linear``), down 118
     against 174-206, gate/up level (~300); SmolLM2's decode step 32.5 ms against 38.2 (medians of
     6 alternated rounds). Float32 only (bf16 gained nothing here); the LM head keeps oneDNN, which
-    is faster than this for more than one row."""
+    is faster than this for more than one row. One row goes to ``gemv.py`` instead (faster
+    still)."""
     threads = torch.get_num_threads()
     if (threads < 2 or x.device.type != "cpu" or x.dtype != torch.float32
             or x.numel() > SPLIT_MAX_ROWS * x.shape[-1] or not w.is_contiguous()):
         return 1
     return math.gcd(w.shape[0], threads)
+
+
+def _gemv_threads(x: torch.Tensor, w: torch.Tensor) -> int:
+    """Threads for one row of ``x`` through ``gemv.py``'s kernel (0: not that path): where a
+    projection would split into row groups (``_split_parts``' conditions) and ``x`` is one row;
+    unlike the groups, any row count splits."""
+    threads = torch.get_num_threads()
+    if (threads < 2 or x.device.type != "cpu" or x.dtype != torch.float32
+            or w.dtype != torch.float32 or x.numel() != w.shape[1] or not w.is_contiguous()):
+        return 0
+    return min(threads, gemv.max_parts())
 
 
 def _split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -167,18 +180,22 @@ def _split_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
             head: bool = False) -> torch.Tensor:
-    """``x @ w.T + b``. On CPUs with more than one thread, a decode batch's layer projections run
-    as one batched GEMM over row groups (``_split_parts``); otherwise oneDNN only for widening
-    projections (more outputs than inputs: QKV, gate/up, the LM head, ``head``): for the square
-    and narrowing ones (O, down) and single-threaded, ``F.linear`` is faster. Measured (before
-    the split) on this project's 2-core EPYC VM with decode steps of SmolLM2 alternating between
-    the variants (medians of 150 steps each): 2 threads 23.4 tok/s against 22.9 with oneDNN everywhere and
-    19.4 with ``F.linear`` everywhere; 1 thread 18.7 against 17.7 (oneDNN) and 19.1
-    (``F.linear``)."""
-    if not head:
-        parts = _split_parts(x, w)
-        if parts > 1:
-            return _split_linear(x, w, b, parts)
+    """``x @ w.T + b``. On CPUs in float32 with more than one thread, one row (batch-1 decode)
+    runs through ``gemv.py``'s kernel (``_gemv_threads``) and a decode batch's layer projections
+    as one batched GEMM over row groups (``_split_parts``; the LM head, ``head``, keeps oneDNN);
+    otherwise oneDNN only for widening projections (more outputs than inputs: QKV, gate/up, the
+    LM head): for the square and narrowing ones (O, down) and single-threaded, ``F.linear`` is
+    faster. Measured (before the kernel and the split) on this project's 2-core EPYC VM with
+    decode steps of SmolLM2 alternating between the variants (medians of 150 steps each): 2
+    threads 23.4 tok/s against 22.9 with oneDNN everywhere and 19.4 with ``F.linear``
+    everywhere; 1 thread 18.7 against 17.7 (oneDNN) and 19.1 (``F.linear``)."""
+    threads = _gemv_threads(x, w)
+    if threads:
+        out = gemv.gemv(x, w, threads)
+        return out if b is None else out.add_(b)
+    parts = 1 if head else _split_parts(x, w)
+    if parts > 1:
+        return _split_linear(x, w, b, parts)
     if (x.dtype in _ONEDNN_DTYPES and x.device.type == "cpu" and w.shape[0] > w.shape[1]
             and torch.get_num_threads() > 1):
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, b, "none", [], "")
@@ -316,6 +333,7 @@ class ModelShard:
             norms = [t for layer in self.layers for t in (layer.input_norm, layer.post_norm)]
             self._doubled = {id(t): torch.cat((t, t)) for t in norms + [self.norm]
                              if t is not None}
+            gemv.warm()  # batch-1 decode's kernel, loaded before any request waits for it
 
     @property
     def num_layers(self) -> int:
