@@ -156,9 +156,9 @@ def _split_parts(x: torch.Tensor, w: torch.Tensor) -> int:
 
 
 def _gemv_threads(x: torch.Tensor, w: torch.Tensor) -> int:
-    """Threads for one row of ``x`` through ``gemv.py``'s kernel (0: not that path): where a
-    projection would split into row groups (``_split_parts``' conditions) and ``x`` is one row;
-    unlike the groups, any row count splits."""
+    """Threads for one row of ``x`` through ``gemv.py``'s kernel (0: not that path): on CPUs, in
+    float32, with more than one thread and a contiguous weight of any row count (the LM head
+    included: 33 GB/s against oneDNN's 24 on SmolLM2's)."""
     threads = torch.get_num_threads()
     if (threads < 2 or x.device.type != "cpu" or x.dtype != torch.float32
             or w.dtype != torch.float32 or x.numel() != w.shape[1] or not w.is_contiguous()):
@@ -333,7 +333,8 @@ class ModelShard:
             norms = [t for layer in self.layers for t in (layer.input_norm, layer.post_norm)]
             self._doubled = {id(t): torch.cat((t, t)) for t in norms + [self.norm]
                              if t is not None}
-            gemv.warm()  # batch-1 decode's kernel, loaded before any request waits for it
+            if torch.get_num_threads() > 1:
+                gemv.warm()  # batch-1 decode's kernel, loaded before any request waits for it
 
     @property
     def num_layers(self) -> int:
