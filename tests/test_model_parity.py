@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from faascale.engine.config import EngineConfig
 from faascale.engine.llm import LLM
-from faascale.engine import gemv
+from faascale.engine import cpu_decode, gemv, model
 from faascale.engine.model import (SPLIT_MAX_ROWS, ForwardBatch, _gemv_threads, _linear,
                                    _rms_norm, _split_linear, _split_parts)
 from faascale.engine.random_model import pack_random, tiny_config
@@ -76,6 +76,30 @@ def test_logits_match_transformers(tmp_path: Path, variant: str, threads: int) -
     assert (ours[0] - ref[:24]).abs().max() <= 1e-4
     for i, row in enumerate(ours[1:]):
         assert (row[0] - ref[24 + i]).abs().max() <= 1e-4, f"decode step {i}"
+
+
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_compiled_batch1_decode_gives_the_torch_layers_numbers(
+        tmp_path: Path, variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cpu_decode.py's one-call layers against the torch layer on the same decode steps: biases,
+    MHA and GQA, a sliding window shorter than the sequence, the cache each step writes and the
+    next reads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the compiled path's condition
+    cfg = tiny_config(**CONFIGS[variant])
+    pack_random(tmp_path / variant, seed=7, num_blocks=3, config=cfg)
+    llm = LLM.load(tmp_path / variant, EngineConfig())
+    calls = []
+    real = cpu_decode.decode_layer
+    monkeypatch.setattr(cpu_decode, "decode_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, extra = _ids(24, cfg.vocab_size), _ids(6, cfg.vocab_size, seed=2)
+    compiled = _prefill_then_decode(llm, ids, extra)
+    assert len(calls) == 6 * cfg.num_layers  # every decode step, every layer; not the prefill
+    monkeypatch.setattr(model, "COMPILED_DECODE", False)
+    reference = _prefill_then_decode(llm, ids, extra)
+    assert len(calls) == 6 * cfg.num_layers
+    for i, (a, b) in enumerate(zip(compiled[1:], reference[1:])):
+        assert b.abs().max() > 1.0
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max(), f"decode step {i}"
 
 
 @pytest.mark.parametrize("rows", [1, 3, 64])

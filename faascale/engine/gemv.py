@@ -27,11 +27,13 @@ import numba
 import numpy as np
 import torch
 
-_FASTMATH = {"reassoc", "contract"}
+FASTMATH = {"reassoc", "contract"}
 
 
-@numba.njit(parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
-def _gemv_rows(w: np.ndarray, x: np.ndarray, out: np.ndarray, parts: int) -> None:  # pragma: no cover - compiled
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
+def rows_into(w: np.ndarray, x: np.ndarray, out: np.ndarray, parts: int) -> None:  # pragma: no cover - compiled
+    """``out = w @ x`` on ``parts`` threads, each one run of rows (also called from other
+    compiled functions: ``cpu_decode.py``)."""
     n, k = w.shape
     per = (n + parts - 1) // parts
     for part in numba.prange(parts):
@@ -62,9 +64,9 @@ def warm() -> None:
         if not _warm:
             x, out = np.ones(8, dtype=np.float32), np.empty(4, dtype=np.float32)
             w = np.ones((4, 8), dtype=np.float32)
-            _gemv_rows(w, x, out, 1)
+            rows_into(w, x, out, 1)
             w.setflags(write=False)  # weights mapped read-only (a HOST tier's blocks)
-            _gemv_rows(w, x, out, 1)
+            rows_into(w, x, out, 1)
             _warm = True
 
 
@@ -79,5 +81,5 @@ def gemv(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     if getattr(_threads, "parts", 0) != parts:  # numba's setting is per calling thread
         numba.set_num_threads(parts)
         _threads.parts = parts
-    _gemv_rows(w.numpy(), x.numpy().reshape(k), out, parts)
+    rows_into(w.numpy(), x.numpy().reshape(k), out, parts)
     return torch.from_numpy(out).view(*x.shape[:-1], n)

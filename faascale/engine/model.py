@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from faascale.engine import gemv
+from faascale.engine import cpu_decode, gemv
 from faascale.engine.config import ModelConfig, resolve_device
 from faascale.engine.kv_cache import CacheIndex, KVCache
 
@@ -132,6 +132,9 @@ def _probe_onednn_linear(dtype: torch.dtype) -> bool:
 _ONEDNN_DTYPES = tuple(d for d in (torch.float32, torch.bfloat16) if _probe_onednn_linear(d))
 
 
+# Batch-1 decode's layers as compiled calls on CPUs (cpu_decode.py); False: the torch layer
+# (tests compare the two).
+COMPILED_DECODE = True
 SPLIT_MAX_ROWS = 64  # decode batches; longer inputs (prefill) use the libraries' GEMM as is
 
 
@@ -333,8 +336,9 @@ class ModelShard:
             norms = [t for layer in self.layers for t in (layer.input_norm, layer.post_norm)]
             self._doubled = {id(t): torch.cat((t, t)) for t in norms + [self.norm]
                              if t is not None}
-            if torch.get_num_threads() > 1:
-                gemv.warm()  # batch-1 decode's kernel, loaded before any request waits for it
+            if torch.get_num_threads() > 1:  # batch-1 decode's kernels, loaded before any
+                gemv.warm()  # request waits for them
+                cpu_decode.warm()
 
     @property
     def num_layers(self) -> int:
@@ -375,18 +379,37 @@ class ModelShard:
         end_max = max(batch.start_positions) + t
         cache.ensure_capacity(end_max)
         index = cache.index(batch.slots, batch.start_positions)
-        mask, causal = self._attention_mask(batch, end_max)
-        whole_heads = whole_kv_heads(self.device.type, self.dtype, mask is not None,
-                                     self._flash_capable)
-        for li, layer in enumerate(self.layers):
-            h = self._layer(layer, h, li, batch, cache, index, cos, sin, mask, causal,
-                            whole_heads, end_max)
+        parts = self._compiled_decode_parts(batch)
+        if parts:  # batch-1 decode on a CPU: each layer one compiled call (cpu_decode.py)
+            slot, pos = batch.slots[0], batch.start_positions[0]
+            window = self.cfg.sliding_window
+            start = 0 if window is None else max(0, pos - window + 1)
+            for li, layer in enumerate(self.layers):
+                h = cpu_decode.decode_layer(layer, h, self.cfg.rms_norm_eps, cos, sin,
+                                            cache.k[li][slot], cache.v[li][slot], start, pos,
+                                            self.cfg.num_heads, self.cfg.num_kv_heads, parts)
+        else:
+            mask, causal = self._attention_mask(batch, end_max)
+            whole_heads = whole_kv_heads(self.device.type, self.dtype, mask is not None,
+                                         self._flash_capable)
+            for li, layer in enumerate(self.layers):
+                h = self._layer(layer, h, li, batch, cache, index, cos, sin, mask, causal,
+                                whole_heads, end_max)
         if not self.is_last:
             return h
         h = _rms_norm(h if all_logits else h[:, -1:, :], self.norm, self.cfg.rms_norm_eps,
                       self._doubled_of(self.norm))
         logits = _linear(h, self.lm_head, head=True).float()
         return logits if all_logits else logits[:, -1, :]
+
+    def _compiled_decode_parts(self, batch: ForwardBatch) -> int:
+        """Threads for ``cpu_decode.py``'s compiled layer (0: the torch layer): one sequence, one
+        token, on a CPU in float32 with more than one thread (where ``gemv.py`` runs)."""
+        if (self._doubled is None or len(batch.slots) != 1 or batch.num_tokens != 1
+                or not COMPILED_DECODE):
+            return 0
+        threads = torch.get_num_threads()
+        return min(threads, gemv.max_parts()) if threads > 1 else 0
 
     def _doubled_of(self, norm_weight: torch.Tensor) -> torch.Tensor | None:
         return None if self._doubled is None else self._doubled[id(norm_weight)]
