@@ -7,7 +7,8 @@ Python worker it starts (``preload_python_modules``), idle workers included. Imp
   cold start, ~1.6 s here at full CPU), and Ray Serve's own replica module that wraps ours
   (~1.1 s more);
 - runs a tiny random Llama through a real ``Engine`` (a prefill and two decode steps), so torch's
-  dispatcher, oneDNN's kernels and OpenMP's thread pool exist before the first model arrives
+  dispatcher, oneDNN's kernels, OpenMP's thread pool and the CPU decode kernels (numba, from
+  their disk cache) exist before the first model arrives
   (model-independent; the replica's own warm-up on its model follows and is shorter);
 - records ``READY_S``, when this runtime was ready;
 - then, while it waits, prepares every deployed model's store client, metadata and parsed
@@ -64,9 +65,12 @@ WARMUP_MODEL = "random://tiny-llama"
 
 
 def _warm_kernels() -> str | None:
-    """A tiny random Llama through the engine; None, or why it could not run (never raises: a
-    failed warm-up leaves a cold runtime, not a broken worker)."""
+    """A tiny random Llama through the engine, and the CPU decode kernels loaded whatever this
+    worker's thread count (a replica may run more threads than the idle worker: Ray sets
+    ``OMP_NUM_THREADS`` per actor); None, or why it could not run (never raises: a failed
+    warm-up leaves a cold runtime, not a broken worker)."""
     try:
+        from faascale.engine import cpu_decode, gemv
         from faascale.engine.config import EngineConfig
         from faascale.engine.llm import LLM
         from faascale.engine.sampling import SamplingParams
@@ -76,6 +80,8 @@ def _warm_kernels() -> str | None:
         packed = resolve_packed(WARMUP_MODEL, num_blocks=2, cache_dir=cache)
         llm = LLM.load(packed, EngineConfig(max_batch_size=2, max_seq_len=64, kv_block_tokens=16))
         llm.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        gemv.warm()
+        cpu_decode.warm()
         return None
     except Exception as exc:  # noqa: BLE001 - the runtime stays usable, only colder
         log.warning("warm runtime: kernel warm-up failed: %s", exc)
