@@ -65,7 +65,7 @@ def warm() -> None:
             x, out = np.ones(8, dtype=np.float32), np.empty(4, dtype=np.float32)
             w = np.ones((4, 8), dtype=np.float32)
             rows_into(w, x, out, 1)
-            w.setflags(write=False)  # weights mapped read-only (a HOST tier's blocks)
+            w.setflags(write=False)  # weights in a read-only mapping (numba types them apart)
             rows_into(w, x, out, 1)
             _warm = True
 
