@@ -26,11 +26,10 @@ import numba
 import numpy as np
 import torch
 
-from faascale.engine.gemv import FASTMATH, rows_into
+from faascale.engine.gemv import FASTMATH, rows_into, use_threads
 
 _lock = threading.Lock()
 _warm = False
-_threads = threading.local()
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -153,9 +152,7 @@ def decode_layer(layer, h: torch.Tensor, eps: float, cos: torch.Tensor, sin: tor
     writes the token's K/V into ``k_slot``/``v_slot`` (``[kv_heads, capacity, head_dim]``, the
     sequence's slot of the layer's cache). ``cos``/``sin``: the position's rotary rows
     (``[head_dim]``). Returns the new hidden state (``[1, 1, hidden]``, a new tensor)."""
-    if getattr(_threads, "parts", 0) != parts:  # numba's setting is per calling thread
-        numba.set_num_threads(parts)
-        _threads.parts = parts
+    use_threads(parts)
     out = _layer(h.numpy().reshape(-1), layer.input_norm.numpy(), layer.post_norm.numpy(), eps,
                  layer.qkv_w.numpy(), _np(layer.qkv_b), layer.o_w.numpy(), _np(layer.o_b),
                  layer.gate_up_w.numpy(), _np(layer.gate_up_b), layer.down_w.numpy(),

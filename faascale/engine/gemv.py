@@ -70,6 +70,14 @@ def warm() -> None:
             _warm = True
 
 
+def use_threads(parts: int) -> None:
+    """Numba's thread count for this calling thread (its setting is per thread), set only when it
+    changes; every compiled CPU kernel of the engine goes through here (``cpu_decode.py`` too)."""
+    if getattr(_threads, "parts", 0) != parts:
+        numba.set_num_threads(parts)
+        _threads.parts = parts
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     """``x @ w.T`` for one row ``x`` (``[..., k]`` with one row in all) and a contiguous float32
     ``w`` ``[n, k]`` on the CPU, on ``parts`` threads (at most ``max_parts()``); the caller checks
@@ -78,8 +86,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     ``[..., n]``, a new tensor."""
     n, k = w.shape
     out = np.empty(n, dtype=np.float32)
-    if getattr(_threads, "parts", 0) != parts:  # numba's setting is per calling thread
-        numba.set_num_threads(parts)
-        _threads.parts = parts
+    use_threads(parts)
     rows_into(w.numpy(), x.numpy().reshape(k), out, parts)
     return torch.from_numpy(out).view(*x.shape[:-1], n)
