@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,37 @@ def test_model_copy_names_the_one_tier_holding_every_block_and_whether_it_is_map
     assert store.evict(m.block_id(3), Tier.HOST)
     copy = store.model_copy(m)
     assert copy.tier == "DISK" and copy.directory == tmp_path / "disk" / m.model_id
+
+
+def test_tier_copies_wait_until_no_fetch_is_in_flight(tmp_path: Path, tiny_packed: Path,
+                                                       remote) -> None:
+    """The DISK copy of a fetched block is written only once no fetch is in flight: it never
+    competes with a load that a replica waits for."""
+    counting, _ = remote
+    m = read_manifest(tiny_packed)
+    entered, gate = threading.Event(), threading.Event()
+
+    class HeldStore:  # block 2's read waits at the gate; every other read goes through
+        def get_into(self, key: str, buffer: memoryview) -> int:
+            if key.endswith(m.blocks[2].file):
+                entered.set()
+                assert gate.wait(10)
+            return counting.get_into(key, buffer)
+
+    store = make_store(tmp_path, RemoteBlocks(lambda _m: (HeldStore(), f"models/{m.model_id}")),
+                       Clock())
+    disk_copy = tmp_path / "disk" / m.model_id / m.blocks[1].file
+    held = threading.Thread(target=store.fetch, args=(m, 2))
+    held.start()
+    try:
+        assert entered.wait(10)
+        store.fetch(m, 1)  # landed in HOST; its DISK copy is queued behind block 2's fetch
+        time.sleep(0.5)
+        assert not [p for p in (tmp_path / "disk").rglob("*") if p.is_file()]  # no copy begun
+    finally:
+        gate.set()
+    held.join(10)
+    store.wait_idle(timeout_s=10)
+    assert disk_copy.read_bytes() == (tiny_packed / m.blocks[1].file).read_bytes()
+    assert store.lookup(m.block_id(1)) is Tier.HOST and store.lookup(m.block_id(2)) is Tier.HOST
+    store.close()

@@ -56,7 +56,10 @@ def _s3_server(server: str, request: pytest.FixtureRequest) -> tuple[str, dict[s
     """(endpoint, credentials) of ``moto`` (module-scoped, in-process) or ``rgw`` (the session's)."""
     if server == "moto":
         return request.getfixturevalue("moto_endpoint"), CREDS
-    rgw = request.getfixturevalue("ceph_rgw")
+    return _rgw(request.getfixturevalue("ceph_rgw"))
+
+
+def _rgw(rgw: Any) -> tuple[str, dict[str, str]]:
     return rgw.endpoint, {"region": rgw.region, "access_key": rgw.access_key,
                           "secret_key": rgw.secret_key}
 
@@ -421,22 +424,171 @@ def test_s3_error_mapping() -> None:
         assert "s3://b" in str(err)
 
 
-def test_s3_get_into_throughput(moto_endpoint: str) -> None:
-    """Not an assertion: a quick look at parallel ranged GETs vs one GET (visible with -s). moto
-    only: it looks at our client's parallel GETs, not at a server's contract."""
-    with S3Store(_new_bucket(moto_endpoint), endpoint_url=moto_endpoint, **CREDS) as store:
-        data = os.urandom(64 * MiB)
-        store.put("big", data)
-        buf = bytearray(len(data))
-        t0 = time.perf_counter()
-        whole = store.get("big")
-        t1 = time.perf_counter()
-        store.get_into("big", memoryview(buf))
-        t2 = time.perf_counter()
-        assert whole == data and buf == data
-        print(f"\n64 MiB from in-process moto: get {64 / (t1 - t0):.0f} MiB/s, "
-              f"get_into ({store.max_concurrency} x {store.part_size_bytes // MiB} MiB parts) "
-              f"{64 / (t2 - t1):.0f} MiB/s")
+def test_s3_get_into_reads_each_part_directly(s3_server: tuple[str, dict[str, str]]) -> None:
+    """get_into's parts are answered by the direct reader (s3_direct: presigned GETs read into
+    the buffer), one 206 per part, on both servers; boto3 is not asked for any of them."""
+    endpoint, creds = s3_server
+    bucket = _new_bucket(endpoint, creds)
+    try:
+        with S3Store(bucket, endpoint_url=endpoint, part_size_bytes=1 * MiB, max_concurrency=3,
+                     **creds) as store:
+            data = os.urandom(7 * MiB + 5)
+            store.put("big", data)
+            calls: list[str] = []
+            store._client.meta.events.register(
+                "before-call.s3.GetObject", lambda **kw: calls.append(kw["params"]["url_path"]))
+            for _ in range(2):  # the second time over the kept-alive connections
+                buf = bytearray(len(data))
+                assert store.get_into("big", memoryview(buf)) == len(data) and buf == data
+            assert store._direct is not None and store._direct.requests == 2 * 8
+            assert calls == []
+            assert len(store._direct._conns) <= 3  # one per part thread, kept alive
+    finally:
+        _drop_bucket(endpoint, creds, bucket)
+
+
+def test_s3_direct_reads_are_off_through_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from faascale.memory_tier.s3_direct import usable_for
+
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    assert usable_for("http://10.0.0.5:7480") and usable_for("https://s3.example.com")
+    assert not usable_for("ftp://x") and not usable_for("http://")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert not usable_for("http://10.0.0.5:7480") and usable_for("https://s3.example.com")
+    monkeypatch.setenv("NO_PROXY", "10.0.0.5")
+    assert usable_for("http://10.0.0.5:7480")
+    monkeypatch.setenv("HTTP_PROXY", "")
+    store = S3Store("b", endpoint_url="http://10.0.0.5:7480", direct_reads=False, **CREDS)
+    assert store._direct is None
+
+
+class CuttingProxy:
+    """A TCP relay on 127.0.0.1 in front of ``upstream``: ``cut_after`` bytes into the next
+    response it relays it closes that connection (a body breaking off); ``close_idle()`` closes
+    every relayed connection from the server's side (a keep-alive the server dropped)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_after: int | None = None
+        self.cuts = 0
+        self.accepted = 0
+        self.conns: list[Any] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.accepted += 1
+                self.conns += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: Any, dst: Any, downstream: bool) -> None:
+        import socket
+
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                with self.lock:
+                    cut = self.cut_after if downstream else None
+                if cut is not None and sent + len(data) >= cut:
+                    dst.sendall(data[:max(0, cut - sent)])
+                    with self.lock:
+                        self.cut_after, self.cuts = None, self.cuts + 1
+                    break
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close_idle(self) -> None:
+        import socket
+
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.close_idle()
+
+
+def test_s3_a_body_cut_mid_part_is_fetched_again(moto_endpoint: str) -> None:
+    """Real sockets: a relay cuts one response 300 KB into its body; that part is fetched again
+    and the object arrives whole, every part read directly."""
+    from urllib.parse import urlsplit
+
+    up = urlsplit(moto_endpoint)
+    proxy = CuttingProxy((up.hostname, up.port))
+    bucket = _new_bucket(moto_endpoint)
+    try:
+        data = os.urandom(4 * MiB)
+        with S3Store(bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", max_concurrency=2,
+                     part_size_bytes=1 * MiB, **CREDS) as store:
+            store.put("obj", data)
+            proxy.cut_after = 300_000
+            buf = bytearray(len(data))
+            assert store.get_into("obj", memoryview(buf)) == len(data) and buf == data
+            assert proxy.cuts == 1 and store._direct.requests == 4
+    finally:
+        proxy.close()
+        _drop_bucket(moto_endpoint, CREDS, bucket)
+
+
+@pytest.mark.slow
+def test_s3_a_keepalive_the_server_dropped_reconnects_without_a_retry(ceph_rgw: Any) -> None:
+    """RGW keeps connections alive (moto's server does not): parts reuse one connection; when
+    the server side closes it while idle, the next read opens a new one, with a single attempt
+    allowed (so no retry was spent)."""
+    endpoint, creds = _rgw(ceph_rgw)
+    bucket = _new_bucket(endpoint, creds)
+    from urllib.parse import urlsplit
+
+    up = urlsplit(endpoint)
+    proxy = CuttingProxy((up.hostname, up.port))
+    try:
+        data = os.urandom(4 * MiB)
+        with S3Store(bucket, endpoint_url=f"http://127.0.0.1:{proxy.port}", max_concurrency=1,
+                     part_size_bytes=1 * MiB, max_attempts=1, **creds) as store:
+            store.put("obj", data)
+            for _ in range(2):
+                buf = bytearray(len(data))
+                assert store.get_into("obj", memoryview(buf)) == len(data) and buf == data
+            accepted = proxy.accepted
+            proxy.close_idle()
+            time.sleep(0.2)
+            buf = bytearray(len(data))
+            assert store.get_into("obj", memoryview(buf)) == len(data) and buf == data
+            assert store._direct.requests == 12
+            assert proxy.accepted == accepted + 1  # one new connection for the 4 parts
+    finally:
+        proxy.close()
+        _drop_bucket(endpoint, creds, bucket)
 
 
 def test_a_store_manifest_naming_files_outside_the_model_is_refused_and_writes_nothing(

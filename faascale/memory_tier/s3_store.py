@@ -1,7 +1,8 @@
 """Any S3 API (AWS, Ceph RGW, SeaweedFS, MinIO, moto) as an object store, through boto3.
 
 Path-style addressing. A whole object is read with parallel ranged GETs written straight into the
-caller's buffer (no extra copy of the object); large files are written with multipart uploads.
+caller's buffer (``s3_direct``: presigned GETs whose bodies the kernel copies into the buffer; a
+request it cannot answer goes through boto3); large files are written with multipart uploads.
 botocore retries requests; a body that breaks mid-stream is re-fetched here. boto3's and
 botocore's errors become the typed ``store`` errors. The contract is ``store.ObjectStore``.
 """
@@ -9,6 +10,7 @@ botocore's errors become the typed ``store`` errors. The contract is ``store.Obj
 from __future__ import annotations
 
 import io
+import os
 import re
 import threading
 import time
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from faascale.memory_tier.s3_direct import DirectRangedGets, DirectUnavailable, usable_for
 from faascale.memory_tier.store import (BucketNotFound, InvalidKey, ObjectNotFound,
                                         ObjectSizeMismatch, StoreAuthError, StoreError,
                                         StoreUnavailable, byte_view, check_key, check_range)
@@ -46,7 +49,8 @@ class S3Store:
                  region: str | None = None, access_key: str | None = None,
                  secret_key: str | None = None, max_concurrency: int = 8,
                  part_size_bytes: int = 8 * MiB, max_attempts: int = 4,
-                 connect_timeout_s: float = 2, read_timeout_s: float = 30) -> None:
+                 connect_timeout_s: float = 2, read_timeout_s: float = 30,
+                 direct_reads: bool = True) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -71,6 +75,7 @@ class S3Store:
             # parts + a multipart upload's threads + a few plain calls, without pool warnings
             max_pool_connections=2 * max_concurrency + 2,
             s3={"addressing_style": "path"},  # Ceph RGW, SeaweedFS, MinIO, moto
+            signature_version="s3v4",  # presigned GETs too (botocore would presign SigV2)
             # boto3 >= 1.36 adds CRC32 checksums by default; several S3-compatible stores reject them
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -84,6 +89,11 @@ class S3Store:
                                         max_concurrency=max_concurrency, use_threads=True)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # get_into's parts read straight into the buffer (s3_direct); boto3 for everything else
+        self._direct = DirectRangedGets(
+            self._client, bucket, connect_timeout_s, read_timeout_s,
+            ca_bundle=os.environ.get("AWS_CA_BUNDLE")) \
+            if direct_reads and usable_for(self.endpoint_url) else None
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r}, endpoint_url={self.endpoint_url!r})"
@@ -94,6 +104,8 @@ class S3Store:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if self._direct is not None:
+            self._direct.close()
 
     def __enter__(self) -> "S3Store":
         return self
@@ -298,7 +310,20 @@ class S3Store:
         Raises ObjectSizeMismatch before writing if the object is not ``total`` bytes, and
         _RangeNotSatisfiable (416) if the object ends before ``offset``.
         """
+        def check(actual_total: int, content_length: int) -> None:
+            if actual_total != total:
+                raise self._size_mismatch(key, actual_total, total)
+            if content_length != length:
+                raise StoreError(f"{self.uri}: ranged GET of {key!r} bytes {offset}+{length} "
+                                 f"returned {content_length} bytes", self.uri, key)
+
         def attempt() -> str:
+            if self._direct is not None:
+                try:
+                    with _reading_body(), view[offset:offset + length] as part:
+                        return self._direct.get_range_into(full, offset, part, check)
+                except DirectUnavailable:
+                    pass  # boto3 answers this request: its errors are the typed ones
             resp = self._ranged_get(full, offset, length)
             body = resp["Body"]
             with body:
