@@ -708,6 +708,45 @@ def test_a_piece_lost_on_the_way_is_fetched_again_at_once(pieced, tmp_path, wher
     assert took_s < TIMEOUT_S / 4, took_s  # at the gap, not at the deadline
 
 
+def test_part_files_made_ahead_wait_for_room_until_an_earlier_one_is_receiving(
+        model: tuple[Path, ModelManifest], tmp_path: Path) -> None:
+    """At most ``ahead_bytes`` of part files wait made and unopened (a whole model's made at
+    once, at the plan, took the CPU the first loads needed): the next one is made once a frame
+    of an earlier one is opened, or an earlier one is put in place or given up."""
+    from faascale.pipecast.landing import Landing
+
+    catalog = BlockCatalog.of(model[1])
+    sizes = [catalog.blocks[b].size_bytes for b in (1, 2, 3)]
+    assert 2 * min(sizes) > max(sizes)  # room for one part, never two
+
+    def wait_made(block: int) -> None:
+        deadline = time.monotonic() + 5
+        while block not in landing.parts and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert block in landing.parts, block
+
+    landing = Landing(tmp_path, catalog)
+    try:
+        landing.prepare_ahead([1, 2, 3], ahead_bytes=max(sizes))
+        wait_made(1)
+        time.sleep(0.3)
+        assert set(landing.parts) == {1}  # block 2 waits for room
+        info = catalog.blocks[1]
+        _, length = info.span(0)
+        digest = bytes.fromhex(info.piece_checksum(0).partition(":")[2])
+        view = landing.open(Header("block", "s0", 1, {"model_id": catalog.model_id, "index": 1,
+                                                       "piece": 0}, length, digest))
+        assert view.nbytes == length  # block 1 is receiving: room for block 2
+        wait_made(2)
+        time.sleep(0.3)
+        assert 3 not in landing.parts
+        landing.drop(2)  # given up: room for block 3
+        wait_made(3)
+    finally:
+        landing.close()
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_part_files_are_made_ahead_in_order_once_and_none_outlive_close(
         model: tuple[Path, ModelManifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``Landing.prepare_ahead`` makes the coming blocks' part files on its own thread, in the
