@@ -117,7 +117,8 @@ class DirectRangedGets:
             raise
         if resp.will_close:
             self._drop(conn)
-        self.requests += 1
+        with self._lock:
+            self.requests += 1
         return etag
 
     # -- connections ----------------------------------------------------------------------------
