@@ -301,4 +301,7 @@ def test_tier_copies_wait_until_no_fetch_is_in_flight(tmp_path: Path, tiny_packe
     store.wait_idle(timeout_s=10)
     assert disk_copy.read_bytes() == (tiny_packed / m.blocks[1].file).read_bytes()
     assert store.lookup(m.block_id(1)) is Tier.HOST and store.lookup(m.block_id(2)) is Tier.HOST
+    copier = next(t for t in threading.enumerate() if t.name.startswith("tier-copy"))
+    stat = Path(f"/proc/self/task/{copier.native_id}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[16]) == 19  # nice: it gets only idle CPU
     store.close()

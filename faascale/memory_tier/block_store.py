@@ -2,11 +2,10 @@
 
 Every replica on a node asks this store for its blocks; the store serves each from the fastest tier
 holding it, a file every replica on the node maps zero-copy, and leaves a copy in HOST (a file under
-``/dev/shm``) behind the load, in the background: a tier copy waits until no fetch is in flight
-(at most ``COPY_DEFER_MAX_S``) and runs at the lowest CPU priority, so it never takes CPU and
-memory bandwidth from a load that a replica is waiting for (it was 15 % of a node's CPU during a
-store load, and most of a PipeCast member's while it received the rest from its peers). DEVICE residency is the replicas' own tensors (CPU) or device copies (GPU): the store
-tracks it as pins. Policies (keep-alive, eviction) are pure (``policy.py``); this module applies
+``/dev/shm``) behind the load, in the background: once no fetch is in flight (at most
+``COPY_DEFER_MAX_S``), at nice 19, so it never takes CPU from a load a replica waits for (15 % of
+a node's CPU during a store load here). DEVICE residency is the replicas' own tensors (CPU) or
+device copies (GPU): the store tracks it as pins. Policies (keep-alive, eviction) are pure (``policy.py``); this module applies
 them to files (``tier_files.py`` writes, checks and maps each file). Thread-safe; several callers
 asking for one block cause one fetch.
 """
@@ -33,15 +32,6 @@ from faascale.memory_tier.policy import Resident, Tier, TierFullError, choose_ev
 log = logging.getLogger(__name__)
 
 COPY_DEFER_MAX_S = 30.0  # a background tier copy waits this long at most for fetches to end
-
-
-def _lowest_cpu_priority() -> None:
-    """This thread runs at nice 19 (Linux: a thread's own priority): it gets the CPU that
-    nothing else wants, so its copies never slow a load, in this process or another."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (OSError, AttributeError) as exc:  # not Linux, or not allowed: copies still run
-        log.debug("tier copies at normal priority: %s", exc)
 
 
 class NoRoomError(OSError):
@@ -130,7 +120,7 @@ class BlockStore:
         self._inflight: dict[BlockId, Future[FetchResult]] = {}
         self._fetches_done = threading.Condition(self._lock)  # notified when _inflight shrinks
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="tier-copy",
-                                          initializer=_lowest_cpu_priority)
+                                          initializer=tier_files.lowest_cpu_priority)
         self._background: list[Future[None]] = []
         self.hits: Counter[str] = Counter()
         self.corrupt_dropped = 0

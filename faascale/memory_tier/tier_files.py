@@ -2,7 +2,8 @@
 into a tier file (``write_verified``: preallocated, its mapping populated in one call, filled,
 verified, renamed into place), a tier file checked against its manifest block (``check_file``:
 one sequential read, read ahead by a thread, hashed as it comes) and a tier file mapped
-copy-on-write for zero-copy tensor views (``map_block``). Torch-free.
+copy-on-write for zero-copy tensor views (``map_block``); the tier-copy thread's priority
+(``lowest_cpu_priority``). Torch-free.
 
 ``BlockStore`` calls them through this module's attributes, so ``benchmarks/tiers.py`` times the
 checksums by wrapping ``check_file`` and ``block_problem`` here.
@@ -10,6 +11,7 @@ checksums by wrapping ``check_file`` and ``block_problem`` here.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import queue
@@ -21,6 +23,16 @@ from faascale.engine.blockio import hasher_for, preallocate, tagged
 from faascale.engine.manifest import CorruptBlockError, ModelManifest, block_problem
 
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux
+log = logging.getLogger(__name__)
+
+
+def lowest_cpu_priority() -> None:
+    """Run the calling thread at nice 19 (Linux: a thread's own priority): the tier copies it
+    makes get the CPU nothing else wants and never slow a load, in this process or another."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (OSError, AttributeError) as exc:  # not Linux, or not allowed: copies still run
+        log.debug("tier copies at normal priority: %s", exc)
 
 
 def write_verified(path: Path, manifest: ModelManifest, index: int,
