@@ -5,9 +5,9 @@ holding it, a file every replica on the node maps zero-copy, and leaves a copy i
 ``/dev/shm``) behind the load, in the background: once no fetch is in flight (at most
 ``COPY_DEFER_MAX_S``), at nice 19, so it never takes CPU from a load a replica waits for (15 % of
 a node's CPU during a store load here). DEVICE residency is the replicas' own tensors (CPU) or
-device copies (GPU): the store tracks it as pins. Policies (keep-alive, eviction) are pure (``policy.py``); this module applies
-them to files (``tier_files.py`` writes, checks and maps each file). Thread-safe; several callers
-asking for one block cause one fetch.
+device copies (GPU): the store tracks it as pins. Policies (keep-alive, eviction) are pure
+(``policy.py``); this module applies them to files (``tier_files.py`` writes, checks and maps
+each file). Thread-safe; several callers asking for one block cause one fetch.
 """
 
 from __future__ import annotations

@@ -23,9 +23,8 @@ PART_SUFFIX = ".part"
 # Part files made ahead and not yet receiving hold at most this much (one block always may be):
 # fresh pages cost CPU to allocate and clear, and a whole model's worth made at once, at the
 # plan, took that CPU from the loads that come first (from zero, four members on this
-# project's 2-core VM: first servable 12-20 s instead of 3.7 s while every part was made
-# ahead). Making a part is ~10x faster than a 1 Gbit link fills it, so two blocks ahead are
-# enough.
+# project's 2-core VM: first servable 12-20 s, against 3.5-3.7 s with this bound). Making a
+# part (~1 GB/s here) is ~7x faster than a 1 Gbit link fills it: two blocks ahead are enough.
 AHEAD_BYTES = 128 << 20
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux: page tables filled in one call
 log = logging.getLogger(__name__)
