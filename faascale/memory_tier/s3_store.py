@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from faascale.memory_tier.s3_direct import DirectRangedGets, DirectUnavailable, usable_for
 from faascale.memory_tier.store import (BucketNotFound, InvalidKey, ObjectNotFound,
                                         ObjectSizeMismatch, StoreAuthError, StoreError,
                                         StoreUnavailable, byte_view, check_key, check_range)
@@ -54,6 +53,9 @@ class S3Store:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
+
+        # with boto3, not at import: http.client and ssl cost ~60 ms that boto3 pays anyway
+        from faascale.memory_tier.s3_direct import DirectRangedGets, usable_for
 
         if not bucket or "/" in bucket:
             raise InvalidKey(f"s3://{bucket}: invalid bucket name {bucket!r}", f"s3://{bucket}")
@@ -319,6 +321,8 @@ class S3Store:
 
         def attempt() -> str:
             if self._direct is not None:
+                from faascale.memory_tier.s3_direct import DirectUnavailable
+
                 try:
                     with _reading_body(), view[offset:offset + length] as part:
                         return self._direct.get_range_into(full, offset, part, check)
