@@ -325,18 +325,52 @@ def test_a_silent_member_whose_socket_answers_is_waited_for_then_dropped(
         return set(coordinator.progress()[model_id]["members"])
 
     quiet, gone = members("quiet", tiny_packed), members("gone", tiny_packed)
-    wait_for(lambda: model_id in coordinator.progress() and present() == {"quiet", "gone"})
-    time.sleep(1.0)  # the coordinator's connections to both are up
-    tell = quiet._tell
-    quiet._tell = lambda op, **meta: None if op == "heartbeat" else tell(op, **meta)
+    frozen = members("frozen", tiny_packed)
+    wait_for(lambda: model_id in coordinator.progress()
+             and present() == {"quiet", "gone", "frozen"})
+    time.sleep(1.0)  # the coordinator's connections to them are up
+    for m in (quiet, frozen):
+        m._tell = (lambda tell: lambda op, **meta: None if op == "heartbeat"
+                   else tell(op, **meta))(m._tell)
+    # frozen: so starved that libzmq's I/O thread misses its heartbeats too (seen on 0.35-core
+    # nodes); its port still answers: its kernel holds the socket (``listening``)
+    reachable = coordinator.transport.reachable
+    coordinator.transport.reachable = lambda a: a != frozen.ctl_tx.address and reachable(a)
     gone.close(leave=False)
     silent_from = time.monotonic()
     wait_for(lambda: "gone" not in present(), timeout_s=8)
-    assert "quiet" in present()
+    assert {"quiet", "frozen"} <= present()
     time.sleep(max(0.0, silent_from + 4.0 - time.monotonic()))
-    assert "quiet" in present(), "a silent member with a live socket was dropped before 6 s"
-    wait_for(lambda: "quiet" not in present(), timeout_s=10)
+    assert {"quiet", "frozen"} <= present(), "a silent member with a live socket was dropped"
+    wait_for(lambda: not {"quiet", "frozen"} & present(), timeout_s=10)
     assert time.monotonic() - silent_from >= 4.9  # hung_after_s 6 s less one heartbeat period
+
+
+def test_a_plan_a_member_did_not_take_is_sent_again(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """The first plan to t1 finds its control socket taking nothing (a starved process drops
+    libzmq's connection for seconds): the coordinator sends it again a moment later, and both
+    targets get the model from that plan, without a stall's re-plan or a failed part."""
+    model_id = read_manifest(tiny_packed).model_id
+    members("s0", tiny_packed)
+    coordinator.expect(model_id, 2)
+    send, refused = coordinator.transport.send, []
+
+    def flaky(address, kind, meta, payload=None, **kw):
+        if meta.get("op") == "plan" and not refused and address == targets[0].ctl_tx.address:
+            refused.append(meta["plan_id"])
+            raise TransportTimeout(f"{address} did not take a control frame (test)")
+        return send(address, kind, meta, payload, **kw)
+
+    coordinator.transport.send = flaky
+    targets = [members(f"t{i}", tmp_path / f"t{i}") for i in (1, 2)]
+    t0 = time.monotonic()
+    wait_for(lambda: all(t.full for t in targets), timeout_s=30)
+    assert refused and time.monotonic() - t0 < 20
+    done = coordinator.progress()[model_id]["finished"][-1]
+    kinds = [e["kind"] for e in done["record"]]
+    assert "stall_replan" not in kinds and "agent_failed" not in kinds, kinds
+    assert coordinator.models[model_id].plans_sent == 1  # the same plan, delivered late
 
 
 def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(

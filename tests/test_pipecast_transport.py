@@ -5,6 +5,7 @@ NCCL runs only where there are CUDA GPUs (two for the round trip); here its refu
 from __future__ import annotations
 
 import math
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import zmq
 from faascale.pipecast.transport import (MAX_META_BYTES, CorruptFrameError, Header, HeaderError,
                                          TransportError, TransportTimeout, decode_header,
                                          encode_header, mac_key, payload_digest)
-from faascale.pipecast.zmq_transport import ZmqTransport
+from faascale.pipecast.zmq_transport import LISTEN_CACHE_S, ZmqTransport
 from faascale.platform.server import free_port
 
 SECRET = b"faascale-test-cluster-secret-32b!"
@@ -467,7 +468,9 @@ time.sleep(120)  # never reads, never sends: only libzmq's I/O thread answers
 def test_reachable_follows_the_peers_process_not_its_python() -> None:
     """A peer whose Python never touches its socket stays reachable (libzmq answers the
     heartbeats); stopped (SIGSTOP), it is unreachable within the heartbeat timeout, reachable
-    again when it continues, and unreachable once killed."""
+    again when it continues, and unreachable once killed. Stopped, its port still answers
+    (``listening``: its kernel holds the socket, as for a process starved of CPU); killed, it
+    does not."""
     import signal
     import subprocess
     import sys
@@ -489,11 +492,17 @@ def test_reachable_follows_the_peers_process_not_its_python() -> None:
             assert t.reachable(address)
             proc.send_signal(signal.SIGSTOP)
             assert settles(False, 6) > 0.5  # seen through missed heartbeats, not at once
+            assert t.listening(address)  # no thread of it runs, but its port answers
             proc.send_signal(signal.SIGCONT)
             settles(True, 10)
             proc.kill()
             proc.wait(10)
             settles(False, 5)
+            time.sleep(LISTEN_CACHE_S)  # the answer above is kept this long
+            assert not t.listening(address)
+            with socket.socket() as free:  # a port bound but not listening: refused at once
+                free.bind(("127.0.0.1", 0))
+                assert not t.listening(f"tcp://127.0.0.1:{free.getsockname()[1]}")
     finally:
         proc.kill()
         proc.wait(10)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from faascale.actor_logs import timestamp_logs
 from faascale.engine.manifest import ModelManifest
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 
@@ -81,6 +82,7 @@ class NodeBlocks:
     """The actor body. Methods take and return plain data (JSON manifests, paths)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
+        timestamp_logs()
         self.config = TierConfig(**config)
         self._location: dict[str, str] = {}  # model id -> where its packed blocks live
         self._stores: dict[str, Any] = {}  # store URI -> open object store (connections reused)

@@ -55,6 +55,9 @@ class ModelState:
     active: ScaleOut | None = None
     sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # last route sent per node
     retry_at_s: dict[str, float] = field(default_factory=dict)
+    # plans not delivered (the member's control socket took no frame): name -> (when to try
+    # again, the plan's meta, its body); sent again until taken, replaced or the member is gone
+    undelivered: dict[str, tuple[float, dict[str, Any], bytes]] = field(default_factory=dict)
     finished: list[dict[str, Any]] = field(default_factory=list)
     pipeline_serves: int = 0
     plans_sent: int = 0
@@ -69,11 +72,13 @@ class ModelState:
 
 def is_dead(node: JoinedNode, now: float, *, dead_after_s: float, hung_after_s: float,
             reachable: Callable[[str], bool] | None) -> bool:
-    """Silent for ``dead_after_s`` and its control socket unreachable (the process died,
-    stopped or is cut off), or silent for ``hung_after_s`` whatever its socket says (its
-    Python is stuck). A member that only missed heartbeats because it is starved of CPU
-    still answers the transport's own heartbeats (``ZmqTransport.reachable``; ``reachable``
-    None: silence alone decides). Sets ``node.suspected`` while it waits on such a member."""
+    """Silent for ``dead_after_s`` and its control socket unreachable (the process died or is
+    cut off), or silent for ``hung_after_s`` whatever its socket says (its Python is stuck).
+    A member that only missed heartbeats because it is starved of CPU is still reachable:
+    libzmq's own heartbeats (``ZmqTransport.reachable``) while its I/O thread gets the CPU, its
+    kernel's answer on the socket's port when not even that thread does (the coordinator's
+    ``answers``: ``ZmqTransport.listening``). ``reachable`` None: silence alone decides. Sets
+    ``node.suspected`` while it waits on such a member."""
     silent_s = now - node.last_seen_s
     if silent_s <= dead_after_s:
         node.suspected = False

@@ -75,6 +75,7 @@ STALL_AFTER_S = 60.0
 RELAY_ENV = "FAASCALE_PIPECAST_RELAY"
 RETRY_ROUTE_S = 1.0
 POLL_S = 0.1
+SLOW_PASS_S = 1.0  # a pass (frames + timers) slower than this is logged: heartbeats wait on it
 CONTROL_SEND_S = 0.25  # a live member's control queue takes a frame at once; never block long
 MAX_FINISHED = 20  # finished scale-outs kept per model for progress()
 MAX_AGENT_REPLANS = 3  # failed plan parts of one target re-planned per scale-out, then it gives up
@@ -132,7 +133,7 @@ class Coordinator:
     def poll(self, timeout_s: float) -> None:
         """Handle the frames that came (waiting up to ``timeout_s`` for the first), then the
         timers: every heartbeat already here is counted before anyone is declared dead."""
-        wait = timeout_s
+        wait, frames, began = timeout_s, 0, 0.0
         while True:
             try:
                 msg = self.transport.recv(wait)
@@ -141,15 +142,19 @@ class Coordinator:
                     break
                 log.warning("dropped a control frame: %s", e)
                 continue
-            wait = 0.0
+            began, wait, frames = began if frames else time.monotonic(), 0.0, frames + 1
             try:
                 with self._lock:
                     self._on_frame(msg.header)
             except Exception:
                 log.exception("control frame %s from %s failed", msg.header.meta.get("op"),
                               msg.header.sender)
+        ticked = time.monotonic()
         with self._lock:
             self._tick(self.clock())
+        if (done := time.monotonic()) - (began := began if frames else ticked) > SLOW_PASS_S:
+            log.warning("a pass took %.1f s: %d frames, the timers %.1f s", done - began,
+                        frames, done - ticked)
 
     def progress(self) -> dict[str, Any]:
         """Per model: members (blocks, route, the addresses they listen on), pending joiners, the running scale-out's progress
@@ -291,6 +296,7 @@ class Coordinator:
         """One model's timers: dead members, route retries, stalls, a wave to start."""
         for name in [n for n, node in m.nodes.items() if self._dead(node, now)]:
             self._forget(m, name, now)
+        self._redeliver(m, now)
         for name, at in list(m.retry_at_s.items()):
             if now >= at:
                 del m.retry_at_s[name]
@@ -325,12 +331,21 @@ class Coordinator:
     def _dead(self, node: JoinedNode, now: float) -> bool:
         """``is_dead`` with this coordinator's thresholds and transport."""
         return is_dead(node, now, dead_after_s=self.dead_after_s, hung_after_s=self.hung_after_s,
-                       reachable=getattr(self.transport, "reachable", None))
+                       reachable=self._answers if hasattr(self.transport, "reachable") else None)
+
+    def _answers(self, ctl: str) -> bool:
+        """Whether a silent member's control socket answers: libzmq's heartbeats, else (a
+        process so starved that its I/O thread misses them) its host's kernel on that port."""
+        if self.transport.reachable(ctl):
+            return True
+        listening = getattr(self.transport, "listening", None)
+        return bool(listening is not None and listening(ctl))
 
     def _forget(self, m: ModelState, name: str, now: float) -> None:
         m.nodes.pop(name, None)
         m.sent.pop(name, None)
         m.retry_at_s.pop(name, None)
+        m.undelivered.pop(name, None)
         if name in m.pending:
             m.pending.remove(name)
         so = m.active
@@ -398,10 +413,26 @@ class Coordinator:
         # The plan's epoch: unique, also across coordinator restarts (a replayed frame of an
         # earlier plan is refused by every agent; ``transport.py``).
         plan_id = m.plan_id = f"{m.model_id[:40]}/{m.plans_sent}/{secrets.token_hex(8)}"
+        m.undelivered.clear()  # an older plan is never sent late: this one replaces it
         for n in nodes:
             if any(t.src == n or t.dst == n for t in plan.transfers) or any(
                     x.node == n for x in plan.local_loads):
-                self._send(m, n, "plan", {"peers": peers, "plan_id": plan_id}, body)
+                meta = {"peers": peers, "plan_id": plan_id}
+                if not self._send(m, n, "plan", meta, body):
+                    m.undelivered[n] = (self.clock() + RETRY_ROUTE_S, meta, body)
+
+    def _redeliver(self, m: ModelState, now: float) -> None:
+        """Send the current plan again to the members that did not take it (a member starved
+        of CPU drops libzmq's connection for seconds): its peers wait for it meanwhile."""
+        for name, (at, meta, body) in list(m.undelivered.items()):
+            if name not in m.nodes or meta["plan_id"] != m.plan_id:
+                del m.undelivered[name]
+            elif now >= at:
+                if self._send(m, name, "plan", meta, body):
+                    del m.undelivered[name]
+                    log.info("%s: plan %s delivered on a later try", name, meta["plan_id"])
+                else:
+                    m.undelivered[name] = (now + RETRY_ROUTE_S, meta, body)
 
     def _give_up(self, m: ModelState, names: Sequence[str], why: str) -> None:
         for n in names:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 ZERO_COPY_MIN_BYTES = 64 << 10  # below this a copy is cheaper than tracking (pyzmq's threshold)
 _RELEASE_WAIT_S = 1.0  # after a reset, how long send waits for ZeroMQ to drop the payload
 _HEARTBEAT_IVL_MS, _HEARTBEAT_TIMEOUT_MS = 1000, 3000  # a dead peer's connection drops in ~3 s
+LISTEN_PROBE_S = 0.2  # ``listening``: a live host on the same network answers a SYN in far less
+LISTEN_CACHE_S = 1.0  # ``listening``: an answer is reused this long (one probe per peer at most)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ZmqTransport:
         self._last_seq: dict[tuple[str, str], int] = {}  # (epoch, sender) -> its last seq taken
         self._epochs_lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
+        self._listening: dict[str, tuple[float, bool]] = {}  # address -> (when, answer)
         self._peers_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._stats = TransportStats()
@@ -189,6 +193,32 @@ class ZmqTransport:
             return bool(sock.poll(0, zmq.POLLOUT))  # IMMEDIATE: only a live pipe is writable
         finally:
             peer.lock.release()
+
+    def listening(self, peer_address: str, timeout_s: float = LISTEN_PROBE_S) -> bool:
+        """Whether ``peer_address``'s host completes a TCP connection to it now: its process
+        still holds the listening socket open (its kernel answers, whatever the process's threads
+        are doing), as against a process that died (refused at once) or a host cut off (no answer
+        within ``timeout_s``). Looked at when ``reachable`` says no: a process starved of CPU
+        (every thread of a new replica runnable on a 0.35-core node, libzmq's I/O thread
+        included) misses libzmq's heartbeats for seconds but is not dead. A stopped process
+        (SIGSTOP) answers here too. The probe connection is closed at once (libzmq drops it
+        when its greeting never comes). The answer is kept ``LISTEN_CACHE_S``: at most one
+        probe per peer in that time. Blocks at most ``timeout_s``."""
+        _check_address(peer_address)
+        host, _, port = peer_address.removeprefix("tcp://").rpartition(":")
+        now = time.monotonic()
+        with self._peers_lock:
+            seen = self._listening.get(peer_address)
+        if seen is not None and now - seen[0] < LISTEN_CACHE_S:
+            return seen[1]
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                up = True
+        except OSError:
+            up = False
+        with self._peers_lock:
+            self._listening[peer_address] = (time.monotonic(), up)
+        return up
 
     def open_epoch(self, epoch: str) -> None:
         """See ``Transport.open_epoch``."""

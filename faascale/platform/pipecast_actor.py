@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from faascale.actor_logs import timestamp_logs
+
 ACTOR_NAME = "faascale-pipecast"
 # The platform's replicas and tier sources move whole blocks unless this is "1". Pieces (cut-
 # through) are what the emulated benchmarks measure faster, but in the bursty benchmark (0.35
@@ -80,6 +82,7 @@ class PipeCastActor:
         from faascale.pipecast.service import Coordinator
         from faascale.pipecast.transport import TransportError
 
+        timestamp_logs()
         self._secret = secret if secret is not None else secrets.token_bytes(32)
         self._loopback = loopback
         host = bind_host(loopback)

@@ -23,6 +23,7 @@ from typing import Any
 
 _IMPORTS_STARTED_S = time.time()  # the replica's heavy imports (torch, Ray, the engine) below
 
+from faascale.actor_logs import timestamp_logs
 from faascale.coldstart.estimate import needs_estimates, source_for_replica
 from faascale.coldstart.start_source import ColdStartEstimate
 from faascale.coldstart.profile import StartupRecorder, machine_facts, model_facts, source_of
@@ -83,6 +84,7 @@ class FunctionReplica:
         any other manifest at ``model_dir`` fails the start with ManifestMismatch ("": unbound,
         a function deployed before digests were recorded)."""
         t0 = time.time()
+        timestamp_logs()
         self._modules_before = set(sys.modules)  # what this start imports: a warm runtime, none
         self._manifest_digest = manifest_digest
         rec = self._rec = StartupRecorder()
