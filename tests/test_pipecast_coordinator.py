@@ -248,3 +248,35 @@ def test_from_zero_the_targets_load_different_parts_from_the_store_and_serve_tog
             so.block_arrived(x.dst, x.block, 1.0 + x.step)
     assert all(len(so.holdings[t]) == 2 for t in req.targets)
     assert {so.route(t).mode for t in req.targets} == {RouteMode.PIPELINE}  # serve before any is full
+
+
+def test_a_replica_that_joins_a_running_scale_out_is_planned_with_the_rest() -> None:
+    """t2 joins while t1 is half loaded: the re-plan gives t2 every block and t1 only what it
+    lacks, from the holder and from t1's blocks; the scale-out is done when both are full."""
+    scale = ScaleOut(request(("t1",), (Holder("r1", HolderKind.REPLICA),)), now_s=0.0)
+    for b in (0, 1, 2):
+        scale.block_arrived("t1", b, now_s=1.0)
+    plan = scale.add_targets(["t2"], {}, now_s=2.0)
+    plan.validate()
+    got = {t: {x.block for x in plan.transfers if x.dst == t} for t in ("t1", "t2")}
+    assert got == {"t1": {3, 4, 5}, "t2": set(range(6))}
+    assert {x.src for x in plan.transfers} <= {"r1", "t1", "t2"}
+    assert scale.request.targets == ("t1", "t2") and not scale.done
+    assert [e.kind for e in scale.record].count("joined") == 1
+    assert scale.route("t2").mode in (RouteMode.LOADING, RouteMode.PIPELINE)
+    for x in sorted(plan.transfers, key=lambda x: x.step):
+        scale.block_arrived(x.dst, x.block, now_s=3.0 + x.step)
+    assert scale.done
+    with pytest.raises(ValueError, match="no new target"):
+        scale.add_targets(["t1"], {}, now_s=9.0)
+
+
+def test_a_target_declared_dead_that_joins_again_is_planned_with_what_it_holds() -> None:
+    scale = ScaleOut(request(("t1", "t2"), (Holder("r1", HolderKind.REPLICA),)), now_s=0.0)
+    scale.block_arrived("t2", 0, now_s=1.0)
+    scale.node_failed("t2", now_s=2.0)  # silent too long: forgotten, then it joins again
+    assert scale.route("t2").mode is RouteMode.LOADING
+    plan = scale.add_targets(["t2"], {"t2": frozenset({0, 1})}, now_s=3.0)
+    assert "t2" not in scale.dead and scale.holdings["t2"] == {0, 1}
+    assert {x.block for x in plan.transfers if x.dst == "t2"} == {2, 3, 4, 5}
+    assert scale.request.targets == ("t1", "t2")

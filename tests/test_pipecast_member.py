@@ -373,6 +373,35 @@ def test_a_plan_a_member_did_not_take_is_sent_again(
     assert coordinator.models[model_id].plans_sent == 1  # the same plan, delivered late
 
 
+def test_a_member_that_joins_while_a_scale_out_runs_joins_it(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """t1 joins, its wave starts (its plan is held back a while, so the scale-out is still
+    running); t2 joins meanwhile: it is added to the running scale-out (one re-plan), not left
+    for a second wave after the first ends, and both get the model."""
+    model_id = read_manifest(tiny_packed).model_id
+    members("s0", tiny_packed)
+    coordinator.expect(model_id, 1)  # as a burst's intents arrive one by one
+    send, held_back = coordinator.transport.send, []
+
+    def slow(address, kind, meta, payload=None, **kw):
+        if meta.get("op") == "plan" and address == first.ctl_tx.address and len(held_back) < 2:
+            held_back.append(meta["plan_id"])  # t1's control socket takes nothing for ~2 s
+            raise TransportTimeout(f"{address} did not take a control frame (test)")
+        return send(address, kind, meta, payload, **kw)
+
+    coordinator.transport.send = slow
+    first = members("t1", tmp_path / "t1")
+    wait_for(lambda: coordinator.progress()[model_id]["active"] is not None)
+    coordinator.expect(model_id, 1)
+    second = members("t2", tmp_path / "t2")
+    wait_for(lambda: first.full and second.full, timeout_s=30)
+    progress = coordinator.progress()[model_id]
+    assert len(progress["finished"]) == 1 and progress["active"] is None  # one scale-out
+    kinds = [e["kind"] for e in progress["finished"][0]["record"]]
+    assert kinds.count("planned") == 1 and "joined" in kinds, kinds
+    assert progress["finished"][0]["blocks"] == {"t1": 4, "t2": 4}
+
+
 def test_a_source_that_dies_mid_scale_out_is_replaced_by_the_other_holder(
         tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
     """Two replicas hold the model (K = 2 sources). One dies just before the wave is planned,

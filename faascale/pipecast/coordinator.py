@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from faascale.pipecast.pipelines import PipelineChanges, PipelineLayout, Pipelines, Stage, reform
 from faascale.pipecast.repair import repair
@@ -143,7 +143,7 @@ class Event:
     """One line of the coordinator's record."""
 
     at_s: float
-    kind: str  # planned, block, pipelines, full, stalled, repaired, served
+    kind: str  # planned, joined, block, pipelines, full, stalled, repaired, served
     detail: Mapping[str, object] = field(default_factory=dict)
 
 
@@ -221,6 +221,27 @@ class ScaleOut:
         through the node dissolve. Returns the repair plan to run."""
         self.dead.add(node)
         self.record.append(Event(now_s, "stalled", {"node": node}))
+        return self.replan(now_s)
+
+    def add_targets(self, names: Sequence[str], held: Mapping[str, frozenset[int]],
+                    now_s: float) -> MulticastPlan:
+        """Replicas that joined while this scale-out runs become its targets (instead of waiting
+        for it to end, a whole transfer later), and a target declared dead that joined again is
+        live again with what it holds now: every live target's missing blocks are planned
+        again, from the live holders and what the targets received so far. Returns the plan to
+        run (it replaces the running one); ValueError if no name is new or back."""
+        names = list(dict.fromkeys(names))
+        new = [n for n in names if n not in self.holdings]
+        back = [n for n in names if n in self.dead and n in self.holdings]
+        if not new and not back:
+            raise ValueError(f"{names}: no new target and none back")
+        self.request = replace(self.request, targets=(*self.request.targets, *new),
+                               held={**self.request.held, **{n: held[n] for n in new if n in held}})
+        for n in (*new, *back):
+            self.dead.discard(n)
+            self.holdings[n] = set(held.get(n, ()))
+            self.last_progress_s[n] = now_s
+        self.record.append(Event(now_s, "joined", {"targets": new, "back": back}))
         return self.replan(now_s)
 
     def replan(self, now_s: float) -> MulticastPlan:

@@ -8,13 +8,14 @@ asks the transport's ``reachable``, which it is given.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from faascale.pipecast.coordinator import ScaleOut
+from faascale.pipecast.coordinator import Event, Holder, HolderKind, ScaleOut
 from faascale.pipecast.transport import TransportError
 
 log = logging.getLogger(__name__)
@@ -97,3 +98,44 @@ def is_dead(node: JoinedNode, now: float, *, dead_after_s: float, hung_after_s: 
     log.warning("%s: no heartbeat for %.1f s%s: dead", node.name, silent_s,
                 "" if silent_s > hung_after_s else " and its socket does not answer")
     return True
+
+
+def holders(m: ModelState) -> tuple[Holder, ...]:
+    """Every node holding the whole model: serving replicas, then tier sources (HOST, DISK);
+    ``choose_sources`` ranks them by kind."""
+    return tuple(Holder(n, HolderKind[m.nodes[n].source] if m.nodes[n].source
+                        else HolderKind.REPLICA)
+                 for n in sorted(m.nodes) if n not in m.pending and m.full(n))
+
+
+def store_wave(m: ModelState) -> bool:
+    """From zero: every expected member joined and two or more can load parts from the store;
+    waiting out the join window would only delay a wave that has nobody to wait for (a tier
+    copy that joins later serves the next wave)."""
+    return sum(1 for t in m.pending if m.nodes[t].store) >= 2
+
+
+def late_joiners(m: ModelState, so: ScaleOut) -> list[str]:
+    """Pending members that may join the running scale-out ``so``: new to it, or back after it
+    counted them dead; not those that load from their own tier, nor, with no holder, those that
+    cannot load from the store."""
+    return [n for n in m.pending if n in m.nodes and not m.nodes[n].local
+            and (so.request.holders or m.nodes[n].store)
+            and (n not in so.holdings or n in so.dead)]
+
+
+def route_mode(m: ModelState, name: str) -> str:
+    """How ``name`` serves now, for ``progress``: source, full, loading, or its route's mode."""
+    if m.nodes[name].source is not None:
+        return "source"
+    so = m.active
+    if so is not None and name in so.holdings:
+        return so.route(name).mode.value
+    return "full" if m.full(name) else "loading"
+
+
+def record_json(events: Sequence[Event]) -> list[dict[str, Any]]:
+    """A scale-out's record as plain data (JSON-able)."""
+    return [{"at_s": e.at_s, "kind": e.kind, "detail": json.loads(json.dumps(e.detail,
+                                                                            default=list))}
+            for e in events]

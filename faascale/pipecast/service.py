@@ -45,7 +45,6 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -55,9 +54,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from faascale.pipecast.coordinator import (STORE, Event, Holder, HolderKind, Route, RouteMode,
-                                           ScaleOut, ScaleOutRequest)
-from faascale.pipecast.membership import JoinedNode, ModelState, is_dead
+from faascale.pipecast.coordinator import (STORE, Event, Route, RouteMode, ScaleOut,
+                                           ScaleOutRequest)
+from faascale.pipecast.membership import (JoinedNode, ModelState, holders, is_dead, late_joiners,
+                                          record_json, route_mode, store_wave)
 from faascale.pipecast.plan_io import plan_to_json
 from faascale.pipecast.schedule import MulticastPlan, PlanError
 from faascale.pipecast.transport import Header, Transport, TransportError
@@ -165,13 +165,13 @@ class Coordinator:
                 active = m.active
                 out[m.model_id] = {
                     "function": m.function, "blocks_needed": m.num_blocks,
-                    "members": {n.name: {"blocks": len(n.held), "route": self._mode(m, n.name),
+                    "members": {n.name: {"blocks": len(n.held), "route": route_mode(m, n.name),
                                          "listen": [a for a in (n.ctl, n.blocks, n.stage) if a]}
                                 for n in m.nodes.values()},
                     "pending": list(m.pending), "expected": m.expected,
                     "pipeline_serves": m.pipeline_serves, "tick_errors": m.tick_errors,
                     "active": None if active is None else {
-                        **active.progress(), "record": _record(active.record)},
+                        **active.progress(), "record": record_json(active.record)},
                     "finished": list(m.finished)}
             return out
 
@@ -312,9 +312,12 @@ class Coordinator:
                 self._dispatch(m, so.replan(now))
             except PlanError as e:
                 self._give_up(m, stalled, str(e))
+        if so is not None and m.pending and (len(m.pending) >= max(1, m.expected)
+                                             or now - (m.first_pending_s or now) >= self.join_window_s):
+            self._join_running(m, so, now)
         if m.active is None and m.pending and (
                 (len(m.pending) >= max(1, m.expected)
-                 and (self._holders(m) or self._store_wave(m)))
+                 and (holders(m) or store_wave(m)))
                 or now - (m.first_pending_s or now) >= self.join_window_s):
             self._start_wave(m, now)  # all that were expected and a source, or waited enough
 
@@ -370,9 +373,9 @@ class Coordinator:
         targets = tuple(sorted(n for n in m.pending if n in m.nodes))  # plans by name, not race
         m.pending, m.first_pending_s, m.agent_replans = [], None, {}
         m.expected = max(0, m.expected - len(targets))
-        holders = self._holders(m)
+        have = holders(m)
         local = frozenset(t for t in targets if m.nodes[t].local)
-        if not holders:  # from zero: members that can load from the store share the load
+        if not have:  # from zero: members that can load from the store share the load
             from_store = [t for t in targets if t not in local and m.nodes[t].store]
             if len(from_store) < 2:  # alone it would only load from the store: let it
                 from_store = []
@@ -382,7 +385,7 @@ class Coordinator:
         if not targets:
             return
         held = {t: frozenset(m.nodes[t].held) for t in targets if m.nodes[t].held}
-        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, holders, local,
+        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, have, local,
                                   held,  # a rejoined member is planned with what it holds
                                   cut_through=m.cut_through and _relay() == "chain")
         m.active = so = ScaleOut(request, now, self.max_sources)
@@ -390,20 +393,20 @@ class Coordinator:
                  so.plan.sources, targets, so.plan.num_steps)
         self._dispatch(m, so.plan)
 
-    @staticmethod
-    def _store_wave(m: ModelState) -> bool:
-        """From zero: every expected member joined and two or more can load parts from the
-        store; waiting out the join window would only delay a wave that has nobody to wait for
-        (a tier copy that joins later serves the next wave)."""
-        return sum(1 for t in m.pending if m.nodes[t].store) >= 2
-
-    @staticmethod
-    def _holders(m: ModelState) -> tuple[Holder, ...]:
-        """Every node holding the whole model: serving replicas, then tier sources (HOST, DISK);
-        ``choose_sources`` ranks them by kind."""
-        return tuple(Holder(n, HolderKind[m.nodes[n].source] if m.nodes[n].source
-                            else HolderKind.REPLICA)
-                     for n in sorted(m.nodes) if n not in m.pending and m.full(n))
+    def _join_running(self, m: ModelState, so: ScaleOut, now: float) -> None:
+        """Members that joined while a scale-out runs join it (one re-plan) rather than wait for
+        it to end: replicas of one burst start seconds apart on slow nodes. Not those that load
+        from their own tier, nor, with no holder, those that cannot load from the store."""
+        late = late_joiners(m, so)
+        if not late:
+            return
+        m.pending = [n for n in m.pending if n not in late]
+        m.first_pending_s = m.first_pending_s if m.pending else None
+        m.expected = max(0, m.expected - len(late))
+        plan = so.add_targets(late, {t: frozenset(m.nodes[t].held) for t in late}, now)
+        log.info("%s: %s join the running scale-out (%d steps)", m.model_id, late, plan.num_steps)
+        self._dispatch(m, plan)
+        self._send_routes(m)
 
     def _dispatch(self, m: ModelState, plan: MulticastPlan) -> None:
         nodes = [n for n in (*plan.sources, *plan.targets) if n in m.nodes]
@@ -442,20 +445,12 @@ class Coordinator:
         so = m.active
         assert so is not None
         m.finished.append({**so.progress(), "started_s": so.started_s, "done_s": now,
-                           "record": _record(so.record)})
+                           "record": record_json(so.record)})
         del m.finished[:-MAX_FINISHED]
         m.active = None
         log.info("%s: scale-out done in %.2f s", m.model_id, now - so.started_s)
 
     # ------------------------------------------------------------------ routes
-
-    def _mode(self, m: ModelState, name: str) -> str:
-        if m.nodes[name].source is not None:
-            return "source"
-        so = m.active
-        if so is not None and name in so.holdings:
-            return so.route(name).mode.value
-        return "full" if m.full(name) else "loading"
 
     def _send_routes(self, m: ModelState) -> None:
         so = m.active
@@ -486,12 +481,6 @@ class Coordinator:
         except (TransportError, KeyError) as e:
             log.warning("could not send %s to %s: %s", op, name, e)
             return False
-
-
-def _record(events: Sequence[Event]) -> list[dict[str, Any]]:
-    return [{"at_s": e.at_s, "kind": e.kind, "detail": json.loads(json.dumps(e.detail,
-                                                                            default=list))}
-            for e in events]
 
 
 if __name__ == "__main__":
