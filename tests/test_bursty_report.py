@@ -90,3 +90,17 @@ def test_ray_serve_llms_starts_are_read_from_its_replica_counts() -> None:
     assert [(s["t_s"], s["total_s"], s["source"]) for s in starts] == [
         (1.0, 4.0, "REMOTE"), (1.0, 8.5, "REMOTE"), (2.0, 7.5, "REMOTE")]
     assert starts_from_polls([ReplicaSample(0.0, 1, 1, 1), ReplicaSample(3.0, 1, 1, 1)]) == []
+
+
+def test_the_floor_is_read_against_the_targets() -> None:
+    """provisioned (no start at all) sets the floor; a target under it is said to be out of
+    reach for any system that starts replicas, one above it reachable in principle."""
+    folded = fold_runs([run("provisioned", "burst", k, p) for k, p in enumerate((19.0, 20.0, 21.0))]
+                       + [run("faascale", "burst", k, p) for k, p in enumerate((30.0, 32.0, 34.0))]
+                       + [run("serve-default", "burst", k, p) for k, p in enumerate((60.0, 66.0, 70.0))]
+                       + [run("serverlessllm-like", "burst", k, p) for k, p in enumerate((44.0, 50.0, 52.0))])
+    text = reading(folded["burst"], {})
+    assert "p99 TTFT is 20.0 s" in text and "- faascale: 1.60x the floor." in text
+    assert "5x below serve-default's is 13.2 s: under the floor (20.0 s)" in text
+    assert "2x below serverlessllm-like's is 25.0 s: above the floor (20.0 s)" in text
+    assert "the floor" not in reading(fold_runs([run("faascale", "burst", 0, 3.0)])["burst"], {})
