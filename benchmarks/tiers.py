@@ -16,8 +16,9 @@ and a synthetic ~1 GB random Llama) and per tier, side by side in one run, best 
   of one file at a time and 4 at once. Baseline: ``load_file`` of a safetensors file in that dir.
 - REMOTE: blocks only in S3 (Ceph RGW on loopback, started here), fresh BlockStore each run:
   parallel ranged GETs straight into HOST files, verified there; the DISK copy behind the load.
-  Limit: plain boto3 ranged GETs of the same objects, same concurrency and part size, into
-  preallocated buffers, no verify. Baseline: ``download_fileobj`` of the safetensors file into
+  Limit: the faster of two clients' ranged GETs of the same objects, same concurrency and part
+  size, into preallocated buffers, no verify: plain boto3 (``readinto``), and presigned GETs
+  received with ``recv_into`` (``s3_direct``, the reader ours uses). Baseline: ``download_fileobj`` of the safetensors file into
   memory + ``safetensors.torch.load``.
 
 Every column (ours, limit, baseline) gets the same N repetitions, interleaved, and the best of N
@@ -61,8 +62,8 @@ from benchmarks.engine import READ_BW_BYTES, read_bw_buffer, read_bw_window  # n
 from benchmarks.tiers_measure import (BUCKET, GB, PARALLEL_BLOCKS, S3_CONCURRENCY,  # noqa: E402
                                       S3_PART_BYTES, MiB, S3Server, Sample, best, checksum,
                                       collect, drop_caches, fs_of, instrument, instrument_verify,
-                                      memcpy_gbps, ours, raw_gets, raw_read, remote_blocks,
-                                      safetensors_file, safetensors_s3)
+                                      memcpy_gbps, ours, raw_direct_gets, raw_gets, raw_read,
+                                      remote_blocks, safetensors_file, safetensors_s3)
 from benchmarks.tiers_report import (TIERS, breakdown, figure, markdown_table,  # noqa: E402
                                      report_tier, table)
 from faascale.engine.checkpoint import load_block, read_manifest, read_tokenizer_json  # noqa: E402
@@ -73,6 +74,7 @@ from faascale.engine.tokenizer import Tokenizer  # noqa: E402
 from faascale.memory_tier.block_store import BlockStore  # noqa: E402
 from faascale.memory_tier.packed import upload_packed  # noqa: E402
 from faascale.memory_tier.policy import Tier  # noqa: E402
+from faascale.memory_tier.s3_direct import DirectRangedGets  # noqa: E402
 from faascale.memory_tier.s3_store import S3Store  # noqa: E402
 
 
@@ -284,6 +286,7 @@ def run_model(local: Local, work: Path, shm: Path, s3: S3Server, runs: int,
 
     # REMOTE: blocks and the safetensors file in S3; a fresh, empty BlockStore per run.
     s3store, client = s3.store(), s3.client()
+    direct = DirectRangedGets(client, BUCKET, 10.0, 60.0)
     keys_sizes = [(f"{local.prefix}/{b.file}", b.size_bytes) for b in m.blocks]
     get_bufs = [bytearray(n) for _, n in keys_sizes]
     for buf in get_bufs:
@@ -305,16 +308,20 @@ def run_model(local: Local, work: Path, shm: Path, s3: S3Server, runs: int,
     with ThreadPoolExecutor(S3_CONCURRENCY, thread_name_prefix="raw-get") as pool:
         # Warm both sides' connections alike (untimed): the limit's client and ours' S3Store.
         raw_gets(client, keys_sizes, get_bufs, pool)
+        raw_direct_gets(direct, keys_sizes, get_bufs, pool)
         warm = remote_blocks(s3store, local.prefix)
         for i, buf in enumerate(get_bufs):
             with memoryview(buf) as view:
                 warm.read_into(m, i, view)
         for rep in range(runs):
             samples.append(fresh_ours(rep))
-            limits.append(raw_gets(client, keys_sizes, get_bufs, pool))
+            limits.append(min(raw_gets(client, keys_sizes, get_bufs, pool),
+                              raw_direct_gets(direct, keys_sizes, get_bufs, pool),
+                              key=lambda x: x.seconds))
             base.append(safetensors_s3(client, local.st_key))
             verbose(loud, "REMOTE", rep, ours=samples[-1], limit=limits[-1], safetensors=base[-1])
     del get_bufs
+    direct.close()
     s3store.close()
     out["REMOTE"] = TierResult("REMOTE", best(samples), best(limits).seconds, best(base).seconds)
     report_tier(out["REMOTE"])
@@ -401,7 +408,8 @@ def main() -> None:
           f"limits: HOST = touched bytes / read bandwidth (sum over {READ_BW_BYTES >> 30} GiB, GB/s: "
           f"{bw_text}), DISK = readinto of the block files (cache dropped; best of 1 "
           f"and {PARALLEL_BLOCKS} readers), "
-          f"REMOTE = raw boto3 ranged GETs ({S3_CONCURRENCY} x {S3_PART_BYTES // MiB} MiB in flight)")
+          f"REMOTE = raw ranged GETs, the faster of boto3 and recv_into ({S3_CONCURRENCY} x "
+          f"{S3_PART_BYTES // MiB} MiB in flight)")
     print(f"S3 server: {s3.label}; load average {load_before} before, {load_after} after; "
           f"{elapsed:.0f} s total")
 
@@ -459,8 +467,9 @@ Limits: HOST = the touched bytes / memory read bandwidth (one `sum` over a
 {READ_BW_BYTES >> 30} GiB buffer for one-second windows, as `benchmarks/engine.py` measures it; one
 window per repetition; {bw_text} GB/s), since a HOST hit is a zero-copy map plus one read of every
 byte; DISK = `readinto` of the same block files, cache dropped, the faster of one file at a
-time and {PARALLEL_BLOCKS} at once; REMOTE = plain boto3 ranged GETs of the same objects into
-pre-faulted buffers, same concurrency, no verify. Baselines: `safetensors.torch.load_file` of one
+time and {PARALLEL_BLOCKS} at once; REMOTE = ranged GETs of the same objects into pre-faulted
+buffers, same concurrency, no verify, the faster of two clients: plain boto3 (`readinto`) and
+presigned GETs whose bodies `recv_into` receives in place (the reader ours uses). Baselines: `safetensors.torch.load_file` of one
 file in the same place (HOST, DISK); `download_fileobj` into memory + `safetensors.torch.load`
 (REMOTE). ours / limit = limit time / our time; speedup = safetensors time / our time.
 

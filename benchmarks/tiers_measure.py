@@ -30,6 +30,7 @@ from faascale.engine.manifest import ModelManifest
 from faascale.engine.tokenizer import Tokenizer
 from faascale.memory_tier.block_store import BlockStore, RemoteBlocks
 from faascale.memory_tier.node import FETCH_PARALLEL_BLOCKS
+from faascale.memory_tier.s3_direct import DirectRangedGets
 from faascale.memory_tier.s3_store import S3Store
 from faascale.memory_tier.tier_files import map_block
 from faascale.platform.server import free_port
@@ -202,6 +203,23 @@ def raw_gets(client: Any, keys_sizes: Sequence[tuple[str, int]], bufs: Sequence[
                 if not got:
                     raise RuntimeError("short body")
                 done += got
+
+    t = time.perf_counter()
+    futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
+               for i, (_, size) in enumerate(keys_sizes) for off in range(0, size, S3_PART_BYTES)]
+    for f in futures:
+        f.result()
+    return Sample(time.perf_counter() - t)
+
+
+def raw_direct_gets(direct: DirectRangedGets, keys_sizes: Sequence[tuple[str, int]],
+                    bufs: Sequence[bytearray], pool: ThreadPoolExecutor) -> Sample:
+    """The same parts as ``raw_gets``, each a presigned GET whose body the kernel copies
+    straight into ``bufs`` (``recv_into``; the reader ``S3Store`` uses, with no verify and no
+    landing file): the other client the REMOTE limit takes the faster of."""
+    def part(i: int, off: int, n: int) -> None:
+        with memoryview(bufs[i]) as view, view[off:off + n] as dst:
+            direct.get_range_into(keys_sizes[i][0], off, dst, lambda _total, _length: None)
 
     t = time.perf_counter()
     futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
