@@ -354,10 +354,12 @@ def test_a_plan_a_member_did_not_take_is_sent_again(
     model_id = read_manifest(tiny_packed).model_id
     members("s0", tiny_packed)
     coordinator.expect(model_id, 2)
+    coordinator.join_window_s = 30.0  # one wave for both, however slowly they come up
     send, refused = coordinator.transport.send, []
 
-    def flaky(address, kind, meta, payload=None, **kw):
-        if meta.get("op") == "plan" and not refused and address == targets[0].ctl_tx.address:
+    def flaky(address, kind, meta, payload=None, **kw):  # (the coordinator's thread)
+        t1 = coordinator.models[model_id].nodes.get("t1")
+        if meta.get("op") == "plan" and not refused and t1 is not None and address == t1.ctl:
             refused.append(meta["plan_id"])
             raise TransportTimeout(f"{address} did not take a control frame (test)")
         return send(address, kind, meta, payload, **kw)
@@ -383,8 +385,9 @@ def test_a_member_that_joins_while_a_scale_out_runs_joins_it(
     coordinator.expect(model_id, 1)  # as a burst's intents arrive one by one
     send, held_back = coordinator.transport.send, []
 
-    def slow(address, kind, meta, payload=None, **kw):
-        if meta.get("op") == "plan" and address == first.ctl_tx.address and len(held_back) < 2:
+    def slow(address, kind, meta, payload=None, **kw):  # (the coordinator's thread)
+        t1 = coordinator.models[model_id].nodes.get("t1")
+        if meta.get("op") == "plan" and t1 is not None and address == t1.ctl and len(held_back) < 2:
             held_back.append(meta["plan_id"])  # t1's control socket takes nothing for ~2 s
             raise TransportTimeout(f"{address} did not take a control frame (test)")
         return send(address, kind, meta, payload, **kw)

@@ -224,12 +224,13 @@ class ScaleOut:
         return self.replan(now_s)
 
     def add_targets(self, names: Sequence[str], held: Mapping[str, frozenset[int]],
-                    now_s: float) -> MulticastPlan:
+                    now_s: float, use_store: bool = True) -> MulticastPlan:
         """Replicas that joined while this scale-out runs become its targets (instead of waiting
         for it to end, a whole transfer later), and a target declared dead that joined again is
         live again with what it holds now: every live target's missing blocks are planned
         again, from the live holders and what the targets received so far. Returns the plan to
-        run (it replaces the running one); ValueError if no name is new or back."""
+        run (it replaces the running one); ValueError if no name is new or back. ``use_store``:
+        as for ``replan``."""
         names = list(dict.fromkeys(names))
         new = [n for n in names if n not in self.holdings]
         back = [n for n in names if n in self.dead and n in self.holdings]
@@ -242,12 +243,14 @@ class ScaleOut:
             self.holdings[n] = set(held.get(n, ()))
             self.last_progress_s[n] = now_s
         self.record.append(Event(now_s, "joined", {"targets": new, "back": back}))
-        return self.replan(now_s)
+        return self.replan(now_s, use_store)
 
-    def replan(self, now_s: float) -> MulticastPlan:
+    def replan(self, now_s: float, use_store: bool = True) -> MulticastPlan:
         """Re-plan what every live target still lacks from the live holders (and the store for
         blocks nobody live holds): after a death, or when targets stalled while their senders
-        live (``stalled``). Returns the plan to run (it replaces the running one)."""
+        live (``stalled``). Returns the plan to run (it replaces the running one).
+        ``use_store`` False: every target is planned from its peers only (some target cannot
+        load from the store); PlanError if a block is then held by nobody live."""
         self._reform(now_s)
         holders = {h.node: set(range(self.request.num_blocks)) for h in self.request.holders
                    if h.node not in self.dead}
@@ -256,7 +259,7 @@ class ScaleOut:
                 holders[n] = set(held)
         targets = [n for n in self.request.targets if n not in self.dead
                    and len(self.holdings[n]) < self.request.num_blocks]
-        plan = repair(holders, targets, self.request.num_blocks, store=STORE)
+        plan = repair(holders, targets, self.request.num_blocks, store=STORE if use_store else None)
         self.plan = plan
         for n in targets:
             self.last_progress_s[n] = now_s

@@ -403,7 +403,12 @@ class Coordinator:
         m.pending = [n for n in m.pending if n not in late]
         m.first_pending_s = m.first_pending_s if m.pending else None
         m.expected = max(0, m.expected - len(late))
-        plan = so.add_targets(late, {t: frozenset(m.nodes[t].held) for t in late}, now)
+        try:  # the store only if every target of it can load from the store
+            plan = so.add_targets(late, {t: frozenset(m.nodes[t].held) for t in late}, now,
+                                  all(m.nodes[t].store for t in so.holdings if t in m.nodes))
+        except PlanError as e:
+            self._give_up(m, late, str(e))
+            return
         log.info("%s: %s join the running scale-out (%d steps)", m.model_id, late, plan.num_steps)
         self._dispatch(m, plan)
         self._send_routes(m)
