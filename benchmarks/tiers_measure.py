@@ -190,6 +190,18 @@ def raw_read(paths: Sequence[Path], bufs: Sequence[bytearray], workers: int = 1)
     return Sample(time.perf_counter() - t)
 
 
+def _timed_parts(part: Callable[[int, int, int], None], keys_sizes: Sequence[tuple[str, int]],
+                 pool: ThreadPoolExecutor) -> Sample:
+    """``part(object index, offset, length)`` for every S3_PART_BYTES part of every object,
+    on ``pool`` (S3_CONCURRENCY in flight), timed from the first submit to the last result."""
+    t = time.perf_counter()
+    futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
+               for i, (_, size) in enumerate(keys_sizes) for off in range(0, size, S3_PART_BYTES)]
+    for f in futures:
+        f.result()
+    return Sample(time.perf_counter() - t)
+
+
 def raw_gets(client: Any, keys_sizes: Sequence[tuple[str, int]], bufs: Sequence[bytearray],
              pool: ThreadPoolExecutor) -> Sample:
     """Every part of every object as a ranged GET, S3_CONCURRENCY in flight, into ``bufs``."""
@@ -204,12 +216,7 @@ def raw_gets(client: Any, keys_sizes: Sequence[tuple[str, int]], bufs: Sequence[
                     raise RuntimeError("short body")
                 done += got
 
-    t = time.perf_counter()
-    futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
-               for i, (_, size) in enumerate(keys_sizes) for off in range(0, size, S3_PART_BYTES)]
-    for f in futures:
-        f.result()
-    return Sample(time.perf_counter() - t)
+    return _timed_parts(part, keys_sizes, pool)
 
 
 def raw_direct_gets(direct: DirectRangedGets, keys_sizes: Sequence[tuple[str, int]],
@@ -221,12 +228,7 @@ def raw_direct_gets(direct: DirectRangedGets, keys_sizes: Sequence[tuple[str, in
         with memoryview(bufs[i]) as view, view[off:off + n] as dst:
             direct.get_range_into(keys_sizes[i][0], off, dst, lambda _total, _length: None)
 
-    t = time.perf_counter()
-    futures = [pool.submit(part, i, off, min(S3_PART_BYTES, size - off))
-               for i, (_, size) in enumerate(keys_sizes) for off in range(0, size, S3_PART_BYTES)]
-    for f in futures:
-        f.result()
-    return Sample(time.perf_counter() - t)
+    return _timed_parts(part, keys_sizes, pool)
 
 
 def remote_blocks(store: S3Store, prefix: str) -> RemoteBlocks:
