@@ -64,7 +64,12 @@ i.e. better for TTFT and cheaper for replica-seconds): ``p99_ttft_vs_storage`` (
 floor), ``replica_s_vs_storage``, ``replica_s_vs_sllm``, ``replica_s_vs_ray_serve_llm``,
 ``replica_s_vs_provisioned``; ``p99_ttft_warm_vs_cold`` and
 ``replica_s_warm_vs_cold`` (faascale-warm ÷ faascale: < 1 = the warm runtimes lower it);
-``failed_requests`` (all runs, target 0);
+``failed_requests`` (all runs, target 0); issue 16's targets, true when met over the medians
+of the burst repetitions (faascale; ``warm_pass_...`` the same for faascale-warm):
+``pass_p99_ttft_5x_below_storage`` (p99 TTFT <= serve-default's / 5),
+``pass_p99_ttft_2x_below_sllm`` (<= serverlessllm-like's / 2), ``pass_replica_s_vs_storage``
+(replica-seconds <= 0.7 x serve-default's), ``pass_replica_s_vs_sllm`` (<= serverlessllm-like's),
+``pass_failed_zero`` (no failed request in its burst runs);
 ``pre_trace_scaleups`` (all runs, must be 0).
 
     python benchmarks/bursty.py [--quick] [--reps 3] [--full] [--append] [--nodes 4]
@@ -93,7 +98,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bursty_report import SYSTEM_KEYS, fold_runs, newest_per_system, report  # noqa: E402
+from benchmarks.bursty_report import (SYSTEM_KEYS, fold_runs, newest_per_system, report,  # noqa: E402
+                                      target_results)
 from benchmarks.bursty_cluster import (FIRST_NODE, GATEWAY_PORT, HEAD,  # noqa: E402
                                        RAY_PORT, READY_TIMEOUT_S, STORE, TAIL_S, WINDOW_S,
                                        WINDOW_START_S, RunPlan, Setup, _wait, base_env,
@@ -466,6 +472,7 @@ def finish(runs: list[dict[str, Any]], args: Any, nodes: int, node_cpus: float,
     if us and warm:  # the warm runtimes' effect: faascale-warm / faascale
         res["p99_ttft_warm_vs_cold"] = warm["ttft_p99_s"]["median"] / us["ttft_p99_s"]["median"]
         res["replica_s_warm_vs_cold"] = warm["replica_s"]["median"] / us["replica_s"]["median"]
+    res |= target_results(burst)
     if write:
         report(runs, folded, res, node_cpus)
     emit({k: round(v, 3) if isinstance(v, float) and math.isfinite(v) else v

@@ -32,6 +32,15 @@ SERVE_LLM_NOTE = """ ray-serve-llm is not faascale: Ray Serve LLM (`ray.serve.ll
 (`target_ongoing_requests` 2: its default, 1e9, never scales up), `enforce_eager`, `max_num_seqs`
 4, one thread; every replica downloads the model from the same S3 as a Hugging Face folder. Its
 starts are read from its replica counts (Serve does not profile them)."""
+# Issue 16's targets for faascale (and faascale-warm) against two baselines, over the medians of
+# the burst repetitions: (what, metric, baseline, the largest ours / theirs that meets it, how
+# the issue says it, the JSON key's stem)
+TARGETS = (("p99 TTFT", "ttft_p99_s", "serve-default", 1 / 5, ">= 5x lower than",
+            "p99_ttft_5x_below_storage"),
+           ("p99 TTFT", "ttft_p99_s", "serverlessllm-like", 1 / 2, ">= 2x lower than",
+            "p99_ttft_2x_below_sllm"),
+           ("replica-seconds", "replica_s", "serve-default", 0.7, "<= 0.7x", "replica_s_vs_storage"),
+           ("replica-seconds", "replica_s", "serverlessllm-like", 1.0, "<=", "replica_s_vs_sllm"))
 METRICS = ("ttft_p50_s", "ttft_p99_s", "tbt_p99_s", "slo_attainment", "replica_s", "capacity_s",
            "failed", "starts")
 
@@ -73,7 +82,23 @@ def fold_runs(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, A
             entry["pooled_ttft_p99_s"] = percentile(pooled, 99)
             entry["pooled_requests"] = sum(x["foms"]["requests"] for x in rs)
             entry["failed_total"] = sum(x["foms"]["failed"] for x in rs)
+            entry["start_steps"] = start_steps(rs)
     return out
+
+
+def start_steps(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The profiled replica starts of ``runs`` that began in the trace (a start before it, the
+    warm replica, is not on any request's path): how many, the median total and each step's
+    median (a step a start lacks counts 0 s there), largest first. Empty without profiles (Ray
+    Serve LLM's starts are read from its replica counts: no steps)."""
+    starts = [s for r in runs for s in r.get("starts", ())
+              if s.get("t_s", -1) >= 0 and s.get("steps_s")]
+    if not starts:
+        return {}
+    names = {k for s in starts for k in s["steps_s"]}
+    steps = {k: statistics.median(s["steps_s"].get(k, 0.0) for s in starts) for k in names}
+    return {"count": len(starts), "total_s": statistics.median(s["total_s"] for s in starts),
+            "steps_s": dict(sorted(steps.items(), key=lambda kv: -kv[1]))}
 
 
 def _fmt(v: float, digits: int = 2) -> str:
@@ -147,12 +172,69 @@ def reading(burst: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]]) 
                            + (f"under the floor ({floor:.1f} s), so no system that starts "
                               "replicas reaches it on these nodes" if goal < floor else
                               f"above the floor ({floor:.1f} s): reachable in principle"))
+    out += targets(burst)
     if store and burst:
         moved = [f"{n} {p99(burst, n):.1f} → {p99(store, n):.1f} s" for n in LABELS
                  if n in store and n in burst]
         out.append("With the store's link at the sweep's rate, median p99 TTFT moved: "
                    + ", ".join(moved) + ".")
     return "\n".join(out)
+
+
+def target_results(burst: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """``pass_<stem>`` (faascale) and ``warm_pass_<stem>`` (faascale-warm) for every target whose
+    systems ran, and ``pass_failed_zero`` (no failed request in faascale's burst runs)."""
+    out: dict[str, bool] = {}
+    for name, prefix in (("faascale", "pass_"), ("faascale-warm", "warm_pass_")):
+        us = burst.get(name)
+        if us is None:
+            continue
+        for _what, metric, base, bound, _how, stem in TARGETS:
+            if base in burst:
+                out[prefix + stem] = us[metric]["median"] <= bound * burst[base][metric]["median"]
+        out[prefix + "failed_zero"] = us["failed_total"] == 0
+    return out
+
+
+def targets(burst: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 16's targets, each met or missed by faascale and faascale-warm; for a system that
+    misses a TTFT target, what of its starts is in the way (their steps' medians)."""
+    out: list[str] = []
+    for name in ("faascale", "faascale-warm"):
+        us = burst.get(name)
+        if us is None:
+            continue
+        lines, missed_goals = [], []
+        for what, metric, base, bound, how, _stem in TARGETS:
+            if base not in burst:
+                continue
+            ours, theirs = us[metric]["median"], burst[base][metric]["median"]
+            met = ours <= bound * theirs
+            unit = " s" if metric == "ttft_p99_s" else ""
+            lines.append(f"- {what} {how} {base}'s ({theirs:.1f}{unit}; goal "
+                         f"<= {bound * theirs:.1f}{unit}): {ours:.1f}{unit}, {ours / theirs:.2f}x, "
+                         f"**{'met' if met else 'missed'}**")
+            if not met and metric == "ttft_p99_s":
+                missed_goals.append(bound * theirs)
+        lines.append(f"- zero failed requests: {us['failed_total']} failed, "
+                     f"**{'met' if us['failed_total'] == 0 else 'missed'}**")
+        out.append(f"Targets (issue 16), {name}:")
+        out += lines
+        steps = us.get("start_steps") or {}
+        if missed_goals and steps:
+            goal = min(missed_goals)
+            parts = ", ".join(f"{k} {v:.1f} s" for k, v in steps["steps_s"].items() if v >= 0.05)
+            biggest, biggest_s = next(iter(steps["steps_s"].items()))
+            over = [k for k, v in steps["steps_s"].items() if v > goal]
+            out.append(f"- In the way: a request that waits for a start waits for all of it, and "
+                       f"{name}'s {steps['count']} starts in the bursts took a median "
+                       f"{steps['total_s']:.1f} s ({parts}), {steps['total_s'] / goal:.1f}x the "
+                       f"{goal:.1f} s goal; "
+                       + (f"{' and '.join(over)} alone {'is' if len(over) == 1 else 'are each'} "
+                          "longer than the goal." if over else
+                          f"no single step is longer than the goal (the largest, {biggest}, "
+                          f"{biggest_s:.1f} s); their sum is."))
+    return out
 
 
 def figure(runs: Sequence[dict[str, Any]], path: Path, nodes: int, slo_ttft_s: float) -> bool:
