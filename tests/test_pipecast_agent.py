@@ -638,6 +638,51 @@ def run_paced_chain(pieced, tmp_path: Path, corrupt: tuple[int, int] | None = No
         return execute_all(agents, plan, peers, TIMEOUT_S)
 
 
+def test_a_cancelled_plan_sends_nothing_more(pieced, tmp_path) -> None:
+    """A newer plan cancels the one running (the coordinator re-plans when members join a
+    running scale-out). The source had every step admitted at once (one sender for all of
+    t1's receives), so without a check it would send the whole model into an epoch t1 has
+    closed. Cancelled after its third piece, it sends at most the piece going out, ends at
+    once, and neither side blames the other."""
+    model_dir, manifest = pieced
+    plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+    pieces = sum(len(b.pieces) or 1 for b in manifest.blocks)
+    sent: list[float] = []
+
+    class Counting(PacedTransport):
+        def send(self, address, kind, meta, payload=None, **kw):
+            header = super().send(address, kind, meta, payload, **kw)
+            if kind == "block":
+                sent.append(time.monotonic())
+            return header
+
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        transports = {n: stack.enter_context(ZmqTransport(secret=SECRET, name=n))
+                      for n in ("s0", "t1")}
+        peers = {n: t.address for n, t in transports.items()}
+        agents = {"s0": NodeAgent("s0", Counting(transports["s0"], 0.02), manifest, model_dir),
+                  "t1": NodeAgent("t1", transports["t1"], manifest, tmp_path / "t1")}
+        running = {n: pool.submit(a.execute, plan, peers, TIMEOUT_S) for n, a in agents.items()}
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(sent) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for agent in agents.values():  # the new plan reaches both
+            agent.cancel()
+        cancelled_at, sent_then = time.monotonic(), len(sent)
+        outcomes = {}
+        for n, f in running.items():
+            with pytest.raises(MulticastError) as caught:
+                f.result(timeout=TIMEOUT_S)
+            outcomes[n] = caught.value
+        took_s = time.monotonic() - cancelled_at
+    assert len(sent) <= sent_then + 1 < pieces, (len(sent), sent_then, pieces)
+    assert took_s < 1.0, took_s  # POLL_S-bounded, not a block's or the model's time
+    for n, err in outcomes.items():
+        assert str(err).startswith(f"{n}: cancelled (a newer plan replaced it)"), err
+        assert not err.stalled_peers, (n, err)
+    assert "the plan was cancelled" in str(outcomes["s0"])
+
+
 def test_a_piece_is_forwarded_before_its_block_is_complete(pieced, tmp_path) -> None:
     outcomes = run_paced_chain(pieced, tmp_path)
 

@@ -249,16 +249,7 @@ class NodeAgent:
             w.start()
         try:
             admission.start()
-            for send in role.sends:  # observe (block here, admitted?) -> decide -> act
-                lacking = progress.wait_ready(send, deadline)
-                if lacking is None:
-                    self._sender.send(send, peers[send.dst], deadline, progress)
-                elif lacking == "block":
-                    progress.fail_send(send, "the node never got the block to forward")
-                    self._sender.cancel(send, peers[send.dst], progress)
-                else:
-                    progress.fail_send(send, f"{send.dst} did not admit it (no credit) in time",
-                                       stalled=True)
+            self._sender.send_all(role.sends, peers, deadline, progress)
             progress.wait_all_settled(deadline)
         finally:
             progress.stop.set()

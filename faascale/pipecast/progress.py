@@ -296,9 +296,12 @@ class Progress:
             missing = sorted(self._expected - self._held)
             # Blamed: planned senders that were admitted and sent nothing. The senders of later
             # receives were never admitted: they wait behind the stalled one, blameless.
-            blamed = [b for b in missing if b in role.receives and b in self._granted
-                      and b not in self._lost]
-            stalled = list(dict.fromkeys([role.receives[b].src for b in blamed] + self._stalled))
+            # A cancelled run (a newer plan replaced it) blames nobody: its peers stopped too.
+            blamed = [] if self.cancelled.is_set() else [
+                b for b in missing if b in role.receives and b in self._granted
+                and b not in self._lost]
+            stalled = [] if self.cancelled.is_set() else list(dict.fromkeys(
+                [role.receives[b].src for b in blamed] + self._stalled))
             waited = [f"block {b} from {role.receives[b].src} (step {role.receives[b].step}) "
                       + ("never arrived" if b in self._granted else "was never admitted: an "
                          "earlier receive did not arrive")
@@ -309,8 +312,9 @@ class Progress:
                                  self._refetched, self._resent)
             failed_sends = len(self._sends) < len(role.sends)
         if missing or failed_sends:
+            why = "cancelled (a newer plan replaced it): " if self.cancelled.is_set() else ""
             raise MulticastError(
-                f"{node}: missing blocks {missing}, {len(role.sends) - len(report.sends)} of "
+                f"{node}: {why}missing blocks {missing}, {len(role.sends) - len(report.sends)} of "
                 f"{len(role.sends)} sends failed after {report.elapsed_s:.1f} s; stalled peers "
                 f"{stalled}, corrupt peers {self._corrupt_peers}: {'; '.join(report.errors)}",
                 missing_blocks=missing, stalled_peers=stalled,

@@ -11,7 +11,7 @@ admits its next sender (see ``agent.py``'s docstring).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from faascale.engine.blockio import hasher_for
@@ -22,6 +22,7 @@ from faascale.pipecast.schedule import Transfer
 from faascale.pipecast.transport import Transport, TransportError, TransportTimeout
 
 ASK_SEND_S = 1.0  # a refetch ask goes to a peer that just sent us a frame: it takes it at once
+REPLACED = "the plan was cancelled (a newer one replaced it)"
 
 
 class Sender:
@@ -37,14 +38,42 @@ class Sender:
     def _path(self, block: int) -> Path:
         return self._dir / self._catalog.blocks[block].file
 
+    def send_all(self, sends: Sequence[Transfer], peers: Mapping[str, str], deadline: float,
+                 progress: Progress) -> None:
+        """The node's planned sends in plan order, each once its block's first piece is here and
+        its receiver admitted it. Once the plan is cancelled (a newer one replaces it) nothing
+        more is sent: its receivers have closed its epoch and drop its frames, and the link and
+        the CPU are the new plan's (a source whose receiver had granted every step at once went
+        on sending the whole model into the void, seconds on a starved node, while the new plan
+        waited for it)."""
+        for send in sends:  # observe (block here, admitted?) -> decide -> act
+            if progress.cancelled.is_set():
+                progress.fail_send(send, REPLACED)
+                continue
+            lacking = progress.wait_ready(send, deadline)
+            if progress.cancelled.is_set():
+                progress.fail_send(send, REPLACED)
+            elif lacking is None:
+                self.send(send, peers[send.dst], deadline, progress)
+            elif lacking == "block":
+                progress.fail_send(send, "the node never got the block to forward")
+                self.cancel(send, peers[send.dst], progress)
+            else:
+                progress.fail_send(send, f"{send.dst} did not admit it (no credit) in time",
+                                   stalled=True)
+
     def send(self, send: Transfer, address: str, deadline: float, progress: Progress) -> None:
         """Send ``send``'s block piece by piece, each once it is here (a block still landing
-        is read from its part file). A block lost while forwarding it cancels the rest."""
+        is read from its part file). A block lost while forwarding it cancels the rest; a plan
+        cancelled meanwhile stops it after the piece going out (a whole block: after it)."""
         start = progress.now()
         info = self._catalog.blocks[send.block]
         try:
             with mapped(*self._sources(send.block, progress)) as view:
                 for piece in range(info.num_pieces):
+                    if progress.cancelled.is_set():
+                        progress.fail_send(send, REPLACED)
+                        return
                     if not progress.wait_piece(send.block, piece, deadline):
                         progress.fail_send(send, f"the node lost the block (piece {piece} "
                                                  "never came) while forwarding it")

@@ -221,7 +221,9 @@ class Coordinator:
                                                              "why": meta.get("why")}))
             m.retry_at_s[name] = now + RETRY_ROUTE_S
         elif op == "agent_done" and not meta.get("ok"):
-            log.warning("%s: its part of the plan failed: %s", name, meta.get("why"))
+            current = meta.get("plan_id") == m.plan_id  # else a newer plan replaced it
+            log.log(logging.WARNING if current else logging.INFO, "%s: its part of %s plan "
+                    "failed: %s", name, "the" if current else "a superseded", meta.get("why"))
             if so is not None:
                 so.record.append(Event(now, "agent_failed", {"node": name,
                                                              "why": meta.get("why"),
