@@ -130,3 +130,34 @@ def test_a_receive_of_an_earlier_step_than_a_store_load_is_not_held() -> None:
     assert grants(admission) == []  # step 3 waits for the store load of step 2
     admission.stored(4)
     assert grants(admission) == [0]
+
+
+def test_a_credit_not_answered_by_its_block_is_sent_again() -> None:
+    """A credit can be lost (a sender that has not opened the plan yet drops it): until a frame
+    of its block arrives it is due again every CREDIT_RESEND_S, the earliest per sender only
+    (a sender sends in step order), and never once its block began to arrive."""
+    from faascale.pipecast.admission import CREDIT_RESEND_S
+
+    clock = Clock()
+    order = [Transfer(0, "a", "me", 5), Transfer(1, "a", "me", 6), Transfer(2, "b", "me", 7)]
+    admission = Admission(order, {"a": "tcp://a:1", "b": "tcp://b:1"}, clock=clock)
+    admission.start()
+    first = admission.next_grant(0)
+    assert first == (order[0], "tcp://a:1")
+    admission.credit_sent(first[0])
+    assert admission.next_grant(0)[0] == order[1]  # same sender: admitted with it
+    admission.credit_sent(order[1])
+    assert admission.next_grant(0) is None  # b waits for a's blocks; nothing due yet
+    clock.now_s += CREDIT_RESEND_S - 0.01
+    assert admission.next_grant(0) is None
+    clock.now_s += 0.01
+    assert admission.next_grant(0) == (order[0], "tcp://a:1")  # a's earliest, not step 1 too
+    assert admission.next_grant(0) is None  # and its clock restarted
+    admission.answered(5)  # block 5 began to arrive: step 1's credit is a's earliest now
+    clock.now_s += CREDIT_RESEND_S
+    assert admission.next_grant(0)[0] == order[1]
+    admission.delivered(5)
+    admission.delivered(6)  # both in: b is admitted, a is never asked again
+    assert admission.next_grant(0)[0] == order[2]
+    clock.now_s += 10 * CREDIT_RESEND_S
+    assert admission.next_grant(0) is None  # b's credit was never marked sent (no address)

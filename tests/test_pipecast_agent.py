@@ -683,6 +683,42 @@ def test_a_cancelled_plan_sends_nothing_more(pieced, tmp_path) -> None:
     assert "the plan was cancelled" in str(outcomes["s0"])
 
 
+def test_a_lost_credit_is_sent_again(model, tmp_path) -> None:
+    """t1's first credit never reaches s0 (as when s0 has not yet opened the plan's epoch, or
+    is too starved to take it in time): s0 waits for it, and would until the plan's deadline;
+    t1 sends it again after CREDIT_RESEND_S and the plan completes."""
+    from faascale.pipecast.admission import CREDIT_RESEND_S
+
+    model_dir, manifest = model
+    plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+    credits: list[int] = []
+
+    class LosesFirstCredit:
+        def __init__(self, inner: ZmqTransport) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str):
+            return getattr(self._inner, name)
+
+        def send(self, address, kind, meta, payload=None, **kw):
+            if "credit_step" in meta:
+                credits.append(meta["credit_step"])
+                if len(credits) == 1:
+                    return None  # lost on the way
+            return self._inner.send(address, kind, meta, payload, **kw)
+
+    with ZmqTransport(secret=SECRET, name="s0") as s0, ZmqTransport(secret=SECRET, name="t1") as t1:
+        agents = {"s0": NodeAgent("s0", s0, manifest, model_dir),
+                  "t1": NodeAgent("t1", LosesFirstCredit(t1), manifest, tmp_path / "t1")}
+        start = time.monotonic()
+        outcomes = execute_all(agents, plan, {"s0": s0.address, "t1": t1.address}, TIMEOUT_S)
+        took_s = time.monotonic() - start
+    assert all(isinstance(o, AgentReport) for o in outcomes.values()), outcomes
+    assert_identical_blocks(tmp_path / "t1", model)
+    assert credits.count(0) == 2, credits  # step 0's credit, lost, then sent again
+    assert CREDIT_RESEND_S <= took_s < CREDIT_RESEND_S + TIMEOUT_S / 4, took_s
+
+
 def test_a_piece_is_forwarded_before_its_block_is_complete(pieced, tmp_path) -> None:
     outcomes = run_paced_chain(pieced, tmp_path)
 

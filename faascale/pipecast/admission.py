@@ -31,6 +31,12 @@ from faascale.pipecast.schedule import Transfer
 # that has stalled (a store that hangs): the receives go ahead beside it, as without the rule.
 STORE_FIRST_SETUP_S = 2.0
 STORE_FIRST_MIN_BYTES_PER_S = 100e6 / 8
+# A credit whose block has not begun to arrive is sent again this often. It is sent once per
+# receive otherwise, and can be lost: a sender that has not yet opened the plan's epoch (it is
+# ending the plan this one replaced) drops it, and a starved sender may not take it in time. Its
+# receive then waited out the whole plan (bursty runs: a 60 s stall, every later receive of the
+# node held behind it). A duplicate credit changes nothing at the sender.
+CREDIT_RESEND_S = 2.0
 
 
 def store_load_bound_s(size_bytes: int) -> float:
@@ -70,6 +76,7 @@ class Admission:
         self._grants: queue.SimpleQueue[Transfer] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._clock = clock
+        self._unanswered: dict[int, tuple[Transfer, float]] = {}  # block -> credit, sent at
         loads = sorted(store_loads, key=lambda x: x[0].step)
         self._loads = {t.block: (t.step, size) for t, size in loads}  # pending, in step order
         self._load_since = clock()  # when the running store load started (the last one ended)
@@ -81,7 +88,20 @@ class Admission:
     def delivered(self, block: Any) -> None:
         with self._lock:
             self._delivered.add(block)
+            self._unanswered.pop(block, None)
             self._advance()
+
+    def credit_sent(self, receive: Transfer) -> None:
+        """A credit for ``receive`` went out (or was tried): sent again after CREDIT_RESEND_S
+        unless a frame of its block comes first (``answered``)."""
+        with self._lock:
+            if receive.block not in self._delivered:
+                self._unanswered[receive.block] = (receive, self._clock())
+
+    def answered(self, block: Any) -> None:
+        """A frame of ``block`` arrived: its sender has the credit."""
+        with self._lock:
+            self._unanswered.pop(block, None)
 
     def stored(self, block: int) -> None:
         """The node's store load of ``block`` is done (in place, or failed): the next begins."""
@@ -104,11 +124,21 @@ class Admission:
             self._next += 1
 
     def next_grant(self, timeout_s: float) -> tuple[Transfer, str | None] | None:
-        """The next receive to admit and its sender's address (None: unknown); None if there
-        is none within ``timeout_s``."""
+        """The next receive to admit, or one whose credit is due again (``credit_sent``), and
+        its sender's address (None: unknown); None if there is none within ``timeout_s``."""
         with self._lock:
             if self._loads:  # a store load may have run past its bound since
                 self._advance()
+            now, senders = self._clock(), set()
+            due = None  # a sender sends in step order: its earliest unanswered credit is due
+            for r, at in sorted(self._unanswered.values(), key=lambda x: x[0].step):
+                if r.src not in senders and now - at >= CREDIT_RESEND_S:
+                    due = r
+                    break
+                senders.add(r.src)
+            if due is not None:
+                self._unanswered[due.block] = (due, now)
+                return due, self._peers.get(due.src)
         try:
             receive = self._grants.get(timeout=timeout_s)
         except queue.Empty:

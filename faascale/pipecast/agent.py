@@ -299,6 +299,8 @@ class NodeAgent:
                 raise Refused(f"dropped block {header.meta.get('index')} of another plan "
                                f"from {header.sender}")
             ref = PieceRef.of(header)
+            if header.kind == "block" and header.meta.get("model_id") == self._catalog.model_id:
+                admission.answered(ref.block)  # its sender has the credit
             try:
                 if ref.block is not None and progress.is_lost(ref.block):
                     raise Refused(f"dropped piece {ref.piece} of block {ref.block} from "
@@ -429,6 +431,7 @@ class NodeAgent:
             progress.granted(receive.block)
             if address is None:  # a sender we cannot reach does not wait for credits
                 continue
+            admission.credit_sent(receive)  # again later, unless its block begins to arrive
             try:
                 self._transport.send(address, "control", {"model_id": self._catalog.model_id,
                                                           "credit_step": receive.step},
