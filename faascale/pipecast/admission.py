@@ -1,6 +1,7 @@
 """Admission: a node receives one block at a time, in plan step order; the planned sender of its next
 receive gets a credit once the previous receive was delivered (see ``agent.py``'s docstring for why
-and why it cannot deadlock).
+and why it cannot deadlock). A credit is sent again until a frame of its block arrives
+(``CREDIT_RESEND_S``): a lost one would hold the node's receives for the rest of the plan.
 
 Store first: a node that loads blocks from the object store (a scale from zero) admits a network
 receive of step s only once its store loads of steps < s are done (in place or failed), each
