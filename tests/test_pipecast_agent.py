@@ -683,6 +683,33 @@ def test_a_cancelled_plan_sends_nothing_more(pieced, tmp_path) -> None:
     assert "the plan was cancelled" in str(outcomes["s0"])
 
 
+def test_only_the_newest_plan_runs_even_one_queued_behind_the_running_one(model, tmp_path
+                                                                          ) -> None:
+    """The coordinator's newest plan is p3 (``cancel(keep="p3")``, while nothing runs); p2 was
+    queued behind the run it replaced and begins only now: it is cancelled at once, blaming
+    nobody, and p3 then runs whole."""
+    model_dir, manifest = model
+    plan = binomial_pipeline("s0", ["t1"], NUM_BLOCKS)
+    with ZmqTransport(secret=SECRET, name="s0") as s0, ZmqTransport(secret=SECRET, name="t1") as t1, \
+            ThreadPoolExecutor(2) as pool:
+        peers = {"s0": s0.address, "t1": t1.address}
+        agents = {"s0": NodeAgent("s0", s0, manifest, model_dir),
+                  "t1": NodeAgent("t1", t1, manifest, tmp_path / "t1")}
+        for agent in agents.values():
+            agent.cancel(keep="p3")
+        start = time.monotonic()
+        old = [pool.submit(a.execute, plan, peers, TIMEOUT_S, "p2") for a in agents.values()]
+        for f in old:
+            with pytest.raises(MulticastError, match="cancelled") as caught:
+                f.result()
+            assert not caught.value.stalled_peers
+        assert time.monotonic() - start < 1.0
+        assert not list((tmp_path / "t1").glob("*")), "the replaced plan moved bytes"
+        new = [pool.submit(a.execute, plan, peers, TIMEOUT_S, "p3") for a in agents.values()]
+        assert all(isinstance(f.result(), AgentReport) for f in new)
+    assert_identical_blocks(tmp_path / "t1", model)
+
+
 def test_a_lost_credit_is_sent_again(model, tmp_path) -> None:
     """t1's first credit never reaches s0 (as when s0 has not yet opened the plan's epoch, or
     is too starved to take it in time): s0 waits for it, and would until the plan's deadline;

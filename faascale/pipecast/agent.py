@@ -144,14 +144,18 @@ class NodeAgent:
         self._landing: Landing | None = None  # part files made by prepare()
         self._admission = admission
         self._running: Progress | None = None
+        self._keep: str | None = None  # cancel(keep=...): every other plan's run is cancelled
         self._early: dict[str, list[Header]] = {}  # control frames of a plan not yet started
 
-    def cancel(self) -> None:
+    def cancel(self, keep: str | None = None) -> None:
         """Give up the ``execute`` in progress (another thread calls this): it returns within
         about POLL_S, raising ``MulticastError`` with what is missing; a no-op when idle. The
-        coordinator does this before it hands the node a repair plan."""
+        coordinator does this before it hands the node a repair plan. ``keep``: the newest
+        plan's id; a run of any other plan that starts later is cancelled at once too (an
+        older plan still queued behind the running one must not run: its peers have moved on)."""
+        self._keep = keep if keep is not None else self._keep
         running = self._running
-        if running is not None:
+        if running is not None and (keep is None or running.plan_id != keep):
             running.cancelled.set()
 
     def path(self, block: int) -> Path:
@@ -205,13 +209,15 @@ class NodeAgent:
         try:
             role = self._check(plan, peers)
         except AgentConfigError:
-            self._end_plan(plan_id)
+            self.end_plan(plan_id)
             raise
         self._dir.mkdir(parents=True, exist_ok=True)
         expected = set(role.receives) | {x.block for x in role.loads}
         held = self.held()
         progress = Progress(held, self._clock, expected, self._on_block, plan_id)
         self._running = progress
+        if self._keep is not None and plan_id != self._keep:  # a newer plan came first
+            progress.cancelled.set()
         deadline = progress.t0 + timeout_s
         landing, self._landing = self._landing or Landing(self._dir, self._catalog), None
         from_store = sorted((t for t in role.receives.values() if t.src == self._store_name),
@@ -256,13 +262,13 @@ class NodeAgent:
             self._running = None
             for w in workers:
                 w.join()
-            self._end_plan(plan_id)
+            self.end_plan(plan_id)
             landing.close()
             for part in self._dir.glob(f"*{PART_SUFFIX}"):
                 part.unlink(missing_ok=True)
         return progress.finish(self.name, role)
 
-    def _end_plan(self, plan_id: str) -> None:
+    def end_plan(self, plan_id: str) -> None:
         """Refuse the plan's frames from now on (a straggler's, a replay of one)."""
         if plan_id:
             self._transport.close_epoch(plan_id)

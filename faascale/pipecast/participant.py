@@ -169,7 +169,7 @@ class Participant:
             plan, peers, plan_id = (plan_from_json(bytes(payload).decode()), dict(meta["peers"]),
                                     str(meta["plan_id"]))
             self.agent.expect(plan_id)  # its peers' early frames are taken from now on
-            self.agent.cancel()  # a new plan (a repair) replaces the one running
+            self.agent.cancel(keep=plan_id)  # a new plan (a repair) replaces any older one
             self._plans.put((plan, peers, plan_id))
         elif op == "rejoin":  # the coordinator restarted and does not know us
             self._join()
@@ -179,9 +179,13 @@ class Participant:
     def _plan_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                plan, peers, plan_id = self._plans.get(timeout=POLL_S)
+                item = self._plans.get(timeout=POLL_S)
             except queue.Empty:
                 continue
+            while not self._plans.empty():  # only the newest plan runs: those it replaced
+                self.agent.end_plan(item[2])  # never begin (their peers have moved on)
+                item = self._plans.get_nowait()
+            plan, peers, plan_id = item
             try:
                 report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
                 self._tell("agent_done", ok=True, received=len(report.arrival_s),
