@@ -181,6 +181,10 @@ def reading(burst: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]]) 
     return "\n".join(out)
 
 
+def _met(us: dict[str, Any], theirs: dict[str, Any], metric: str, bound: float) -> bool:
+    return us[metric]["median"] <= bound * theirs[metric]["median"]
+
+
 def target_results(burst: dict[str, dict[str, Any]]) -> dict[str, bool]:
     """``pass_<stem>`` (faascale) and ``warm_pass_<stem>`` (faascale-warm) for every target whose
     systems ran, and ``pass_failed_zero`` (no failed request in faascale's burst runs)."""
@@ -191,7 +195,7 @@ def target_results(burst: dict[str, dict[str, Any]]) -> dict[str, bool]:
             continue
         for _what, metric, base, bound, _how, stem in TARGETS:
             if base in burst:
-                out[prefix + stem] = us[metric]["median"] <= bound * burst[base][metric]["median"]
+                out[prefix + stem] = _met(us, burst[base], metric, bound)
         out[prefix + "failed_zero"] = us["failed_total"] == 0
     return out
 
@@ -209,7 +213,7 @@ def targets(burst: dict[str, dict[str, Any]]) -> list[str]:
             if base not in burst:
                 continue
             ours, theirs = us[metric]["median"], burst[base][metric]["median"]
-            met = ours <= bound * theirs
+            met = _met(us, burst[base], metric, bound)
             unit = " s" if metric == "ttft_p99_s" else ""
             lines.append(f"- {what} {how} {base}'s ({theirs:.1f}{unit}; goal "
                          f"<= {bound * theirs:.1f}{unit}): {ours:.1f}{unit}, {ours / theirs:.2f}x, "

@@ -297,10 +297,10 @@ class Progress:
             # Blamed: planned senders that were admitted and sent nothing. The senders of later
             # receives were never admitted: they wait behind the stalled one, blameless.
             # A cancelled run (a newer plan replaced it) blames nobody: its peers stopped too.
-            blamed = [] if self.cancelled.is_set() else [
-                b for b in missing if b in role.receives and b in self._granted
-                and b not in self._lost]
-            stalled = [] if self.cancelled.is_set() else list(dict.fromkeys(
+            cancelled = self.cancelled.is_set()
+            blamed = [b for b in missing if b in role.receives and b in self._granted
+                      and b not in self._lost]
+            stalled = [] if cancelled else list(dict.fromkeys(
                 [role.receives[b].src for b in blamed] + self._stalled))
             waited = [f"block {b} from {role.receives[b].src} (step {role.receives[b].step}) "
                       + ("never arrived" if b in self._granted else "was never admitted: an "
@@ -312,7 +312,7 @@ class Progress:
                                  self._refetched, self._resent)
             failed_sends = len(self._sends) < len(role.sends)
         if missing or failed_sends:
-            why = "cancelled (a newer plan replaced it): " if self.cancelled.is_set() else ""
+            why = "cancelled (a newer plan replaced it): " if cancelled else ""
             raise MulticastError(
                 f"{node}: {why}missing blocks {missing}, {len(role.sends) - len(report.sends)} of "
                 f"{len(role.sends)} sends failed after {report.elapsed_s:.1f} s; stalled peers "

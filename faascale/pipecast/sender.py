@@ -47,10 +47,7 @@ class Sender:
         on sending the whole model into the void, seconds on a starved node, while the new plan
         waited for it)."""
         for send in sends:  # observe (block here, admitted?) -> decide -> act
-            if progress.cancelled.is_set():
-                progress.fail_send(send, REPLACED)
-                continue
-            lacking = progress.wait_ready(send, deadline)
+            lacking = progress.wait_ready(send, deadline)  # at once once cancelled
             if progress.cancelled.is_set():
                 progress.fail_send(send, REPLACED)
             elif lacking is None:
