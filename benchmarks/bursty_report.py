@@ -237,7 +237,9 @@ def targets(burst: dict[str, dict[str, Any]]) -> list[str]:
                        + (f"{' and '.join(over)} alone {'is' if len(over) == 1 else 'are each'} "
                           "longer than the goal." if over else
                           f"no single step is longer than the goal (the largest, {biggest}, "
-                          f"{biggest_s:.1f} s); their sum is."))
+                          f"{biggest_s:.1f} s); their sum is." if steps["total_s"] > goal else
+                          "the starts fit in the goal: the rest is requests waiting behind "
+                          "others."))
     return out
 
 
