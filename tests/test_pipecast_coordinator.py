@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from faascale.pipecast.coordinator import (STORE, Holder, HolderKind, Route, RouteMode, ScaleOut,
-                                           ScaleOutRequest, choose_sources, plan_scale_out)
+                                           ScaleOutRequest, choose_sources, plan_scale_out,
+                                           store_fills_in)
 from faascale.pipecast.timing import simulate
 
 MB = 1 << 20
@@ -280,3 +281,56 @@ def test_a_target_declared_dead_that_joins_again_is_planned_with_what_it_holds()
     assert "t2" not in scale.dead and scale.holdings["t2"] == {0, 1}
     assert {x.block for x in plan.transfers if x.dst == "t2"} == {2, 3, 4, 5}
     assert scale.request.targets == ("t1", "t2")
+
+
+def test_the_store_fills_in_beside_serving_replicas_only() -> None:
+    """Only a serving replica to copy from (busy: the scale-up is its load) and targets that can
+    load from the store: the store fills in (``pipecast-k1+store``); the targets cover the model
+    together after b/N steps, so they serve through a pipeline b - b/N steps sooner than from
+    the replica alone, which sends b/N blocks instead of the whole model. A HOST copy
+    (a node serving nothing), one network target, or targets that cannot read the store: the
+    replica or the copy sends alone, as before."""
+    replica = (Holder("r1", HolderKind.REPLICA),)
+    targets = ("t1", "t2", "t3")
+    helped = dataclasses.replace(request(targets, replica), store_helps=True)
+    plan = plan_scale_out(helped)
+    plan.validate()
+    assert plan.algorithm == "pipecast-k1+store" and store_fills_in(helped, ("r1",))
+    alone = plan_scale_out(request(targets, replica))
+    assert alone.algorithm == "pipecast-k1"
+    assert plan.first_complete_union_step() == 1 < alone.first_complete_union_step()
+    # the replica only seeds the blocks no target holds yet: one target's part, b/N
+    assert sum(x.src == "r1" for x in plan.transfers) == 6 // 3
+    so = ScaleOut(helped, now_s=0.0)
+    assert so.record[0].detail["store_fills"] is True
+    for x in plan.transfers:
+        if x.step <= 1:
+            so.block_arrived(x.dst, x.block, 1.0 + x.step)
+    assert {so.route(t).mode for t in targets} == {RouteMode.PIPELINE}
+    # a target that joins before anything arrived is planned with the store filling in too
+    late = ScaleOut(helped, now_s=0.0).add_targets(["t4"], {}, now_s=0.5)
+    late.validate()
+    assert any(x.src == STORE and x.dst == "t4" for x in late.transfers)
+    assert late.first_complete_union_step() == 1
+    for holders, tgts in (((Holder("h1", HolderKind.HOST),), targets),
+                          (replica + (Holder("h1", HolderKind.HOST),), targets + ("t4",)),
+                          (replica, ("t1",))):
+        req = dataclasses.replace(request(tgts, holders), store_helps=True)
+        assert not store_fills_in(req, choose_sources(req))
+        assert not any(x.src == STORE for x in plan_scale_out(req).transfers)
+
+
+def test_a_finished_scale_outs_timeline_names_the_first_pipeline_and_each_targets_arrivals() -> None:
+    """The coordinator's log line for a finished scale-out (``membership.timeline``): seconds
+    from the plan to the first pipeline, and per target to its first block, half its blocks
+    and all of them, read from the record; a target that got nothing shows dashes."""
+    from faascale.pipecast.membership import timeline
+
+    so = ScaleOut(request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4),
+                  now_s=100.0)
+    for at, node, block in ((101.0, "t1", 0), (102.5, "t1", 1), (103.0, "t2", 2), (103.5, "t2", 3),
+                            (104.0, "t1", 2), (106.0, "t1", 3)):
+        so.block_arrived(node, block, at)
+    line = timeline(so, 107.25)
+    assert line.startswith("pipecast-k1 from r1 in 7.2 s; first pipeline 3.5 s;"), line
+    assert line.endswith("t1 1.0/2.5/6.0, t2 3.0/3.5/-, t3 -/-/-"), line

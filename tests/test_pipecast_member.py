@@ -565,3 +565,44 @@ def test_a_tick_that_raises_is_counted_and_the_coordinator_goes_on(
         finally:
             coord.stop()
             thread.join(5)
+
+
+def test_beside_a_serving_replica_new_replicas_that_can_read_the_store_load_part_from_it(
+        tiny_packed: Path, tmp_path: Path, coordinator: Coordinator, members) -> None:
+    """r0 serves the model; three new replicas whose agents can load from the object store join:
+    the store fills in beside r0 (busy serving the load that caused the scale-up). r0 sends
+    one target's part only, two targets load theirs from the store, each gets the rest over
+    the network, and every one ends with the model and answers as r0 does."""
+    manifest = read_manifest(tiny_packed)
+    loaded: dict[str, list[int]] = {}
+
+    def loader(name: str):
+        loaded[name] = []
+
+        def load(i: int) -> Path:
+            loaded[name].append(i)
+            return tiny_packed / manifest.blocks[i].file
+        return load
+
+    source = members("r0", tiny_packed)
+    assert source.full
+    coordinator.expect(manifest.model_id, 3)
+    new = [members(n, tmp_path / n, store_loader=loader(n)) for n in ("r1", "r2", "r3")]
+    for m in new:
+        assert m.wait_servable(60)
+        wait_for(lambda m=m: m.full)
+    wait_for(lambda: coordinator.progress()[manifest.model_id]["finished"])
+    done = coordinator.progress()[manifest.model_id]["finished"][0]
+    planned = done["record"][0]["detail"]
+    assert done["algorithm"] == "pipecast-k1+store" and planned["store_fills"] is True
+    assert sum(1 for got in loaded.values() if got) >= 2  # the store fed two of them
+    assert all(len(got) < manifest.num_blocks for got in loaded.values())  # and peers the rest
+    assert done["blocks"] == dict.fromkeys(("r1", "r2", "r3"), manifest.num_blocks)
+    # r0 seeded one target's part (the blocks no target held yet): 2 of the 4 blocks at most
+    largest_two = sum(sorted(b.size_bytes for b in manifest.blocks)[-2:])
+    assert 0 < source.blocks_tx.stats.bytes_sent <= largest_two < manifest.total_bytes
+    want = reference(tiny_packed, "hi")
+    for m in new:
+        got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
+               if o.token_id is not None]
+        assert got == want

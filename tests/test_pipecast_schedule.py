@@ -414,3 +414,31 @@ def test_repair_from_zero_loads_distinct_parts_from_the_store_then_shares_them()
     per_target = {d: sum(t.dst == d for t in from_store) for d in ("t1", "t2", "t3", "t4")}
     assert per_target == dict.fromkeys(per_target, 2)  # a quarter each
     assert plan.first_complete_union_step() == 1  # 8 blocks / 4 targets: after steps 0 and 1
+
+
+def test_repair_with_the_store_filling_in_beside_a_busy_holder() -> None:
+    """One busy holder (a serving replica), three targets: with ``store_fills`` the holder feeds
+    one target's part and the store the others' (a different part each), so the targets
+    together hold the model after b/N steps instead of b; then they fill in from each other,
+    from the store when every target holding a block is busy, never from the holder again.
+    Without it (the store only for blocks nobody holds) the store sends nothing and the holder
+    sends most of the model."""
+    filled = repair({"r": range(6)}, ["t1", "t2", "t3"], 6, store="s3", store_fills=True)
+    filled.validate()
+    alone = repair({"r": range(6)}, ["t1", "t2", "t3"], 6, store="s3")
+    alone.validate()
+    assert not any(t.src == "s3" for t in alone.transfers)
+    assert alone.first_complete_union_step() == 5
+    assert filled.first_complete_union_step() == 1
+    first = [t for t in filled.transfers if t.step <= 1]  # the union: a part per target
+    assert {(t.src, t.dst) for t in first} == {("r", "t1"), ("s3", "t2"), ("s3", "t3")}
+    assert sorted(t.block for t in first) == list(range(6))
+    # the holder only seeds blocks no target holds; later a target takes a block from a free
+    # target, else from the store
+    assert [t.block for t in filled.transfers if t.src == "r"] == [0, 1]
+    for t in filled.transfers:
+        if t.step > 1 and t.src == "s3":
+            holders = {x.dst for x in filled.transfers if x.block == t.block and x.step < t.step}
+            senders = {x.src for x in filled.transfers if x.step == t.step}
+            assert holders and holders <= senders  # every target holding it was busy
+    assert filled.num_steps <= alone.num_steps

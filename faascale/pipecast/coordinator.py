@@ -13,7 +13,9 @@ Sources, fastest first: replicas already serving the model (their blocks are in 
 whose HOST tier holds it, nodes whose DISK tier holds it; at most ``max_sources`` of them, one
 chain each with rotated block orders when the agents cut through (the model's blocks move in
 pieces), else one binomial pipeline each (``k_way``). A new replica whose own node holds the model loads locally.
-No holder at all: the object store is the one source. A target that holds some blocks already (a
+No holder at all: the object store is the one source. Only serving replicas to copy from, and
+targets that can load from the store (``store_helps``): the replicas are busy (the scale-up is
+their load), so the store fills in beside them (``store_fills_in``). A target that holds some blocks already (a
 member rejoining a restarted coordinator) is planned with them (``ScaleOutRequest.held``).
 """
 
@@ -61,6 +63,7 @@ class ScaleOutRequest:
     local: frozenset[str] = frozenset()
     held: Mapping[str, frozenset[int]] = field(default_factory=dict)
     cut_through: bool = False  # blocks move in pieces, each forwarded as it lands: chains
+    store_helps: bool = False  # every network target can load blocks from the store in a plan
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or len(self.block_bytes) != self.num_blocks:
@@ -95,6 +98,22 @@ def choose_sources(request: ScaleOutRequest, max_sources: int = 4) -> tuple[str,
     return chosen or (STORE,)
 
 
+def store_fills_in(request: ScaleOutRequest, sources: Sequence[str]) -> bool:
+    """Whether the store fills in beside ``sources`` (``repair``'s ``store_fills``): the targets
+    can load from it, two or more load over the network (one receives one block at a time:
+    nothing to share), and every source is a serving replica. A scale-up happens because the
+    serving replicas are saturated: they serve the burst and send on what CPU is left, so the
+    targets load the parts those replicas are not sending from the store, as from zero, and
+    fill in from each other. A tier copy (HOST, DISK) is on a node that serves nothing: it
+    sends alone."""
+    kind: dict[str, HolderKind] = {}
+    for h in request.holders:
+        kind[h.node] = min(h.kind, kind.get(h.node, h.kind))
+    network = [t for t in request.targets if t not in request.local]
+    return (request.store_helps and len(network) >= 2 and bool(sources)
+            and all(kind.get(s) == HolderKind.REPLICA for s in sources))
+
+
 def plan_scale_out(request: ScaleOutRequest, max_sources: int = 4) -> MulticastPlan:
     """PipeCast's plan: k chains (``request.cut_through``) or k binomial pipelines, with rotated
     block orders, from the chosen sources,
@@ -102,10 +121,13 @@ def plan_scale_out(request: ScaleOutRequest, max_sources: int = 4) -> MulticastP
     some blocks already are planned with them (``repair``'s greedy plan from the chosen sources
     and every target's holdings: nothing a target holds is sent to it again). With nobody holding
     the model, the same greedy plan from the store: each target loads a different part of it,
-    and the rest from the others (a pipeline can serve once their parts cover the model)."""
+    and the rest from the others (a pipeline can serve once their parts cover the model). With
+    only busy serving replicas to copy from (``store_fills_in``), that plan with the replicas as
+    helpers: ``pipecast-kK+store``."""
     sources = choose_sources(request, max_sources) or (STORE,)  # () when every target is local
+    fills = store_fills_in(request, sources)
     partial = {t: b for t, b in request.held.items() if t not in request.local}
-    if not partial and sources != (STORE,):
+    if not partial and sources != (STORE,) and not fills:
         return k_way(sources, request.targets, request.num_blocks, local=request.local,
                      relay="chain" if request.cut_through else "binomial")
     # From zero (only the store holds it) or with partial targets: ``repair``'s plan, where
@@ -114,7 +136,9 @@ def plan_scale_out(request: ScaleOutRequest, max_sources: int = 4) -> MulticastP
     everything = frozenset(range(request.num_blocks))
     holdings = {**{s: everything for s in sources if s != STORE}, **partial}
     plan = repair(holdings, network, request.num_blocks,
-                  store=STORE if STORE in sources else None)
+                  store=STORE if STORE in sources or fills else None, store_fills=fills)
+    if fills:
+        plan = replace(plan, algorithm=f"pipecast-k{len(sources)}+store")
     if request.local:  # local loaders keep their rotated loads beside the repair's transfers
         loads = k_way(sources, request.targets, request.num_blocks, local=request.local).local_loads
         plan = MulticastPlan(plan.algorithm, plan.sources, request.targets, plan.num_blocks,
@@ -157,6 +181,7 @@ class ScaleOut:
                  block_cost: Sequence[float] | None = None) -> None:
         self.request = request
         self.plan = plan_scale_out(request, max_sources)
+        self.store_fills = store_fills_in(request, choose_sources(request, max_sources))
         self.block_cost = block_cost
         self.started_s = now_s
         self.holdings: dict[str, set[int]] = {t: set(request.held.get(t, ())) for t in request.targets}
@@ -166,6 +191,7 @@ class ScaleOut:
         self.record: list[Event] = [Event(now_s, "planned", {
             "algorithm": self.plan.algorithm, "sources": self.plan.sources,
             "targets": request.targets, "steps": self.plan.num_steps,
+            "store_fills": self.store_fills,
             "held": {t: len(b) for t, b in request.held.items()}})]
         if request.held:  # what the targets hold already may form pipelines at once
             self._reform(now_s)
@@ -259,7 +285,8 @@ class ScaleOut:
                 holders[n] = set(held)
         targets = [n for n in self.request.targets if n not in self.dead
                    and len(self.holdings[n]) < self.request.num_blocks]
-        plan = repair(holders, targets, self.request.num_blocks, store=STORE if use_store else None)
+        plan = repair(holders, targets, self.request.num_blocks, store=STORE if use_store else None,
+                      store_fills=use_store and self.store_fills)
         self.plan = plan
         for n in targets:
             self.last_progress_s[n] = now_s

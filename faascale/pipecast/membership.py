@@ -3,7 +3,8 @@
 ``JoinedNode``: one node that joined a model (a member, or a node's tier copy as a source);
 ``ModelState``: one model's nodes, joiners waiting for a wave, the running ``ScaleOut`` and its
 bookkeeping; ``is_dead``: when a silent node counts as dead. No sockets of its own: ``is_dead``
-asks the transport's ``reachable``, which it is given.
+asks the transport's ``reachable``, which it is given. ``timeline``: where a finished scale-out's
+time went, for the log; ``setting``: one of the coordinator's environment settings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,3 +141,34 @@ def record_json(events: Sequence[Event]) -> list[dict[str, Any]]:
     return [{"at_s": e.at_s, "kind": e.kind, "detail": json.loads(json.dumps(e.detail,
                                                                             default=list))}
             for e in events]
+
+
+def timeline(so: ScaleOut, now_s: float) -> str:
+    """Where a scale-out's time went, from its record, in seconds since it was planned: when the
+    first pipeline formed, and per target when its first block, half its blocks and all of them
+    had arrived (a target that never got one: "-")."""
+    t0, need = so.started_s, so.request.num_blocks
+    arrived: dict[str, list[float]] = {}
+    pipeline = None
+    for e in so.record:
+        if e.kind == "block":
+            arrived.setdefault(str(e.detail["node"]), []).append(e.at_s - t0)
+        elif e.kind == "pipelines" and pipeline is None and e.detail.get("formed"):
+            pipeline = e.at_s - t0
+
+    def marks(name: str) -> str:
+        times = arrived.get(name, [])
+        return "/".join(f"{times[k - 1]:.1f}" if len(times) >= k else "-"
+                        for k in (1, (need + 1) // 2, need))
+    return (f"{so.plan.algorithm} from {', '.join(so.plan.sources)} in {now_s - t0:.1f} s; "
+            f"first pipeline {'-' if pipeline is None else f'{pipeline:.1f}'} s; blocks first/half/"
+            f"all at (s): " + ", ".join(f"{t} {marks(t)}" for t in so.request.targets))
+
+
+def setting(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """The environment variable ``name`` (lower case), or ``default`` (warned) if not allowed."""
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in allowed:
+        log.warning("%s=%r: expected %s; using %s", name, value, " or ".join(allowed), default)
+        value = default
+    return value

@@ -12,7 +12,7 @@ from faascale.pipecast.schedule import MulticastPlan, PlanError, Transfer, check
 
 
 def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_blocks: int, *,
-           store: str | None = None) -> MulticastPlan:
+           store: str | None = None, store_fills: bool = False) -> MulticastPlan:
     """Finish a multicast that a failure cut short: every target ends with every block.
 
     ``holdings``: what each live node holds now (targets included; nodes that are not targets
@@ -24,6 +24,13 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
     fetched from it again in that step: the others take it from that target later, so targets
     that start with nothing (a scale from zero) each load a different contiguous part from the
     store, and then fill in from each other (every block leaves the store about once per step it is needed, not once per target).
+    ``store_fills``: the holders that are not targets are busy (serving replicas during the
+    scale-up their load caused): they only seed, sending a block that no target holds yet; a
+    target whose next block no free node can send this step loads it from the store instead
+    of waiting. From a busy holder to N targets, the holder then feeds one target's part and
+    the store the others', as from zero, and the targets fill in from each other (the store
+    when they are all busy): every block is held by some target after about b/N steps
+    instead of b, and the holder sends about 1/N of the model.
     Not optimal, but every step moves at least one block, so it ends within (missing blocks)
     steps. Raises PlanError if a needed block is held by nobody and there is no store, or for
     a target or block not in range.
@@ -45,7 +52,8 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
         raise PlanError(f"blocks {sorted(unheld)} are held by no live node and there is no store")
     helpers = tuple(sorted(n for n in held if n not in targets))
     initial = {n: frozenset(held[n]) for n in (*helpers, *targets) if n != store}
-    senders_in_order = [n for n in sorted(held) if n != store] + ([store] if store else [])
+    senders_in_order = [n for n in sorted(held) if n != store]
+    held_by = frozenset(targets)
     transfers: list[Transfer] = []
     # Each target takes blocks in its own rotated order (the j-th of N from block j*b/N on): from
     # zero, every target then loads one contiguous part from the store, which a pipeline can use.
@@ -62,9 +70,12 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
                                 key=lambda b: (rarity[b], (b - start[dst]) % num_blocks)):
                 if block in from_store:  # another target brings it now: take it from them later
                     continue
+                # filling in, a busy holder only seeds a block no target holds yet
+                seeded = store_fills and any(block in held[t] for t in targets)
                 src = next((n for n in senders_in_order if n != dst and block in held[n]
-                            and n != store and n not in busy), None)
-                if src is None and rarity[block] == 0:  # no live peer has it: the store does
+                            and n not in busy and (n in held_by or not seeded)), None)
+                if src is None and store is not None and (rarity[block] == 0 or store_fills):
+                    # no live peer has it (or, filling in, none is free): the store does
                     src = store
                     from_store.add(block)
                 if src is not None:

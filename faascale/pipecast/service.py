@@ -10,11 +10,11 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
   or ``join_window_s`` passed since the first; then the wave is planned (sources: members that
   hold the whole model, then nodes' tier copies that joined as sources (``source.py``: HOST,
   then DISK); targets whose own tier holds it load locally) and every node of the plan gets its
-  part.
-  With nobody to copy from, members that can load from the object store inside a plan (two or
-  more) share the load: each loads a different part from the store, then the rest from each
-  other, serving through a pipeline once their parts cover the model; the others are told so
-  (``error``) and load from the object store the usual way. One wave at a time per model; later joiners form the next.
+  part. With nobody to copy from, members that can load from the object store inside a plan
+  (two or more) share the load: each loads a different part from the store, then the rest from
+  each other, serving through a pipeline once their parts cover the model; the others are told
+  so (``error``) and load from the object store the usual way. With serving replicas only (busy)
+  the store fills in beside them (``store_fills_in``). One wave at a time per model.
 - ``block`` reports feed ``ScaleOut.block_arrived``; every member whose route changed gets its
   new route (``full``, ``pipeline`` with its stages' addresses, ``loading``).
 - Faults: a member silent for ``dead_after_s`` (no heartbeat) whose control socket does not
@@ -46,7 +46,6 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import sys
 import threading
@@ -57,7 +56,7 @@ from typing import Any
 from faascale.pipecast.coordinator import (STORE, Event, Route, RouteMode, ScaleOut,
                                            ScaleOutRequest)
 from faascale.pipecast.membership import (JoinedNode, ModelState, holders, is_dead, late_joiners,
-                                          record_json, route_mode, store_wave)
+                                          record_json, route_mode, setting, store_wave, timeline)
 from faascale.pipecast.plan_io import plan_to_json
 from faascale.pipecast.schedule import MulticastPlan, PlanError
 from faascale.pipecast.transport import Header, Transport, TransportError
@@ -73,6 +72,8 @@ STALL_AFTER_S = 60.0
 # node receiving and forwarding at once), "binomial" (binomial pipelines, as for whole blocks),
 # or "auto" (chain). Models without pieces always relay in binomial pipelines.
 RELAY_ENV = "FAASCALE_PIPECAST_RELAY"
+# "0": serving replicas send alone; "1" (default): the store fills in beside them (coordinator.py)
+STORE_HELPS_ENV = "FAASCALE_PIPECAST_STORE_HELPS"
 RETRY_ROUTE_S = 1.0
 POLL_S = 0.1
 SLOW_PASS_S = 1.0  # a pass (frames + timers) slower than this is logged: heartbeats wait on it
@@ -80,14 +81,6 @@ CONTROL_SEND_S = 0.25  # a live member's control queue takes a frame at once; ne
 MAX_FINISHED = 20  # finished scale-outs kept per model for progress()
 MAX_AGENT_REPLANS = 3  # failed plan parts of one target re-planned per scale-out, then it gives up
 TICK_ERROR_LOG_S = 30.0  # a tick failing every poll (10 a second) logs its traceback this often
-
-
-def _relay() -> str:
-    value = os.environ.get(RELAY_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "chain", "binomial"):
-        log.warning("%s=%r: expected auto, chain or binomial; using auto", RELAY_ENV, value)
-        value = "auto"
-    return "chain" if value == "auto" else value
 
 
 class Coordinator:
@@ -387,9 +380,13 @@ class Coordinator:
         if not targets:
             return
         held = {t: frozenset(m.nodes[t].held) for t in targets if m.nodes[t].held}
-        request = ScaleOutRequest(m.model_id, m.num_blocks, m.block_bytes, targets, have, local,
-                                  held,  # a rejoined member is planned with what it holds
-                                  cut_through=m.cut_through and _relay() == "chain")
+        request = ScaleOutRequest(
+            m.model_id, m.num_blocks, m.block_bytes, targets, have, local,
+            held,  # a rejoined member is planned with what it holds
+            cut_through=m.cut_through and setting(RELAY_ENV, "auto",
+                                                   ("auto", "chain", "binomial")) != "binomial",
+            store_helps=setting(STORE_HELPS_ENV, "1", ("0", "1")) == "1"
+            and all(m.nodes[t].store for t in targets if t not in local))
         m.active = so = ScaleOut(request, now, self.max_sources)
         log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
                  so.plan.sources, targets, so.plan.num_steps)
@@ -455,7 +452,7 @@ class Coordinator:
                            "record": record_json(so.record)})
         del m.finished[:-MAX_FINISHED]
         m.active = None
-        log.info("%s: scale-out done in %.2f s", m.model_id, now - so.started_s)
+        log.info("%s: scale-out done: %s", m.model_id, timeline(so, now))
 
     # ------------------------------------------------------------------ routes
 
