@@ -320,17 +320,19 @@ def test_the_store_fills_in_beside_serving_replicas_only() -> None:
         assert not any(x.src == STORE for x in plan_scale_out(req).transfers)
 
 
-def test_a_finished_scale_outs_timeline_names_the_first_pipeline_and_each_targets_arrivals() -> None:
+def test_a_finished_scale_outs_timeline_names_the_first_pipeline_and_the_arrivals() -> None:
     """The coordinator's log line for a finished scale-out (``membership.timeline``): seconds
     from the plan to the first pipeline, and per target to its first block, half its blocks
     and all of them, read from the record; a target that got nothing shows dashes."""
     from faascale.pipecast.membership import timeline
 
-    so = ScaleOut(request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4),
-                  now_s=100.0)
+    replica = (Holder("r1", HolderKind.REPLICA),)
+    so = ScaleOut(dataclasses.replace(request(("t1", "t2", "t3"), replica, num_blocks=4),
+                                      store_helps=True), now_s=100.0)
     for at, node, block in ((101.0, "t1", 0), (102.5, "t1", 1), (103.0, "t2", 2), (103.5, "t2", 3),
                             (104.0, "t1", 2), (106.0, "t1", 3)):
         so.block_arrived(node, block, at)
     line = timeline(so, 107.25)
-    assert line.startswith("pipecast-k1 from r1 in 7.2 s; first pipeline 3.5 s;"), line
+    assert line.startswith("pipecast-k1+store from r1, store in 7.2 s (last plan: 5 of 12 moves "
+                           "from the store); first pipeline 3.5 s;"), line
     assert line.endswith("t1 1.0/2.5/6.0, t2 3.0/3.5/-, t3 -/-/-"), line

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from faascale.pipecast.coordinator import Event, Holder, HolderKind, ScaleOut
+from faascale.pipecast.coordinator import STORE, Event, Holder, HolderKind, ScaleOut
 from faascale.pipecast.transport import TransportError
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,9 @@ def record_json(events: Sequence[Event]) -> list[dict[str, Any]]:
 
 
 def timeline(so: ScaleOut, now_s: float) -> str:
-    """Where a scale-out's time went, from its record, in seconds since it was planned: when the
-    first pipeline formed, and per target when its first block, half its blocks and all of them
-    had arrived (a target that never got one: "-")."""
+    """Where a scale-out's time went, from its record, in seconds since it was planned: how many
+    of the last plan's moves were loads from the store, when the first pipeline formed, and per
+    target when its first block, half its blocks and all of them had arrived ("-": not yet)."""
     t0, need = so.started_s, so.request.num_blocks
     arrived: dict[str, list[float]] = {}
     pipeline = None
@@ -160,7 +160,9 @@ def timeline(so: ScaleOut, now_s: float) -> str:
         times = arrived.get(name, [])
         return "/".join(f"{times[k - 1]:.1f}" if len(times) >= k else "-"
                         for k in (1, (need + 1) // 2, need))
-    return (f"{so.plan.algorithm} from {', '.join(so.plan.sources)} in {now_s - t0:.1f} s; "
+    stored = sum(t.src == STORE for t in so.plan.transfers)
+    return (f"{so.plan.algorithm} from {', '.join(so.plan.sources)} in {now_s - t0:.1f} s "
+            f"(last plan: {stored} of {len(so.plan.transfers)} moves from the store); "
             f"first pipeline {'-' if pipeline is None else f'{pipeline:.1f}'} s; blocks first/half/"
             f"all at (s): " + ", ".join(f"{t} {marks(t)}" for t in so.request.targets))
 
