@@ -189,8 +189,11 @@ class Participant:
             try:
                 report = self.agent.execute(plan, peers, PLAN_TIMEOUT_S, plan_id)
                 log.info("%s: plan %s done in %.1f s: %d blocks here (%.0f MB over the network, "
-                         "the rest loaded), %d sent (%.0f MB)", self.name, plan_id[-8:],
-                         report.elapsed_s, len(report.arrival_s), report.bytes_received / 1e6,
+                         "the rest loaded; block@s: %s), %d sent (%.0f MB)", self.name,
+                         plan_id[-8:], report.elapsed_s, len(report.arrival_s),
+                         report.bytes_received / 1e6, " ".join(
+                             f"{b}@{t:.1f}" for b, t in sorted(report.arrival_s.items(),
+                                                               key=lambda x: x[1])[:16]),
                          report.blocks_sent, report.bytes_sent / 1e6)
                 self._tell("agent_done", ok=True, received=len(report.arrival_s),
                            plan_id=plan_id)
