@@ -336,3 +336,33 @@ def test_a_finished_scale_outs_timeline_names_the_first_pipeline_and_the_arrival
     assert line.startswith("pipecast-k1+store from r1, store in 7.2 s (last plan: 5 of 12 moves "
                            "from the store); first pipeline 3.5 s;"), line
     assert line.endswith("t1 1.0/2.5/6.0, t2 3.0/3.5/-, t3 -/-/-"), line
+
+
+def test_a_wave_is_planned_once_the_intents_stop_coming() -> None:
+    """A burst's intents come one policy tick apart (1 -> 2 -> 3) and warm replicas join at
+    once: the joiners are planned together once no intent came for SETTLE_S (each planned
+    alone would re-plan the running scale-out), never later than MAX_GATHER_S after the first
+    joined; with no intent in flight, as soon as every expected one joined."""
+    from faascale.pipecast.membership import MAX_GATHER_S, SETTLE_S, ModelState, gathered
+
+    m = ModelState("m-1", "fn", 6, (MB,) * 6)
+    assert not gathered(m, 0.0, join_window_s=1.0)  # nobody waiting
+    m.expected, m.expected_at_s = 1, 0.0
+    m.pending, m.first_pending_s = ["t1"], 0.1
+    assert not gathered(m, 0.2, 1.0)  # t1 was expected, but intents are still coming
+    m.expected, m.expected_at_s = 2, 0.5  # the next tick's intent
+    m.pending.append("t2")
+    assert not gathered(m, 0.6, 1.0)
+    assert not gathered(m, 0.5 + SETTLE_S - 0.01, 1.0)
+    assert gathered(m, 0.5 + SETTLE_S, 1.0)
+    # nothing to copy from yet: only once the join window passed
+    assert not gathered(m, 0.5 + SETTLE_S, 5.0, have_source=False)
+    assert gathered(m, 5.1, 5.0, have_source=False)
+    # intents that never stop: planned MAX_GATHER_S after the first joined
+    m.expected_at_s = 0.1 + MAX_GATHER_S - 0.1
+    assert not gathered(m, 0.1 + MAX_GATHER_S - 0.05, 1.0)
+    assert gathered(m, 0.1 + MAX_GATHER_S, 1.0)
+    # no intent in flight (a cold replica joins long after its intent): at once
+    cold = ModelState("m-1", "fn", 6, (MB,) * 6, expected=1, expected_at_s=0.0)
+    cold.pending, cold.first_pending_s = ["t1"], 12.0
+    assert gathered(cold, 12.0, 1.0)

@@ -14,7 +14,8 @@ Its one thread (``run``, or the owner calling ``poll``) does everything:
   (two or more) share the load: each loads a different part from the store, then the rest from
   each other, serving through a pipeline once their parts cover the model; the others are told
   so (``error``) and load from the object store the usual way. With serving replicas only (busy)
-  the store fills in beside them (``store_fills_in``). One wave at a time per model.
+  the store fills in beside them (``store_fills_in``). One wave at a time per model, planned
+  once the intents stopped coming (``membership.gathered``).
 - ``block`` reports feed ``ScaleOut.block_arrived``; every member whose route changed gets its
   new route (``full``, ``pipeline`` with its stages' addresses, ``loading``).
 - Faults: a member silent for ``dead_after_s`` (no heartbeat) whose control socket does not
@@ -55,8 +56,9 @@ from typing import Any
 
 from faascale.pipecast.coordinator import (STORE, Event, Route, RouteMode, ScaleOut,
                                            ScaleOutRequest)
-from faascale.pipecast.membership import (JoinedNode, ModelState, holders, is_dead, late_joiners,
-                                          record_json, route_mode, setting, store_wave, timeline)
+from faascale.pipecast.membership import (JoinedNode, ModelState, gathered, holders, is_dead,
+                                          late_joiners, record_json, route_mode, setting,
+                                          store_wave, timeline)
 from faascale.pipecast.plan_io import plan_to_json
 from faascale.pipecast.schedule import MulticastPlan, PlanError
 from faascale.pipecast.transport import Header, Transport, TransportError
@@ -115,6 +117,7 @@ class Coordinator:
                 self._expected[key] = self._expected.get(key, 0) + max(0, count)
             else:
                 m.expected += max(0, count)
+                m.expected_at_s = self.clock()
 
     def run(self) -> None:
         while not self._stop.is_set():
@@ -307,13 +310,10 @@ class Coordinator:
                 self._dispatch(m, so.replan(now))
             except PlanError as e:
                 self._give_up(m, stalled, str(e))
-        if so is not None and m.pending and (len(m.pending) >= max(1, m.expected)
-                                             or now - (m.first_pending_s or now) >= self.join_window_s):
+        if so is not None and gathered(m, now, self.join_window_s):
             self._join_running(m, so, now)
-        if m.active is None and m.pending and (
-                (len(m.pending) >= max(1, m.expected)
-                 and (holders(m) or store_wave(m)))
-                or now - (m.first_pending_s or now) >= self.join_window_s):
+        if m.active is None and gathered(m, now, self.join_window_s,
+                                         bool(holders(m)) or store_wave(m)):
             self._start_wave(m, now)  # all that were expected and a source, or waited enough
 
     def _watch(self, ctl: str) -> None:
