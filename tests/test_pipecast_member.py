@@ -606,34 +606,3 @@ def test_beside_a_serving_replica_new_replicas_that_can_read_the_store_load_part
         got = [o.token_id for o in m.loop.submit(m.loop.engine.tokenizer.encode("hi"), GREEDY)
                if o.token_id is not None]
         assert got == want
-
-
-def test_the_thread_that_runs_plans_and_every_thread_it_starts_are_nicer() -> None:
-    """``lower_priority``: the plan thread's niceness (FAASCALE_PIPECAST_NICE, default 10), which
-    the threads a plan starts inherit (Linux); the serving threads keep theirs. 0 or a value
-    that is not a niceness leaves it as it was."""
-    import os
-
-    from faascale.pipecast.participant import DEFAULT_NICE, lower_priority
-
-    def in_a_thread(environ: dict[str, str]) -> tuple[int, int]:
-        out: list[int] = []
-
-        def run() -> None:
-            out.append(lower_priority(environ))
-            child = threading.Thread(
-                target=lambda: out.append(os.getpriority(os.PRIO_PROCESS,
-                                                         threading.get_native_id())))
-            child.start()
-            child.join()
-        t = threading.Thread(target=run)
-        t.start()
-        t.join()
-        return out[0], out[1]
-
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert in_a_thread({}) == (max(base, DEFAULT_NICE),) * 2
-    assert in_a_thread({"FAASCALE_PIPECAST_NICE": "15"}) == (max(base, 15),) * 2
-    assert in_a_thread({"FAASCALE_PIPECAST_NICE": "0"}) == (base, base)
-    assert in_a_thread({"FAASCALE_PIPECAST_NICE": "soon"}) == (base, base)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base  # this one: as was

@@ -31,7 +31,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +46,6 @@ HEARTBEAT_S = 1.0
 LOCATE_AFTER_S = 8.0  # heartbeats failing this long (a send times out in 5 s): ask ``locate``
 POLL_S = 0.2
 PLAN_TIMEOUT_S = 600.0
-# The niceness of the thread that runs plans, and so of every thread a plan starts (Linux
-# threads inherit it): a replica's engine, serving (alone, or as a pipeline's stage while its
-# blocks still come), goes first on a CPU it shares with the transfer. 0: no change.
-NICE_ENV, DEFAULT_NICE = "FAASCALE_PIPECAST_NICE", 10
-
-
-def lower_priority(environ: Mapping[str, str] = os.environ) -> int:
-    """Make the calling thread (Linux: that thread only) ``FAASCALE_PIPECAST_NICE`` nicer;
-    returns its niceness after (unchanged where the value is not an integer 0-19 or the system
-    refuses)."""
-    tid = threading.get_native_id()
-    try:
-        nice = int(environ.get(NICE_ENV, DEFAULT_NICE))
-        if 0 < nice <= 19:
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-    except (ValueError, OSError) as e:
-        log.warning("%s: transfers keep their priority: %s", NICE_ENV, e)
-    return os.getpriority(os.PRIO_PROCESS, tid)
 
 
 class Participant:
@@ -195,7 +177,6 @@ class Participant:
             self._on_op(str(op), meta, payload)
 
     def _plan_loop(self) -> None:
-        lower_priority()  # and every thread a plan starts: serving goes first
         while not self._stop.is_set():
             try:
                 item = self._plans.get(timeout=POLL_S)
