@@ -15,8 +15,9 @@ chain each with rotated block orders when the agents cut through (the model's bl
 pieces), else one binomial pipeline each (``k_way``). A new replica whose own node holds the model loads locally.
 No holder at all: the object store is the one source. Only serving replicas to copy from, and
 targets that can load from the store (``store_helps``): the replicas are busy (the scale-up is
-their load), so the store fills in beside them (``store_fills_in``). A target that holds some blocks already (a
-member rejoining a restarted coordinator) is planned with them (``ScaleOutRequest.held``).
+their load), so the store fills in beside them (``store_fills_in``). A target that holds some
+blocks already (a member rejoining a restarted coordinator) is planned with them
+(``ScaleOutRequest.held``).
 """
 
 from __future__ import annotations

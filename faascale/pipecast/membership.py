@@ -2,9 +2,10 @@
 
 ``JoinedNode``: one node that joined a model (a member, or a node's tier copy as a source);
 ``ModelState``: one model's nodes, joiners waiting for a wave, the running ``ScaleOut`` and its
-bookkeeping; ``gathered``: when the joiners waiting are planned; ``is_dead``: when a silent node counts as dead. No sockets of its own: ``is_dead``
-asks the transport's ``reachable``, which it is given. ``timeline``: where a finished scale-out's
-time went, for the log; ``setting``: one of the coordinator's environment settings.
+bookkeeping; ``gathered``: when the joiners waiting are planned; ``is_dead``: when a silent node
+counts as dead. No sockets of its own: ``is_dead`` asks the transport's ``reachable``, which it
+is given. ``timeline``: where a finished scale-out's time went, for the log; ``setting``: one of
+the coordinator's environment settings.
 """
 
 from __future__ import annotations

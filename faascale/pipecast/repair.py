@@ -53,7 +53,7 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
     helpers = tuple(sorted(n for n in held if n not in targets))
     initial = {n: frozenset(held[n]) for n in (*helpers, *targets) if n != store}
     senders_in_order = [n for n in sorted(held) if n != store]
-    held_by = frozenset(targets)
+    is_target = frozenset(targets)
     transfers: list[Transfer] = []
     # Each target takes blocks in its own rotated order (the j-th of N from block j*b/N on): from
     # zero, every target then loads one contiguous part from the store, which a pipeline can use.
@@ -73,7 +73,7 @@ def repair(holdings: Mapping[str, Iterable[int]], targets: Sequence[str], num_bl
                 # filling in, a busy holder only seeds a block no target holds yet
                 seeded = store_fills and any(block in held[t] for t in targets)
                 src = next((n for n in senders_in_order if n != dst and block in held[n]
-                            and n not in busy and (n in held_by or not seeded)), None)
+                            and n not in busy and (n in is_target or not seeded)), None)
                 if src is None and store is not None and (rarity[block] == 0 or store_fills):
                     # no live peer has it (or, filling in, none is free): the store does
                     src = store
