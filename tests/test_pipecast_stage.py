@@ -301,3 +301,31 @@ def test_a_stage_request_replayed_after_the_stage_restarted_is_refused(
             server.stop()
             thread.join(5)
             t.close()
+
+
+def test_slow_round_trips_stage_work_and_engine_steps_are_logged(
+        tiny_packed: Path, model: tuple, servers, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where a pipeline's time goes, in the logs: a round trip to a remote stage longer than
+    SLOW_STAGE_S (the head's side), the stage's own work on it (the stage's side), and an
+    engine step longer than SLOW_STEP_S with the runner it ran on. With both thresholds at 0
+    every one is "slow"; the tokens are still the model's."""
+    import logging
+
+    from faascale.engine import loop as loop_module
+    from faascale.pipecast import stage as stage_module
+
+    monkeypatch.setattr(stage_module, "SLOW_STAGE_S", 0.0)
+    monkeypatch.setattr(loop_module, "SLOW_STEP_S", 0.0)
+    m, _, tok = model
+    _, stage_t = servers(4, 8)
+    with caplog.at_level(logging.WARNING), ZmqTransport(secret=SECRET, name="head-slow") as head_t:
+        chain = StageChain([shard(model, 0, 4), RemoteStage(head_t, stage_t.address, 4, 8,
+                                                            timeout_s=10)],
+                           m.config, CFG.max_batch_size)
+        got = run(chain, tok, ["slow"])
+    assert got == reference(tiny_packed, ["slow"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"stage [4, 8) at {stage_t.address} answered 1 x" in s for s in lines), lines
+    assert any(s.startswith("layers [4, 8) for ") and "took" in s for s in lines), lines
+    assert any(s.startswith("an engine step took") and "on StageChain" in s for s in lines), lines

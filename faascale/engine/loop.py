@@ -11,6 +11,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from faascale.engine.engine import Engine, StepOutput
 from faascale.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+SLOW_STEP_S = 2.0  # a step longer than this is logged (a pipeline stage starved, a stall)
 _END = object()
 
 
@@ -179,8 +181,14 @@ class EngineLoop:
             if (self._stop.is_set() or not self.engine.has_unfinished()
                     or self.engine.unavailable is not None):
                 continue
+            began, running, waiting = time.monotonic(), len(self.engine.running), len(
+                self.engine.waiting)
             try:
                 outputs = self.engine.step()
+                if (took := time.monotonic() - began) > SLOW_STEP_S:  # it held every request up
+                    runner = getattr(self.engine.runner, "runner", self.engine.runner)
+                    log.warning("an engine step took %.1f s on %s (%d running, %d waiting "
+                                "before)", took, type(runner).__name__, running, waiting)
             except Exception as exc:  # our bug: fail every in-flight request rather than hang them
                 log.exception("engine step failed")
                 self._fail_all(exc)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from faascale.pipecast.transport import Header, Transport, TransportTimeout
 
 log = logging.getLogger(__name__)
 _OPS = itertools.count(1)
+SLOW_STAGE_S = 1.0  # a round trip longer than this is logged (a starved stage node)
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float32, torch.bfloat16, torch.float16, torch.int64)}
 
@@ -116,7 +118,7 @@ class RemoteStage:
         self.epoch, self.reply_epoch = epoch, reply_epoch
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        op = next(_OPS)  # unique in the process: a late reply to an old chain is never taken
+        op, began = next(_OPS), time.monotonic()  # op: a late reply to an old chain never taken
         meta = {"op": op, "reply_to": self.transport.address, "reply_epoch": self.reply_epoch,
                 "slots": list(batch.slots),
                 "layers": [self.layer_start, self.layer_end],
@@ -149,6 +151,10 @@ class RemoteStage:
             if "error" in msg.header.meta:
                 raise StageError(f"stage [{self.layer_start}, {self.layer_end}) at {self.address} "
                                  f"failed: {msg.header.meta['error']}")
+            if (took := time.monotonic() - began) > SLOW_STAGE_S:
+                log.warning("stage [%d, %d) at %s answered %d x %d tokens in %.1f s",
+                            self.layer_start, self.layer_end, self.address, len(batch.slots),
+                            batch.num_tokens, took)
             return out["t"]
 
 
@@ -264,9 +270,14 @@ class StageServer:
                                  tuple(int(p) for p in meta["starts"]), int(meta["num_tokens"]))
             if max(batch.slots) >= self.max_batch_size or min(batch.slots) < 0:
                 raise ValueError(f"slot out of range [0, {self.max_batch_size})")
-            shard = self._shard_of(meta.get("layers"))
+            began = time.monotonic()
+            shard = self._shard_of(meta.get("layers"))  # may build it (the member's, under a lock)
             out = shard.forward(inputs["x"], batch, self._cache_of(reply_to, shard),
                                 all_logits=bool(meta.get("all_logits")))
+            if (took := time.monotonic() - began) > SLOW_STAGE_S:
+                log.warning("layers [%d, %d) for %s: %d x %d tokens took %.1f s here",
+                            shard.layer_start, shard.layer_end, reply_to, len(batch.slots),
+                            batch.num_tokens, took)
             self.transport.send(reply_to, "hidden", {"op": op, **_tensor_meta(out)}, wire_bytes(out),
                                 timeout_s=30.0, epoch=reply_epoch)
         except Exception as exc:  # the head must hear about it, not wait for its timeout
