@@ -366,31 +366,3 @@ def test_a_wave_is_planned_once_the_intents_stop_coming() -> None:
     cold = ModelState("m-1", "fn", 6, (MB,) * 6, expected=1, expected_at_s=0.0)
     cold.pending, cold.first_pending_s = ["t1"], 12.0
     assert gathered(cold, 12.0, 1.0)
-
-
-def test_a_replica_keeps_its_pipeline_route_until_it_is_full() -> None:
-    """Pipelines re-form as blocks land; a replica already routed through one keeps that route
-    (a new one would make every request running on it prefill again) while its stages live and
-    hold their ranges, and switches once: to FULL. A stage that dies ends it. keep_routes=False:
-    the route follows every re-form, as before."""
-    def scale(keep: bool) -> ScaleOut:
-        req = request(("t1", "t2", "t3"), (Holder("r1", HolderKind.REPLICA),), num_blocks=4)
-        so = ScaleOut(req, now_s=0.0, keep_routes=keep)
-        for node, block in (("t1", 0), ("t1", 1), ("t2", 2), ("t3", 3)):
-            so.block_arrived(node, block, 1.0)
-        return so
-
-    kept, moving = scale(True), scale(False)
-    first = {t: r.pipeline.stages for t, r in kept.routes().items()}
-    assert all(r.mode is RouteMode.PIPELINE for r in kept.routes().values())
-    assert first == {t: r.pipeline.stages for t, r in moving.routes().items()}
-    for so in (kept, moving):  # t2 now also holds blocks 2..3: pipelines re-form (fewer stages)
-        so.block_arrived("t2", 3, 2.0)
-        so.block_arrived("t1", 2, 2.0)
-    assert {t: r.pipeline.stages for t, r in kept.routes().items()} == first
-    assert {t: r.pipeline.stages for t, r in moving.routes().items()} != first
-    kept.block_arrived("t1", 3, 3.0)  # full: its own route switches, once
-    assert kept.routes()["t1"].mode is RouteMode.FULL
-    assert kept.routes()["t2"].pipeline.stages == first["t2"]  # t1, full, still holds its range
-    kept.node_failed("t3", 4.0)  # a stage of t2's pipeline is gone: a new route
-    assert all(s.replica != "t3" for s in kept.routes()["t2"].pipeline.stages)

@@ -179,7 +179,7 @@ class ScaleOut:
     """
 
     def __init__(self, request: ScaleOutRequest, now_s: float, max_sources: int = 4,
-                 block_cost: Sequence[float] | None = None, keep_routes: bool = True) -> None:
+                 block_cost: Sequence[float] | None = None) -> None:
         self.request = request
         self.plan = plan_scale_out(request, max_sources)
         self.store_fills = store_fills_in(request, choose_sources(request, max_sources))
@@ -189,9 +189,6 @@ class ScaleOut:
         self.last_progress_s: dict[str, float] = dict.fromkeys(request.targets, now_s)
         self.dead: set[str] = set()
         self.pipelines = Pipelines()
-        # the pipeline route each replica was last given (``routes``), kept while it serves
-        self.keep_routes = keep_routes
-        self._kept: dict[str, Route] = {}
         self.record: list[Event] = [Event(now_s, "planned", {
             "algorithm": self.plan.algorithm, "sources": self.plan.sources,
             "targets": request.targets, "steps": self.plan.num_steps,
@@ -307,22 +304,13 @@ class ScaleOut:
         prefix of blocks (if any) then the full replica for the rest, so a request on it keeps
         going instead of waiting for its last blocks. Else through the shortest pipeline the
         others formed (its stages serve several heads, one KV cache each). The sources are not
-        borrowed: they are busy sending. Loading (requests wait) only when none exists.
-
-        A replica given a pipeline route (``routes``) keeps it until it is full, while every
-        stage is live and holds its range (``keep_routes``): a new route costs every request
-        running on it a prefill of its prompt and its tokens so far (the new runner has no KV
-        cache for them), and pipelines re-form with each block that lands (bursty runs: six
-        route changes per replica in 17 s, a prefill of 158 tokens 4-10 s on those nodes)."""
+        borrowed: they are busy sending. Loading (requests wait) only when none exists."""
         held = self.holdings[replica]
         n = self.request.num_blocks
         if len(held) == n:
             return Route(replica, RouteMode.FULL)
         if replica in self.dead:
             return Route(replica, RouteMode.LOADING)
-        kept = self._kept.get(replica) if self.keep_routes else None
-        if kept is not None and kept.pipeline is not None and self._serves(kept.pipeline):
-            return kept
         layout = self.pipelines.pipeline_of(replica)
         if layout is not None:
             return Route(replica, RouteMode.PIPELINE, layout)
@@ -338,16 +326,7 @@ class ScaleOut:
         return Route(replica, RouteMode.PIPELINE, PipelineLayout(tuple(stages)))
 
     def routes(self) -> dict[str, Route]:
-        """Every target's route (``route``), remembered as the routes given: the pipeline ones
-        are kept."""
-        out = {r: self.route(r) for r in self.request.targets}
-        self._kept = {r: x for r, x in out.items() if x.mode is RouteMode.PIPELINE}
-        return out
-
-    def _serves(self, layout: PipelineLayout) -> bool:
-        """Every stage of ``layout`` is a live target that holds its range."""
-        return all(s.replica in self.holdings and s.replica not in self.dead
-                   for s in layout.stages) and layout.held_by(self.holdings)
+        return {r: self.route(r) for r in self.request.targets}
 
     @property
     def done(self) -> bool:

@@ -76,7 +76,6 @@ STALL_AFTER_S = 60.0
 RELAY_ENV = "FAASCALE_PIPECAST_RELAY"
 # "0": serving replicas send alone; "1" (default): the store fills in beside them (coordinator.py)
 STORE_HELPS_ENV = "FAASCALE_PIPECAST_STORE_HELPS"
-KEEP_ROUTES_ENV = "FAASCALE_PIPECAST_KEEP_ROUTES"  # "0": a pipeline route follows every re-form
 RETRY_ROUTE_S = 1.0
 POLL_S = 0.1
 SLOW_PASS_S = 1.0  # a pass (frames + timers) slower than this is logged: heartbeats wait on it
@@ -388,8 +387,7 @@ class Coordinator:
                                                    ("auto", "chain", "binomial")) != "binomial",
             store_helps=setting(STORE_HELPS_ENV, "1", ("0", "1")) == "1"
             and all(m.nodes[t].store for t in targets if t not in local))
-        m.active = so = ScaleOut(request, now, self.max_sources,
-                                 keep_routes=setting(KEEP_ROUTES_ENV, "1", ("0", "1")) == "1")
+        m.active = so = ScaleOut(request, now, self.max_sources)
         log.info("%s: %s from %s to %s (%d steps)", m.model_id, so.plan.algorithm,
                  so.plan.sources, targets, so.plan.num_steps)
         self._dispatch(m, so.plan)
